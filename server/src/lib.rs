@@ -1,0 +1,9 @@
+//! AnchorCoder: local inline code completion over LSP, with per-document
+//! anchor-compressed KV caches.
+//!
+//! Data flows one way: editor → [`lsp`] (documents, requests) → worker (owns
+//! the model, queue and caches) → [`engine`] (tensors). See
+//! `docs/architecture.md` for the map.
+
+pub mod engine;
+pub mod models;

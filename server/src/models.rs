@@ -1,0 +1,1 @@
+//! Locating and pulling models: placeholder, being written.
