@@ -1,0 +1,345 @@
+//! From a document and a cursor to a suggestion: the prompt window, token
+//! healing, the single-/multi-line rules and the clean-up of what the model
+//! wrote. Plain Rust over text; the CLI (`anchorcoder complete`) and the
+//! server's worker both call [`complete`].
+//!
+//! Rules:
+//! - The prompt is the text before the cursor, from a line start chosen so the
+//!   window holds about `prefix_tokens` tokens. The start stays put while the
+//!   user types (so the cached prefix is reused) and only jumps when the window
+//!   outgrows twice the budget.
+//! - Token healing: the last token of the cursor's line is cut from the prompt
+//!   and the model must spell it first.
+//! - Text after the cursor on its line → one line that does not repeat it.
+//!   Otherwise up to `max_lines` lines, ending where indentation falls below
+//!   the cursor's block, at two blank lines, or at end of sequence.
+
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::engine::document::DocumentCache;
+use crate::engine::generate::{generate, GenerateParams, StopReason};
+use crate::engine::Engine;
+
+/// Knobs of one completion (the configuration's `completion` section).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Most lines in a multi-line suggestion.
+    pub max_lines: usize,
+    /// Token budget of the text before the cursor.
+    pub prefix_tokens: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings { max_tokens: 64, max_lines: 8, prefix_tokens: 2048 }
+    }
+}
+
+/// Bytes per token assumed when sizing a window before tokenizing it (code
+/// runs 3–4 bytes a token with these vocabularies; erring low keeps windows
+/// inside their budget).
+const BYTES_PER_TOKEN: usize = 3;
+
+/// Where the prompt of a cursor starts and what it heals.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Prompt {
+    /// Byte offset where the window starts (a line start).
+    pub window_start: usize,
+    /// Byte offset where the cached prompt text ends (before healed bytes).
+    pub cut: usize,
+    /// The bytes cut for token healing, which the suggestion must start with.
+    pub healed: String,
+    /// Whether the suggestion is a single line.
+    pub single_line: bool,
+    /// Rest of the cursor's line after the cursor.
+    pub line_suffix: String,
+    /// Indentation (in columns) below which a multi-line suggestion ends.
+    pub block_indent: usize,
+}
+
+/// The outcome of one completion.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Suggestion {
+    /// Text to insert at the cursor (empty: nothing worth showing).
+    pub text: String,
+    /// Why generation ended.
+    pub stop: StopReason,
+    /// Tokens generated.
+    pub tokens: usize,
+    /// Document tokens that had to be run first (0 when the cache was warm).
+    pub prefilled: usize,
+    /// Tokens of the prompt whose K/V were reused.
+    pub reused: usize,
+    /// Time spent prefilling and decoding.
+    pub prefill_time: Duration,
+    /// Time spent decoding.
+    pub decode_time: Duration,
+}
+
+/// Plan the prompt for a cursor at byte `cursor` of `text`. `previous_start`
+/// is the window start used last time for this document, kept if still good.
+pub fn plan(text: &str, cursor: usize, previous_start: Option<usize>, s: &Settings) -> Prompt {
+    let cursor = floor_char_boundary(text, cursor.min(text.len()));
+    let line_begin = line_start(text, cursor);
+    let line_end = text[cursor..].find('\n').map_or(text.len(), |i| cursor + i);
+    let line_suffix = text[cursor..line_end].trim_end_matches('\r').to_string();
+    let before = &text[line_begin..cursor];
+
+    let budget = s.prefix_tokens * BYTES_PER_TOKEN;
+    let keep = previous_start.filter(|&p| {
+        p <= line_begin && (p == 0 || text.as_bytes().get(p - 1) == Some(&b'\n')) && cursor - p <= 2 * budget
+    });
+    let window_start = keep.unwrap_or_else(|| {
+        if cursor <= budget {
+            0
+        } else {
+            // The first line start at or after `cursor - budget`.
+            let from = floor_char_boundary(text, cursor - budget);
+            text[from..line_begin].find('\n').map_or(line_begin, |i| from + i + 1)
+        }
+    });
+
+    let healed = heal_split(before);
+    let block_indent = indent_width(before);
+    Prompt {
+        window_start,
+        cut: cursor - healed.len(),
+        healed: healed.to_string(),
+        single_line: !line_suffix.trim().is_empty(),
+        line_suffix,
+        block_indent,
+    }
+}
+
+/// The part of the cursor's line (text before the cursor) that healing cuts:
+/// the trailing identifier, run of spaces, or punctuation run.
+fn heal_split(before: &str) -> &str {
+    let Some(last) = before.chars().last() else { return "" };
+    let class = |c: char| {
+        if c.is_alphanumeric() || c == '_' {
+            0
+        } else if c.is_whitespace() {
+            1
+        } else {
+            2
+        }
+    };
+    let k = class(last);
+    let start = before
+        .char_indices()
+        .rev()
+        .take_while(|&(_, c)| class(c) == k)
+        .last()
+        .map_or(before.len(), |(i, _)| i);
+    // An identifier keeps the space before it, as BPE tokens carry it (" foo").
+    let start = if k == 0 && start > 0 && before[..start].ends_with(' ') { start - 1 } else { start };
+    &before[start..]
+}
+
+/// Generate a suggestion for `prompt` over `doc` (whose text the caller set to
+/// `text[prompt.window_start..prompt.cut]`).
+pub fn complete(
+    engine: &Engine,
+    doc: &mut DocumentCache,
+    prompt: &Prompt,
+    following: &str,
+    s: &Settings,
+    reused: usize,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Suggestion> {
+    let mut stop = |t: &str| should_stop(t, prompt, s);
+    let g = generate(
+        &engine.model,
+        &engine.tokenizer,
+        doc,
+        GenerateParams {
+            max_tokens: s.max_tokens,
+            forced_prefix: prompt.healed.as_bytes(),
+            extra_prompt: &[],
+            chunk: 256,
+            stop: &mut stop,
+            cancelled,
+        },
+    )?;
+    let text = if g.stop == StopReason::Cancelled { String::new() } else { finish(&g.text, prompt, following, s) };
+    Ok(Suggestion {
+        text,
+        stop: g.stop,
+        tokens: g.tokens,
+        prefilled: g.prefilled,
+        reused,
+        prefill_time: g.prefill_time,
+        decode_time: g.decode_time,
+    })
+}
+
+/// The stop rule while generating: `text` is what follows the cursor so far.
+pub fn should_stop(text: &str, p: &Prompt, s: &Settings) -> bool {
+    if p.single_line {
+        return text.contains('\n');
+    }
+    let lines: Vec<&str> = text.split('\n').collect();
+    let complete_lines = lines.len() - 1;
+    complete_lines >= s.max_lines
+        || text.contains("\n\n\n")
+        || text.contains("\r\n\r\n\r\n")
+        || lines[1..complete_lines.max(1)].iter().any(|l| ends_block(l, p))
+}
+
+/// Whether a (non-first) line of the suggestion leaves the cursor's block.
+fn ends_block(line: &str, p: &Prompt) -> bool {
+    let l = line.trim_end_matches('\r');
+    !l.trim().is_empty() && indent_width(l) < p.block_indent
+}
+
+/// Cut the model's text to what the rules allow and drop what is not worth
+/// showing. `following` is the document text after the cursor.
+pub fn finish(raw: &str, p: &Prompt, following: &str, s: &Settings) -> String {
+    let text = if p.single_line {
+        let first = raw.split('\n').next().unwrap_or("").trim_end_matches('\r');
+        let suffix = p.line_suffix.trim();
+        let trimmed = first.trim_end();
+        match trimmed.strip_suffix(suffix) {
+            Some(rest) if !suffix.is_empty() => rest.trim_end().to_string(),
+            _ => trimmed.to_string(),
+        }
+    } else {
+        let mut kept: Vec<&str> = Vec::new();
+        let mut blank_run = 0;
+        for (i, line) in raw.split('\n').enumerate() {
+            let line = line.trim_end_matches('\r');
+            if i >= s.max_lines || (i > 0 && ends_block(line, p)) {
+                break;
+            }
+            blank_run = if line.trim().is_empty() { blank_run + 1 } else { 0 };
+            if blank_run >= 2 {
+                break;
+            }
+            kept.push(line);
+        }
+        let eol = if following.contains("\r\n") { "\r\n" } else { "\n" };
+        let joined: Vec<&str> = kept.iter().map(|l| l.trim_end()).collect();
+        joined.join(eol).trim_end().to_string()
+    };
+    if text.trim().is_empty() || repeats_following(&text, p, following) {
+        return String::new();
+    }
+    text
+}
+
+/// Whether the suggestion only repeats the lines right after the cursor.
+fn repeats_following(text: &str, p: &Prompt, following: &str) -> bool {
+    if p.single_line {
+        return false;
+    }
+    let next_lines: Vec<&str> =
+        following.split('\n').skip(1).map(|l| l.trim()).filter(|l| !l.is_empty()).take(3).collect();
+    let ours: Vec<&str> = text.split('\n').map(|l| l.trim()).filter(|l| !l.is_empty()).collect();
+    !ours.is_empty() && !next_lines.is_empty() && ours.iter().zip(&next_lines).all(|(a, b)| a == b)
+        && ours.len() <= next_lines.len()
+}
+
+/// Width of the leading whitespace (a tab counts 4).
+fn indent_width(line: &str) -> usize {
+    line.chars().take_while(|c| *c == ' ' || *c == '\t').map(|c| if c == '\t' { 4 } else { 1 }).sum()
+}
+
+/// Start of the line that contains byte `at`.
+pub fn line_start(text: &str, at: usize) -> usize {
+    text.as_bytes()[..at].iter().rposition(|&c| c == b'\n').map_or(0, |i| i + 1)
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(text: &str, marker: &str) -> (String, usize) {
+        let i = text.find(marker).unwrap();
+        (text.replacen(marker, "", 1), i)
+    }
+
+    #[test]
+    fn healing_cuts_the_partial_token() {
+        assert_eq!(heal_split("    return foo"), " foo");
+        assert_eq!(heal_split("    "), "    ");
+        assert_eq!(heal_split("x = a."), ".");
+        assert_eq!(heal_split(""), "");
+        let (t, c) = at("def f():\n    ret|\n", "|");
+        let p = plan(&t, c, None, &Settings::default());
+        // BPE tokens carry the space before a word: "   " + " ret".
+        assert_eq!(&t[..p.cut], "def f():\n   ");
+        assert_eq!(p.healed, " ret");
+        assert!(!p.single_line);
+        assert_eq!(p.block_indent, 4);
+    }
+
+    #[test]
+    fn text_after_the_cursor_means_one_line_without_repeating_it() {
+        let (t, c) = at("print(|)\n", "|");
+        let p = plan(&t, c, None, &Settings::default());
+        assert!(p.single_line);
+        assert_eq!(p.line_suffix, ")");
+        assert_eq!(finish("x + 1)\nmore", &p, ")\n", &Settings::default()), "x + 1");
+        assert!(should_stop("x\n", &p, &Settings::default()));
+        assert!(!should_stop("x + 1)", &p, &Settings::default()));
+    }
+
+    #[test]
+    fn multi_line_stops_at_dedent_blank_pairs_and_max_lines() {
+        let (t, c) = at("class A:\n    def f(self):\n        |", "|");
+        let p = plan(&t, c, None, &Settings::default());
+        assert_eq!(p.block_indent, 8);
+        let s = Settings { max_lines: 3, ..Settings::default() };
+        let raw = "return 1\n        x = 2\n    def g(self):\n        pass";
+        assert_eq!(finish(raw, &p, "", &s), "return 1\n        x = 2");
+        assert!(should_stop(raw, &p, &s));
+        assert_eq!(finish("a\n\n\nb", &p, "", &s), "a");
+        assert_eq!(finish("a\n        b\n        c\n        d", &p, "", &s), "a\n        b\n        c");
+        assert_eq!(finish("   \n  ", &p, "", &s), "");
+    }
+
+    #[test]
+    fn suggestions_that_repeat_the_next_lines_are_dropped() {
+        let (t, c) = at("def f():\n    |\n    return 1\n", "|");
+        let p = plan(&t, c, None, &Settings::default());
+        let following = &t[c..];
+        assert_eq!(finish("return 1", &p, following, &Settings::default()), "");
+        assert_eq!(finish("x = 2", &p, following, &Settings::default()), "x = 2");
+    }
+
+    #[test]
+    fn window_start_is_a_line_start_and_stays_while_typing() {
+        let s = Settings { prefix_tokens: 10, ..Settings::default() };
+        let text: String = (0..40).map(|i| format!("line {i}\n")).collect();
+        let p = plan(&text, text.len(), None, &s);
+        assert!(p.window_start > 0);
+        assert_eq!(text.as_bytes()[p.window_start - 1], b'\n');
+        assert!(text.len() - p.window_start <= 30);
+        let more = format!("{text}line 40");
+        let q = plan(&more, more.len(), Some(p.window_start), &s);
+        assert_eq!(q.window_start, p.window_start);
+        // Far past twice the budget the window moves on.
+        let far: String = format!("{text}{}", "x = 1\n".repeat(20));
+        let r = plan(&far, far.len(), Some(p.window_start), &s);
+        assert!(r.window_start > p.window_start);
+    }
+
+    #[test]
+    fn crlf_documents_keep_crlf() {
+        let (t, c) = at("def f():\r\n    |\r\n", "|");
+        let p = plan(&t, c, None, &Settings::default());
+        assert!(!p.single_line, "a lone \\r after the cursor is no text");
+        assert_eq!(finish("a = 1\r\n    b = 2", &p, &t[c..], &Settings::default()), "a = 1\r\n    b = 2");
+    }
+}

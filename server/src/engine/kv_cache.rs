@@ -1,0 +1,360 @@
+//! The KV cache of one token sequence, shaped by an [`AttentionPolicy`].
+//!
+//! Keys are stored after RoPE, at each token's absolute position. Layers that
+//! share a [`LayerAttention`] rule form a *group* and keep the same set of
+//! positions. Buffers grow geometrically (no per-token reallocation or
+//! concatenation); sparse groups drop what no later token can attend to in an
+//! amortized compaction pass ([`KvCache::compact`]). Attention itself always
+//! applies the policy's mask, so *when* entries are dropped never changes a
+//! result: only memory.
+
+use super::policy::{AttentionPolicy, LayerAttention, TokenLine};
+
+/// Kept positions shared by all layers with the same attention rule.
+#[derive(Clone, Debug)]
+struct Group {
+    rule: LayerAttention,
+    /// Absolute positions of the kept entries, ascending.
+    positions: Vec<u32>,
+    /// One past the highest position ever evicted from this group (0 = none).
+    evicted_upto: usize,
+}
+
+/// One layer's kept keys and values, `kv_dim` floats per entry.
+#[derive(Clone, Debug)]
+struct LayerKv {
+    group: usize,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+/// A read-only view of one layer's cache, for attention.
+pub struct LayerView<'a> {
+    /// Keys, `positions.len() × kv_dim`, row-major.
+    pub k: &'a [f32],
+    /// Values, same layout as `k`.
+    pub v: &'a [f32],
+    /// Absolute positions of the rows.
+    pub positions: &'a [u32],
+    /// The group this layer belongs to (layers of a group share masks).
+    pub group: usize,
+}
+
+/// Figures a cache reports about itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct KvStats {
+    /// Tokens processed (the sequence length).
+    pub tokens: usize,
+    /// Of those, anchors (line ends).
+    pub anchors: usize,
+    /// K/V entries kept, summed over layers.
+    pub kept_entries: usize,
+    /// Bytes of live K/V data.
+    pub kv_bytes: usize,
+    /// Bytes allocated for K/V (live data plus spare capacity).
+    pub allocated_bytes: usize,
+}
+
+/// The KV cache of one sequence under one policy.
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    policy: AttentionPolicy,
+    kv_dim: usize,
+    lines: Vec<TokenLine>,
+    groups: Vec<Group>,
+    layers: Vec<LayerKv>,
+    slack_lines: u32,
+}
+
+impl KvCache {
+    /// An empty cache for `n_layers` layers of `kv_dim` floats per token.
+    pub fn new(policy: AttentionPolicy, n_layers: usize, kv_dim: usize) -> Self {
+        let mut groups: Vec<Group> = Vec::new();
+        let layers = (0..n_layers)
+            .map(|l| {
+                let rule = policy.layer(l);
+                let group = match groups.iter().position(|g| g.rule == rule) {
+                    Some(g) => g,
+                    None => {
+                        groups.push(Group { rule, positions: Vec::new(), evicted_upto: 0 });
+                        groups.len() - 1
+                    }
+                };
+                LayerKv { group, k: Vec::new(), v: Vec::new() }
+            })
+            .collect();
+        KvCache { policy, kv_dim, lines: Vec::new(), groups, layers, slack_lines: 0 }
+    }
+
+    /// Keep `lines` more lines of full K/V than the policy needs (16 tokens a
+    /// line for window layers) before evicting, so that edits that close to
+    /// the end stay local. Changes memory only, never results.
+    pub fn set_eviction_slack(&mut self, lines: u32) {
+        self.slack_lines = lines;
+    }
+
+    /// The rule compaction evicts by: the group's own, widened by the slack.
+    fn eviction_rule(&self, rule: LayerAttention) -> LayerAttention {
+        match rule {
+            LayerAttention::Anchor { recent_lines } if recent_lines > 0 => LayerAttention::Anchor {
+                recent_lines: recent_lines + self.slack_lines,
+            },
+            LayerAttention::Window { window_tokens } => LayerAttention::Window {
+                window_tokens: window_tokens + 16 * self.slack_lines,
+            },
+            other => other,
+        }
+    }
+
+    /// The policy this cache follows.
+    pub fn policy(&self) -> &AttentionPolicy {
+        &self.policy
+    }
+
+    /// Number of tokens processed.
+    pub fn len(&self) -> usize {
+        self.lines.len()
+    }
+
+    /// Whether no token was processed yet.
+    pub fn is_empty(&self) -> bool {
+        self.lines.is_empty()
+    }
+
+    /// Line structure of every processed token.
+    pub fn lines(&self) -> &[TokenLine] {
+        &self.lines
+    }
+
+    /// Number of layer groups (distinct attention rules).
+    pub fn group_count(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// Register `anchors.len()` new tokens at the end of the sequence; their
+    /// K/V must then be written to every layer with [`KvCache::append`].
+    /// Returns the position of the first new token.
+    pub fn begin_chunk(&mut self, anchors: &[bool]) -> usize {
+        let start = self.lines.len();
+        let mut next_line = self.lines.last().map_or(0, |t| t.next_line());
+        for &anchor in anchors {
+            self.lines.push(TokenLine { line: next_line, anchor });
+            next_line += anchor as u32;
+        }
+        for g in &mut self.groups {
+            g.positions.extend((start..start + anchors.len()).map(|p| p as u32));
+        }
+        start
+    }
+
+    /// Append the K/V rows of the current chunk to layer `layer`.
+    pub fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) {
+        let l = &mut self.layers[layer];
+        l.k.extend_from_slice(k);
+        l.v.extend_from_slice(v);
+        debug_assert_eq!(l.k.len(), self.groups[l.group].positions.len() * self.kv_dim);
+    }
+
+    /// The kept K/V of `layer`.
+    pub fn layer(&self, layer: usize) -> LayerView<'_> {
+        let l = &self.layers[layer];
+        LayerView { k: &l.k, v: &l.v, positions: &self.groups[l.group].positions, group: l.group }
+    }
+
+    /// The additive mask (0 or −∞) of queries `q0..q0 + n` over the kept
+    /// entries of `group`: `n × kept` floats.
+    pub fn mask_bias(&self, group: usize, q0: usize, n: usize) -> Vec<f32> {
+        let g = &self.groups[group];
+        let sinks = self.policy.sink_tokens;
+        let mut bias = vec![0f32; n * g.positions.len()];
+        for (a, row) in bias.chunks_mut(g.positions.len().max(1)).enumerate().take(n) {
+            let q = q0 + a;
+            let ql = self.lines[q];
+            for (slot, &k) in row.iter_mut().zip(&g.positions) {
+                let k = k as usize;
+                if !g.rule.allows(sinks, q, ql, k, self.lines[k]) {
+                    *slot = f32::NEG_INFINITY;
+                }
+            }
+        }
+        bias
+    }
+
+    /// Drop every token at position `len` and later.
+    pub fn truncate(&mut self, len: usize) {
+        if len >= self.lines.len() {
+            return;
+        }
+        self.lines.truncate(len);
+        for g in &mut self.groups {
+            let keep = g.positions.partition_point(|&p| (p as usize) < len);
+            g.positions.truncate(keep);
+        }
+        for l in &mut self.layers {
+            let keep = self.groups[l.group].positions.len() * self.kv_dim;
+            l.k.truncate(keep);
+            l.v.truncate(keep);
+        }
+    }
+
+    /// The longest prefix that stays exact if the tokens from `pos` on change:
+    /// `pos` itself, unless recomputing from there needs K/V that a sparse
+    /// group already evicted; then 0 (recompute everything).
+    pub fn reusable_prefix(&self, pos: usize) -> usize {
+        if pos >= self.lines.len() {
+            return pos.min(self.lines.len());
+        }
+        let sinks = self.policy.sink_tokens;
+        let ok = self.groups.iter().all(|g| {
+            g.evicted_upto == 0 || g.rule.needs_from(sinks, pos, &self.lines) >= g.evicted_upto
+        });
+        if ok {
+            pos
+        } else {
+            0
+        }
+    }
+
+    /// Evict entries that no later token can attend to. Unless `force`, a group
+    /// is compacted only once enough entries are dead to pay for the copy.
+    pub fn compact(&mut self, force: bool) {
+        let Some(last) = self.lines.last() else { return };
+        let (next, next_line) = (self.lines.len(), last.next_line());
+        let sinks = self.policy.sink_tokens;
+        let rules: Vec<LayerAttention> =
+            self.groups.iter().map(|g| self.eviction_rule(g.rule)).collect();
+        for (gi, g) in self.groups.iter_mut().enumerate() {
+            if !g.rule.is_sparse() {
+                continue;
+            }
+            let rule = rules[gi];
+            let dead = |p: u32| rule.evictable(sinks, p as usize, self.lines[p as usize], next, next_line);
+            let n_dead = g.positions.iter().filter(|&&p| dead(p)).count();
+            if n_dead == 0 || (!force && n_dead < 64.max(g.positions.len() / 4)) {
+                continue;
+            }
+            let keep: Vec<bool> = g.positions.iter().map(|&p| !dead(p)).collect();
+            let max_dead = g.positions.iter().filter(|&&p| dead(p)).max().copied();
+            for l in self.layers.iter_mut().filter(|l| l.group == gi) {
+                retain_rows(&mut l.k, self.kv_dim, &keep);
+                retain_rows(&mut l.v, self.kv_dim, &keep);
+            }
+            let mut i = 0;
+            g.positions.retain(|_| {
+                i += 1;
+                keep[i - 1]
+            });
+            if let Some(p) = max_dead {
+                g.evicted_upto = g.evicted_upto.max(p as usize + 1);
+            }
+        }
+    }
+
+    /// Memory and size figures.
+    pub fn stats(&self) -> KvStats {
+        let f = std::mem::size_of::<f32>();
+        let kept_entries: usize =
+            self.layers.iter().map(|l| self.groups[l.group].positions.len()).sum();
+        KvStats {
+            tokens: self.lines.len(),
+            anchors: self.lines.iter().filter(|t| t.anchor).count(),
+            kept_entries,
+            kv_bytes: kept_entries * self.kv_dim * 2 * f,
+            allocated_bytes: self.layers.iter().map(|l| (l.k.capacity() + l.v.capacity()) * f).sum(),
+        }
+    }
+
+    /// Give spare buffer capacity back to the allocator.
+    pub fn shrink_to_fit(&mut self) {
+        for l in &mut self.layers {
+            l.k.shrink_to_fit();
+            l.v.shrink_to_fit();
+        }
+    }
+}
+
+/// Keep the rows (of `dim` floats) whose flag is set, in order, in place.
+fn retain_rows(buf: &mut Vec<f32>, dim: usize, keep: &[bool]) {
+    let mut w = 0;
+    for (r, &k) in keep.iter().enumerate() {
+        if k {
+            if w != r {
+                buf.copy_within(r * dim..(r + 1) * dim, w * dim);
+            }
+            w += 1;
+        }
+    }
+    buf.truncate(w * dim);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::policy::PolicyKind;
+
+    fn fill(cache: &mut KvCache, anchors: &[bool], n_layers: usize) {
+        let start = cache.begin_chunk(anchors);
+        for l in 0..n_layers {
+            let rows: Vec<f32> = (0..anchors.len())
+                .flat_map(|i| [(start + i) as f32, l as f32])
+                .collect();
+            cache.append(l, &rows, &rows);
+        }
+    }
+
+    #[test]
+    fn compaction_keeps_rows_aligned_with_positions() {
+        let policy = AttentionPolicy {
+            kind: PolicyKind::Anchor { recent_lines: 0, dense_every: 2 },
+            sink_tokens: 1,
+        };
+        let mut c = KvCache::new(policy, 4, 2);
+        let anchors: Vec<bool> = (0..200).map(|i| i % 5 == 4).collect();
+        fill(&mut c, &anchors, 4);
+        c.compact(true);
+        for l in 0..4 {
+            let v = c.layer(l);
+            assert_eq!(v.k.len(), v.positions.len() * 2);
+            for (row, &p) in v.k.chunks(2).zip(v.positions) {
+                assert_eq!(row, &[p as f32, l as f32]);
+            }
+        }
+        // Dense layers keep all; sparse ones keep sink, anchors and the open line.
+        assert_eq!(c.layer(0).positions.len(), 200);
+        assert_eq!(c.layer(1).positions.len(), 1 + 40);
+        let s = c.stats();
+        assert_eq!(s.kept_entries, 2 * 200 + 2 * 41);
+        assert_eq!(s.kv_bytes, s.kept_entries * 2 * 2 * 4);
+    }
+
+    #[test]
+    fn truncate_and_reusable_prefix() {
+        let policy = AttentionPolicy {
+            kind: PolicyKind::Anchor { recent_lines: 1, dense_every: 0 },
+            sink_tokens: 1,
+        };
+        let mut c = KvCache::new(policy, 2, 2);
+        let anchors: Vec<bool> = (0..100).map(|i| i % 10 == 9).collect();
+        fill(&mut c, &anchors, 2);
+        let mut slack = c.clone();
+        // Nothing evicted yet: any prefix is reusable.
+        assert_eq!(c.reusable_prefix(5), 5);
+        c.compact(true);
+        // Ten lines are closed: lines 0..=8 lost their non-anchor K/V, so an edit
+        // in line 9 (which needs line 8) recomputes everything.
+        assert_eq!(c.reusable_prefix(95), 0);
+        // With two lines of slack only lines 0..=6 go: line 9 is still local.
+        slack.set_eviction_slack(2);
+        slack.compact(true);
+        // Kept: the sink, 7 anchors of lines 0..=6, and lines 7..=9 whole.
+        assert_eq!(slack.layer(0).positions.len(), 1 + 7 + 30);
+        assert_eq!(slack.reusable_prefix(95), 95);
+        assert_eq!(slack.reusable_prefix(75), 0);
+        c = slack;
+        c.truncate(95);
+        assert_eq!(c.len(), 95);
+        let v = c.layer(1);
+        assert!(v.positions.iter().all(|&p| p < 95));
+        assert_eq!(v.k.len(), v.positions.len() * 2);
+    }
+}

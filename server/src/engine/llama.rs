@@ -1,0 +1,724 @@
+//! The Llama family (Llama 2/3, CodeLlama, SmolLM2, Mistral, Qwen2/2.5) as one
+//! decoder with per-layer attention policies.
+//!
+//! Weights stay quantized and multiply through candle-core's quantized
+//! kernels (`k_quants`); formats without a SIMD path on the CPU (Q4_1, Q5_x,
+//! F16, BF16) are requantized to Q8_0 once at load. Activations are plain
+//! `f32` rows, `tokens × width`; attention reads the [`KvCache`] in place.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::quantized::gguf_file;
+use candle_core::quantized::{GgmlDType, QuantizedType};
+use candle_core::{CpuStorage, Device};
+
+use super::attention::{attend, Heads};
+use super::kv_cache::KvCache;
+
+/// How RoPE pairs the dimensions of a head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Pairs `(2i, 2i+1)`: llama.cpp's layout for `llama` GGUFs (Q/K permuted).
+    Interleaved,
+    /// Pairs `(i, i + d/2)` ("rotate half"): Hugging Face weights, Qwen2 GGUFs.
+    Half,
+}
+
+/// Model hyper-parameters, read from the checkpoint.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaConfig {
+    /// Architecture name as the checkpoint spells it (`llama`, `qwen2`, …).
+    pub architecture: String,
+    /// Decoder blocks.
+    pub n_layers: usize,
+    /// Residual width.
+    pub hidden: usize,
+    /// MLP width.
+    pub ffn: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads.
+    pub n_kv_heads: usize,
+    /// Floats per head.
+    pub head_dim: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// RoPE base frequency.
+    pub rope_base: f32,
+    /// Linear RoPE scaling factor (positions are divided by it); 1 = none.
+    pub rope_linear_scale: f32,
+    /// Per-frequency divisors (Llama 3.1 style scaling), if any.
+    pub rope_freq_factors: Option<Vec<f32>>,
+    /// How RoPE pairs dimensions.
+    pub rope_style: RopeStyle,
+    /// RMSNorm epsilon.
+    pub rms_eps: f32,
+    /// Context length the model was trained for.
+    pub context_len: usize,
+}
+
+impl LlamaConfig {
+    /// Floats per token in one layer's K (or V) cache.
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+            bail!("unsupported head layout: {} heads, {} KV heads", self.n_heads, self.n_kv_heads);
+        }
+        if self.head_dim % 2 != 0 || self.n_layers == 0 || self.hidden == 0 {
+            bail!("unsupported model shape: {self:?}");
+        }
+        Ok(())
+    }
+}
+
+/// A linear layer `y = W x (+ b)` with `W` stored `[n_out, n_in]`, quantized.
+struct Linear {
+    w: Box<dyn QuantizedType>,
+    n_out: usize,
+    n_in: usize,
+    bias: Option<Vec<f32>>,
+}
+
+impl Linear {
+    fn from_f32(data: &[f32], n_out: usize, n_in: usize, dtype: GgmlDType) -> Self {
+        let mut w = dtype.cpu_zeros(n_out * n_in);
+        w.from_float(data);
+        Linear { w, n_out, n_in, bias: None }
+    }
+
+    /// `x`: `m × n_in` → `m × n_out`.
+    fn forward(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; m * self.n_out];
+        self.w.matmul_t((m, self.n_in, self.n_out), x, &mut out)?;
+        if let Some(b) = &self.bias {
+            for row in out.chunks_mut(self.n_out) {
+                row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+            }
+        }
+        Ok(out)
+    }
+
+    fn bytes(&self) -> usize {
+        self.w.storage_size_in_bytes()
+    }
+}
+
+struct Block {
+    attn_norm: Vec<f32>,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
+    ffn_norm: Vec<f32>,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// Which logits a forward pass returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// None (prefill only).
+    None,
+    /// The last token's: `vocab` floats.
+    Last,
+    /// Every token's: `tokens × vocab` floats.
+    All,
+}
+
+/// A loaded Llama-family model.
+pub struct Llama {
+    cfg: LlamaConfig,
+    /// `[vocab, hidden]`, also the output layer when embeddings are tied.
+    embed: Linear,
+    blocks: Vec<Block>,
+    norm: Vec<f32>,
+    output: Option<Linear>,
+    inv_freq: Vec<f32>,
+}
+
+/// Formats that candle's CPU kernels run without a SIMD path: requantized to
+/// Q8_0 at load.
+fn needs_requant(dtype: GgmlDType) -> bool {
+    matches!(
+        dtype,
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_1 | GgmlDType::F16 | GgmlDType::BF16
+    )
+}
+
+impl Llama {
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// Bytes of weights held in memory.
+    pub fn weight_bytes(&self) -> usize {
+        let lin: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                [&b.wq, &b.wk, &b.wv, &b.wo, &b.gate, &b.up, &b.down].iter().map(|l| l.bytes()).sum::<usize>()
+            })
+            .sum();
+        lin + self.embed.bytes() + self.output.as_ref().map_or(0, |o| o.bytes())
+    }
+
+    /// A fresh KV cache for this model under `policy`.
+    pub fn new_cache(&self, policy: super::policy::AttentionPolicy) -> KvCache {
+        KvCache::new(policy, self.cfg.n_layers, self.cfg.kv_dim())
+    }
+
+    /// Load a GGUF file; returns the model and the file's metadata (which also
+    /// describes the tokenizer).
+    pub fn from_gguf(path: &Path) -> Result<(Llama, gguf_file::Content)> {
+        let mut file = std::fs::File::open(path)
+            .with_context(|| format!("cannot open model file {}", path.display()))?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| {
+            anyhow!("{} is not a valid GGUF file ({e}); re-download it or pass another --model", path.display())
+        })?;
+        let md = &content.metadata;
+        let arch = md_str(md, "general.architecture")?;
+        let rope_style = match arch.as_str() {
+            "llama" => RopeStyle::Interleaved,
+            "qwen2" => RopeStyle::Half,
+            other => bail!(
+                "{}: architecture `{other}` is not supported (supported: llama, qwen2 — Llama 2/3, CodeLlama, Mistral, SmolLM, Qwen2/2.5-Coder)",
+                path.display()
+            ),
+        };
+        let key = |k: &str| format!("{arch}.{k}");
+        let n_heads = md_u(md, &key("attention.head_count"))?;
+        let hidden = md_u(md, &key("embedding_length"))?;
+        let head_dim = md_u(md, &key("attention.key_length")).unwrap_or(hidden / n_heads.max(1));
+        let mut rope_linear_scale = 1.0;
+        if let Ok(kind) = md_str(md, &key("rope.scaling.type")) {
+            match kind.as_str() {
+                "none" => {}
+                "linear" => rope_linear_scale = md_f(md, &key("rope.scaling.factor")).unwrap_or(1.0),
+                other => bail!("{}: RoPE scaling `{other}` is not supported (only linear)", path.display()),
+            }
+        }
+        let tensor = |name: &str, file: &mut std::fs::File| {
+            content
+                .tensor(file, name, &Device::Cpu)
+                .map_err(|e| anyhow!("{}: cannot read tensor `{name}`: {e}", path.display()))
+        };
+        let rope_freq_factors = if content.tensor_infos.contains_key("rope_freqs.weight") {
+            let t = tensor("rope_freqs.weight", &mut file)?.dequantize(&Device::Cpu)?;
+            Some(t.flatten_all()?.to_vec1::<f32>()?)
+        } else {
+            None
+        };
+        let embd_info = content
+            .tensor_infos
+            .get("token_embd.weight")
+            .ok_or_else(|| anyhow!("{}: no token_embd.weight tensor", path.display()))?;
+        let vocab = embd_info.shape.dims()[0];
+        let cfg = LlamaConfig {
+            architecture: arch.clone(),
+            n_layers: md_u(md, &key("block_count"))?,
+            hidden,
+            ffn: md_u(md, &key("feed_forward_length"))?,
+            n_heads,
+            n_kv_heads: md_u(md, &key("attention.head_count_kv")).unwrap_or(n_heads),
+            head_dim,
+            vocab,
+            rope_base: md_f(md, &key("rope.freq_base")).unwrap_or(10000.0),
+            rope_linear_scale,
+            rope_freq_factors,
+            rope_style,
+            rms_eps: md_f(md, &key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+            context_len: md_u(md, &key("context_length")).unwrap_or(4096),
+        };
+        cfg.validate()?;
+
+        let linear = |name: &str, file: &mut std::fs::File| -> Result<Linear> {
+            let qt = tensor(&format!("{name}.weight"), file)?;
+            let (n_out, n_in) = qt.shape().dims2()?;
+            let w = if needs_requant(qt.dtype()) {
+                let f = qt.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+                Linear::from_f32(&f, n_out, n_in, GgmlDType::Q8_0).w
+            } else {
+                qt.dtype().from_data(qt.data()?)
+            };
+            let bias_name = format!("{name}.bias");
+            let bias = if content.tensor_infos.contains_key(&bias_name) {
+                Some(tensor(&bias_name, file)?.dequantize(&Device::Cpu)?.to_vec1::<f32>()?)
+            } else {
+                None
+            };
+            Ok(Linear { w, n_out, n_in, bias })
+        };
+        let embed = linear("token_embd", &mut file)?;
+        let output = if content.tensor_infos.contains_key("output.weight") {
+            Some(linear("output", &mut file)?)
+        } else {
+            None
+        };
+        let mut blocks = Vec::with_capacity(cfg.n_layers);
+        for l in 0..cfg.n_layers {
+            let p = format!("blk.{l}");
+            let norm = |n: &str, file: &mut std::fs::File| -> Result<Vec<f32>> {
+                Ok(tensor(&format!("{p}.{n}.weight"), file)?.dequantize(&Device::Cpu)?.to_vec1::<f32>()?)
+            };
+            blocks.push(Block {
+                attn_norm: norm("attn_norm", &mut file)?,
+                wq: linear(&format!("{p}.attn_q"), &mut file)?,
+                wk: linear(&format!("{p}.attn_k"), &mut file)?,
+                wv: linear(&format!("{p}.attn_v"), &mut file)?,
+                wo: linear(&format!("{p}.attn_output"), &mut file)?,
+                ffn_norm: norm("ffn_norm", &mut file)?,
+                gate: linear(&format!("{p}.ffn_gate"), &mut file)?,
+                up: linear(&format!("{p}.ffn_up"), &mut file)?,
+                down: linear(&format!("{p}.ffn_down"), &mut file)?,
+            });
+        }
+        let norm = tensor("output_norm.weight", &mut file)?.dequantize(&Device::Cpu)?.to_vec1::<f32>()?;
+        let model = Llama::assemble(cfg, embed, blocks, norm, output)?;
+        Ok((model, content))
+    }
+
+    /// Load a Hugging Face folder: `config.json` and `*.safetensors`. Weights
+    /// are quantized to Q8_0 at load.
+    pub fn from_hf_dir(dir: &Path) -> Result<Llama> {
+        let cfg_path = dir.join("config.json");
+        let raw: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&cfg_path).with_context(|| format!("cannot read {}", cfg_path.display()))?,
+        )
+        .with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
+        let get = |k: &str| raw.get(k).and_then(|v| v.as_f64());
+        let need = |k: &str| get(k).ok_or_else(|| anyhow!("{}: missing `{k}`", cfg_path.display()));
+        let model_type = raw.get("model_type").and_then(|v| v.as_str()).unwrap_or("llama").to_string();
+        if !matches!(model_type.as_str(), "llama" | "mistral" | "qwen2") {
+            bail!("{}: model_type `{model_type}` is not supported (llama, mistral, qwen2)", cfg_path.display());
+        }
+        let hidden = need("hidden_size")? as usize;
+        let n_heads = need("num_attention_heads")? as usize;
+        let head_dim = get("head_dim").map(|v| v as usize).unwrap_or(hidden / n_heads.max(1));
+        let rope_base = get("rope_theta").unwrap_or(10000.0) as f32;
+        let (mut rope_linear_scale, mut rope_freq_factors) = (1.0, None);
+        if let Some(rs) = raw.get("rope_scaling").filter(|v| !v.is_null()) {
+            let kind = rs.get("rope_type").or_else(|| rs.get("type")).and_then(|v| v.as_str()).unwrap_or("");
+            let factor = rs.get("factor").and_then(|v| v.as_f64()).unwrap_or(1.0) as f32;
+            match kind {
+                "linear" => rope_linear_scale = factor,
+                "llama3" => {
+                    let f = |k: &str, d: f64| rs.get(k).and_then(|v| v.as_f64()).unwrap_or(d) as f32;
+                    rope_freq_factors = Some(llama3_freq_factors(
+                        rope_base,
+                        head_dim,
+                        factor,
+                        f("low_freq_factor", 1.0),
+                        f("high_freq_factor", 4.0),
+                        f("original_max_position_embeddings", 8192.0),
+                    ));
+                }
+                other => bail!("{}: RoPE scaling `{other}` is not supported (linear, llama3)", cfg_path.display()),
+            }
+        }
+        let cfg = LlamaConfig {
+            architecture: model_type.clone(),
+            n_layers: need("num_hidden_layers")? as usize,
+            hidden,
+            ffn: need("intermediate_size")? as usize,
+            n_heads,
+            n_kv_heads: get("num_key_value_heads").map(|v| v as usize).unwrap_or(n_heads),
+            head_dim,
+            vocab: need("vocab_size")? as usize,
+            rope_base,
+            rope_linear_scale,
+            rope_freq_factors,
+            rope_style: RopeStyle::Half,
+            rms_eps: get("rms_norm_eps").unwrap_or(1e-5) as f32,
+            context_len: get("max_position_embeddings").unwrap_or(4096.0) as usize,
+        };
+        cfg.validate()?;
+        let mut files: Vec<_> = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            bail!("{}: no *.safetensors files", dir.display());
+        }
+        // SAFETY: the files are mapped read-only and not modified while loaded.
+        let vb = unsafe {
+            candle_nn::VarBuilder::from_mmaped_safetensors(&files, candle_core::DType::F32, &Device::Cpu)?
+        };
+        let tensor = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            let t = vb.get(shape, name).with_context(|| format!("{}: tensor `{name}`", dir.display()))?;
+            Ok(t.flatten_all()?.to_vec1::<f32>()?)
+        };
+        let linear = |name: &str, n_out: usize, n_in: usize| -> Result<Linear> {
+            let mut l = Linear::from_f32(&tensor(&format!("{name}.weight"), &[n_out, n_in])?, n_out, n_in, GgmlDType::Q8_0);
+            if vb.contains_tensor(&format!("{name}.bias")) {
+                l.bias = Some(tensor(&format!("{name}.bias"), &[n_out])?);
+            }
+            Ok(l)
+        };
+        let (qd, kvd) = (cfg.n_heads * cfg.head_dim, cfg.kv_dim());
+        let embed = linear("model.embed_tokens", cfg.vocab, hidden)?;
+        let tied = raw.get("tie_word_embeddings").and_then(|v| v.as_bool()).unwrap_or(false);
+        let output = if !tied && vb.contains_tensor("lm_head.weight") {
+            Some(linear("lm_head", cfg.vocab, hidden)?)
+        } else {
+            None
+        };
+        let mut blocks = Vec::with_capacity(cfg.n_layers);
+        for l in 0..cfg.n_layers {
+            let p = format!("model.layers.{l}");
+            blocks.push(Block {
+                attn_norm: tensor(&format!("{p}.input_layernorm.weight"), &[hidden])?,
+                wq: linear(&format!("{p}.self_attn.q_proj"), qd, hidden)?,
+                wk: linear(&format!("{p}.self_attn.k_proj"), kvd, hidden)?,
+                wv: linear(&format!("{p}.self_attn.v_proj"), kvd, hidden)?,
+                wo: linear(&format!("{p}.self_attn.o_proj"), hidden, qd)?,
+                ffn_norm: tensor(&format!("{p}.post_attention_layernorm.weight"), &[hidden])?,
+                gate: linear(&format!("{p}.mlp.gate_proj"), cfg.ffn, hidden)?,
+                up: linear(&format!("{p}.mlp.up_proj"), cfg.ffn, hidden)?,
+                down: linear(&format!("{p}.mlp.down_proj"), hidden, cfg.ffn)?,
+            });
+        }
+        let norm = tensor("model.norm.weight", &[hidden])?;
+        Llama::assemble(cfg, embed, blocks, norm, output)
+    }
+
+    /// A model with random `f32` weights (deterministic in `seed`), for tests.
+    pub fn random(cfg: LlamaConfig, seed: u64) -> Result<Llama> {
+        cfg.validate()?;
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut uniform = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        let mut linear = |n_out: usize, n_in: usize, bias: bool| {
+            let s = 1.5 / (n_in as f32).sqrt();
+            let w: Vec<f32> = (0..n_out * n_in).map(|_| uniform() * s).collect();
+            let mut l = Linear::from_f32(&w, n_out, n_in, GgmlDType::F32);
+            if bias {
+                l.bias = Some((0..n_out).map(|_| uniform() * 0.1).collect());
+            }
+            l
+        };
+        let (h, qd, kvd) = (cfg.hidden, cfg.n_heads * cfg.head_dim, cfg.kv_dim());
+        let qkv_bias = cfg.architecture == "qwen2";
+        let embed = linear(cfg.vocab, h, false);
+        let blocks = (0..cfg.n_layers)
+            .map(|_| Block {
+                attn_norm: vec![1.0; h],
+                wq: linear(qd, h, qkv_bias),
+                wk: linear(kvd, h, qkv_bias),
+                wv: linear(kvd, h, qkv_bias),
+                wo: linear(h, qd, false),
+                ffn_norm: vec![1.0; h],
+                gate: linear(cfg.ffn, h, false),
+                up: linear(cfg.ffn, h, false),
+                down: linear(h, cfg.ffn, false),
+            })
+            .collect();
+        Llama::assemble(cfg, embed, blocks, vec![1.0; h], None)
+    }
+
+    fn assemble(cfg: LlamaConfig, embed: Linear, blocks: Vec<Block>, norm: Vec<f32>, output: Option<Linear>) -> Result<Llama> {
+        let (qd, kvd) = (cfg.n_heads * cfg.head_dim, cfg.kv_dim());
+        for (l, b) in blocks.iter().enumerate() {
+            let shapes = [
+                (b.wq.n_out, b.wq.n_in, qd, cfg.hidden),
+                (b.wk.n_out, b.wk.n_in, kvd, cfg.hidden),
+                (b.wv.n_out, b.wv.n_in, kvd, cfg.hidden),
+                (b.wo.n_out, b.wo.n_in, cfg.hidden, qd),
+                (b.gate.n_out, b.gate.n_in, cfg.ffn, cfg.hidden),
+                (b.down.n_out, b.down.n_in, cfg.hidden, cfg.ffn),
+            ];
+            if shapes.iter().any(|&(o, i, eo, ei)| o != eo || i != ei) {
+                bail!("layer {l}: weight shapes do not match the configuration {cfg:?}");
+            }
+        }
+        let half = cfg.head_dim / 2;
+        let inv_freq = (0..half)
+            .map(|i| {
+                let f = 1.0 / cfg.rope_base.powf(2.0 * i as f32 / cfg.head_dim as f32);
+                let factor = cfg.rope_freq_factors.as_ref().and_then(|v| v.get(i)).copied().unwrap_or(1.0);
+                f / factor / cfg.rope_linear_scale
+            })
+            .collect();
+        Ok(Llama { cfg, embed, blocks, norm, output, inv_freq })
+    }
+
+    /// Run `tokens` (with their anchor flags) through the model after what
+    /// `cache` already holds, appending their K/V to it. On error the cache is
+    /// left as it was.
+    pub fn forward(&self, tokens: &[u32], anchors: &[bool], cache: &mut KvCache, want: Logits) -> Result<Vec<f32>> {
+        assert_eq!(tokens.len(), anchors.len(), "one anchor flag per token");
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab) {
+            bail!("token id {bad} is outside the vocabulary ({})", self.cfg.vocab);
+        }
+        let start = cache.len();
+        let result = self.forward_inner(tokens, anchors, cache, want);
+        if result.is_err() {
+            cache.truncate(start);
+        }
+        result
+    }
+
+    fn forward_inner(&self, tokens: &[u32], anchors: &[bool], cache: &mut KvCache, want: Logits) -> Result<Vec<f32>> {
+        let cfg = &self.cfg;
+        let n = tokens.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let (h, qd) = (cfg.hidden, cfg.n_heads * cfg.head_dim);
+        let heads = Heads { n_heads: cfg.n_heads, n_kv_heads: cfg.n_kv_heads, head_dim: cfg.head_dim };
+        let p0 = cache.begin_chunk(anchors);
+        let biases: Vec<Vec<f32>> = (0..cache.group_count()).map(|g| cache.mask_bias(g, p0, n)).collect();
+        let (cos, sin) = self.rope_tables(p0, n);
+
+        let mut x = self.embed_rows(tokens)?;
+        for (l, b) in self.blocks.iter().enumerate() {
+            let hn = rms_norm(&x, &b.attn_norm, cfg.rms_eps);
+            let mut q = b.wq.forward(&hn, n)?;
+            let mut k = b.wk.forward(&hn, n)?;
+            let v = b.wv.forward(&hn, n)?;
+            self.rope(&mut q, cfg.n_heads, &cos, &sin);
+            self.rope(&mut k, cfg.n_kv_heads, &cos, &sin);
+            cache.append(l, &k, &v);
+            let view = cache.layer(l);
+            let mut att = vec![0f32; n * qd];
+            attend(heads, &q, view.k, view.v, &biases[view.group], &mut att);
+            add_into(&mut x, &b.wo.forward(&att, n)?);
+
+            let hn = rms_norm(&x, &b.ffn_norm, cfg.rms_eps);
+            let mut g = b.gate.forward(&hn, n)?;
+            let u = b.up.forward(&hn, n)?;
+            g.iter_mut().zip(&u).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+            add_into(&mut x, &b.down.forward(&g, n)?);
+        }
+        let rows = match want {
+            Logits::None => return Ok(Vec::new()),
+            Logits::Last => &x[(n - 1) * h..],
+            Logits::All => &x[..],
+        };
+        let m = rows.len() / h;
+        let xn = rms_norm(rows, &self.norm, cfg.rms_eps);
+        self.output.as_ref().unwrap_or(&self.embed).forward(&xn, m)
+    }
+
+    /// Embedding rows of `tokens`: `tokens × hidden`.
+    fn embed_rows(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        match self.embed.w.embedding(tokens, self.cfg.vocab, self.cfg.hidden)? {
+            CpuStorage::F32(v) => Ok(v),
+            _ => bail!("the embedding did not dequantize to f32"),
+        }
+    }
+
+    /// cos/sin of every (position, frequency) pair for positions `p0..p0+n`.
+    fn rope_tables(&self, p0: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for p in p0..p0 + n {
+            for &f in &self.inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        (cos, sin)
+    }
+
+    /// Rotate every head of every row in place.
+    fn rope(&self, x: &mut [f32], n_heads: usize, cos: &[f32], sin: &[f32]) {
+        let hd = self.cfg.head_dim;
+        let half = hd / 2;
+        for (t, row) in x.chunks_mut(n_heads * hd).enumerate() {
+            let (c, s) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
+            for head in row.chunks_mut(hd) {
+                for i in 0..half {
+                    let (a, b) = match self.cfg.rope_style {
+                        RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                        RopeStyle::Half => (i, i + half),
+                    };
+                    let (x0, x1) = (head[a], head[b]);
+                    head[a] = x0 * c[i] - x1 * s[i];
+                    head[b] = x0 * s[i] + x1 * c[i];
+                }
+            }
+        }
+    }
+}
+
+fn add_into(x: &mut [f32], y: &[f32]) {
+    x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
+}
+
+/// RMSNorm of each row of `x` (rows as wide as `w`), scaled by `w`.
+fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks(w.len()) {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+        let r = 1.0 / (ms + eps).sqrt();
+        out.extend(row.iter().zip(w).map(|(v, w)| v * r * w));
+    }
+    out
+}
+
+/// Llama 3.1's RoPE frequency divisors.
+fn llama3_freq_factors(base: f32, head_dim: usize, factor: f32, low: f32, high: f32, orig: f32) -> Vec<f32> {
+    let (low_wl, high_wl) = (orig / low, orig / high);
+    (0..head_dim / 2)
+        .map(|i| {
+            let freq = 1.0 / base.powf(2.0 * i as f32 / head_dim as f32);
+            let wl = 2.0 * std::f32::consts::PI / freq;
+            if wl < high_wl {
+                1.0
+            } else if wl > low_wl {
+                factor
+            } else {
+                let smooth = (orig / wl - low) / (high - low);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            }
+        })
+        .collect()
+}
+
+fn md<'a>(md: &'a HashMap<String, gguf_file::Value>, k: &str) -> Result<&'a gguf_file::Value> {
+    md.get(k).ok_or_else(|| anyhow!("GGUF metadata has no `{k}`"))
+}
+
+fn md_u(m: &HashMap<String, gguf_file::Value>, k: &str) -> Result<usize> {
+    let v = md(m, k)?;
+    Ok(v.to_u32().map(|x| x as usize).or_else(|_| v.to_u64().map(|x| x as usize))?)
+}
+
+fn md_f(m: &HashMap<String, gguf_file::Value>, k: &str) -> Result<f32> {
+    let v = md(m, k)?;
+    Ok(v.to_f32().or_else(|_| v.to_f64().map(|x| x as f32))?)
+}
+
+fn md_str(m: &HashMap<String, gguf_file::Value>, k: &str) -> Result<String> {
+    Ok(md(m, k)?.to_string()?.clone())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::engine::policy::{AttentionPolicy, PolicyKind};
+
+    /// A tiny model of the default model's shape family (GQA 3:1, RoPE).
+    pub(crate) fn tiny_config(vocab: usize) -> LlamaConfig {
+        LlamaConfig {
+            architecture: "llama".into(),
+            n_layers: 4,
+            hidden: 32,
+            ffn: 64,
+            n_heads: 6,
+            n_kv_heads: 2,
+            head_dim: 8,
+            vocab,
+            rope_base: 10000.0,
+            rope_linear_scale: 1.0,
+            rope_freq_factors: None,
+            rope_style: RopeStyle::Interleaved,
+            rms_eps: 1e-5,
+            context_len: 4096,
+        }
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn chunked_prefill_equals_one_shot_for_every_policy() {
+        let m = Llama::random(tiny_config(50), 7).unwrap();
+        let tokens: Vec<u32> = (0..60).map(|i| (i * 7 + 3) % 50).collect();
+        let anchors: Vec<bool> = tokens.iter().map(|&t| t % 6 == 0).collect();
+        let policies = [
+            AttentionPolicy::full(),
+            AttentionPolicy { kind: PolicyKind::Anchor { recent_lines: 0, dense_every: 2 }, sink_tokens: 2 },
+            AttentionPolicy { kind: PolicyKind::Anchor { recent_lines: 2, dense_every: 0 }, sink_tokens: 1 },
+            AttentionPolicy { kind: PolicyKind::Window { window_tokens: 9 }, sink_tokens: 3 },
+        ];
+        let mut last = Vec::new();
+        for p in policies {
+            let mut one = m.new_cache(p);
+            let want = m.forward(&tokens, &anchors, &mut one, Logits::Last).unwrap();
+            let mut inc = m.new_cache(p);
+            let mut got = Vec::new();
+            for (a, b) in [(0, 1), (1, 17), (17, 18), (18, 45), (45, 60)] {
+                got = m.forward(&tokens[a..b], &anchors[a..b], &mut inc, Logits::Last).unwrap();
+                inc.compact(true);
+            }
+            assert!(max_diff(&want, &got) < 1e-4, "{p:?}: {}", max_diff(&want, &got));
+            last.push(want);
+        }
+        // The policies really differ on this input (the test is not vacuous).
+        assert!(max_diff(&last[0], &last[1]) > 1e-3);
+        assert!(max_diff(&last[0], &last[3]) > 1e-3);
+    }
+
+    #[test]
+    fn full_policy_equals_plain_causal_attention() {
+        // A plain reference forward without caches or masks beyond causality.
+        let m = Llama::random(tiny_config(40), 3).unwrap();
+        let tokens: Vec<u32> = (0..23).map(|i| (i * 5 + 1) % 40).collect();
+        let anchors = vec![false; tokens.len()];
+        let mut c = m.new_cache(AttentionPolicy::full());
+        let got = m.forward(&tokens, &anchors, &mut c, Logits::All).unwrap();
+        let want = reference_causal_forward(&m, &tokens);
+        assert!(max_diff(&got, &want) < 1e-4, "{}", max_diff(&got, &want));
+    }
+
+    /// Textbook causal attention, token by token, no cache: the ground truth
+    /// that `full` must equal.
+    fn reference_causal_forward(m: &Llama, tokens: &[u32]) -> Vec<f32> {
+        let cfg = &m.cfg;
+        let (n, h, hd) = (tokens.len(), cfg.hidden, cfg.head_dim);
+        let mut x = m.embed_rows(tokens).unwrap();
+        let (cos, sin) = m.rope_tables(0, n);
+        for b in &m.blocks {
+            let hn = rms_norm(&x, &b.attn_norm, cfg.rms_eps);
+            let mut q = b.wq.forward(&hn, n).unwrap();
+            let mut k = b.wk.forward(&hn, n).unwrap();
+            let v = b.wv.forward(&hn, n).unwrap();
+            m.rope(&mut q, cfg.n_heads, &cos, &sin);
+            m.rope(&mut k, cfg.n_kv_heads, &cos, &sin);
+            let (qd, kd) = (cfg.n_heads * hd, cfg.kv_dim());
+            let mut att = vec![0f32; n * qd];
+            for i in 0..n {
+                for head in 0..cfg.n_heads {
+                    let kvh = head / (cfg.n_heads / cfg.n_kv_heads);
+                    let s: Vec<f32> = (0..=i)
+                        .map(|j| {
+                            (0..hd).map(|d| q[i * qd + head * hd + d] * k[j * kd + kvh * hd + d]).sum::<f32>()
+                                / (hd as f32).sqrt()
+                        })
+                        .collect();
+                    let mx = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    let e: Vec<f32> = s.iter().map(|v| (v - mx).exp()).collect();
+                    let z: f32 = e.iter().sum();
+                    for d in 0..hd {
+                        att[i * qd + head * hd + d] = (0..=i).map(|j| e[j] / z * v[j * kd + kvh * hd + d]).sum();
+                    }
+                }
+            }
+            add_into(&mut x, &b.wo.forward(&att, n).unwrap());
+            let hn = rms_norm(&x, &b.ffn_norm, cfg.rms_eps);
+            let mut g = b.gate.forward(&hn, n).unwrap();
+            let u = b.up.forward(&hn, n).unwrap();
+            g.iter_mut().zip(&u).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+            add_into(&mut x, &b.down.forward(&g, n).unwrap());
+        }
+        let _ = h;
+        let xn = rms_norm(&x, &m.norm, cfg.rms_eps);
+        m.embed.forward(&xn, n).unwrap()
+    }
+}
