@@ -1,0 +1,437 @@
+//! The language server: thin tower-lsp handlers that translate LSP into
+//! worker jobs and back. No model code here.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use dashmap::DashMap;
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+use tower::ServiceBuilder;
+use tower_lsp::jsonrpc::{Error, ErrorCode, Response, Result};
+use tower_lsp::lsp_types::notification::Progress;
+use tower_lsp::lsp_types::request::WorkDoneProgressCreate;
+use tower_lsp::lsp_types::*;
+use tower_lsp::{Client, LanguageServer, LspService, Server};
+
+use super::documents::{ChangeOutcome, Documents, PositionEncoding};
+use super::protocol::{
+    set_inline_completion_provider, DocumentCacheStatus, InlineCompletionItem, InlineCompletionList,
+    InlineCompletionOptions, InlineCompletionParams, InlineCompletionProvider, ModelSource, ModelState,
+    ModelStatus, StatusResult,
+};
+use crate::config::{Config, ConfigMessage};
+use crate::models;
+use crate::worker::{self, CompleteJob, Completed, Event, Job, WorkerHandle};
+
+/// Run the server on stdin/stdout until the client exits.
+pub fn run_stdio() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async {
+        let (service, socket) = LspService::build(Backend::new)
+            .custom_method("textDocument/inlineCompletion", Backend::inline_completion)
+            .custom_method("anchorcoder/status", Backend::status)
+            .finish();
+        // lsp-types 0.94 has no `inlineCompletionProvider`: add it to the
+        // initialize result on its way out.
+        let service = ServiceBuilder::new().map_response(add_inline_capability).service(service);
+        Server::new(tokio::io::stdin(), tokio::io::stdout(), socket).serve(service).await;
+    });
+    Ok(())
+}
+
+fn add_inline_capability(response: Option<Response>) -> Option<Response> {
+    let response = response?;
+    let (id, body) = response.into_parts();
+    let body = body.map(|mut v| {
+        if v.get("serverInfo").and_then(|s| s.get("name")).and_then(Value::as_str) == Some("anchorcoder") {
+            set_inline_completion_provider(
+                &mut v,
+                InlineCompletionProvider::Options(InlineCompletionOptions { work_done_progress: false }),
+            );
+        }
+        v
+    });
+    Some(Response::from_parts(id, body))
+}
+
+/// Server state shared by the handlers.
+pub struct Backend {
+    client: Client,
+    documents: Documents,
+    config: Mutex<Config>,
+    encoding: Mutex<PositionEncoding>,
+    progress_supported: AtomicBool,
+    worker: OnceLock<WorkerHandle>,
+    /// Cancel flag of the completion in flight, per document.
+    inflight: DashMap<Url, Arc<AtomicBool>>,
+    log: Mutex<Option<std::fs::File>>,
+}
+
+/// Sets a completion's cancel flag when its request future is dropped (the
+/// client cancelled it, or a newer one replaced it).
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Backend {
+    fn new(client: Client) -> Self {
+        Backend {
+            client,
+            documents: Documents::new(),
+            config: Mutex::new(Config::default()),
+            encoding: Mutex::new(PositionEncoding::Utf16),
+            progress_supported: AtomicBool::new(false),
+            worker: OnceLock::new(),
+            inflight: DashMap::new(),
+            log: Mutex::new(None),
+        }
+    }
+
+    fn encoding(&self) -> PositionEncoding {
+        *self.encoding.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn worker(&self) -> Result<&WorkerHandle> {
+        self.worker.get().ok_or_else(|| Error::invalid_request())
+    }
+
+    /// Append a line to the log file (if one could be opened).
+    fn log_line(&self, line: &str) {
+        if let Some(f) = self.log.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            let _ = writeln!(f, "{} {line}", unix_seconds());
+        }
+    }
+
+    async fn report(&self, messages: Vec<ConfigMessage>) {
+        for m in messages {
+            self.log_line(m.text());
+            self.client.show_message(m.message_type(), format!("AnchorCoder: {}", m.text())).await;
+        }
+    }
+
+    /// Byte offset of an LSP position in a document snapshot, with clear
+    /// errors for unknown documents and impossible positions.
+    fn locate(&self, uri: &Url, position: Position) -> Result<(ropey::Rope, usize)> {
+        let doc = self.documents.snapshot(uri).ok_or_else(|| invalid(format!("document not open: {uri}")))?;
+        if doc.is_probably_binary() {
+            return Err(invalid(format!("{uri} looks like a binary file; no completions there")));
+        }
+        if doc.is_desynced() {
+            return Err(invalid(format!("{uri} is out of sync after a bad edit; reopen it")));
+        }
+        let offset = doc.position_to_byte(position, self.encoding())?;
+        Ok((doc.rope().clone(), offset))
+    }
+
+    /// Ask the worker for a suggestion at a position.
+    async fn suggest(&self, uri: &Url, position: Position) -> Result<Completed> {
+        let (rope, cursor) = self.locate(uri, position)?;
+        let cancel = Arc::new(AtomicBool::new(false));
+        if let Some(old) = self.inflight.insert(uri.clone(), cancel.clone()) {
+            old.store(true, Ordering::SeqCst);
+        }
+        let _guard = CancelOnDrop(cancel.clone());
+        let (reply, answer) = oneshot::channel();
+        self.worker()?.send(Job::Complete(CompleteJob {
+            uri: uri.to_string(),
+            rope,
+            cursor,
+            cancel,
+            reply,
+            received: Instant::now(),
+        }));
+        match answer.await {
+            Ok(Ok(done)) => {
+                self.log_line(&format!(
+                    "completion {uri} {:.0} ms (reused {}, prefilled {}, typed-through {})",
+                    done.latency_ms, done.reused_tokens, done.prefilled_tokens, done.typed_through
+                ));
+                Ok(done)
+            }
+            Ok(Err(e)) if e == "cancelled" || e.starts_with("superseded") => Err(Error {
+                code: ErrorCode::RequestCancelled,
+                message: e.into(),
+                data: None,
+            }),
+            Ok(Err(e)) => Err(Error { code: ErrorCode::InternalError, message: e.into(), data: None }),
+            Err(_) => Err(Error { code: ErrorCode::InternalError, message: "the model worker stopped".into(), data: None }),
+        }
+    }
+
+    async fn inline_completion(&self, params: InlineCompletionParams) -> Result<InlineCompletionList> {
+        let uri = params.text_document.uri;
+        let done = self.suggest(&uri, params.position).await?;
+        let items = if done.text.is_empty() {
+            Vec::new()
+        } else {
+            let mut item = InlineCompletionItem::new(done.text);
+            item.range = Some(Range { start: params.position, end: params.position });
+            vec![item]
+        };
+        Ok(InlineCompletionList { items })
+    }
+
+    async fn status(&self) -> Result<StatusResult> {
+        let (reply, answer) = oneshot::channel();
+        self.worker()?.send(Job::Status(reply));
+        let s = answer.await.map_err(|_| invalid("the model worker stopped".into()))?;
+        let state = match s.model_state {
+            worker::ModelState::Pulling => ModelState::Pulling,
+            worker::ModelState::Loading => ModelState::Loading,
+            worker::ModelState::Ready => ModelState::Ready,
+            worker::ModelState::Error => ModelState::Error,
+        };
+        let mut extra = serde_json::Map::new();
+        extra.insert("openDocuments".into(), self.documents.len().into());
+        extra.insert("cacheEnabled".into(), self.config.lock().unwrap_or_else(|e| e.into_inner()).cache.enabled.into());
+        Ok(StatusResult {
+            model: ModelStatus {
+                path: s.model_path.map(|p| p.display().to_string()),
+                source: if s.default_model { ModelSource::Default } else { ModelSource::User },
+                state,
+                error: s.model_error,
+            },
+            policy: s.policy,
+            documents: s
+                .documents
+                .into_iter()
+                .filter_map(|d| {
+                    Some(DocumentCacheStatus {
+                        uri: Url::parse(&d.uri).ok()?,
+                        tokens: d.tokens,
+                        anchors: d.anchors,
+                        kept_tokens: d.kept_entries,
+                        kv_bytes: d.kv_bytes as u64,
+                        pending_tokens: d.pending_tokens,
+                    })
+                })
+                .collect(),
+            cache_bytes: s.cache_bytes as u64,
+            cache_budget_bytes: s.cache_budget_bytes as u64,
+            queue_depth: s.queue_depth,
+            last_latencies_ms: s.last_latencies_ms,
+            extra,
+        })
+    }
+
+    /// Warm the document's cache around `cursor` in idle time.
+    fn warm(&self, uri: &Url, cursor: Option<usize>) {
+        let (Some(doc), Ok(worker)) = (self.documents.snapshot(uri), self.worker()) else { return };
+        if doc.is_probably_binary() || doc.is_desynced() {
+            return;
+        }
+        let rope = doc.rope().clone();
+        let cursor = cursor.unwrap_or(rope.len_bytes()).min(rope.len_bytes());
+        worker.send(Job::Warm { uri: uri.to_string(), rope, cursor });
+    }
+
+    /// Forward worker events to the client: progress, errors, logs.
+    async fn forward_events(client: Client, mut events: mpsc::UnboundedReceiver<Event>, progress: bool, log: Option<PathBuf>) {
+        let token = NumberOrString::String("anchorcoder/model".into());
+        let mut began = false;
+        let mut log = log.and_then(|p| std::fs::OpenOptions::new().create(true).append(true).open(p).ok());
+        while let Some(ev) = events.recv().await {
+            match ev {
+                Event::Progress { message, percentage, done } => {
+                    if let Some(f) = log.as_mut() {
+                        let _ = writeln!(f, "{} progress: {message}", unix_seconds());
+                    }
+                    if !progress {
+                        client.log_message(MessageType::INFO, format!("AnchorCoder: {message}")).await;
+                        continue;
+                    }
+                    if !began {
+                        let created = client
+                            .send_request::<WorkDoneProgressCreate>(WorkDoneProgressCreateParams { token: token.clone() })
+                            .await;
+                        if created.is_err() {
+                            continue;
+                        }
+                        began = true;
+                        let begin = WorkDoneProgress::Begin(WorkDoneProgressBegin {
+                            title: "AnchorCoder model".into(),
+                            cancellable: Some(false),
+                            message: Some(message.clone()),
+                            percentage,
+                        });
+                        client
+                            .send_notification::<Progress>(ProgressParams {
+                                token: token.clone(),
+                                value: ProgressParamsValue::WorkDone(begin),
+                            })
+                            .await;
+                    }
+                    let value = if done {
+                        began = false;
+                        WorkDoneProgress::End(WorkDoneProgressEnd { message: Some(message) })
+                    } else {
+                        WorkDoneProgress::Report(WorkDoneProgressReport { cancellable: Some(false), message: Some(message), percentage })
+                    };
+                    client
+                        .send_notification::<Progress>(ProgressParams { token: token.clone(), value: ProgressParamsValue::WorkDone(value) })
+                        .await;
+                }
+                Event::Error(message) => {
+                    if let Some(f) = log.as_mut() {
+                        let _ = writeln!(f, "{} error: {message}", unix_seconds());
+                    }
+                    client.show_message(MessageType::ERROR, format!("AnchorCoder: {message}")).await;
+                }
+                Event::Log(message) => {
+                    if let Some(f) = log.as_mut() {
+                        let _ = writeln!(f, "{} {message}", unix_seconds());
+                    }
+                    client.log_message(MessageType::LOG, message).await;
+                }
+            }
+        }
+    }
+}
+
+fn invalid(message: String) -> Error {
+    Error { code: ErrorCode::InvalidParams, message: message.into(), data: None }
+}
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Where the log file goes unless `logFile` says otherwise.
+fn default_log_path() -> PathBuf {
+    models::cache_dir().parent().map(|p| p.join("anchorcoder.log")).unwrap_or_else(|| PathBuf::from("anchorcoder.log"))
+}
+
+#[tower_lsp::async_trait]
+impl LanguageServer for Backend {
+    async fn initialize(&self, params: InitializeParams) -> Result<InitializeResult> {
+        let (config, messages) = Config::from_initialization_options(params.initialization_options.as_ref());
+        let encoding = PositionEncoding::from_client_capabilities(&params.capabilities);
+        *self.encoding.lock().unwrap_or_else(|e| e.into_inner()) = encoding;
+        let progress = params.capabilities.window.as_ref().and_then(|w| w.work_done_progress).unwrap_or(false);
+        self.progress_supported.store(progress, Ordering::SeqCst);
+        if let Some(threads) = config.threads {
+            // Read by the thread pools when they first start (in the worker).
+            std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+        }
+        let log_path = config.log_file.clone().unwrap_or_else(default_log_path);
+        if let Some(dir) = log_path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        *self.log.lock().unwrap_or_else(|e| e.into_inner()) =
+            std::fs::OpenOptions::new().create(true).append(true).open(&log_path).ok();
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        tokio::spawn(Backend::forward_events(self.client.clone(), events_rx, progress, Some(log_path)));
+        let _ = self.worker.set(WorkerHandle::spawn(config.clone(), events_tx));
+        *self.config.lock().unwrap_or_else(|e| e.into_inner()) = config;
+        self.report(messages).await;
+
+        Ok(InitializeResult {
+            capabilities: ServerCapabilities {
+                position_encoding: Some(encoding.kind()),
+                text_document_sync: Some(TextDocumentSyncCapability::Options(TextDocumentSyncOptions {
+                    open_close: Some(true),
+                    change: Some(TextDocumentSyncKind::INCREMENTAL),
+                    save: Some(TextDocumentSyncSaveOptions::Supported(true)),
+                    ..Default::default()
+                })),
+                completion_provider: Some(CompletionOptions { resolve_provider: Some(false), ..Default::default() }),
+                ..Default::default()
+            },
+            server_info: Some(ServerInfo { name: "anchorcoder".into(), version: Some(env!("CARGO_PKG_VERSION").into()) }),
+        })
+    }
+
+    async fn initialized(&self, _: InitializedParams) {
+        self.log_line("initialized");
+    }
+
+    async fn shutdown(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn did_open(&self, params: DidOpenTextDocumentParams) {
+        let d = params.text_document;
+        self.documents.open(d.uri.clone(), &d.text, d.version, d.language_id);
+        // Where the cursor is, the server cannot know yet: warm the top.
+        let cursor = d.text.len().min(8192);
+        self.warm(&d.uri, Some(d.text[..cursor].rfind('\n').map_or(0, |i| i + 1)));
+    }
+
+    async fn did_change(&self, params: DidChangeTextDocumentParams) {
+        let uri = params.text_document.uri;
+        let enc = self.encoding();
+        match self.documents.change(&uri, params.text_document.version, &params.content_changes, enc) {
+            Ok(ChangeOutcome::Applied { .. }) => {
+                // The cursor is most likely right after the last change.
+                let cursor = params.content_changes.last().and_then(|c| {
+                    let doc = self.documents.snapshot(&uri)?;
+                    let start = doc.position_to_byte(c.range?.start, enc).ok()?;
+                    Some(start + c.text.len())
+                });
+                self.warm(&uri, cursor);
+            }
+            Ok(ChangeOutcome::Stale { stored, received }) => {
+                self.log_line(&format!("ignored stale change to {uri}: version {received} <= {stored}"));
+            }
+            Err(e) => {
+                let msg = format!("could not apply a change to {uri}: {e}; the document is unchanged, reopen it to resync");
+                self.log_line(&msg);
+                self.client.show_message(MessageType::ERROR, format!("AnchorCoder: {msg}")).await;
+            }
+        }
+    }
+
+    async fn did_save(&self, _: DidSaveTextDocumentParams) {}
+
+    async fn did_close(&self, params: DidCloseTextDocumentParams) {
+        let uri = params.text_document.uri;
+        self.documents.close(&uri);
+        if let Some((_, c)) = self.inflight.remove(&uri) {
+            c.store(true, Ordering::SeqCst);
+        }
+        if let Ok(w) = self.worker() {
+            w.send(Job::Close { uri: uri.to_string() });
+        }
+    }
+
+    async fn did_change_configuration(&self, params: DidChangeConfigurationParams) {
+        let (config, messages) = {
+            let mut c = self.config.lock().unwrap_or_else(|e| e.into_inner());
+            let messages = c.apply(&params.settings);
+            (c.clone(), messages)
+        };
+        if let Ok(w) = self.worker() {
+            w.send(Job::Configure(Box::new(config)));
+        }
+        self.report(messages).await;
+    }
+
+    async fn completion(&self, params: CompletionParams) -> Result<Option<CompletionResponse>> {
+        let pos = params.text_document_position;
+        let done = self.suggest(&pos.text_document.uri, pos.position).await?;
+        if done.text.is_empty() {
+            return Ok(None);
+        }
+        let first = done.text.lines().next().unwrap_or("").trim().to_string();
+        let item = CompletionItem {
+            label: if first.is_empty() { done.text.trim().to_string() } else { first },
+            kind: Some(CompletionItemKind::TEXT),
+            detail: Some("AnchorCoder".into()),
+            text_edit: Some(CompletionTextEdit::Edit(TextEdit {
+                range: Range { start: pos.position, end: pos.position },
+                new_text: done.text.clone(),
+            })),
+            filter_text: Some(done.text),
+            ..Default::default()
+        };
+        Ok(Some(CompletionResponse::List(CompletionList { is_incomplete: true, items: vec![item] })))
+    }
+}
