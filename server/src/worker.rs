@@ -123,6 +123,8 @@ pub struct DocumentStatus {
     pub kv_bytes: usize,
     /// Tokens not yet prefilled.
     pub pending_tokens: usize,
+    /// Prompt tokens whose K/V the last completion reused.
+    pub reused_tokens: usize,
 }
 
 /// A snapshot of the worker's state.
@@ -213,6 +215,7 @@ struct DocState {
     window_start: Option<usize>,
     last_used: Instant,
     shown: Option<Shown>,
+    last_reused: usize,
 }
 
 struct Worker {
@@ -453,6 +456,7 @@ impl Worker {
         let before = &region[prompt.window_start..cursor - lo];
         let latency = || received.elapsed().as_secs_f64() * 1000.0;
         let doc = self.docs.get_mut(uri).expect("prepared above");
+        doc.last_reused = reused;
         if let Some(rest) = doc.shown.as_ref().and_then(|s| type_through(s, before, &prompt.line_suffix)) {
             return Ok(Completed {
                 text: rest,
@@ -539,6 +543,7 @@ impl Worker {
                     kept_entries: s.kv.kept_entries,
                     kv_bytes: s.kv.kv_bytes,
                     pending_tokens: s.pending_tokens,
+                    reused_tokens: d.last_reused,
                 }
             })
             .collect();
@@ -560,7 +565,7 @@ impl Worker {
 fn new_doc(engine: &Engine, policy: AttentionPolicy) -> DocState {
     let mut cache = DocumentCache::new(&engine.model, policy);
     cache.set_eviction_slack(EVICTION_SLACK_LINES);
-    DocState { cache, window_start: None, last_used: Instant::now(), shown: None }
+    DocState { cache, window_start: None, last_used: Instant::now(), shown: None, last_reused: 0 }
 }
 
 /// The rest of the shown suggestion when the user typed its beginning.

@@ -215,7 +215,11 @@ fn split_then_bytes(regex: &str) -> Result<PreTokenizerWrapper> {
         false,
     )
     .map_err(|e| anyhow!("cannot compile pre-tokenizer regex: {e}"))?;
-    Ok(Sequence::new(vec![split.into(), ByteLevel::new(false, false, false).into()]).into())
+    Ok(Sequence::new(vec![
+        split.into(),
+        ByteLevel::new(false, false, false).into(),
+    ])
+    .into())
 }
 
 /// The pre-tokenizer matching llama.cpp's for `pre`, or an error naming what is supported.
@@ -501,7 +505,11 @@ impl Tokenizer {
                 _ => None,
             },
         }
-        .filter(|f| [f.prefix, f.suffix, f.middle].iter().all(|&id| (id as usize) < n));
+        .filter(|f| {
+            [f.prefix, f.suffix, f.middle]
+                .iter()
+                .all(|&id| (id as usize) < n)
+        });
 
         let mut eos: Vec<u32> = [
             "tokenizer.ggml.eos_token_id",
@@ -511,7 +519,11 @@ impl Tokenizer {
         .iter()
         .filter_map(|k| meta_u32(content, k))
         .collect();
-        eos.extend(EOG_NAMES.iter().filter_map(|name| lookup.get(name).copied()));
+        eos.extend(
+            EOG_NAMES
+                .iter()
+                .filter_map(|name| lookup.get(name).copied()),
+        );
         // `</s>` only when it really is a control token (llama.cpp makes the same exception).
         if let Some(&id) = lookup.get("</s>") {
             if types[id as usize] == TYPE_CONTROL {
@@ -559,9 +571,7 @@ impl Tokenizer {
             } else {
                 byte_level_bytes(tok, &table, &mut bytes);
             }
-            offsets.push(
-                u32::try_from(bytes.len()).context("token byte table exceeds 4 GiB")?,
-            );
+            offsets.push(u32::try_from(bytes.len()).context("token byte table exceeds 4 GiB")?);
         }
 
         let mut inner = tokenizers::Tokenizer::new(bpe);
@@ -573,8 +583,8 @@ impl Tokenizer {
         inner.set_encode_special_tokens(true);
 
         let bos = meta_u32(content, "tokenizer.ggml.bos_token_id").filter(|&id| (id as usize) < n);
-        let add_bos =
-            meta_bool(content, "tokenizer.ggml.add_bos_token").unwrap_or(spec.add_bos) && bos.is_some();
+        let add_bos = meta_bool(content, "tokenizer.ggml.add_bos_token").unwrap_or(spec.add_bos)
+            && bos.is_some();
 
         Ok(Tokenizer {
             inner,
@@ -624,7 +634,11 @@ impl Tokenizer {
         inner.set_encode_special_tokens(true);
 
         let full_vocab = inner.get_vocab(true);
-        let n = full_vocab.values().map(|&id| id as usize + 1).max().unwrap_or(0);
+        let n = full_vocab
+            .values()
+            .map(|&id| id as usize + 1)
+            .max()
+            .unwrap_or(0);
         if n == 0 {
             bail!("tokenizer {} has an empty vocabulary", path.display());
         }
@@ -666,15 +680,22 @@ impl Tokenizer {
         };
         let config_ids = |key: &str| -> Vec<u32> {
             match model_config.as_ref().map(|c| &c[key]) {
-                Some(serde_json::Value::Number(x)) => x.as_u64().map(|x| x as u32).into_iter().collect(),
-                Some(serde_json::Value::Array(a)) => {
-                    a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect()
+                Some(serde_json::Value::Number(x)) => {
+                    x.as_u64().map(|x| x as u32).into_iter().collect()
                 }
+                Some(serde_json::Value::Array(a)) => a
+                    .iter()
+                    .filter_map(|x| x.as_u64())
+                    .map(|x| x as u32)
+                    .collect(),
                 _ => Vec::new(),
             }
         };
 
-        let mut eos: Vec<u32> = EOG_NAMES.iter().filter_map(|n| lookup.get(n).copied()).collect();
+        let mut eos: Vec<u32> = EOG_NAMES
+            .iter()
+            .filter_map(|n| lookup.get(n).copied())
+            .collect();
         eos.extend(config_token("eos_token"));
         eos.extend(config_ids("eos_token_id"));
         eos.retain(|&id| (id as usize) < n);
@@ -860,7 +881,9 @@ mod tests {
     }
 
     fn concat_bytes(tok: &Tokenizer, ids: &[u32]) -> Vec<u8> {
-        ids.iter().flat_map(|&id| tok.token_bytes(id).to_vec()).collect()
+        ids.iter()
+            .flat_map(|&id| tok.token_bytes(id).to_vec())
+            .collect()
     }
 
     fn assert_round_trip(tok: &Tokenizer, name: &str, text: &str) -> usize {
@@ -880,7 +903,10 @@ mod tests {
             );
         }
         assert_eq!(tok.decode(&ids), text, "{name}: decode");
-        assert!(ids.iter().all(|&id| !tok.is_special(id)), "{name}: special id");
+        assert!(
+            ids.iter().all(|&id| !tok.is_special(id)),
+            "{name}: special id"
+        );
         ids.len()
     }
 
@@ -910,7 +936,12 @@ mod tests {
         }
         let mut files = Vec::new();
         for root in &roots {
-            for rel in ["argparse.py", "textwrap.py", "json/decoder.py", "difflib.py"] {
+            for rel in [
+                "argparse.py",
+                "textwrap.py",
+                "json/decoder.py",
+                "difflib.py",
+            ] {
                 let p = root.join(rel);
                 if p.is_file() {
                     files.push(p);
@@ -1043,7 +1074,8 @@ mod tests {
             #[serde(default)]
             pre: Option<String>,
         }
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer_llamacpp.json");
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer_llamacpp.json");
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
             panic!(
                 "cannot read {} ({e}); regenerate it with tests/bench/make-tokenizer-fixture.py",
@@ -1067,7 +1099,11 @@ mod tests {
                 matched += 1;
                 tokens += ids.len();
             } else {
-                let at = ids.iter().zip(&s.ids).position(|(a, b)| a != b).unwrap_or(ids.len().min(s.ids.len()));
+                let at = ids
+                    .iter()
+                    .zip(&s.ids)
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(ids.len().min(s.ids.len()));
                 failures.push(format!(
                     "{} [pre {pre}]: first difference at token {at}: ours {:?} llama.cpp {:?} ({} vs {} tokens)",
                     s.name,
@@ -1078,7 +1114,12 @@ mod tests {
                 ));
             }
             if pre == "smollm" || tok.encoding() == TokenEncoding::ByteLevel {
-                assert_eq!(concat_bytes(tok, &s.ids), s.text.as_bytes(), "{}: llama.cpp ids' bytes", s.name);
+                assert_eq!(
+                    concat_bytes(tok, &s.ids),
+                    s.text.as_bytes(),
+                    "{}: llama.cpp ids' bytes",
+                    s.name
+                );
             }
         }
         eprintln!(
@@ -1090,7 +1131,12 @@ mod tests {
                 k
             }
         );
-        assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
+        assert!(
+            failures.is_empty(),
+            "{} mismatches:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
     }
 
     #[test]
@@ -1107,18 +1153,29 @@ mod tests {
         ))
         .unwrap_err();
         let msg = format!("{err:#}");
-        assert!(msg.contains("`no-such-pre`") && msg.contains("smollm"), "{msg}");
-        let err = Tokenizer::from_gguf(&with_meta("tokenizer.ggml.model", Value::String("t5".into())))
-            .unwrap_err();
+        assert!(
+            msg.contains("`no-such-pre`") && msg.contains("smollm"),
+            "{msg}"
+        );
+        let err = Tokenizer::from_gguf(&with_meta(
+            "tokenizer.ggml.model",
+            Value::String("t5".into()),
+        ))
+        .unwrap_err();
         assert!(format!("{err:#}").contains("`t5`"));
     }
 
     #[test]
     fn other_pre_types_build_and_round_trip() {
         for pre in supported_pre_values() {
-            let tok = Tokenizer::from_gguf(&with_meta("tokenizer.ggml.pre", Value::String(pre.into())))
-                .unwrap_or_else(|e| panic!("{pre}: {e:#}"));
-            assert_round_trip(&tok, pre, "def f(x):\r\n    return x*1234 # émoji 🦀\n\n   ");
+            let tok =
+                Tokenizer::from_gguf(&with_meta("tokenizer.ggml.pre", Value::String(pre.into())))
+                    .unwrap_or_else(|e| panic!("{pre}: {e:#}"));
+            assert_round_trip(
+                &tok,
+                pre,
+                "def f(x):\r\n    return x*1234 # émoji 🦀\n\n   ",
+            );
         }
     }
 
@@ -1133,7 +1190,8 @@ mod tests {
         tokens[11] = Value::String("<fim_prefix>".into());
         tokens[12] = Value::String("<fim_middle>".into());
         tokens[13] = Value::String("<fim_suffix>".into());
-        let tok = Tokenizer::from_gguf(&with_meta("tokenizer.ggml.tokens", Value::Array(tokens))).unwrap();
+        let tok = Tokenizer::from_gguf(&with_meta("tokenizer.ggml.tokens", Value::Array(tokens)))
+            .unwrap();
         assert_eq!(
             tok.fim_ids(),
             Some(FimIds {

@@ -3,3 +3,4 @@
 pub mod documents;
 pub mod protocol;
 pub mod server;
+pub mod transport;

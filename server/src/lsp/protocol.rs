@@ -278,6 +278,9 @@ pub struct DocumentCacheStatus {
     pub kv_bytes: u64,
     /// Tokens waiting to be prefilled after recent edits.
     pub pending_tokens: usize,
+    /// Prompt tokens whose K/V the last completion reused.
+    #[serde(default)]
+    pub reused_tokens: usize,
 }
 
 #[cfg(test)]

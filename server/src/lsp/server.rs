@@ -11,13 +11,14 @@ use dashmap::DashMap;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tower::ServiceBuilder;
-use tower_lsp::jsonrpc::{Error, ErrorCode, Response, Result};
+use tower_lsp::jsonrpc::{Error, ErrorCode, Request, Response, Result};
 use tower_lsp::lsp_types::notification::Progress;
 use tower_lsp::lsp_types::request::WorkDoneProgressCreate;
 use tower_lsp::lsp_types::*;
 use tower_lsp::{Client, LanguageServer, LspService, Server};
 
 use super::documents::{ChangeOutcome, Documents, PositionEncoding};
+use super::transport;
 use super::protocol::{
     set_inline_completion_provider, DocumentCacheStatus, InlineCompletionItem, InlineCompletionList,
     InlineCompletionOptions, InlineCompletionParams, InlineCompletionProvider, ModelSource, ModelState,
@@ -37,10 +38,44 @@ pub fn run_stdio() -> anyhow::Result<()> {
             .finish();
         // lsp-types 0.94 has no `inlineCompletionProvider`: add it to the
         // initialize result on its way out.
-        let service = ServiceBuilder::new().map_response(add_inline_capability).service(service);
-        Server::new(tokio::io::stdin(), tokio::io::stdout(), socket).serve(service).await;
+        let service = ServiceBuilder::new()
+            .map_request(drop_empty_status_params)
+            .map_response(add_inline_capability)
+            .service(service);
+        // Our own framing in front of tower-lsp keeps malformed input from
+        // stopping the server (see `transport`).
+        let (in_ours, in_server) = tokio::io::duplex(1 << 20);
+        let (out_server, out_ours) = tokio::io::duplex(1 << 20);
+        let (replies_tx, replies_rx) = mpsc::unbounded_channel();
+        tokio::spawn(transport::filter_input(tokio::io::stdin(), in_ours, replies_tx.clone()));
+        let writer = tokio::spawn(transport::merge_output(out_ours, replies_tx, replies_rx, tokio::io::stdout()));
+        Server::new(in_server, out_server, socket).serve(service).await;
+        let _ = writer.await;
     });
     Ok(())
+}
+
+/// `anchorcoder/status` takes no parameters; accept `null`, `{}` and `[]` too,
+/// as clients send them.
+fn drop_empty_status_params(req: Request) -> Request {
+    if req.method() != "anchorcoder/status" {
+        return req;
+    }
+    let (method, id, params) = req.into_parts();
+    let empty = match &params {
+        None | Some(Value::Null) => true,
+        Some(Value::Object(m)) => m.is_empty(),
+        Some(Value::Array(a)) => a.is_empty(),
+        _ => false,
+    };
+    let mut b = Request::build(method);
+    if let Some(id) = id {
+        b = b.id(id);
+    }
+    match params {
+        Some(p) if !empty => b.params(p).finish(),
+        _ => b.finish(),
+    }
 }
 
 fn add_inline_capability(response: Option<Response>) -> Option<Response> {
@@ -211,6 +246,7 @@ impl Backend {
                         kept_tokens: d.kept_entries,
                         kv_bytes: d.kv_bytes as u64,
                         pending_tokens: d.pending_tokens,
+                        reused_tokens: d.reused_tokens,
                     })
                 })
                 .collect(),

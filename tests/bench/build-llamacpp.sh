@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Build llama.cpp (the copy vendored in the llama-cpp-python 0.3.36 sdist, commit 0c1e570)
+# for benchmarks and for tokenizer fixtures. Works offline except for the package registry.
+#
+#   tests/bench/build-llamacpp.sh            # builds once, prints the bin dir last
+#   ANCHORCODER_TOOLS=/some/dir tests/bench/build-llamacpp.sh
+#   LLAMACPP_FORCE=1 tests/bench/build-llamacpp.sh   # rebuild even if already built
+#
+# Steps: a venv with scikit-build-core + cmake (pip wheels; cmake is not on these machines),
+# `pip download` the sdist (pip prepares its metadata, which needs both), unpack it, and run
+# cmake directly on vendor/llama.cpp with -DGGML_NATIVE=ON -DLLAMA_CURL=OFF.
+set -euo pipefail
+
+VERSION=0.3.36
+TOOLS="${ANCHORCODER_TOOLS:-$HOME/.cache/anchorcoder/tools}"
+PREFIX="$TOOLS/llama.cpp"
+BIN="$PREFIX/bin"
+WORK="$PREFIX/work"
+VENV="$PREFIX/venv"
+JOBS="${JOBS:-$(nproc 2>/dev/null || echo 2)}"
+TARGETS=(llama-bench llama-tokenize llama-server llama-completion llama-cli)
+
+log() { printf '[build-llamacpp] %s\n' "$*" >&2; }
+
+if [[ -z "${LLAMACPP_FORCE:-}" && -f "$PREFIX/.built-$VERSION" && -x "$BIN/llama-tokenize" ]]; then
+    log "already built (remove $PREFIX/.built-$VERSION or set LLAMACPP_FORCE=1 to rebuild)"
+    echo "$BIN"
+    exit 0
+fi
+
+PY="$(command -v python3 || true)"
+if [[ -z "$PY" ]]; then
+    log "python3 not found; install it (e.g. apt-get install python3 python3-venv)"
+    exit 1
+fi
+for tool in cc c++ make; do
+    if ! command -v "$tool" >/dev/null; then
+        log "$tool not found; install a C/C++ toolchain (e.g. apt-get install build-essential)"
+        exit 1
+    fi
+done
+
+mkdir -p "$WORK" "$BIN"
+
+if [[ ! -x "$VENV/bin/cmake" ]]; then
+    log "creating venv with scikit-build-core and cmake in $VENV"
+    timeout 300 "$PY" -m venv "$VENV"
+    timeout 600 "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    timeout 600 "$VENV/bin/python" -m pip install --quiet scikit-build-core cmake
+fi
+export PATH="$VENV/bin:$PATH"
+
+SDIST="$WORK/llama_cpp_python-$VERSION.tar.gz"
+if [[ ! -f "$SDIST" ]]; then
+    log "downloading llama-cpp-python==$VERSION sdist"
+    timeout 900 "$VENV/bin/python" -m pip download --no-deps --no-binary llama-cpp-python \
+        --no-build-isolation "llama-cpp-python==$VERSION" -d "$WORK"
+    # pip may name it with a dash
+    if [[ ! -f "$SDIST" ]]; then
+        found="$(ls "$WORK"/llama[-_]cpp[-_]python-"$VERSION".tar.gz 2>/dev/null | head -n1 || true)"
+        [[ -n "$found" ]] || { log "sdist not found in $WORK after pip download"; exit 1; }
+        mv "$found" "$SDIST"
+    fi
+fi
+
+SRC_ROOT="$WORK/src"
+if [[ ! -d "$SRC_ROOT/vendor/llama.cpp" ]]; then
+    log "unpacking sdist"
+    rm -rf "$SRC_ROOT" "$WORK/unpack"
+    mkdir -p "$WORK/unpack"
+    timeout 300 tar -xzf "$SDIST" -C "$WORK/unpack"
+    mv "$WORK/unpack"/*/ "$SRC_ROOT"
+    rm -rf "$WORK/unpack"
+fi
+LLAMA="$SRC_ROOT/vendor/llama.cpp"
+[[ -f "$LLAMA/CMakeLists.txt" ]] || { log "no vendor/llama.cpp/CMakeLists.txt in the sdist"; exit 1; }
+
+BUILD="$WORK/build"
+log "configuring (cmake $(cmake --version | head -n1 | awk '{print $3}'))"
+timeout 600 cmake -S "$LLAMA" -B "$BUILD" \
+    -DCMAKE_BUILD_TYPE=Release \
+    -DGGML_NATIVE=ON \
+    -DLLAMA_CURL=OFF \
+    -DLLAMA_BUILD_TESTS=OFF \
+    -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DLLAMA_BUILD_TOOLS=ON \
+    -DLLAMA_BUILD_SERVER=ON \
+    -DBUILD_SHARED_LIBS=OFF >"$WORK/cmake-configure.log" 2>&1 \
+    || { tail -n 40 "$WORK/cmake-configure.log" >&2; exit 1; }
+
+# Keep only targets this llama.cpp version defines (llama-completion is newer than llama-cli split).
+have=()
+targets_list="$(timeout 120 cmake --build "$BUILD" --target help 2>/dev/null || true)"
+for t in "${TARGETS[@]}"; do
+    if grep -qE "(^|[ .:])$t(\$|[ :])" <<<"$targets_list"; then have+=("$t"); fi
+done
+[[ " ${have[*]} " == *" llama-tokenize "* ]] || { log "llama-tokenize target missing"; exit 1; }
+log "building ${have[*]} with $JOBS jobs (several minutes)"
+timeout 3600 cmake --build "$BUILD" --config Release -j "$JOBS" --target "${have[@]}" \
+    >"$WORK/cmake-build.log" 2>&1 || { tail -n 60 "$WORK/cmake-build.log" >&2; exit 1; }
+
+for t in "${have[@]}"; do
+    exe="$(find "$BUILD" -type f -name "$t" -perm -u+x | head -n1)"
+    [[ -n "$exe" ]] || { log "built $t but cannot find the executable"; exit 1; }
+    cp -f "$exe" "$BIN/$t"
+done
+(cd "$LLAMA" && git rev-parse --short HEAD 2>/dev/null || grep -m1 -o 'LLAMA_BUILD_COMMIT[^)]*' CMakeLists.txt 2>/dev/null || true) >"$PREFIX/SOURCE" || true
+touch "$PREFIX/.built-$VERSION"
+log "built: ${have[*]}"
+echo "$BIN"

@@ -1,0 +1,233 @@
+//! End to end: the real `anchorcoder` binary over stdio with the real default
+//! model.
+
+use std::time::Duration;
+
+use anchorcoder_e2e::{default_model, Server};
+use serde_json::{json, Value};
+
+const SOURCE: &str = r#"import os
+
+
+def read_lines(path):
+    """Return the lines of a text file, without trailing newlines."""
+    with open(path) as f:
+        return [line.rstrip("\n") for line in f]
+
+
+def count_words(path):
+    """Count the words in a text file."""
+    total = 0
+    for line in read_lines(path):
+        total += len(line.split())
+    return total
+
+
+def count_lines(path):
+    """Count the lines in a text file."""
+    "#;
+
+const URI: &str = "file:///tmp/anchorcoder-e2e/words.py";
+const LONG: Duration = Duration::from_secs(180);
+
+fn inline(server: &mut Server, uri: &str, line: u32, character: u32) -> Value {
+    server.request(
+        "textDocument/inlineCompletion",
+        json!({"textDocument": {"uri": uri}, "position": {"line": line, "character": character},
+               "context": {"triggerKind": 2}}),
+        LONG,
+    )
+}
+
+fn end_of(text: &str) -> (u32, u32) {
+    let line = text.matches('\n').count() as u32;
+    let last = text.rsplit('\n').next().unwrap();
+    (line, last.encode_utf16().count() as u32)
+}
+
+fn started() -> Server {
+    let mut s = Server::start(&[]);
+    let init = s.initialize(json!({}), json!({}));
+    let caps = &init["result"]["capabilities"];
+    assert!(caps["inlineCompletionProvider"].is_object(), "inline completion advertised: {caps}");
+    assert_eq!(caps["textDocumentSync"]["change"], 2, "incremental sync");
+    s
+}
+
+#[test]
+fn inline_completion_is_sensible_and_reuses_the_cache_after_an_edit() {
+    let _ = default_model();
+    let mut s = started();
+    s.open(URI, "python", SOURCE);
+    let (line, ch) = end_of(SOURCE);
+    let r = inline(&mut s, URI, line, ch);
+    let items = r["result"]["items"].as_array().unwrap_or_else(|| panic!("no items: {r}"));
+    assert_eq!(items.len(), 1, "{r}");
+    let text = items[0]["insertText"].as_str().unwrap();
+    assert!(!text.trim().is_empty(), "empty suggestion");
+    // The model continues the pattern of the file: a Python body that uses its names.
+    assert!(text.contains("read_lines") || text.contains("return") || text.contains("total"), "{text:?}");
+    assert_eq!(items[0]["range"]["start"], json!({"line": line, "character": ch}));
+
+    // Type a few characters and ask again: the prefix stays cached.
+    s.notify(
+        "textDocument/didChange",
+        json!({"textDocument": {"uri": URI, "version": 2},
+               "contentChanges": [{"range": {"start": {"line": line, "character": ch}, "end": {"line": line, "character": ch}}, "text": "n = "}]}),
+    );
+    let r = inline(&mut s, URI, line, ch + 4);
+    assert!(r.get("result").is_some(), "{r}");
+    let st = s.status();
+    assert_eq!(st["model"]["state"], "ready", "{st}");
+    let doc = &st["documents"][0];
+    let tokens = doc["tokens"].as_u64().unwrap();
+    let reused = doc["reusedTokens"].as_u64().unwrap();
+    assert!(tokens > 100, "{st}");
+    assert!(reused + 10 >= tokens && reused > 100, "the edit reused the cached prefix: {st}");
+    assert!(st["cacheBytes"].as_u64().unwrap() > 0);
+    assert!(st["lastLatenciesMs"].as_array().unwrap().len() >= 2);
+    s.shutdown();
+}
+
+#[test]
+fn a_burst_of_requests_answers_the_newest_and_the_queue_drains() {
+    let _ = default_model();
+    let mut s = started();
+    s.open(URI, "python", SOURCE);
+    let (line, mut ch) = end_of(SOURCE);
+    let mut ids = Vec::new();
+    for (i, c) in "n = total + 1; m = n * 2 + 3 ; k = m - n + 4 ; pq".chars().take(50).enumerate() {
+        s.notify(
+            "textDocument/didChange",
+            json!({"textDocument": {"uri": URI, "version": 2 + i},
+                   "contentChanges": [{"range": {"start": {"line": line, "character": ch}, "end": {"line": line, "character": ch}}, "text": c.to_string()}]}),
+        );
+        ch += 1;
+        ids.push(s.request_async(
+            "textDocument/inlineCompletion",
+            json!({"textDocument": {"uri": URI}, "position": {"line": line, "character": ch}, "context": {"triggerKind": 2}}),
+        ));
+    }
+    let last = *ids.last().unwrap();
+    let mut cancelled = 0;
+    for id in &ids {
+        let r = s.response(*id, LONG);
+        if let Some(e) = r.get("error") {
+            assert_eq!(e["code"], -32800, "only cancellations may fail: {r}");
+            cancelled += 1;
+        }
+        if *id == last {
+            assert!(r.get("result").is_some(), "the newest request is answered: {r}");
+        }
+    }
+    assert!(cancelled >= 40, "older requests were superseded ({cancelled} of 50)");
+    // Nothing piles up: at most the last keystroke's warm-up is left, and it drains.
+    let st = s.status();
+    assert!(st["queueDepth"].as_u64().unwrap() <= 1, "{st}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while s.status()["queueDepth"] != 0 {
+        assert!(std::time::Instant::now() < deadline, "the queue never drained");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    s.shutdown();
+}
+
+#[test]
+fn cancel_request_stops_a_completion() {
+    let _ = default_model();
+    let mut s = started();
+    s.open(URI, "python", SOURCE);
+    let (line, ch) = end_of(SOURCE);
+    let id = s.request_async(
+        "textDocument/inlineCompletion",
+        json!({"textDocument": {"uri": URI}, "position": {"line": line, "character": ch}, "context": {"triggerKind": 1}}),
+    );
+    s.notify("$/cancelRequest", json!({"id": id}));
+    let r = s.response(id, LONG);
+    // Either it was cancelled, or it had already finished: never anything else.
+    if let Some(e) = r.get("error") {
+        assert_eq!(e["code"], -32800, "{r}");
+    } else {
+        assert!(r["result"]["items"].is_array(), "{r}");
+    }
+    // The server still works afterwards.
+    let r = inline(&mut s, URI, line, ch);
+    assert!(r["result"]["items"].is_array(), "{r}");
+    s.shutdown();
+}
+
+#[test]
+fn bad_input_gets_clear_errors_and_documents_stay_right() {
+    let _ = default_model();
+    let mut s = started();
+    s.open(URI, "python", SOURCE);
+    // Malformed JSON-RPC: the server keeps running.
+    s.send_raw(b"Content-Length: 12\r\n\r\n{not json!!}");
+    // Unknown method.
+    let r = s.request("anchorcoder/nope", json!({}), LONG);
+    assert_eq!(r["error"]["code"], -32601, "{r}");
+    // Unknown document.
+    let r = inline(&mut s, "file:///nowhere.py", 0, 0);
+    assert!(r["error"]["message"].as_str().unwrap().contains("not open"), "{r}");
+    // A line past the end.
+    let r = inline(&mut s, URI, 999, 0);
+    assert!(r.get("error").is_some(), "{r}");
+    // A UTF-16 offset inside a surrogate pair.
+    let emoji = "file:///tmp/anchorcoder-e2e/emoji.py";
+    s.open(emoji, "python", "x = '😀'\n");
+    let r = inline(&mut s, emoji, 0, 6);
+    assert!(r["error"]["message"].as_str().unwrap().to_lowercase().contains("surrogate"), "{r}");
+    // A bad edit leaves the document as it was (and says so).
+    s.notify(
+        "textDocument/didChange",
+        json!({"textDocument": {"uri": emoji, "version": 2},
+               "contentChanges": [{"range": {"start": {"line": 0, "character": 6}, "end": {"line": 0, "character": 6}}, "text": "x"}]}),
+    );
+    // Binary content.
+    let bin = "file:///tmp/anchorcoder-e2e/blob.bin";
+    s.open(bin, "plaintext", "ELF\u{0}\u{0}\u{1}binary");
+    let r = inline(&mut s, bin, 0, 3);
+    assert!(r["error"]["message"].as_str().unwrap().contains("binary"), "{r}");
+    // A 20 MB file: accepted, and only a window around the cursor reaches the model.
+    let big_uri = "file:///tmp/anchorcoder-e2e/big.py";
+    let big: String = "def f(x):\n    return x + 1\n\n".repeat(20 * 1024 * 1024 / 28);
+    s.open(big_uri, "python", &big);
+    let (line, ch) = end_of(&big);
+    let r = inline(&mut s, big_uri, line, ch);
+    assert!(r.get("result").is_some(), "{r}");
+    let st = s.status();
+    let big_doc = st["documents"].as_array().unwrap().iter().find(|d| d["uri"] == big_uri).cloned().unwrap();
+    assert!(big_doc["tokens"].as_u64().unwrap() <= 8192, "bounded window: {big_doc}");
+    // The original document still completes and the server is alive.
+    let (line, ch) = end_of(SOURCE);
+    let r = inline(&mut s, URI, line, ch);
+    assert!(r["result"]["items"].is_array(), "{r}");
+    assert!(s.alive());
+    s.shutdown();
+}
+
+#[test]
+fn a_missing_or_truncated_model_is_reported_and_the_server_stays_up() {
+    let model = default_model();
+    let dir = std::env::temp_dir().join(format!("anchorcoder-e2e-model-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let truncated = dir.join("truncated.gguf");
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
+    for path in [dir.join("missing.gguf"), truncated] {
+        let mut s = Server::start(&[]);
+        s.initialize(json!({"model": {"path": path}}), json!({}));
+        s.open(URI, "python", SOURCE);
+        let (line, ch) = end_of(SOURCE);
+        let r = inline(&mut s, URI, line, ch);
+        let msg = r["error"]["message"].as_str().unwrap_or_else(|| panic!("{r}")).to_string();
+        assert!(msg.contains(&*path.to_string_lossy()), "names the file: {msg}");
+        s.pump(Duration::from_millis(300));
+        let shown = s.notifications.iter().any(|(m, p)| m == "window/showMessage" && p["type"] == 1);
+        assert!(shown, "an error message is shown: {:?}", s.notifications);
+        // Still serving: status answers with the error.
+        let st = s.status();
+        assert_eq!(st["model"]["state"], "error", "{st}");
+        s.shutdown();
+    }
+}
