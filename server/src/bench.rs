@@ -97,6 +97,10 @@ pub struct BenchArgs {
     /// Do not also measure the default anchor policy's speed.
     #[arg(long)]
     pub no_anchor_speed: bool,
+    /// Before each speed measurement, wait up to this many seconds for other
+    /// processes to leave the CPUs idle (0 = don't wait).
+    #[arg(long, default_value_t = 0)]
+    pub wait_idle: u64,
 }
 
 /// Run the benchmark.
@@ -162,10 +166,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     // --- our speed --------------------------------------------------------
     warm_up(&engine, prompt, prompt_anchors)?;
+    wait_idle(args.wait_idle);
+    let cpu = CpuMeter::start();
     let mut speed_runs = vec![(speed_policy, measure_speed(&engine, speed_policy, prompt, prompt_anchors, &args)?)];
     if !args.no_anchor_speed && speed_policy != anchor_default {
         speed_runs.push((anchor_default, measure_speed(&engine, anchor_default, prompt, prompt_anchors, &args)?));
     }
+    let ours_other_cpu = cpu.other_share();
     let ours = &speed_runs[0].1;
 
     // --- KV bytes ---------------------------------------------------------
@@ -225,6 +232,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     } else {
         run_llama_cpp(&args, &model_path)
     };
+    let busy_warning = [("ours", ours_other_cpu), ("llama.cpp", lc.other_cpu)]
+        .iter()
+        .filter_map(|(who, v)| v.filter(|v| *v > 0.10).map(|v| format!("{who}: {:.0}%", 100.0 * v)))
+        .collect::<Vec<_>>();
 
     // --- report -----------------------------------------------------------
     let prefill_ratio = ratio(ours.prefill(), lc.prefill_tps());
@@ -234,6 +245,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let date = utc_date();
     let cpu = cpu_model();
+    let other = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{:.0}%", 100.0 * v));
     let out = &mut std::io::stdout().lock();
     writeln!(out)?;
     writeln!(out, "AnchorCoder bench, {date}: {cpu}, {} threads", args.threads)?;
@@ -296,6 +308,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
         writeln!(out, "{line}")?;
     }
     writeln!(out, "  (ratio: ours with `{}` over llama.cpp's better flash-attention setting)", short(&speed_policy))?;
+    writeln!(
+        out,
+        "  CPU used by other processes while measuring: ours {}, llama.cpp {}",
+        other(ours_other_cpu),
+        other(lc.other_cpu)
+    )?;
+    if !busy_warning.is_empty() {
+        writeln!(
+            out,
+            "  WARNING: other processes were busy during the speed runs ({}): the speeds and ratios are unreliable; \
+             rerun on an idle machine (or with --wait-idle 600)",
+            busy_warning.join(", ")
+        )?;
+    }
     writeln!(out)?;
     writeln!(
         out,
@@ -395,6 +421,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "decode_tps": ours.decode(),
         "decode_tps_depth0": ours.decode0(),
         "anchor_speed": anchor_speed,
+        "other_cpu_share": ours_other_cpu,
         "speed": speed_json,
         "llama_cpp": lc.to_json(),
         "prefill_ratio": prefill_ratio,
@@ -754,6 +781,8 @@ struct LlamaCpp {
     rss_bytes: Option<u64>,
     rss_settings: String,
     errors: Vec<String>,
+    /// Share of the CPUs other processes used while llama-bench ran.
+    other_cpu: Option<f64>,
 }
 
 impl LlamaCpp {
@@ -767,6 +796,7 @@ impl LlamaCpp {
             rss_bytes: None,
             rss_settings: "not measured".into(),
             errors: vec![why],
+            other_cpu: None,
         }
     }
 
@@ -819,6 +849,7 @@ impl LlamaCpp {
             "flash_attn_off": fig(&self.fa_off),
             "rss_bytes": self.rss_bytes,
             "rss_settings": self.rss_settings,
+            "other_cpu_share": self.other_cpu,
             "errors": self.errors,
         })
     }
@@ -880,6 +911,8 @@ fn run_llama_cpp(args: &BenchArgs, model: &Path) -> LlamaCpp {
             .args(["-t", &args.threads.to_string(), "-r", &args.reps.to_string()])
             .args(["-fa", &format!("{fa_on},{fa_off}"), "-o", "jsonl"]);
     };
+    wait_idle(args.wait_idle);
+    let cpu = CpuMeter::start();
     // pp512 and tg64 from an empty context.
     let mut c1 = Command::new(&bench);
     common(&mut c1);
@@ -914,6 +947,7 @@ fn run_llama_cpp(args: &BenchArgs, model: &Path) -> LlamaCpp {
             Err(e) => lc.errors.push(format!("llama-bench -d: {e:#}")),
         }
     }
+    lc.other_cpu = cpu.other_share();
     note(&format!("llama.cpp FA on: {:?}; FA off: {:?}", lc.fa_on, lc.fa_off));
 
     // Resident memory of llama-server holding the same model.
@@ -1065,6 +1099,79 @@ fn health_ok(port: u16) -> bool {
 }
 
 // ---------------------------------------------------------------------------
+// Contention
+
+/// Clock ticks per second of /proc's CPU times (USER_HZ, 100 on Linux).
+const USER_HZ: f64 = 100.0;
+
+/// Busy CPU ticks of the whole machine and of this process with its reaped
+/// children, to tell how much CPU other processes took during a measurement.
+struct CpuMeter {
+    t: Instant,
+    machine: u64,
+    own: u64,
+}
+
+impl CpuMeter {
+    fn start() -> CpuMeter {
+        CpuMeter { t: Instant::now(), machine: machine_busy_ticks().unwrap_or(0), own: own_ticks().unwrap_or(0) }
+    }
+
+    /// Share (0..1) of all CPUs' time that other processes used since `start`.
+    fn other_share(&self) -> Option<f64> {
+        let (m, o) = (machine_busy_ticks()?, own_ticks()?);
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let wall = self.t.elapsed().as_secs_f64();
+        if wall <= 0.0 || self.machine == 0 {
+            return None;
+        }
+        let others = m.saturating_sub(self.machine) as f64 - o.saturating_sub(self.own) as f64;
+        Some((others.max(0.0) / USER_HZ / (wall * cpus)).min(1.0))
+    }
+}
+
+/// user + nice + system + irq + softirq + steal ticks of all CPUs.
+fn machine_busy_ticks() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    let f: Vec<u64> = s.lines().next()?.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    Some(f.first()? + f.get(1)? + f.get(2)? + f.get(5).unwrap_or(&0) + f.get(6).unwrap_or(&0) + f.get(7).unwrap_or(&0))
+}
+
+/// utime + stime + cutime + cstime of this process.
+fn own_ticks() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the `(comm)`, which may hold spaces: state is field 3.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let g = |i: usize| f.get(i - 3).and_then(|v| v.parse::<u64>().ok());
+    Some(g(14)? + g(15)? + g(16)? + g(17)?)
+}
+
+/// Wait (up to `secs`) until other processes use under 10% of the CPUs over a
+/// 2-second window.
+fn wait_idle(secs: u64) {
+    if secs == 0 {
+        return;
+    }
+    let t = Instant::now();
+    loop {
+        let m = CpuMeter::start();
+        std::thread::sleep(Duration::from_secs(2));
+        match m.other_share() {
+            Some(v) if v < 0.10 => return,
+            None => return,
+            Some(v) => {
+                if t.elapsed() > Duration::from_secs(secs) {
+                    note(&format!("machine still busy ({:.0}% used by others); measuring anyway", 100.0 * v));
+                    return;
+                }
+                note(&format!("waiting for an idle machine ({:.0}% used by others)", 100.0 * v));
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Small helpers
 
 fn vm_rss_self() -> Option<u64> {
@@ -1154,9 +1261,10 @@ mod tests {
         // token is an anchor, so the next line is empty).
         let a = replay_kv(anchor(0, 4, 0), 4, 8, &anchors, 128);
         assert_eq!(a.kept_entries, 4 * (4 + 100));
-        // A window keeps sinks + W per layer.
+        // A window keeps sinks + the W − 1 tokens before the next one (which
+        // joins the window when it arrives) per layer.
         let w = replay_kv(window(50, 4), 4, 8, &anchors, 128);
-        assert_eq!(w.kept_entries, 4 * (4 + 50));
+        assert_eq!(w.kept_entries, 4 * (4 + 49));
         assert!(w.peak_bytes >= w.kv_bytes);
     }
 

@@ -466,7 +466,7 @@ mod tests {
                 "anchors": 40,
                 "keptTokens": 300,
                 "kvBytes": 1048576,
-                "pendingTokens": 12
+                "pendingTokens": 12, "reusedTokens": 0
             }],
             "cacheBytes": 1048576,
             "cacheBudgetBytes": 536870912,
