@@ -112,6 +112,9 @@ struct DebugMaskArgs {
     /// Use at most this many tokens.
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
+    /// Print the first N layers (default: all of the model's).
+    #[arg(long)]
+    layers: Option<usize>,
 }
 
 fn main() {
@@ -214,24 +217,19 @@ fn debug_mask(a: DebugMaskArgs) -> Result<()> {
     let anchors: Vec<bool> =
         tokens.iter().map(|&t| anchorcoder::engine::document::is_anchor(&engine.tokenizer, t)).collect();
     let lines = anchorcoder::engine::policy::TokenLine::from_anchors(anchors.iter().copied());
-    let n_layers = engine.model.config().n_layers;
-    let mut kinds = Vec::new();
-    let mut masks = serde_json::Map::new();
-    for l in 0..n_layers {
-        let kind = format!("{:?}", policy.layer(l));
-        if !masks.contains_key(&kind) {
+    let n_layers = a.layers.unwrap_or(engine.model.config().n_layers);
+    let layers: Vec<serde_json::Value> = (0..n_layers)
+        .map(|l| {
             let rows: Vec<String> = policy
                 .mask(l, &lines)
                 .iter()
                 .map(|r| r.iter().map(|&b| if b { '1' } else { '0' }).collect())
                 .collect();
-            masks.insert(kind.clone(), rows.into());
-        }
-        kinds.push(kind);
-    }
+            serde_json::json!({"layer": l, "kind": format!("{:?}", policy.layer(l)), "mask": rows})
+        })
+        .collect();
     let out = serde_json::json!({
-        "policy": policy.to_json(), "tokens": tokens, "anchors": anchors,
-        "layer_kinds": kinds, "masks": masks,
+        "policy": policy.to_json(), "tokens": tokens, "anchors": anchors, "layers": layers,
     });
     println!("{out}");
     Ok(())
