@@ -6,26 +6,14 @@ use std::time::Duration;
 use anchorcoder_e2e::{default_model, Server};
 use serde_json::{json, Value};
 
-const SOURCE: &str = r#"import os
+/// The example of the README's run command; the cursor goes at its end, on
+/// the indented empty line of an unfinished function.
+const SOURCE: &str = include_str!("../data/words.py");
 
-
-def read_lines(path):
-    """Return the lines of a text file, without trailing newlines."""
-    with open(path) as f:
-        return [line.rstrip("\n") for line in f]
-
-
-def count_words(path):
-    """Count the words in a text file."""
-    total = 0
-    for line in read_lines(path):
-        total += len(line.split())
-    return total
-
-
-def count_lines(path):
-    """Count the lines in a text file."""
-    "#;
+/// `SOURCE` without its final newline, so its end is the indented cursor line.
+fn source() -> &'static str {
+    SOURCE.strip_suffix('\n').unwrap_or(SOURCE)
+}
 
 const URI: &str = "file:///tmp/anchorcoder-e2e/words.py";
 const LONG: Duration = Duration::from_secs(180);
@@ -58,8 +46,8 @@ fn started() -> Server {
 fn inline_completion_is_sensible_and_reuses_the_cache_after_an_edit() {
     let _ = default_model();
     let mut s = started();
-    s.open(URI, "python", SOURCE);
-    let (line, ch) = end_of(SOURCE);
+    s.open(URI, "python", source());
+    let (line, ch) = end_of(source());
     let r = inline(&mut s, URI, line, ch);
     let items = r["result"]["items"].as_array().unwrap_or_else(|| panic!("no items: {r}"));
     assert_eq!(items.len(), 1, "{r}");
@@ -93,8 +81,8 @@ fn inline_completion_is_sensible_and_reuses_the_cache_after_an_edit() {
 fn a_burst_of_requests_answers_the_newest_and_the_queue_drains() {
     let _ = default_model();
     let mut s = started();
-    s.open(URI, "python", SOURCE);
-    let (line, mut ch) = end_of(SOURCE);
+    s.open(URI, "python", source());
+    let (line, mut ch) = end_of(source());
     let mut ids = Vec::new();
     for (i, c) in "n = total + 1; m = n * 2 + 3 ; k = m - n + 4 ; pq".chars().take(50).enumerate() {
         s.notify(
@@ -136,8 +124,8 @@ fn a_burst_of_requests_answers_the_newest_and_the_queue_drains() {
 fn cancel_request_stops_a_completion() {
     let _ = default_model();
     let mut s = started();
-    s.open(URI, "python", SOURCE);
-    let (line, ch) = end_of(SOURCE);
+    s.open(URI, "python", source());
+    let (line, ch) = end_of(source());
     let id = s.request_async(
         "textDocument/inlineCompletion",
         json!({"textDocument": {"uri": URI}, "position": {"line": line, "character": ch}, "context": {"triggerKind": 1}}),
@@ -160,7 +148,7 @@ fn cancel_request_stops_a_completion() {
 fn bad_input_gets_clear_errors_and_documents_stay_right() {
     let _ = default_model();
     let mut s = started();
-    s.open(URI, "python", SOURCE);
+    s.open(URI, "python", source());
     // Malformed JSON-RPC: the server keeps running.
     s.send_raw(b"Content-Length: 12\r\n\r\n{not json!!}");
     // Unknown method.
@@ -199,7 +187,7 @@ fn bad_input_gets_clear_errors_and_documents_stay_right() {
     let big_doc = st["documents"].as_array().unwrap().iter().find(|d| d["uri"] == big_uri).cloned().unwrap();
     assert!(big_doc["tokens"].as_u64().unwrap() <= 8192, "bounded window: {big_doc}");
     // The original document still completes and the server is alive.
-    let (line, ch) = end_of(SOURCE);
+    let (line, ch) = end_of(source());
     let r = inline(&mut s, URI, line, ch);
     assert!(r["result"]["items"].is_array(), "{r}");
     assert!(s.alive());
@@ -217,8 +205,8 @@ fn a_missing_or_truncated_model_is_reported_and_the_server_stays_up() {
     for path in [dir.join("missing.gguf"), truncated] {
         let mut s = Server::start(&[]);
         s.initialize(json!({"model": {"path": path}}), json!({}));
-        s.open(URI, "python", SOURCE);
-        let (line, ch) = end_of(SOURCE);
+        s.open(URI, "python", source());
+        let (line, ch) = end_of(source());
         let r = inline(&mut s, URI, line, ch);
         let msg = r["error"]["message"].as_str().unwrap_or_else(|| panic!("{r}")).to_string();
         assert!(msg.contains(&*path.to_string_lossy()), "names the file: {msg}");

@@ -417,7 +417,7 @@ pub(crate) mod tests {
                 }
                 random_edit(&mut text, &mut rng);
                 if text.is_empty() {
-                    text.push_str("x");
+                    text.push('x');
                 }
             }
             doc.set_text(&tok, &text).unwrap();

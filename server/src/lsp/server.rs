@@ -135,7 +135,7 @@ impl Backend {
     }
 
     fn worker(&self) -> Result<&WorkerHandle> {
-        self.worker.get().ok_or_else(|| Error::invalid_request())
+        self.worker.get().ok_or_else(Error::invalid_request)
     }
 
     /// Append a line to the log file (if one could be opened).
