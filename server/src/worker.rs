@@ -372,7 +372,7 @@ impl Worker {
         self.model_path = Some(path.clone());
         self.progress(format!("loading {}", path.display()), Some(50), false);
         let t0 = Instant::now();
-        match Engine::load(&path) {
+        match Engine::load_with(&path, self.config.model.adapter.as_deref()) {
             Ok(engine) => {
                 self.engine = Some(engine);
                 self.model_state = ModelState::Ready;

@@ -174,6 +174,11 @@ impl DocumentCache {
         Ok(self.last_logits.as_ref().map(|(_, l)| l.clone()))
     }
 
+    /// Evict every K/V entry no later token can attend to (for measuring).
+    pub fn compact(&mut self) {
+        self.kv.compact(true);
+    }
+
     /// Mutable access to the KV cache for the generator's scratch extension.
     pub(crate) fn kv_mut(&mut self) -> &mut KvCache {
         &mut self.kv

@@ -14,6 +14,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::quantized::{GgmlDType, QuantizedType};
 use candle_core::{CpuStorage, Device};
 
+use super::adapter::Adapter;
 use super::attention::{attend, Heads};
 use super::kv_cache::KvCache;
 
@@ -177,6 +178,11 @@ impl Llama {
     /// Load a GGUF file; returns the model and the file's metadata (which also
     /// describes the tokenizer).
     pub fn from_gguf(path: &Path) -> Result<(Llama, gguf_file::Content)> {
+        Llama::from_gguf_with(path, None)
+    }
+
+    /// Load a GGUF file with a LoRA adapter merged into its weights.
+    pub fn from_gguf_with(path: &Path, adapter: Option<&Adapter>) -> Result<(Llama, gguf_file::Content)> {
         let mut file = std::fs::File::open(path)
             .with_context(|| format!("cannot open model file {}", path.display()))?;
         let content = gguf_file::Content::read(&mut file).map_err(|e| {
@@ -241,8 +247,12 @@ impl Llama {
         let linear = |name: &str, file: &mut std::fs::File| -> Result<Linear> {
             let qt = tensor(&format!("{name}.weight"), file)?;
             let (n_out, n_in) = qt.shape().dims2()?;
-            let w = if needs_requant(qt.dtype()) {
-                let f = qt.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+            let adapted = adapter.is_some_and(|a| a.targets().any(|t| t == name));
+            let w = if needs_requant(qt.dtype()) || adapted {
+                let mut f = qt.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+                if let Some(a) = adapter {
+                    a.merge_into(name, &mut f, n_out, n_in)?;
+                }
                 Linear::from_f32(&f, n_out, n_in, GgmlDType::Q8_0).w
             } else {
                 qt.dtype().from_data(qt.data()?)
@@ -255,6 +265,11 @@ impl Llama {
             };
             Ok(Linear { w, n_out, n_in, bias })
         };
+        if let Some(a) = adapter {
+            if let Some(missing) = a.targets().find(|t| !content.tensor_infos.contains_key(&format!("{t}.weight"))) {
+                bail!("the adapter changes `{missing}`, which {} does not have: it was trained for another model", path.display());
+            }
+        }
         let embed = linear("token_embd", &mut file)?;
         let output = if content.tensor_infos.contains_key("output.weight") {
             Some(linear("output", &mut file)?)
