@@ -33,6 +33,11 @@ pub fn attend(h: Heads, q: &[f32], k: &[f32], v: &[f32], bias: &[f32], out: &mut
     debug_assert_eq!(out.len(), n_q * q_dim);
     let group = h.n_heads / h.n_kv_heads;
     let scale = 1.0 / (h.head_dim as f32).sqrt();
+    if n_q == 1 {
+        // Decode: one row is too little work to share out; threads here would
+        // only compete with the matmul pool's spinning workers.
+        return attend_one(h, q, k, v, bias, out, scale);
+    }
 
     // Each query head writes its own column block of `out`.
     let per_head: Vec<Vec<f32>> = (0..h.n_heads)
@@ -102,13 +107,51 @@ pub fn attend(h: Heads, q: &[f32], k: &[f32], v: &[f32], bias: &[f32], out: &mut
     }
 }
 
+/// [`attend`] for a single query row, on the calling thread.
+fn attend_one(h: Heads, q: &[f32], k: &[f32], v: &[f32], bias: &[f32], out: &mut [f32], scale: f32) {
+    let (hd, kv_dim) = (h.head_dim, h.n_kv_heads * h.head_dim);
+    let group = h.n_heads / h.n_kv_heads;
+    let mut scores = vec![0f32; bias.len()];
+    for head in 0..h.n_heads {
+        let kvh = head / group;
+        let qh = &q[head * hd..(head + 1) * hd];
+        for ((s, &b), row) in scores.iter_mut().zip(bias).zip(k.chunks_exact(kv_dim)) {
+            *s = if b == f32::NEG_INFINITY { b } else { dot(qh, &row[kvh * hd..(kvh + 1) * hd]) * scale + b };
+        }
+        softmax(&mut scores);
+        let o = &mut out[head * hd..(head + 1) * hd];
+        o.fill(0.0);
+        for (&p, row) in scores.iter().zip(v.chunks_exact(kv_dim)) {
+            if p != 0.0 {
+                o.iter_mut().zip(&row[kvh * hd..(kvh + 1) * hd]).for_each(|(o, v)| *o += p * v);
+            }
+        }
+    }
+}
+
+/// Dot product with independent accumulators, so the compiler vectorizes it.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// In-place softmax of `row + bias`; masked entries become exactly 0.
 fn softmax_masked(row: &mut [f32], bias: &[f32]) {
-    let mut max = f32::NEG_INFINITY;
-    for (x, &b) in row.iter_mut().zip(bias) {
-        *x += b;
-        max = max.max(*x);
-    }
+    row.iter_mut().zip(bias).for_each(|(x, &b)| *x += b);
+    softmax(row);
+}
+
+/// In-place softmax; −∞ entries become exactly 0.
+fn softmax(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f32;
     for x in row.iter_mut() {
         *x = if *x == f32::NEG_INFINITY { 0.0 } else { (*x - max).exp() };
@@ -154,16 +197,23 @@ mod tests {
 
     #[test]
     fn matches_naive_with_gqa_and_mask() {
-        let h = Heads { n_heads: 6, n_kv_heads: 2, head_dim: 8 };
-        let (n_q, n_kv) = (5, 11);
+        // Several query rows (the gemm path) and one (the decode path).
+        for (n_q, n_kv, head_dim) in [(5, 11, 8), (1, 11, 8), (1, 37, 24)] {
+            check(n_q, n_kv, head_dim);
+        }
+    }
+
+    fn check(n_q: usize, n_kv: usize, head_dim: usize) {
+        let h = Heads { n_heads: 6, n_kv_heads: 2, head_dim };
+        let (qd, kd) = (6 * head_dim, 2 * head_dim);
         let f = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
-        let q: Vec<f32> = (0..n_q * 48).map(f).collect();
-        let k: Vec<f32> = (0..n_kv * 16).map(|i| f(i + 3)).collect();
-        let v: Vec<f32> = (0..n_kv * 16).map(|i| f(i + 11)).collect();
+        let q: Vec<f32> = (0..n_q * qd).map(f).collect();
+        let k: Vec<f32> = (0..n_kv * kd).map(|i| f(i + 3)).collect();
+        let v: Vec<f32> = (0..n_kv * kd).map(|i| f(i + 11)).collect();
         let bias: Vec<f32> = (0..n_q * n_kv)
             .map(|i| if (i * 31) % 7 == 3 && i % n_kv != 0 { f32::NEG_INFINITY } else { 0.0 })
             .collect();
-        let mut out = vec![0f32; n_q * 48];
+        let mut out = vec![0f32; n_q * qd];
         attend(h, &q, &k, &v, &bias, &mut out);
         let want = naive(h, &q, &k, &v, &bias);
         for (a, b) in out.iter().zip(&want) {
