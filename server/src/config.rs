@@ -256,7 +256,9 @@ impl Config {
             None => value,
         };
         match value {
+            // Lua clients encode an empty table as `[]`: no settings, like `{}`.
             Value::Null => {}
+            Value::Array(a) if a.is_empty() => {}
             Value::Object(root) => self.apply_root(&mut u, root),
             other => u.reject(
                 "",
@@ -609,6 +611,14 @@ mod tests {
             .filter(|m| !m.is_error())
             .map(ConfigMessage::text)
             .collect()
+    }
+
+    #[test]
+    fn an_empty_array_means_no_settings() {
+        let mut c = Config::default();
+        assert!(c.apply(&serde_json::json!([])).is_empty());
+        assert_eq!(c, Config::default());
+        assert!(c.apply(&serde_json::json!([1])).iter().any(|m| m.is_error()));
     }
 
     #[test]
