@@ -34,8 +34,6 @@ pub fn attend(h: Heads, q: &[f32], k: &[f32], v: &[f32], bias: &[f32], out: &mut
     let group = h.n_heads / h.n_kv_heads;
     let scale = 1.0 / (h.head_dim as f32).sqrt();
     if n_q == 1 {
-        // Decode: one row is too little work to share out; threads here would
-        // only compete with the matmul pool's spinning workers.
         return attend_one(h, q, k, v, bias, out, scale);
     }
 
@@ -107,26 +105,33 @@ pub fn attend(h: Heads, q: &[f32], k: &[f32], v: &[f32], bias: &[f32], out: &mut
     }
 }
 
-/// [`attend`] for a single query row, on the calling thread.
+/// [`attend`] for a single query row: heads spread over candle's worker pool
+/// (the one the matmuls use, so the two never fight for cores).
 fn attend_one(h: Heads, q: &[f32], k: &[f32], v: &[f32], bias: &[f32], out: &mut [f32], scale: f32) {
     let (hd, kv_dim) = (h.head_dim, h.n_kv_heads * h.head_dim);
     let group = h.n_heads / h.n_kv_heads;
-    let mut scores = vec![0f32; bias.len()];
-    for head in 0..h.n_heads {
-        let kvh = head / group;
-        let qh = &q[head * hd..(head + 1) * hd];
-        for ((s, &b), row) in scores.iter_mut().zip(bias).zip(k.chunks_exact(kv_dim)) {
-            *s = if b == f32::NEG_INFINITY { b } else { dot(qh, &row[kvh * hd..(kvh + 1) * hd]) * scale + b };
-        }
-        softmax(&mut scores);
-        let o = &mut out[head * hd..(head + 1) * hd];
-        o.fill(0.0);
-        for (&p, row) in scores.iter().zip(v.chunks_exact(kv_dim)) {
-            if p != 0.0 {
-                o.iter_mut().zip(&row[kvh * hd..(kvh + 1) * hd]).for_each(|(o, v)| *o += p * v);
+    assert_eq!(out.len(), h.n_heads * hd);
+    let out_ptr = out.as_mut_ptr() as usize;
+    candle_core::utils::barrier_pool().execute_chunked(h.n_heads, |heads| {
+        let mut scores = vec![0f32; bias.len()];
+        for head in heads {
+            let kvh = head / group;
+            let qh = &q[head * hd..(head + 1) * hd];
+            for ((s, &b), row) in scores.iter_mut().zip(bias).zip(k.chunks_exact(kv_dim)) {
+                *s = if b == f32::NEG_INFINITY { b } else { dot(qh, &row[kvh * hd..(kvh + 1) * hd]) * scale + b };
+            }
+            softmax(&mut scores);
+            // SAFETY: each head writes only its own `hd`-wide block of `out`,
+            // whose length was checked above; blocks never overlap.
+            let o = unsafe { std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(head * hd), hd) };
+            o.fill(0.0);
+            for (&p, row) in scores.iter().zip(v.chunks_exact(kv_dim)) {
+                if p != 0.0 {
+                    o.iter_mut().zip(&row[kvh * hd..(kvh + 1) * hd]).for_each(|(o, v)| *o += p * v);
+                }
             }
         }
-    }
+    });
 }
 
 /// Dot product with independent accumulators, so the compiler vectorizes it.
