@@ -9,6 +9,7 @@ pub mod bench;
 pub mod completion;
 pub mod config;
 pub mod engine;
+pub mod eval;
 pub mod lsp;
 pub mod models;
 pub mod worker;

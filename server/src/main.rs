@@ -18,6 +18,9 @@ use anchorcoder::models;
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// Accepted for language clients that pass it; stdio is the only transport.
+    #[arg(long, global = true, hide = true)]
+    stdio: bool,
 }
 
 #[derive(Subcommand)]
@@ -31,6 +34,8 @@ enum Command {
     Model(ModelCommand),
     /// Measure prefill/decode speed and KV memory, side by side with llama.cpp.
     Bench(anchorcoder::bench::BenchArgs),
+    /// Score completions against held-out line ends (`eval build-tasks` makes the tasks).
+    Eval(anchorcoder::eval::EvalArgs),
     /// Print the attention masks the engine uses for a file's tokens (JSON),
     /// to cross-check the training code.
     DebugMask(DebugMaskArgs),
@@ -83,6 +88,9 @@ struct CompleteArgs {
     /// A .gguf file or Hugging Face folder (default: the default model, pulled on first use).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// A LoRA adapter to merge at load (e.g. server/assets/adapter_anchor.safetensors).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     #[command(flatten)]
     policy: PolicyArgs,
     /// Most tokens to generate.
@@ -128,6 +136,7 @@ fn main() {
             Ok(())
         }
         Command::Bench(a) => anchorcoder::bench::run(a),
+        Command::Eval(a) => anchorcoder::eval::run(a),
         Command::DebugMask(a) => debug_mask(a),
     };
     if let Err(e) = result {
@@ -161,7 +170,7 @@ fn complete(a: CompleteArgs) -> Result<()> {
     let cursor = cursor_offset(&text, a.line, a.column)?;
     let policy = a.policy.policy()?;
     let t0 = Instant::now();
-    let engine = Engine::load(&model_path(a.model.as_deref())?)?;
+    let engine = Engine::load_with(&model_path(a.model.as_deref())?, a.adapter.as_deref())?;
     let load = t0.elapsed();
     let settings = Settings { max_tokens: a.max_tokens, max_lines: a.max_lines, prefix_tokens: a.prefix_tokens };
     let prompt = completion::plan(&text, cursor, None, &settings);
