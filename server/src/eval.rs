@@ -27,9 +27,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::completion::{self, Settings};
 use crate::engine::document::DocumentCache;
-use crate::engine::policy::{AttentionPolicy, PolicyKind};
+use crate::engine::policy::AttentionPolicy;
 use crate::engine::Engine;
-use crate::models;
 
 /// Flags of `anchorcoder eval`.
 #[derive(Args, Debug)]
@@ -44,7 +43,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     #[command(flatten)]
-    pub policy: EvalPolicyArgs,
+    pub policy: crate::cli::PolicyArgs,
     /// Also run every task under the full policy and report the ratios.
     #[arg(long)]
     pub compare_full: bool,
@@ -62,40 +61,6 @@ pub struct EvalArgs {
     pub prefix_tokens: usize,
 }
 
-/// The attention policy flags (the same names and defaults as `complete`'s).
-#[derive(Args, Clone, Debug)]
-pub struct EvalPolicyArgs {
-    /// anchor, full or window.
-    #[arg(long, default_value = "anchor")]
-    pub policy: String,
-    /// Lines before the current one whose tokens stay fully visible (anchor).
-    #[arg(long, default_value_t = 8)]
-    pub recent_lines: u32,
-    /// Leading tokens always kept (attention sinks).
-    #[arg(long, default_value_t = 4)]
-    pub sink_tokens: u32,
-    /// Every N-th layer dense (0 = none; anchor).
-    #[arg(long, default_value_t = 0)]
-    pub dense_every: u32,
-    /// Tokens of the window (window).
-    #[arg(long, default_value_t = 256)]
-    pub window_tokens: u32,
-}
-
-impl EvalPolicyArgs {
-    /// The policy these flags spell.
-    pub fn policy(&self) -> Result<AttentionPolicy> {
-        let p = AttentionPolicy::from_parts(
-            &self.policy,
-            self.recent_lines,
-            self.sink_tokens,
-            self.dense_every,
-            self.window_tokens,
-        )?;
-        // `full` needs no sinks; keep it identical to the reference policy.
-        Ok(if p.kind == PolicyKind::Full { AttentionPolicy::full() } else { p })
-    }
-}
 
 #[derive(Subcommand, Debug)]
 pub enum EvalCommand {
@@ -155,19 +120,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let policy = args.policy.policy()?;
     let full = AttentionPolicy::full();
     let compare = args.compare_full && policy != full;
-    let model = match &args.model {
-        Some(p) => p.clone(),
-        None => {
-            let mut last = String::new();
-            models::pull_default(&mut |p| {
-                let line = format!("{p}");
-                if line != last {
-                    eprintln!("{line}");
-                    last = line;
-                }
-            })?
-        }
-    };
+    let model = crate::cli::model_path(args.model.as_deref())?;
     let engine = Engine::load(&model)?;
     let settings = Settings { max_tokens: args.max_tokens, max_lines: 1, prefix_tokens: args.prefix_tokens };
 

@@ -6,6 +6,7 @@
 //! `docs/architecture.md` for the map.
 
 pub mod bench;
+pub mod cli;
 pub mod completion;
 pub mod config;
 pub mod engine;

@@ -1,15 +1,15 @@
 //! The `anchorcoder` command: the language server (default) and tools around
 //! it. Each subcommand parses its flags here and calls into the library.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use anchorcoder::cli::{model_path, pull, PolicyArgs};
 use anchorcoder::completion::{self, Settings};
 use anchorcoder::engine::document::DocumentCache;
-use anchorcoder::engine::policy::AttentionPolicy;
 use anchorcoder::engine::Engine;
 use anchorcoder::models;
 
@@ -47,32 +47,6 @@ enum ModelCommand {
     Pull,
     /// Print where the default model lives.
     Path,
-}
-
-/// Attention policy flags, shared by several commands.
-#[derive(Args, Clone, Debug)]
-pub struct PolicyArgs {
-    /// anchor, full or window.
-    #[arg(long, default_value = "anchor")]
-    policy: String,
-    /// Lines before the current one whose tokens stay fully visible (anchor).
-    #[arg(long, default_value_t = 8)]
-    recent_lines: u32,
-    /// Leading tokens always kept (attention sinks).
-    #[arg(long, default_value_t = 4)]
-    sink_tokens: u32,
-    /// Every N-th layer dense (0 = none; anchor).
-    #[arg(long, default_value_t = 0)]
-    dense_every: u32,
-    /// Tokens of the window (window).
-    #[arg(long, default_value_t = 256)]
-    window_tokens: u32,
-}
-
-impl PolicyArgs {
-    fn policy(&self) -> Result<AttentionPolicy> {
-        AttentionPolicy::from_parts(&self.policy, self.recent_lines, self.sink_tokens, self.dense_every, self.window_tokens)
-    }
 }
 
 #[derive(Args)]
@@ -142,26 +116,6 @@ fn main() {
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
-    }
-}
-
-/// Pull the default model, showing progress on stderr.
-fn pull() -> Result<PathBuf> {
-    let mut last = String::new();
-    models::pull_default(&mut |p| {
-        let line = format!("{p}");
-        if line != last {
-            eprintln!("{line}");
-            last = line;
-        }
-    })
-}
-
-/// The model to use: the given path, else the default model (pulled if missing).
-fn model_path(given: Option<&Path>) -> Result<PathBuf> {
-    match given {
-        Some(p) => Ok(p.to_path_buf()),
-        None => pull(),
     }
 }
 
