@@ -42,6 +42,9 @@ pub struct EvalArgs {
     /// A .gguf file or Hugging Face folder (default: the default model, pulled on first use).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// A LoRA adapter to merge at load (e.g. server/assets/adapter_anchor.safetensors).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     #[command(flatten)]
     pub policy: crate::cli::PolicyArgs,
     /// Also run every task under the full policy and report the ratios.
@@ -121,7 +124,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let full = AttentionPolicy::full();
     let compare = args.compare_full && policy != full;
     let model = crate::cli::model_path(args.model.as_deref())?;
-    let engine = Engine::load(&model)?;
+    let engine = Engine::load_with(&model, args.adapter.as_deref())?;
     let settings = Settings { max_tokens: args.max_tokens, max_lines: 1, prefix_tokens: args.prefix_tokens };
 
     let mut out: Box<dyn Write> = match &args.out {
