@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use crate::engine::document::DocumentCache;
+use crate::engine::document::{line_start, DocumentCache};
 use crate::engine::generate::{generate, GenerateParams, StopReason};
 use crate::engine::Engine;
 
@@ -246,11 +246,6 @@ fn repeats_following(text: &str, p: &Prompt, following: &str) -> bool {
 /// Width of the leading whitespace (a tab counts 4).
 fn indent_width(line: &str) -> usize {
     line.chars().take_while(|c| *c == ' ' || *c == '\t').map(|c| if c == '\t' { 4 } else { 1 }).sum()
-}
-
-/// Start of the line that contains byte `at`.
-pub fn line_start(text: &str, at: usize) -> usize {
-    text.as_bytes()[..at].iter().rposition(|&c| c == b'\n').map_or(0, |i| i + 1)
 }
 
 fn floor_char_boundary(s: &str, mut i: usize) -> usize {

@@ -264,8 +264,8 @@ fn common_prefix(a: &[u8], b: &[u8]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
-/// Start of the line that contains byte `at`.
-fn line_start(text: &str, at: usize) -> usize {
+/// Start of the line that contains byte `at` (clamped to the text).
+pub fn line_start(text: &str, at: usize) -> usize {
     text.as_bytes()[..at.min(text.len())].iter().rposition(|&c| c == b'\n').map_or(0, |i| i + 1)
 }
 

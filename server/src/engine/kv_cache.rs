@@ -228,22 +228,23 @@ impl KvCache {
                 continue;
             }
             let rule = rules[gi];
-            let dead = |p: u32| rule.evictable(sinks, p as usize, self.lines[p as usize], next, next_line);
-            let n_dead = g.positions.iter().filter(|&&p| dead(p)).count();
+            let keep: Vec<bool> = g
+                .positions
+                .iter()
+                .map(|&p| !rule.evictable(sinks, p as usize, self.lines[p as usize], next, next_line))
+                .collect();
+            let n_dead = keep.iter().filter(|&&k| !k).count();
             if n_dead == 0 || (!force && n_dead < 64.max(g.positions.len() / 4)) {
                 continue;
             }
-            let keep: Vec<bool> = g.positions.iter().map(|&p| !dead(p)).collect();
-            let max_dead = g.positions.iter().filter(|&&p| dead(p)).max().copied();
+            // Positions ascend, so the last dead one is the highest.
+            let max_dead = g.positions.iter().zip(&keep).filter(|(_, &k)| !k).map(|(&p, _)| p).last();
             for l in self.layers.iter_mut().filter(|l| l.group == gi) {
                 retain_rows(&mut l.k, self.kv_dim, &keep);
                 retain_rows(&mut l.v, self.kv_dim, &keep);
             }
-            let mut i = 0;
-            g.positions.retain(|_| {
-                i += 1;
-                keep[i - 1]
-            });
+            let mut flags = keep.iter();
+            g.positions.retain(|_| *flags.next().expect("one flag per position"));
             if let Some(p) = max_dead {
                 g.evicted_upto = g.evicted_upto.max(p as usize + 1);
             }
