@@ -238,7 +238,7 @@ impl KvCache {
                 continue;
             }
             // Positions ascend, so the last dead one is the highest.
-            let max_dead = g.positions.iter().zip(&keep).filter(|(_, &k)| !k).map(|(&p, _)| p).last();
+            let max_dead = g.positions.iter().zip(&keep).filter(|(_, &k)| !k).map(|(&p, _)| p).next_back();
             for l in self.layers.iter_mut().filter(|l| l.group == gi) {
                 retain_rows(&mut l.k, self.kv_dim, &keep);
                 retain_rows(&mut l.v, self.kv_dim, &keep);
