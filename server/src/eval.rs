@@ -62,13 +62,18 @@ pub struct EvalArgs {
     /// Token budget of the text before the cursor.
     #[arg(long, default_value_t = 2048)]
     pub prefix_tokens: usize,
+    /// Keep the task lines already in `--out` and run only the missing tasks
+    /// (a long run that was stopped goes on where it was).
+    #[arg(long, requires = "out")]
+    pub resume: bool,
 }
-
 
 #[derive(Subcommand, Debug)]
 pub enum EvalCommand {
     /// Make a task set from real source files.
     BuildTasks(BuildTasksArgs),
+    /// Draw edit similarity against KV bytes from a grid's results (SVG).
+    Plot(PlotArgs),
 }
 
 /// Flags of `anchorcoder eval build-tasks`.
@@ -92,6 +97,13 @@ pub struct BuildTasksArgs {
     /// Most bytes of document after the cursor's line (whole lines).
     #[arg(long, default_value_t = 1500)]
     pub max_suffix_bytes: usize,
+    /// Only cursors with at least this many bytes of the file before their
+    /// line (so that the prompt window is full).
+    #[arg(long, default_value_t = 0)]
+    pub min_prefix_bytes: usize,
+    /// Only files of at least this many lines.
+    #[arg(long, default_value_t = 0)]
+    pub min_file_lines: usize,
     /// Where to write the tasks (JSON lines).
     #[arg(long)]
     pub out: PathBuf,
@@ -109,8 +121,10 @@ pub struct Task {
 
 /// Entry point of `anchorcoder eval`.
 pub fn run(args: EvalArgs) -> Result<()> {
-    if let Some(EvalCommand::BuildTasks(b)) = &args.command {
-        return build_tasks_cmd(b);
+    match &args.command {
+        Some(EvalCommand::BuildTasks(b)) => return build_tasks_cmd(b),
+        Some(EvalCommand::Plot(p)) => return plot_cmd(p),
+        None => {}
     }
     let Some(tasks_path) = &args.tasks else { bail!("eval needs --tasks TASKS.jsonl (or the build-tasks subcommand)") };
     let mut tasks = read_tasks(tasks_path)?;
@@ -125,23 +139,48 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let compare = args.compare_full && policy != full;
     let model = crate::cli::model_path(args.model.as_deref())?;
     let engine = Engine::load_with(&model, args.adapter.as_deref())?;
-    let settings = Settings { max_tokens: args.max_tokens, max_lines: 1, prefix_tokens: args.prefix_tokens };
+    let settings =
+        Settings { max_tokens: args.max_tokens, max_lines: 1, prefix_tokens: args.prefix_tokens, ..Settings::default() };
 
+    // With --resume, the lines of tasks already run are kept (same policy;
+    // with --compare-full only those that carry the full run too).
+    let mut done = std::collections::HashMap::new();
+    if args.resume {
+        if let Some(p) = args.out.as_ref().filter(|p| p.exists()) {
+            done = read_done(p, policy, args.compare_full)?;
+        }
+    }
     let mut out: Box<dyn Write> = match &args.out {
         Some(p) => {
             if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir)?;
             }
-            Box::new(std::io::BufWriter::new(
+            let mut w = std::io::BufWriter::new(
                 std::fs::File::create(p).with_context(|| format!("cannot write {}", p.display()))?,
-            ))
+            );
+            // Rewrite the kept lines in task order (a partial last line is dropped).
+            for t in &tasks {
+                if let Some((line, _, _)) = done.get(&t.id) {
+                    writeln!(w, "{line}")?;
+                }
+            }
+            w.flush()?;
+            Box::new(w)
         }
         None => Box::new(std::io::stdout()),
     };
+    if !done.is_empty() {
+        eprintln!("eval: resuming, {} of {} tasks already done", done.len(), tasks.len());
+    }
     let mut ours = Vec::with_capacity(tasks.len());
     let mut theirs = Vec::new();
     let t0 = Instant::now();
     for (i, task) in tasks.iter().enumerate() {
+        if let Some((_, r, f)) = done.remove(&task.id) {
+            ours.push(r);
+            theirs.extend(f);
+            continue;
+        }
         let r = eval_task(&engine, policy, task, &settings);
         let mut line = r.to_json(task, policy);
         if args.compare_full {
@@ -151,6 +190,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             theirs.push(f);
         }
         writeln!(out, "{line}")?;
+        out.flush()?;
         ours.push(r);
         if (i + 1) % 10 == 0 || i + 1 == tasks.len() {
             let s = Summary::of(&ours);
@@ -189,6 +229,19 @@ pub struct TaskResult {
 }
 
 impl TaskResult {
+    /// Read back a task line's result (`None` if a field is missing).
+    fn from_json(v: &serde_json::Value) -> Option<TaskResult> {
+        Some(TaskResult {
+            suggestion: v["suggestion"].as_str()?.to_string(),
+            exact_match: v["exact_match"].as_bool()?,
+            edit_similarity: v["edit_similarity"].as_f64()?,
+            kv_bytes: v["kv_bytes"].as_u64()? as usize,
+            prompt_tokens: v["prompt_tokens"].as_u64()? as usize,
+            latency_ms: v["latency_ms"].as_f64()?,
+            stop: v["stop"].as_str()?.to_string(),
+        })
+    }
+
     fn to_json(&self, task: &Task, policy: AttentionPolicy) -> serde_json::Value {
         serde_json::json!({
             "id": task.id, "language": task.language, "policy": policy.describe(),
@@ -200,6 +253,32 @@ impl TaskResult {
     }
 }
 
+/// The task lines of an earlier run (`--out` of `--resume`), by task id: the
+/// line, its result, and the full policy's if it carries one. Lines of
+/// another policy are an error (the file belongs to another run).
+fn read_done(
+    path: &Path,
+    policy: AttentionPolicy,
+    need_full: bool,
+) -> Result<std::collections::HashMap<String, (String, TaskResult, Option<TaskResult>)>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut done = std::collections::HashMap::new();
+    for l in text.lines() {
+        // A line cut short by a stopped run is simply run again.
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(l) else { continue };
+        if v["policy"] != serde_json::Value::String(policy.describe()) {
+            bail!("{} holds results of {} , not {}: use another --out", path.display(), v["policy"], policy.describe());
+        }
+        let (Some(id), Some(r)) = (v["id"].as_str(), TaskResult::from_json(&v)) else { continue };
+        let f = TaskResult::from_json(&v["full"]);
+        if need_full && f.is_none() {
+            continue;
+        }
+        done.insert(id.to_string(), (l.to_string(), r, f));
+    }
+    Ok(done)
+}
+
 /// Run one task under `policy` exactly as a user's completion runs.
 pub fn eval_task(engine: &Engine, policy: AttentionPolicy, task: &Task, settings: &Settings) -> TaskResult {
     let t0 = Instant::now();
@@ -208,7 +287,7 @@ pub fn eval_task(engine: &Engine, policy: AttentionPolicy, task: &Task, settings
     let prompt = completion::plan(&text, cursor, None, settings);
     let mut doc = DocumentCache::new(&engine.model, policy);
     let run = (|| -> Result<completion::Suggestion> {
-        doc.set_text(&engine.tokenizer, &text[prompt.window_start..prompt.cut])?;
+        completion::set_prompt(engine, &mut doc, &text[prompt.window_start..prompt.cut], settings)?;
         completion::complete(engine, &mut doc, &prompt, &text[cursor..], settings, 0, &|| false)
     })();
     let latency_ms = t0.elapsed().as_secs_f64() * 1000.0;
@@ -386,6 +465,7 @@ pub fn is_code_line(line: &str, language: &str) -> bool {
 }
 
 /// Pick up to `k` tasks in one file's `text`. `id` prefixes the task ids.
+#[allow(clippy::too_many_arguments)]
 pub fn tasks_in_file(
     text: &str,
     language: &str,
@@ -393,6 +473,7 @@ pub fn tasks_in_file(
     k: usize,
     max_prefix: usize,
     max_suffix: usize,
+    min_prefix: usize,
     rng: &mut Rng,
 ) -> Vec<Task> {
     if text.contains('\r') {
@@ -403,8 +484,9 @@ pub fn tasks_in_file(
     starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
     let line_end = |i: usize| text[starts[i]..].find('\n').map_or(text.len(), |e| starts[i] + e);
     // Candidates: code lines after the first (the prompt must not be empty),
-    // of reasonable length.
+    // of reasonable length, with at least `min_prefix` bytes before them.
     let mut candidates: Vec<usize> = (1..starts.len())
+        .filter(|&i| starts[i] >= min_prefix)
         .filter(|&i| {
             let line = &text[starts[i]..line_end(i)];
             line.len() <= 200 && is_code_line(line, language)
@@ -502,13 +584,22 @@ pub fn build_tasks(a: &BuildTasksArgs) -> Result<Vec<Task>> {
                 let f = &files[next[pi]];
                 next[pi] += 1;
                 let Ok(text) = std::fs::read_to_string(f) else { continue };
-                if text.lines().any(|l| l.len() > 1000) {
+                if text.lines().any(|l| l.len() > 1000) || text.lines().count() < a.min_file_lines {
                     continue;
                 }
                 let lang = language_of(f).unwrap_or("text");
                 let rel = f.strip_prefix(root).unwrap_or(f);
                 let id = format!("{label}/{}", rel.display());
-                let t = tasks_in_file(&text, lang, &id, a.per_file, a.max_prefix_bytes, a.max_suffix_bytes, &mut rng);
+                let t = tasks_in_file(
+                    &text,
+                    lang,
+                    &id,
+                    a.per_file,
+                    a.max_prefix_bytes,
+                    a.max_suffix_bytes,
+                    a.min_prefix_bytes,
+                    &mut rng,
+                );
                 if !t.is_empty() {
                     tasks.extend(t);
                     used += 1;
@@ -538,6 +629,302 @@ fn build_tasks_cmd(a: &BuildTasksArgs) -> Result<()> {
     w.flush()?;
     eprintln!("wrote {} tasks to {}", tasks.len(), a.out.display());
     Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Plot
+
+/// Flags of `anchorcoder eval plot`.
+#[derive(Args, Debug, Clone)]
+pub struct PlotArgs {
+    /// Grid results: JSON lines, each an `eval` summary (`policy`,
+    /// `edit_similarity`, `kv_bytes`), as tests/bench/eval-grid.sh writes them.
+    #[arg(long = "in")]
+    pub input: PathBuf,
+    /// The SVG to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Title above the plot.
+    #[arg(long, default_value = "Edit similarity against KV bytes")]
+    pub title: String,
+}
+
+/// One point of a grid: a policy's mean edit similarity and KV bytes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GridPoint {
+    /// `full`, `anchor` or `window`.
+    pub family: String,
+    /// Short label (e.g. `R8`, `R8 S16`, `W263`).
+    pub label: String,
+    /// Whether the point is on the family's main curve (anchor: S=4 and no
+    /// dense layers; window: S=4); the others are drawn as loose markers.
+    pub main: bool,
+    pub edit_similarity: f64,
+    pub kv_bytes: f64,
+}
+
+impl GridPoint {
+    /// From an `eval` summary line (its `policy` is `AttentionPolicy::describe`).
+    pub fn from_summary(v: &serde_json::Value) -> Result<GridPoint> {
+        let policy = v["policy"].as_str().context("no \"policy\" string")?;
+        let es = v["edit_similarity"].as_f64().context("no \"edit_similarity\" number")?;
+        let kv = v["kv_bytes"].as_f64().context("no \"kv_bytes\" number")?;
+        let family = policy.split('(').next().unwrap_or("").trim().to_string();
+        // "anchor(R=8, S=4, dense_every=0)" → [("R", 8), ("S", 4), ("dense_every", 0)]
+        let knobs: Vec<(&str, u64)> = policy
+            .split_once('(')
+            .map(|(_, rest)| rest.trim_end_matches(')'))
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                Some((k.trim(), v.trim().parse().ok()?))
+            })
+            .collect();
+        let knob = |k: &str| knobs.iter().find(|(n, _)| *n == k).map(|&(_, v)| v);
+        let (sinks, dense) = (knob("S").unwrap_or(4), knob("dense_every").unwrap_or(0));
+        let extra = |label: String| {
+            let mut l = label;
+            if sinks != 4 {
+                l += &format!(" S{sinks}");
+            }
+            if dense != 0 {
+                l += &format!(" D{dense}");
+            }
+            l
+        };
+        let (label, main) = match family.as_str() {
+            "full" => ("full".to_string(), true),
+            "anchor" => (extra(format!("R{}", knob("R").context("anchor policy without R")?)), sinks == 4 && dense == 0),
+            "window" => (extra(format!("W{}", knob("W").context("window policy without W")?)), sinks == 4),
+            other => bail!("unknown policy family {other:?} in {policy:?}"),
+        };
+        Ok(GridPoint { family, label, main, edit_similarity: es, kv_bytes: kv })
+    }
+}
+
+/// Read a grid's result lines (blank lines skipped).
+pub fn read_grid(path: &Path) -> Result<Vec<GridPoint>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            let v: serde_json::Value =
+                serde_json::from_str(l).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+            GridPoint::from_summary(&v).with_context(|| format!("{}:{}", path.display(), i + 1))
+        })
+        .collect()
+}
+
+fn plot_cmd(a: &PlotArgs) -> Result<()> {
+    let points = read_grid(&a.input)?;
+    let svg = plot_svg(&points, &a.title)?;
+    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&a.out, svg).with_context(|| format!("cannot write {}", a.out.display()))?;
+    eprintln!("wrote {} points to {}", points.len(), a.out.display());
+    Ok(())
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// A dependency-free SVG of edit similarity (y) against KV bytes (x, log
+/// scale, MB with the share of `full`'s): the anchor and window families as
+/// curves, variants as loose markers, `full` as a diamond, and the target's
+/// guides (97% of full's edit similarity, 20% of its KV bytes).
+pub fn plot_svg(points: &[GridPoint], title: &str) -> Result<String> {
+    use std::fmt::Write as _;
+    if points.is_empty() {
+        bail!("no points to plot");
+    }
+    if let Some(p) = points.iter().find(|p| !(p.kv_bytes > 0.0) || !p.edit_similarity.is_finite()) {
+        bail!("point {} has KV bytes {} and edit similarity {}: cannot plot", p.label, p.kv_bytes, p.edit_similarity);
+    }
+    let full = points.iter().find(|p| p.family == "full");
+    let (w, h) = (760.0, 500.0);
+    let (l, r, t, b) = (70.0, 150.0, 40.0, 60.0);
+    let (pw, ph) = (w - l - r, h - t - b);
+    // Axes: x log10(MB) over whole decades' halves, y over the data padded.
+    let mb = |p: &GridPoint| p.kv_bytes / 1e6;
+    let (mut x0, mut x1) = points.iter().fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(mb(p)), hi.max(mb(p))));
+    x0 = (x0.log10() - 0.1).floor_to(0.5);
+    x1 = (x1.log10() + 0.1).ceil_to(0.5);
+    let (mut y0, mut y1) = points
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(p.edit_similarity), hi.max(p.edit_similarity)));
+    if let Some(f) = full {
+        y0 = y0.min(0.97 * f.edit_similarity);
+    }
+    y0 = (y0 - 0.02).floor_to(0.05).max(0.0);
+    y1 = (y1 + 0.02).ceil_to(0.05).min(1.0);
+    if y1 <= y0 {
+        y1 = y0 + 0.05;
+    }
+    let px = |mb: f64| l + (mb.log10() - x0) / (x1 - x0) * pw;
+    let py = |es: f64| t + (1.0 - (es - y0) / (y1 - y0)) * ph;
+
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">
+<rect width="{w}" height="{h}" fill="white"/>
+<text x="{}" y="22" font-size="15" text-anchor="middle">{}</text>
+<rect x="{l}" y="{t}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>
+"##,
+        l + pw / 2.0,
+        xml_escape(title)
+    );
+    // Grid lines and ticks: 1, 2, 5 × 10^k MB on x; every 0.05 on y.
+    let mut decade = x0.floor() as i32;
+    while f64::from(decade) <= x1 {
+        for m in [1.0, 2.0, 5.0] {
+            let v = m * 10f64.powi(decade);
+            let lv = v.log10();
+            if lv < x0 - 1e-9 || lv > x1 + 1e-9 {
+                continue;
+            }
+            let x = px(v);
+            let label = match full {
+                Some(f) => format!("{} ({:.0}%)", trim_num(v), 100.0 * v * 1e6 / f.kv_bytes),
+                None => trim_num(v),
+            };
+            let _ = writeln!(
+                s,
+                r##"<line x1="{x:.1}" y1="{t}" x2="{x:.1}" y2="{}" stroke="#ddd"/><text x="{x:.1}" y="{}" text-anchor="middle" font-size="10">{label}</text>"##,
+                t + ph,
+                t + ph + 14.0
+            );
+        }
+        decade += 1;
+    }
+    let steps = ((y1 - y0) / 0.05).round() as i32;
+    for i in 0..=steps {
+        let v = y0 + f64::from(i) * 0.05;
+        let y = py(v);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{l}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end" font-size="10">{v:.2}</text>"##,
+            l + pw,
+            l - 6.0,
+            y + 3.0
+        );
+    }
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">KV cache at the cursor, MB (share of full's), log scale</text>
+<text x="18" y="{}" text-anchor="middle" transform="rotate(-90 18 {})">edit similarity (first line)</text>"#,
+        l + pw / 2.0,
+        h - 18.0,
+        t + ph / 2.0,
+        t + ph / 2.0
+    );
+    // The target's guides.
+    if let Some(f) = full {
+        let y = py(0.97 * f.edit_similarity);
+        let x = px(0.2 * f.kv_bytes / 1e6);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{l}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#2a2" stroke-dasharray="6 4"/><text x="{}" y="{:.1}" fill="#2a2" font-size="10">97% of full</text>"##,
+            l + pw,
+            l + pw + 4.0,
+            y + 3.0
+        );
+        if x >= l && x <= l + pw {
+            let _ = writeln!(
+                s,
+                r##"<line x1="{x:.1}" y1="{t}" x2="{x:.1}" y2="{}" stroke="#2a2" stroke-dasharray="6 4"/><text x="{:.1}" y="{}" fill="#2a2" font-size="10">20% of full's KV</text>"##,
+                t + ph,
+                x + 4.0,
+                t + 12.0
+            );
+        }
+    }
+    // Curves, then markers with labels.
+    let families = [("anchor", "#1f5fbf"), ("window", "#d2691e")];
+    for (fam, color) in families {
+        let mut main: Vec<&GridPoint> = points.iter().filter(|p| p.family == fam && p.main).collect();
+        main.sort_by(|a, b| a.kv_bytes.total_cmp(&b.kv_bytes));
+        if main.len() > 1 {
+            let d: Vec<String> = main.iter().map(|p| format!("{:.1},{:.1}", px(mb(p)), py(p.edit_similarity))).collect();
+            let _ = writeln!(s, r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#, d.join(" "));
+        }
+    }
+    for p in points {
+        let (x, y) = (px(mb(p)), py(p.edit_similarity));
+        let color = families.iter().find(|(f, _)| *f == p.family).map_or("#000", |&(_, c)| c);
+        let fill = if p.main { color } else { "white" };
+        let shape = match p.family.as_str() {
+            "full" => format!(
+                r##"<path d="M{x:.1},{:.1} L{:.1},{y:.1} L{x:.1},{:.1} L{:.1},{y:.1} Z" fill="#000"/>"##,
+                y - 7.0,
+                x + 7.0,
+                y + 7.0,
+                x - 7.0
+            ),
+            "window" => format!(
+                r#"<rect x="{:.1}" y="{:.1}" width="9" height="9" fill="{fill}" stroke="{color}" stroke-width="1.5"/>"#,
+                x - 4.5,
+                y - 4.5
+            ),
+            _ => format!(r#"<circle cx="{x:.1}" cy="{y:.1}" r="5" fill="{fill}" stroke="{color}" stroke-width="1.5"/>"#),
+        };
+        let _ = writeln!(
+            s,
+            r#"{shape}<text x="{:.1}" y="{:.1}" font-size="10" fill="{color}">{}</text>"#,
+            x + 7.0,
+            y - 6.0,
+            xml_escape(&p.label)
+        );
+    }
+    // Legend.
+    let lx = l + pw + 14.0;
+    let _ = writeln!(
+        s,
+        r##"<circle cx="{lx}" cy="{}" r="5" fill="#1f5fbf"/><text x="{}" y="{}">anchor, S=4</text>
+<circle cx="{lx}" cy="{}" r="5" fill="white" stroke="#1f5fbf" stroke-width="1.5"/><text x="{}" y="{}">anchor, other S/D</text>
+<rect x="{}" y="{}" width="9" height="9" fill="#d2691e"/><text x="{}" y="{}">window</text>
+<path d="M{lx},{} l7,7 l-7,7 l-7,-7 Z" fill="#000"/><text x="{}" y="{}">full</text>"##,
+        t + 20.0,
+        lx + 10.0,
+        t + 24.0,
+        t + 40.0,
+        lx + 10.0,
+        t + 44.0,
+        lx - 4.5,
+        t + 55.5,
+        lx + 10.0,
+        t + 64.0,
+        t + 73.0,
+        lx + 10.0,
+        t + 84.0
+    );
+    s.push_str("</svg>\n");
+    Ok(s)
+}
+
+/// A tick value without trailing zeros (0.5, 2, 50).
+fn trim_num(v: f64) -> String {
+    let s = format!("{v:.3}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// Rounding to a multiple of a step, down and up.
+trait RoundTo {
+    fn floor_to(self, step: f64) -> f64;
+    fn ceil_to(self, step: f64) -> f64;
+}
+
+impl RoundTo for f64 {
+    fn floor_to(self, step: f64) -> f64 {
+        (self / step).floor() * step
+    }
+    fn ceil_to(self, step: f64) -> f64 {
+        (self / step).ceil() * step
+    }
 }
 
 #[cfg(test)]
@@ -571,7 +958,7 @@ mod tests {
     fn tasks_skip_blank_and_comment_lines_and_start_after_indentation() {
         for seed in 0..50 {
             let mut rng = Rng::new(seed);
-            let tasks = tasks_in_file(PY, "python", "t.py", 10, 10_000, 10_000, &mut rng);
+            let tasks = tasks_in_file(PY, "python", "t.py", 10, 10_000, 10_000, 0, &mut rng);
             // Code lines after the first: `def f`, `y = ...`, `return ...`.
             assert_eq!(tasks.len(), 3);
             for t in &tasks {
@@ -595,7 +982,7 @@ mod tests {
 
     #[test]
     fn tasks_are_deterministic_for_a_seed() {
-        let run = |seed| tasks_in_file(PY, "python", "t.py", 2, 10_000, 10_000, &mut Rng::new(seed));
+        let run = |seed| tasks_in_file(PY, "python", "t.py", 2, 10_000, 10_000, 0, &mut Rng::new(seed));
         assert_eq!(run(7), run(7));
         let differs = (0..20).any(|s| run(s) != run(7));
         assert!(differs, "different seeds give different tasks");
@@ -604,7 +991,7 @@ mod tests {
     #[test]
     fn documents_are_capped_at_whole_lines() {
         let text: String = (0..200).map(|i| format!("x{i} = {i}\n")).collect();
-        let tasks = tasks_in_file(&text, "python", "t.py", 5, 100, 50, &mut Rng::new(3));
+        let tasks = tasks_in_file(&text, "python", "t.py", 5, 100, 50, 0, &mut Rng::new(3));
         assert_eq!(tasks.len(), 5);
         for t in &tasks {
             let line_start = t.prefix.rfind('\n').map_or(0, |i| i + 1);
@@ -634,6 +1021,8 @@ mod tests {
             seed: 11,
             max_prefix_bytes: 6000,
             max_suffix_bytes: 1500,
+            min_prefix_bytes: 0,
+            min_file_lines: 0,
             out: dir.join("out.jsonl"),
         };
         let t1 = build_tasks(&args).unwrap();
@@ -699,5 +1088,103 @@ mod tests {
         let c = parse(&["x", "eval", "build-tasks", "--from", "a", "b", "--per-file", "3", "--seed", "5", "--out", "o"]);
         let Some(EvalCommand::BuildTasks(b)) = c.command else { panic!() };
         assert_eq!((b.from.len(), b.per_file, b.seed), (2, 3, 5));
+    }
+    #[test]
+    fn grid_points_come_from_summaries() {
+        let p = |policy: &str| {
+            GridPoint::from_summary(&serde_json::json!({"policy": policy, "edit_similarity": 0.5, "kv_bytes": 1e6}))
+        };
+        let a = p("anchor(R=8, S=4, dense_every=0)").unwrap();
+        assert_eq!((a.family.as_str(), a.label.as_str(), a.main), ("anchor", "R8", true));
+        let a = p("anchor(R=8, S=16, dense_every=4)").unwrap();
+        assert_eq!((a.label.as_str(), a.main), ("R8 S16 D4", false));
+        let w = p("window(W=263, S=4)").unwrap();
+        assert_eq!((w.family.as_str(), w.label.as_str(), w.main), ("window", "W263", true));
+        assert_eq!(p("full").unwrap().label, "full");
+        assert!(p("mystery(R=1)").is_err());
+        assert!(GridPoint::from_summary(&serde_json::json!({"policy": "full"})).is_err());
+        // Every real policy's description parses back.
+        for policy in [AttentionPolicy::default(), AttentionPolicy::full()] {
+            p(&policy.describe()).unwrap();
+        }
+    }
+
+    #[test]
+    fn the_plot_places_points_by_kv_and_similarity() {
+        let pt = |family: &str, label: &str, main, es, kv| GridPoint {
+            family: family.into(),
+            label: label.into(),
+            main,
+            edit_similarity: es,
+            kv_bytes: kv,
+        };
+        let points = vec![
+            pt("full", "full", true, 0.60, 100e6),
+            pt("anchor", "R8", true, 0.55, 12e6),
+            pt("anchor", "R32", true, 0.58, 25e6),
+            pt("anchor", "R8 S16", false, 0.54, 13e6),
+            pt("window", "W250", true, 0.50, 12e6),
+            pt("window", "W<&>", true, 0.52, 25e6),
+        ];
+        let svg = plot_svg(&points, "a & b").unwrap();
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert!(svg.contains("a &amp; b") && svg.contains("W&lt;&amp;&gt;"), "text is escaped");
+        assert_eq!(svg.matches("<polyline").count(), 2, "one curve per family");
+        assert_eq!(svg.matches("<circle").count(), 3 + 2, "anchor points and legend");
+        assert!(svg.contains("97% of full") && svg.contains("20% of full"));
+        // Higher similarity is drawn higher, more KV further right.
+        let at = |label: &str| {
+            let i = svg.find(&format!(">{label}</text>")).unwrap();
+            let tag = &svg[svg[..i].rfind("<text").unwrap()..i];
+            let num = |k: &str| -> f64 {
+                let j = tag.find(k).unwrap() + k.len();
+                tag[j..].split('"').next().unwrap().parse().unwrap()
+            };
+            (num("x=\""), num("y=\""))
+        };
+        let (r8, r32, full) = (at("R8"), at("R32"), at("full"));
+        assert!(r8.0 < r32.0 && r32.0 < full.0);
+        assert!(full.1 < r32.1 && r32.1 < r8.1);
+        assert!(plot_svg(&[], "x").is_err());
+        assert!(plot_svg(&[pt("full", "full", true, 0.5, 0.0)], "x").is_err());
+    }
+
+    #[test]
+    fn resume_keeps_finished_task_lines_of_the_same_policy() {
+        let dir = std::env::temp_dir().join(format!("anchorcoder-eval-resume-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("r.jsonl");
+        let task = Task { id: "a".into(), language: "python".into(), prefix: "x".into(), suffix: String::new(), target: "y".into() };
+        let r = TaskResult {
+            suggestion: "y".into(),
+            exact_match: true,
+            edit_similarity: 1.0,
+            kv_bytes: 10,
+            prompt_tokens: 2,
+            latency_ms: 3.0,
+            stop: "Rule".into(),
+        };
+        let policy = AttentionPolicy::default();
+        let mut line = r.to_json(&task, policy);
+        let line_a = line.to_string();
+        line["id"] = "b".into();
+        let line_b = line.to_string();
+        std::fs::write(&path, format!("{line_a}\n{line_b}\n{{\"id\": \"c\", \"trunc")).unwrap();
+        let done = read_done(&path, policy, false).unwrap();
+        assert_eq!(done.len(), 2, "the cut-off line is dropped");
+        assert_eq!(done["a"].1, r);
+        assert!(read_done(&path, policy, true).unwrap().is_empty(), "lines without the full run don't count");
+        assert!(read_done(&path, AttentionPolicy::full(), false).is_err(), "another policy's file");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn min_prefix_keeps_cursors_deep_in_the_file() {
+        let text: String = (0..200).map(|i| format!("x{i} = {i}\n")).collect();
+        let tasks = tasks_in_file(&text, "python", "t.py", 50, 10_000, 50, 1000, &mut Rng::new(3));
+        assert!(!tasks.is_empty());
+        for t in &tasks {
+            assert!(t.prefix.len() >= 1000, "{}", t.prefix.len());
+        }
     }
 }

@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# Quality against KV bytes: `full`, `anchor` over recent lines R, sinks S and
+# dense-layer strides D, and `window` at the KV budget of each anchor point,
+# on long documents (files of 500+ lines, cursors with a full prompt window
+# before them), then a table, the plot, and the ratios last.
+#
+#   tests/bench/eval-grid.sh
+#
+# Resumable: every finished point is a line of $OUT/grid.jsonl and is not run
+# again; a point stopped half-way goes on from its last finished task
+# (`eval --resume`). Stop it with Ctrl-C (or SIGSTOP/SIGCONT to pause it while
+# timing something else); run the same command to go on.
+#
+# Environment: ANCHORCODER (binary; default: a release build), MODEL (--model),
+# FILES / PER_FILE / SEED (the task set: default 20 files x 2 tasks, seed 1),
+# LIMIT (tasks per point, default all), POINTS (the points, in order; default
+# below), OUT (default target/eval/grid-f$FILES-k$PER_FILE-s$SEED), SVG (where
+# the plot goes, default $OUT/eval-grid.svg).
+#
+# A point is `full`, `anchor:R:S:D`, `window:W:S`, or `window@anchor:R:S:D`:
+# the window whose KV bytes match that anchor point's (W from its measured
+# mean KV bytes and full's bytes per token; the anchor point must come first).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+FILES=${FILES:-20}
+PER_FILE=${PER_FILE:-2}
+SEED=${SEED:-1}
+OUT=${OUT:-target/eval/grid-f$FILES-k$PER_FILE-s$SEED}
+SVG=${SVG:-$OUT/eval-grid.svg}
+BIN=${ANCHORCODER:-target/release/anchorcoder}
+# The most informative points first, so that a partial run still answers the
+# questions: the default, anchor against window at equal KV, then R, S, D.
+POINTS=${POINTS:-full anchor:8:4:0 window@anchor:8:4:0 anchor:32:4:0 window@anchor:32:4:0 \
+anchor:2:4:0 window@anchor:2:4:0 anchor:16:4:0 window@anchor:16:4:0 anchor:8:16:0 anchor:8:4:8 \
+anchor:4:4:0 anchor:0:4:0 anchor:8:0:0 anchor:8:4:4 window@anchor:4:4:0}
+mkdir -p "$OUT"
+GRID=$OUT/grid.jsonl
+touch "$GRID"
+
+if [[ -z ${ANCHORCODER:-} ]]; then
+  cargo build --release -p anchorcoder >&2
+fi
+model=()
+[[ -n ${MODEL:-} ]] && model=(--model "$MODEL")
+limit=()
+[[ -n ${LIMIT:-} ]] && limit=(--limit "$LIMIT")
+
+# The development set's sources (as tests/bench/eval-devset.sh): Python's
+# standard library, the cargo registry's crates, npm's own JavaScript.
+sources=()
+py=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])' 2>/dev/null || true)
+[[ -n $py && -d $py ]] && sources+=("$py")
+for d in "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/; do
+  [[ -d $d ]] && sources+=("${d%/}") && break
+done
+npm_dir=$(npm root -g 2>/dev/null || true)/npm
+[[ -d $npm_dir ]] && sources+=("$npm_dir")
+if ((${#sources[@]} == 0)); then
+  echo "no sources found (python3 stdlib, cargo registry, npm)" >&2
+  exit 1
+fi
+
+# Long documents: files of 500 lines and more, and at least 6,144 bytes
+# before the cursor's line: the server's 2,048-token prompt budget is 6,144
+# bytes (3 bytes a token), so every prompt window is full, as it is anywhere
+# past the first ~150-250 lines of a long file.
+TASKS=$OUT/tasks.jsonl
+if [[ ! -s $TASKS ]]; then
+  "$BIN" eval build-tasks --from "${sources[@]}" --files "$FILES" --per-file "$PER_FILE" --seed "$SEED" \
+    --min-file-lines 500 --min-prefix-bytes 6144 --max-prefix-bytes 8192 --out "$TASKS"
+fi
+
+done_point() { grep -q "\"name\":\"$1\"" "$GRID"; }
+
+# Window tokens whose KV bytes match an anchor point's mean: its mean KV bytes
+# over full's bytes per token (full keeps every token), less the sinks.
+window_for() {
+  python3 - "$OUT/tasks-full.jsonl" "$OUT/tasks-$1.jsonl" <<'PY'
+import json, statistics, sys
+full = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+per_token = statistics.median(r["kv_bytes"] / r["prompt_tokens"] for r in full)
+anchor = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
+print(max(1, round(statistics.mean(r["kv_bytes"] for r in anchor) / per_token) - 4))
+PY
+}
+
+for point in $POINTS; do
+  case $point in
+    full) name=full; flags=(--policy full) ;;
+    anchor:*)
+      IFS=: read -r _ r s d <<<"$point"
+      name=anchor-R$r-S$s-D$d
+      flags=(--policy anchor --recent-lines "$r" --sink-tokens "$s" --dense-every "$d") ;;
+    window@anchor:*)
+      IFS=: read -r _ r s d <<<"$point"
+      base=anchor-R$r-S$s-D$d
+      if ! done_point "$base" || ! done_point full; then
+        echo "== $point: needs full and $base first; skipped" >&2
+        continue
+      fi
+      w=$(window_for "$base")
+      name=window-W$w-S4-at-$base
+      flags=(--policy window --window-tokens "$w" --sink-tokens 4) ;;
+    window:*)
+      IFS=: read -r _ w s <<<"$point"
+      name=window-W$w-S$s
+      flags=(--policy window --window-tokens "$w" --sink-tokens "$s") ;;
+    *) echo "unknown point $point (full, anchor:R:S:D, window:W:S, window@anchor:R:S:D)" >&2; exit 2 ;;
+  esac
+  if done_point "$name"; then
+    echo "== $name: done" >&2
+    continue
+  fi
+  echo "== $name: ${flags[*]} ($(date -u +%H:%M:%S))" >&2
+  t0=$(date +%s)
+  summary=$("$BIN" eval --tasks "$TASKS" "${model[@]}" "${limit[@]}" "${flags[@]}" \
+    --resume --out "$OUT/tasks-$name.jsonl" | tail -n 1)
+  python3 - "$name" "$summary" "$OUT/tasks-$name.jsonl" $(($(date +%s) - t0)) >>"$GRID" <<'PY'
+import json, sys
+name, summary, tasks, secs = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+rows = [json.loads(l) for l in open(tasks) if l.strip()]
+summary.update(name=name, prompt_tokens=sum(r["prompt_tokens"] for r in rows) / len(rows),
+               suggestions={r["id"]: r["suggestion"] for r in rows}, wall_s=secs)
+print(json.dumps(summary, separators=(",", ":")))
+PY
+done
+
+"$BIN" eval plot --in "$GRID" --out "$SVG" --title "Edit similarity against KV bytes ($(wc -l <"$TASKS") tasks, 500+-line files)"
+
+python3 - "$GRID" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+full = next((r for r in rows if r["name"] == "full"), None)
+if full is None:
+    sys.exit("no full point yet")
+fs = full["suggestions"]
+def same(r):
+    ids = [i for i in r["suggestions"] if i in fs]
+    return sum(r["suggestions"][i] == fs[i] for i in ids) / max(1, len(ids))
+print(f'{"point":<34} {"tasks":>5} {"prompt":>6} {"EM":>6} {"ES":>6} {"KV MB":>7} {"=full":>6} {"ES ratio":>8} {"KV ratio":>8}')
+for r in sorted(rows, key=lambda r: r["kv_bytes"]):
+    print(f'{r["name"]:<34} {r["tasks"]:5d} {r["prompt_tokens"]:6.0f} {r["exact_match"]:6.3f} {r["edit_similarity"]:6.3f} '
+          f'{r["kv_bytes"] / 1e6:7.2f} {same(r):6.2f} {r["edit_similarity"] / full["edit_similarity"]:8.3f} '
+          f'{r["kv_bytes"] / full["kv_bytes"]:8.3f}')
+print("(prompt: mean prompt tokens; =full: share of suggestions identical to full's)")
+print()
+byname = {r["name"]: r for r in rows}
+print("anchor against the window of equal KV bytes (edit similarity):")
+for r in rows:
+    if "-at-" in r["name"]:
+        a = byname[r["name"].split("-at-")[1]]
+        print(f'  {a["name"]:<18} {a["edit_similarity"]:.3f} at {a["kv_bytes"] / 1e6:6.2f} MB   '
+              f'{r["name"].split("-at-")[0]:<14} {r["edit_similarity"]:.3f} at {r["kv_bytes"] / 1e6:6.2f} MB   '
+              f'anchor/window {a["edit_similarity"] / max(r["edit_similarity"], 1e-9):.3f}')
+print()
+print("target: >= 0.97 of full's edit similarity at <= 0.20 of its KV bytes")
+cands = [r for r in rows if r["name"] != "full" and r["kv_bytes"] / full["kv_bytes"] <= 0.20]
+for fam in ("anchor", "window"):
+    c = [r for r in cands if r["name"].startswith(fam)]
+    if c:
+        b = max(c, key=lambda r: r["edit_similarity"])
+        ratio = b["edit_similarity"] / full["edit_similarity"]
+        print(f'  best {fam} within 20% KV: {b["name"]}: ES ratio {ratio:.3f}, KV ratio '
+              f'{b["kv_bytes"] / full["kv_bytes"]:.3f} -> {"PASS" if ratio >= 0.97 else "FAIL"}')
+print()
+print("ratios (ES ratio, KV ratio against full):")
+for r in sorted(rows, key=lambda r: r["kv_bytes"]):
+    print(f'  {r["name"]:<34} {r["edit_similarity"] / full["edit_similarity"]:.3f} {r["kv_bytes"] / full["kv_bytes"]:.3f}')
+PY
