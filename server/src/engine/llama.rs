@@ -1,10 +1,12 @@
 //! The Llama family (Llama 2/3, CodeLlama, SmolLM2, Mistral, Qwen2/2.5) as one
 //! decoder with per-layer attention policies.
 //!
-//! Weights stay quantized and multiply through candle-core's quantized
-//! kernels (`k_quants`); formats without a SIMD path on the CPU (Q4_1, Q5_x,
-//! F16, BF16) are requantized to Q8_0 once at load. Activations are plain
-//! `f32` rows, `tokens × width`; attention reads the [`KvCache`] in place.
+//! Weights stay quantized. Q4_0, Q4_1 and Q8_0 keep their GGUF blocks and
+//! multiply through our own kernels ([`super::quant`]), activations quantized
+//! once per input (q|k|v and gate|up share theirs); Q5_x, Q8_1, F16 and BF16
+//! are requantized to Q8_0 at load; other formats (K-quants, `f32`) use
+//! candle-core's kernels. Activations are plain `f32` rows, `tokens × width`;
+//! attention reads the [`KvCache`] in place.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -17,6 +19,7 @@ use candle_core::{CpuStorage, Device};
 use super::adapter::Adapter;
 use super::attention::{attend, Heads};
 use super::kv_cache::KvCache;
+use super::quant::{self, Format, QActs, QMatrix};
 
 /// How RoPE pairs the dimensions of a head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,9 +80,15 @@ impl LlamaConfig {
     }
 }
 
+/// A weight matrix `[n_out, n_in]`: ours ([`QMatrix`]) or candle's.
+enum Weights {
+    Own(QMatrix),
+    Candle(Box<dyn QuantizedType>),
+}
+
 /// A linear layer `y = W x (+ b)` with `W` stored `[n_out, n_in]`, quantized.
 struct Linear {
-    w: Box<dyn QuantizedType>,
+    w: Weights,
     n_out: usize,
     n_in: usize,
     bias: Option<Vec<f32>>,
@@ -89,23 +98,57 @@ impl Linear {
     fn from_f32(data: &[f32], n_out: usize, n_in: usize, dtype: GgmlDType) -> Self {
         let mut w = dtype.cpu_zeros(n_out * n_in);
         w.from_float(data);
-        Linear { w, n_out, n_in, bias: None }
+        Linear { w: Weights::Candle(w), n_out, n_in, bias: None }
+    }
+
+    /// Q8_0 (ours) from `f32`; rows that are not whole blocks stay `f32`.
+    fn q8_0(data: &[f32], n_out: usize, n_in: usize) -> Result<Self> {
+        if !n_in.is_multiple_of(quant::QK) {
+            return Ok(Linear::from_f32(data, n_out, n_in, GgmlDType::F32));
+        }
+        Ok(Linear { w: Weights::Own(QMatrix::quantize_q8_0(data, n_out, n_in)?), n_out, n_in, bias: None })
     }
 
     /// `x`: `m × n_in` → `m × n_out`.
     fn forward(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
-        let mut out = vec![0f32; m * self.n_out];
-        self.w.matmul_t((m, self.n_in, self.n_out), x, &mut out)?;
-        if let Some(b) = &self.bias {
-            for row in out.chunks_mut(self.n_out) {
-                row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+        Ok(Linear::forward_many(&[self], x, m)?.remove(0))
+    }
+
+    /// Several layers reading the same input `x` (`m × n_in`): with our
+    /// weights, `x` is quantized once and all rows run in one pool call.
+    fn forward_many(ls: &[&Linear], x: &[f32], m: usize) -> Result<Vec<Vec<f32>>> {
+        let own: Option<Vec<&QMatrix>> =
+            ls.iter().map(|l| if let Weights::Own(q) = &l.w { Some(q) } else { None }).collect();
+        let mut outs = match own {
+            Some(ws) => quant::matmul(&ws, &QActs::quantize(x, ls[0].n_in)),
+            None => {
+                let mut outs = Vec::with_capacity(ls.len());
+                for l in ls {
+                    let mut out = vec![0f32; m * l.n_out];
+                    match &l.w {
+                        Weights::Candle(w) => w.matmul_t((m, l.n_in, l.n_out), x, &mut out)?,
+                        Weights::Own(w) => out = quant::matmul(&[w], &QActs::quantize(x, l.n_in)).remove(0),
+                    }
+                    outs.push(out);
+                }
+                outs
+            }
+        };
+        for (l, out) in ls.iter().zip(&mut outs) {
+            if let Some(b) = &l.bias {
+                for row in out.chunks_mut(l.n_out) {
+                    row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+                }
             }
         }
-        Ok(out)
+        Ok(outs)
     }
 
     fn bytes(&self) -> usize {
-        self.w.storage_size_in_bytes()
+        match &self.w {
+            Weights::Own(w) => w.bytes(),
+            Weights::Candle(w) => w.storage_size_in_bytes(),
+        }
     }
 }
 
@@ -143,13 +186,20 @@ pub struct Llama {
     inv_freq: Vec<f32>,
 }
 
-/// Formats that candle's CPU kernels run without a SIMD path: requantized to
-/// Q8_0 at load.
+/// Formats without a fast CPU kernel (neither ours nor candle's): requantized
+/// to Q8_0 at load.
 fn needs_requant(dtype: GgmlDType) -> bool {
-    matches!(
-        dtype,
-        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_1 | GgmlDType::F16 | GgmlDType::BF16
-    )
+    matches!(dtype, GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_1 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
+/// Formats our kernels multiply as stored.
+fn own_format(dtype: GgmlDType) -> Option<Format> {
+    match dtype {
+        GgmlDType::Q4_0 => Some(Format::Q4_0),
+        GgmlDType::Q4_1 => Some(Format::Q4_1),
+        GgmlDType::Q8_0 => Some(Format::Q8_0),
+        _ => None,
+    }
 }
 
 impl Llama {
@@ -253,9 +303,14 @@ impl Llama {
                 if let Some(a) = adapter {
                     a.merge_into(name, &mut f, n_out, n_in)?;
                 }
-                Linear::from_f32(&f, n_out, n_in, GgmlDType::Q8_0).w
+                Linear::q8_0(&f, n_out, n_in)?.w
+            } else if let Some(format) = own_format(qt.dtype()) {
+                Weights::Own(
+                    QMatrix::from_gguf(format, n_out, n_in, &qt.data()?)
+                        .with_context(|| format!("{}: tensor `{name}.weight`", path.display()))?,
+                )
             } else {
-                qt.dtype().from_data(qt.data()?)
+                Weights::Candle(qt.dtype().from_data(qt.data()?))
             };
             let bias_name = format!("{name}.bias");
             let bias = if content.tensor_infos.contains_key(&bias_name) {
@@ -371,7 +426,7 @@ impl Llama {
             Ok(t.flatten_all()?.to_vec1::<f32>()?)
         };
         let linear = |name: &str, n_out: usize, n_in: usize| -> Result<Linear> {
-            let mut l = Linear::from_f32(&tensor(&format!("{name}.weight"), &[n_out, n_in])?, n_out, n_in, GgmlDType::Q8_0);
+            let mut l = Linear::q8_0(&tensor(&format!("{name}.weight"), &[n_out, n_in])?, n_out, n_in)?;
             if vb.contains_tensor(&format!("{name}.bias")) {
                 l.bias = Some(tensor(&format!("{name}.bias"), &[n_out])?);
             }
@@ -499,9 +554,7 @@ impl Llama {
         let mut x = self.embed_rows(tokens)?;
         for (l, b) in self.blocks.iter().enumerate() {
             let hn = rms_norm(&x, &b.attn_norm, cfg.rms_eps);
-            let mut q = b.wq.forward(&hn, n)?;
-            let mut k = b.wk.forward(&hn, n)?;
-            let v = b.wv.forward(&hn, n)?;
+            let [mut q, mut k, v] = three(Linear::forward_many(&[&b.wq, &b.wk, &b.wv], &hn, n)?);
             self.rope(&mut q, cfg.n_heads, &cos, &sin);
             self.rope(&mut k, cfg.n_kv_heads, &cos, &sin);
             cache.append(l, &k, &v);
@@ -511,8 +564,7 @@ impl Llama {
             add_into(&mut x, &b.wo.forward(&att, n)?);
 
             let hn = rms_norm(&x, &b.ffn_norm, cfg.rms_eps);
-            let mut g = b.gate.forward(&hn, n)?;
-            let u = b.up.forward(&hn, n)?;
+            let [mut g, u] = two(Linear::forward_many(&[&b.gate, &b.up], &hn, n)?);
             g.iter_mut().zip(&u).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
             add_into(&mut x, &b.down.forward(&g, n)?);
         }
@@ -528,9 +580,18 @@ impl Llama {
 
     /// Embedding rows of `tokens`: `tokens × hidden`.
     fn embed_rows(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        match self.embed.w.embedding(tokens, self.cfg.vocab, self.cfg.hidden)? {
-            CpuStorage::F32(v) => Ok(v),
-            _ => bail!("the embedding did not dequantize to f32"),
+        match &self.embed.w {
+            Weights::Own(w) => {
+                let mut out = vec![0f32; tokens.len() * self.cfg.hidden];
+                for (row, &t) in out.chunks_exact_mut(self.cfg.hidden).zip(tokens) {
+                    w.dequantize_row(t as usize, row);
+                }
+                Ok(out)
+            }
+            Weights::Candle(w) => match w.embedding(tokens, self.cfg.vocab, self.cfg.hidden)? {
+                CpuStorage::F32(v) => Ok(v),
+                _ => bail!("the embedding did not dequantize to f32"),
+            },
         }
     }
 
@@ -568,6 +629,14 @@ impl Llama {
             }
         }
     }
+}
+
+fn two(v: Vec<Vec<f32>>) -> [Vec<f32>; 2] {
+    v.try_into().expect("two outputs")
+}
+
+fn three(v: Vec<Vec<f32>>) -> [Vec<f32>; 3] {
+    v.try_into().expect("three outputs")
 }
 
 fn add_into(x: &mut [f32], y: &[f32]) {

@@ -8,6 +8,7 @@ pub mod generate;
 pub mod kv_cache;
 pub mod llama;
 pub mod policy;
+pub mod quant;
 pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
