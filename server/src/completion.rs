@@ -10,6 +10,12 @@
 //!   outgrows twice the budget.
 //! - Token healing: the last token of the cursor's line is cut from the prompt
 //!   and the model must spell it first.
+//! - Fill-in-the-middle, when the model has FIM tokens and `fim` is on: the
+//!   cached prompt is `<fim_prefix>` + the text before the cursor, exactly as
+//!   without FIM, so typing still only changes its tail. The suffix goes in the
+//!   generator's scratch extension (`<fim_suffix>` + up to `suffix_tokens` of
+//!   the text after the cursor + `<fim_middle>`), recomputed per request and
+//!   dropped after it (PSM order, which every FIM model supports).
 //! - Text after the cursor on its line → one line that does not repeat it.
 //!   Otherwise up to `max_lines` lines, ending where indentation falls below
 //!   the cursor's block, at two blank lines, or at end of sequence.
@@ -18,7 +24,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use crate::engine::document::{line_start, DocumentCache};
+use crate::engine::document::{line_start, DocumentCache, Update};
 use crate::engine::generate::{generate, GenerateParams, StopReason};
 use crate::engine::Engine;
 
@@ -31,11 +37,27 @@ pub struct Settings {
     pub max_lines: usize,
     /// Token budget of the text before the cursor.
     pub prefix_tokens: usize,
+    /// Token budget of the text after the cursor (FIM only).
+    pub suffix_tokens: usize,
+    /// Use fill-in-the-middle when the model has FIM tokens.
+    pub fim: bool,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { max_tokens: 64, max_lines: 8, prefix_tokens: 2048 }
+        Settings { max_tokens: 64, max_lines: 8, prefix_tokens: 2048, suffix_tokens: 256, fim: true }
+    }
+}
+
+impl From<&crate::config::CompletionConfig> for Settings {
+    fn from(c: &crate::config::CompletionConfig) -> Self {
+        Settings {
+            max_tokens: c.max_tokens,
+            max_lines: c.max_lines,
+            prefix_tokens: c.prefix_tokens,
+            suffix_tokens: c.suffix_tokens,
+            fim: c.fim,
+        }
     }
 }
 
@@ -140,8 +162,39 @@ fn heal_split(before: &str) -> &str {
     &before[start..]
 }
 
-/// Generate a suggestion for `prompt` over `doc` (whose text the caller set to
-/// `text[prompt.window_start..prompt.cut]`).
+/// The tokens every prompt of `engine` starts with under `s`: BOS where the
+/// model's tokenizer asks for one, then `<fim_prefix>` when FIM is used.
+pub fn lead_tokens(engine: &Engine, s: &Settings) -> Vec<u32> {
+    let tok = &engine.tokenizer;
+    let bos = tok.bos_id().filter(|_| tok.add_bos());
+    let fim = tok.fim_ids().filter(|_| s.fim).map(|f| f.prefix);
+    bos.into_iter().chain(fim).collect()
+}
+
+/// Bring `doc` to the prompt `window` (the text from `prompt.window_start` to
+/// `prompt.cut`), after the lead tokens; what is unchanged stays cached.
+pub fn set_prompt(engine: &Engine, doc: &mut DocumentCache, window: &str, s: &Settings) -> Result<Update> {
+    doc.set_lead(&engine.tokenizer, &lead_tokens(engine, s));
+    doc.set_text(&engine.tokenizer, window)
+}
+
+/// The scratch tokens after the cached prefix: with FIM, `<fim_suffix>`, the
+/// text after the cursor (up to `suffix_tokens`, cut at a line end when it
+/// does not fit) and `<fim_middle>`; without, none.
+pub fn fim_tail(engine: &Engine, following: &str, s: &Settings) -> Result<Vec<u32>> {
+    let Some(f) = engine.tokenizer.fim_ids().filter(|_| s.fim) else { return Ok(Vec::new()) };
+    let budget = s.suffix_tokens * 4;
+    let mut text = &following[..floor_char_boundary(following, budget.min(following.len()))];
+    if text.len() < following.len() {
+        text = &text[..text.rfind('\n').map_or(text.len(), |i| i + 1)];
+    }
+    let mut suffix = engine.tokenizer.encode(text)?;
+    suffix.truncate(s.suffix_tokens);
+    Ok([f.suffix].into_iter().chain(suffix).chain([f.middle]).collect())
+}
+
+/// Generate a suggestion for `prompt` over `doc` (brought to the prompt by
+/// [`set_prompt`]); `following` is the document text after the cursor.
 pub fn complete(
     engine: &Engine,
     doc: &mut DocumentCache,
@@ -152,6 +205,7 @@ pub fn complete(
     cancelled: &dyn Fn() -> bool,
 ) -> Result<Suggestion> {
     let mut stop = |t: &str| should_stop(t, prompt, s);
+    let tail = fim_tail(engine, following, s)?;
     let g = generate(
         &engine.model,
         &engine.tokenizer,
@@ -159,7 +213,7 @@ pub fn complete(
         GenerateParams {
             max_tokens: s.max_tokens,
             forced_prefix: prompt.healed.as_bytes(),
-            extra_prompt: &[],
+            extra_prompt: &tail,
             chunk: 256,
             stop: &mut stop,
             cancelled,
@@ -258,6 +312,71 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::document::tests::{test_tokenizer, test_tokenizer_with_specials};
+    use crate::engine::document::is_anchor;
+    use crate::engine::llama::tests::tiny_config;
+    use crate::engine::llama::{Llama, Logits};
+    use crate::engine::policy::{AttentionPolicy, PolicyKind};
+
+    fn engine_with(tok: crate::engine::tokenizer::Tokenizer) -> Engine {
+        let model = Llama::random(tiny_config(tok.vocab_size()), 4).unwrap();
+        Engine { model, tokenizer: tok, path: "test".into(), adapter_policy: None }
+    }
+
+    /// FIM layout: the cache holds `<fim_prefix>` + the text before the
+    /// cursor only; `<fim_suffix>` + suffix + `<fim_middle>` run in scratch,
+    /// and together they give exactly the logits of the whole PSM prompt.
+    #[test]
+    fn fim_caches_the_prefix_and_runs_the_suffix_in_scratch() {
+        let engine = engine_with(test_tokenizer_with_specials(&["<fim_prefix>", "<fim_suffix>", "<fim_middle>"]));
+        let f = engine.tokenizer.fim_ids().expect("FIM tokens found by name");
+        let s = Settings::default();
+        assert_eq!(lead_tokens(&engine, &s), vec![f.prefix]);
+
+        let text = "def foo(x):\n    if x:\n        return x\n    return 42\n";
+        let cursor = text.find("x:").unwrap();
+        let p = plan(text, cursor, None, &s);
+        let policy = AttentionPolicy { kind: PolicyKind::Anchor { recent_lines: 1, dense_every: 0 }, sink_tokens: 2 };
+        let mut doc = DocumentCache::new(&engine.model, policy);
+        set_prompt(&engine, &mut doc, &text[p.window_start..p.cut], &s).unwrap();
+        assert_eq!(doc.text(), &text[..p.cut]);
+        assert_eq!(doc.tokens()[0], f.prefix);
+
+        let tail = fim_tail(&engine, &text[cursor..], &s).unwrap();
+        assert_eq!((tail[0], *tail.last().unwrap()), (f.suffix, f.middle));
+        assert_eq!(engine.tokenizer.decode(&tail[1..tail.len() - 1]), &text[cursor..]);
+
+        doc.logits(&engine.model, 7, &|| false).unwrap().unwrap();
+        let n = doc.kv().len();
+        let anchors = |t: &[u32]| t.iter().map(|&t| is_anchor(&engine.tokenizer, t)).collect::<Vec<_>>();
+        let got = engine.model.forward(&tail, &anchors(&tail), doc.kv_mut(), Logits::Last).unwrap();
+        let all: Vec<u32> = doc.tokens().iter().chain(&tail).copied().collect();
+        let mut fresh = engine.model.new_cache(policy);
+        let want = engine.model.forward(&all, &anchors(&all), &mut fresh, Logits::Last).unwrap();
+        let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(diff < 1e-4, "{diff}");
+
+        doc.kv_mut().truncate(n);
+
+        // A full generation leaves the cache holding the prefix only.
+        complete(&engine, &mut doc, &p, &text[cursor..], &s, 0, &|| false).unwrap();
+        assert_eq!((doc.kv().len(), doc.text()), (n, &text[..p.cut]));
+
+        // The suffix budget cuts at a line end; `fim: false` means no FIM at all.
+        let small = Settings { suffix_tokens: 6, ..s.clone() };
+        let cut = fim_tail(&engine, &text[cursor..], &small).unwrap();
+        assert!(cut.len() <= 8 && cut.len() < tail.len(), "{cut:?}");
+        let off = Settings { fim: false, ..s };
+        assert!(lead_tokens(&engine, &off).is_empty() && fim_tail(&engine, "x", &off).unwrap().is_empty());
+    }
+
+    #[test]
+    fn no_fim_tokens_means_the_plain_prefix_prompt() {
+        let engine = engine_with(test_tokenizer());
+        let s = Settings::default();
+        assert!(lead_tokens(&engine, &s).is_empty());
+        assert!(fim_tail(&engine, "rest\n", &s).unwrap().is_empty());
+    }
 
     fn at(text: &str, marker: &str) -> (String, usize) {
         let i = text.find(marker).unwrap();

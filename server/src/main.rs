@@ -126,10 +126,11 @@ fn complete(a: CompleteArgs) -> Result<()> {
     let t0 = Instant::now();
     let engine = Engine::load_with(&model_path(a.model.as_deref())?, a.adapter.as_deref())?;
     let load = t0.elapsed();
-    let settings = Settings { max_tokens: a.max_tokens, max_lines: a.max_lines, prefix_tokens: a.prefix_tokens };
+    let settings =
+        Settings { max_tokens: a.max_tokens, max_lines: a.max_lines, prefix_tokens: a.prefix_tokens, ..Settings::default() };
     let prompt = completion::plan(&text, cursor, None, &settings);
     let mut doc = DocumentCache::new(&engine.model, policy);
-    doc.set_text(&engine.tokenizer, &text[prompt.window_start..prompt.cut])?;
+    completion::set_prompt(&engine, &mut doc, &text[prompt.window_start..prompt.cut], &settings)?;
     let s = completion::complete(&engine, &mut doc, &prompt, &text[cursor..], &settings, 0, &|| false)?;
     println!("{}", s.text);
     if a.verbose {

@@ -341,8 +341,7 @@ impl Worker {
     }
 
     fn settings(&self) -> Settings {
-        let c = &self.config.completion;
-        Settings { max_tokens: c.max_tokens, max_lines: c.max_lines, prefix_tokens: c.prefix_tokens }
+        Settings::from(&self.config.completion)
     }
 
     fn progress(&self, message: impl Into<String>, percentage: Option<u32>, done: bool) {
@@ -419,9 +418,7 @@ impl Worker {
         doc.last_used = Instant::now();
         let previous = doc.window_start.and_then(|p| p.checked_sub(lo));
         let prompt = completion::plan(&region, cursor - lo, previous, &settings);
-        let update = doc
-            .cache
-            .set_text(&engine.tokenizer, &region[prompt.window_start..prompt.cut])
+        let update = completion::set_prompt(engine, &mut doc.cache, &region[prompt.window_start..prompt.cut], &settings)
             .map_err(|e| format!("{e:#}"))?;
         doc.window_start = Some(lo + prompt.window_start);
         Ok((region, lo, prompt, update.reused))

@@ -7,6 +7,10 @@
 //! lazily or in the background. The cache only ever holds the document's own
 //! text: suggestions are generated in a scratch extension (see
 //! [`super::generate`]) that is dropped afterwards.
+//!
+//! A cache may start with fixed *lead* tokens that spell no text (a BOS token,
+//! a fill-in-the-middle prefix marker: see [`DocumentCache::set_lead`]); they
+//! are sinks of every policy and are never re-tokenized.
 
 use anyhow::Result;
 
@@ -52,6 +56,8 @@ pub struct DocumentCache {
     kv: KvCache,
     /// Logits after the first `.0` tokens, kept while those tokens stand.
     last_logits: Option<(usize, Vec<f32>)>,
+    /// How many of `tokens` are lead tokens (before the text; they end at byte 0).
+    lead: usize,
 }
 
 impl DocumentCache {
@@ -64,7 +70,29 @@ impl DocumentCache {
             ends: Some(Vec::new()),
             kv: model.new_cache(policy),
             last_logits: None,
+            lead: 0,
         }
+    }
+
+    /// Make `lead` the tokens before the text (e.g. BOS, a FIM prefix marker).
+    /// A no-op when they are already; otherwise the cache starts over empty
+    /// (every position after them would change).
+    pub fn set_lead(&mut self, tok: &Tokenizer, lead: &[u32]) {
+        if self.lead == lead.len() && self.tokens.get(..self.lead) == Some(lead) {
+            return;
+        }
+        self.tokens = lead.to_vec();
+        self.anchors = lead.iter().map(|&t| is_anchor(tok, t)).collect();
+        self.ends = Some(vec![0; lead.len()]);
+        self.text.clear();
+        self.kv.truncate(0);
+        self.last_logits = None;
+        self.lead = lead.len();
+    }
+
+    /// The lead tokens (see [`DocumentCache::set_lead`]).
+    pub fn lead(&self) -> &[u32] {
+        &self.tokens[..self.lead]
     }
 
     /// Keep this many lines of full K/V beyond the policy's needs, so edits
@@ -78,7 +106,7 @@ impl DocumentCache {
         &self.text
     }
 
-    /// Tokens of the text.
+    /// Tokens of the cache: the lead tokens, then the text's.
     pub fn tokens(&self) -> &[u32] {
         &self.tokens
     }
@@ -196,11 +224,16 @@ impl DocumentCache {
     }
 
     fn retokenize_all(&mut self, tok: &Tokenizer, text: &str) -> Result<Update> {
-        let tokens = tok.encode(text)?;
+        let body = tok.encode(text)?;
+        let n = body.len();
+        let tokens: Vec<u32> = self.tokens[..self.lead].iter().copied().chain(body).collect();
         let changed_at = tokens.iter().zip(&self.tokens).take_while(|(a, b)| a == b).count();
-        self.ends = byte_ends(tok, &tokens, text.as_bytes(), 0);
+        self.ends = byte_ends(tok, &tokens[self.lead..], text.as_bytes(), 0).map(|e| {
+            let mut all = vec![0; self.lead];
+            all.extend(e);
+            all
+        });
         self.anchors = tokens.iter().map(|&t| is_anchor(tok, t)).collect();
-        let n = tokens.len();
         self.tokens = tokens;
         self.text = text.to_string();
         Ok(self.keep_prefix(changed_at, n))
@@ -224,7 +257,7 @@ impl DocumentCache {
     /// SmolLM, Llama 3, Qwen2) and SentencePiece split there, and the split
     /// depends only on the bytes up to it, which the edit did not touch.
     fn safe_point(&self, e: usize) -> (usize, usize) {
-        let Some(ends) = &self.ends else { return (0, 0) };
+        let Some(ends) = &self.ends else { return (0, self.lead) };
         let limit = line_start(&self.text, line_start(&self.text, e).saturating_sub(1));
         let bytes = self.text.as_bytes();
         // Token i starts at ends[i - 1]; find the last start at or before `limit`.
@@ -235,7 +268,7 @@ impl DocumentCache {
                 return (p, i);
             }
         }
-        (0, 0)
+        (0, self.lead)
     }
 }
 
@@ -289,6 +322,12 @@ pub(crate) mod tests {
     /// A small byte-level BPE (SmolLM-style pre-tokenizer) with merges that make
     /// multi-byte tokens, newline+indent anchors and merged words.
     pub(crate) fn test_tokenizer() -> Tokenizer {
+        test_tokenizer_with_specials(&[])
+    }
+
+    /// [`test_tokenizer`] with more special tokens at the end of the vocabulary
+    /// (e.g. FIM markers).
+    pub(crate) fn test_tokenizer_with_specials(specials: &[&str]) -> Tokenizer {
         let s = |t: &str| t.bytes().map(byte_char).collect::<String>();
         let mut vocab: Vec<String> = vec!["<|endoftext|>".into()];
         vocab.extend((0..=255u8).map(|b| byte_char(b).to_string()));
@@ -309,12 +348,18 @@ pub(crate) mod tests {
             merges.push(format!("{a} {b}"));
             vocab.push(format!("{a}{b}"));
         }
+        let mut added = vec![serde_json::json!({"id": 0, "content": "<|endoftext|>", "single_word": false,
+            "lstrip": false, "rstrip": false, "normalized": false, "special": true})];
+        for sp in specials {
+            added.push(serde_json::json!({"id": vocab.len(), "content": sp, "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": false, "special": true}));
+            vocab.push(sp.to_string());
+        }
         let vocab_json: serde_json::Map<String, serde_json::Value> =
             vocab.iter().enumerate().map(|(i, t)| (t.clone(), (i as u64).into())).collect();
         let json = serde_json::json!({
             "version": "1.0",
-            "added_tokens": [{"id": 0, "content": "<|endoftext|>", "single_word": false, "lstrip": false,
-                "rstrip": false, "normalized": false, "special": true}],
+            "added_tokens": added,
             "normalizer": null,
             "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
                 {"type": "Digits", "individual_digits": true},
@@ -325,7 +370,7 @@ pub(crate) mod tests {
                 "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
                 "vocab": vocab_json, "merges": merges},
         });
-        let dir = std::env::temp_dir().join(format!("anchorcoder-test-tok-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("anchorcoder-test-tok-{}-{}", std::process::id(), specials.len()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("tokenizer.json");
         std::fs::write(&path, json.to_string()).unwrap();
@@ -405,12 +450,17 @@ pub(crate) mod tests {
             let policy = policies()[seed as usize % 5];
             let mut doc = DocumentCache::new(&model, policy);
             doc.set_eviction_slack(rng.below(3) as u32);
+            // Some documents start with lead tokens (BOS, a FIM marker).
+            let lead: Vec<u32> = if seed % 3 == 0 { vec![0, 7] } else { vec![] };
+            doc.set_lead(&tok, &lead);
+            let expect = |text: &str| -> Vec<u32> { lead.iter().copied().chain(tok.encode(text).unwrap()).collect() };
             let n = 20 + rng.below(40);
             let mut text = random_text(&mut rng, n);
             for _ in 0..8 {
                 let before = doc.kv().len();
                 let upd = doc.set_text(&tok, &text).unwrap();
-                assert_eq!(doc.tokens(), tok.encode(&text).unwrap().as_slice(), "seed {seed}: tokens");
+                assert_eq!(doc.tokens(), expect(&text).as_slice(), "seed {seed}: tokens");
+                assert_eq!(doc.text(), text);
                 if before > 0 {
                     if upd.reused == 0 { full_recomputes += 1 } else { local_updates += 1 }
                 }
@@ -427,7 +477,7 @@ pub(crate) mod tests {
             }
             doc.set_text(&tok, &text).unwrap();
             let got = doc.logits(&model, 1 + rng.below(20), &|| false).unwrap().unwrap();
-            let tokens = tok.encode(&text).unwrap();
+            let tokens = expect(&text);
             let anchors: Vec<bool> = tokens.iter().map(|&t| is_anchor(&tok, t)).collect();
             let mut fresh = model.new_cache(policy);
             let want = model.forward(&tokens, &anchors, &mut fresh, Logits::Last).unwrap();
@@ -435,6 +485,27 @@ pub(crate) mod tests {
         }
         // Both update paths were exercised.
         assert!(full_recomputes > 0 && local_updates > 0, "{full_recomputes} {local_updates}");
+    }
+
+    #[test]
+    fn changing_the_lead_starts_over_and_keeping_it_keeps_the_cache() {
+        let tok = test_tokenizer();
+        let model = Llama::random(tiny_config(tok.vocab_size()), 3).unwrap();
+        let mut doc = DocumentCache::new(&model, AttentionPolicy::full());
+        doc.set_lead(&tok, &[0]);
+        doc.set_text(&tok, "def foo(x):\n    return x\n").unwrap();
+        doc.prefill(&model, 1000).unwrap();
+        let n = doc.kv().len();
+        assert_eq!(doc.lead(), &[0]);
+        doc.set_lead(&tok, &[0]);
+        assert_eq!(doc.kv().len(), n, "the same lead keeps everything");
+        let upd = doc.set_text(&tok, "def foo(x):\n    return x\nif").unwrap();
+        assert!(upd.reused >= n - 3 && upd.reused > 1, "{upd:?}");
+        doc.set_lead(&tok, &[0, 5]);
+        assert_eq!((doc.kv().len(), doc.text()), (0, ""), "a new lead starts over");
+        assert_eq!(doc.tokens(), &[0, 5]);
+        // Only lead tokens: the model can still predict after them.
+        assert!(doc.logits(&model, 8, &|| false).unwrap().is_some());
     }
 
     #[test]
