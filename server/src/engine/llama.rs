@@ -716,6 +716,89 @@ pub(crate) mod tests {
         }
     }
 
+    impl Linear {
+        /// The weights as `f32` (`n_out × n_in`).
+        fn to_f32(&self) -> Vec<f32> {
+            match &self.w {
+                Weights::Own(w) => w.dequantize(),
+                Weights::Candle(w) => match w.dequantize(self.n_out * self.n_in).unwrap() {
+                    CpuStorage::F32(v) => v,
+                    _ => unreachable!("candle dequantizes to f32"),
+                },
+            }
+        }
+    }
+
+    impl Llama {
+        /// A copy whose every matrix is rebuilt by `f` from its `f32` values.
+        fn map_weights(&self, f: impl Fn(&[f32], usize, usize) -> Linear) -> Llama {
+            let g = |l: &Linear| Linear { bias: l.bias.clone(), ..f(&l.to_f32(), l.n_out, l.n_in) };
+            let blocks = self
+                .blocks
+                .iter()
+                .map(|b| Block {
+                    attn_norm: b.attn_norm.clone(),
+                    wq: g(&b.wq),
+                    wk: g(&b.wk),
+                    wv: g(&b.wv),
+                    wo: g(&b.wo),
+                    ffn_norm: b.ffn_norm.clone(),
+                    gate: g(&b.gate),
+                    up: g(&b.up),
+                    down: g(&b.down),
+                })
+                .collect();
+            let output = self.output.as_ref().map(g);
+            Llama::assemble(self.cfg.clone(), g(&self.embed), blocks, self.norm.clone(), output).unwrap()
+        }
+    }
+
+    /// The default model's native 4-bit path against the same weights in
+    /// `f32` (the reference), next to the Q8_0 requantization the engine used
+    /// before. Both quantize activations to 8 bits, which dominates their error
+    /// (the requantization's second rounding of the weights is ~17× finer than
+    /// Q4_1's step), so the two are equally close; the native path must agree
+    /// with the reference's greedy token.
+    #[test]
+    fn native_q4_1_logits_stay_as_close_to_f32_weights_as_q8_0_requant() {
+        let path = std::env::var_os("ANCHORCODER_MODEL")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(crate::models::default_model_path);
+        assert!(path.exists(), "{} is missing: run `anchorcoder model pull`", path.display());
+        let (native, content) = Llama::from_gguf(&path).unwrap();
+        assert!(native.weight_bytes() < 100_000_000, "4-bit weights stay 4-bit: {} bytes", native.weight_bytes());
+        let exact = native.map_weights(|w, n, k| Linear::from_f32(w, n, k, GgmlDType::F32));
+        let requant = native.map_weights(|w, n, k| Linear::q8_0(w, n, k).unwrap());
+        let tok = crate::engine::tokenizer::Tokenizer::from_gguf(&content).unwrap();
+        let prompts = [
+            "fn main() {\n    let xs: Vec<u32> = (0..10).collect();\n    for x in &xs {\n        println!(",
+            "def add(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n    return",
+            "import os\n\ndef list_files(root):\n    out = []\n    for name in os.listdir(root):\n",
+            "function greet(name) {\n  const message = `Hello, ${name}!`;\n  console.",
+        ];
+        let (mut sum_native, mut sum_old) = (0.0, 0.0);
+        for text in prompts {
+            let tokens = tok.encode(text).unwrap();
+            let anchors = vec![false; tokens.len()];
+            let logits =
+                |m: &Llama| m.forward(&tokens, &anchors, &mut m.new_cache(AttentionPolicy::full()), Logits::Last).unwrap();
+            let (want, got, old) = (logits(&exact), logits(&native), logits(&requant));
+            let rms = |a: &[f32]| (a.iter().zip(&want).map(|(x, y)| (x - y) * (x - y)).sum::<f32>() / a.len() as f32).sqrt();
+            let argmax = |a: &[f32]| a.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).unwrap().0;
+            eprintln!(
+                "logits vs f32 weights: native rms {:.4} max {:.4}; Q8_0 requant rms {:.4} max {:.4} ({text:?})",
+                rms(&got),
+                max_diff(&got, &want),
+                rms(&old),
+                max_diff(&old, &want)
+            );
+            assert_eq!(argmax(&got), argmax(&want), "{text:?}");
+            assert!(max_diff(&got, &want) < 2.0, "{text:?}: {}", max_diff(&got, &want));
+            (sum_native, sum_old) = (sum_native + rms(&got), sum_old + rms(&old));
+        }
+        assert!(sum_native < 1.5 * sum_old, "native {sum_native} vs requantized {sum_old}");
+    }
+
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
     }

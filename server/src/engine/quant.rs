@@ -543,7 +543,7 @@ unsafe fn tile_vnni<const R: usize, const F: u8>(w: &QMatrix, r: usize, x: &QAct
 }
 
 /// AVX2: one block per `vpmaddubsw` (Q8_0 with the sign trick, since its
-/// unsigned values would saturate the 16-bit sums).
+/// unsigned values would saturate the 16-bit sums), block scales 8 at a time.
 ///
 /// # Safety
 /// The CPU has AVX2/FMA/F16C; indices as in [`dot_tile`].
@@ -553,55 +553,80 @@ unsafe fn tile_avx2<const R: usize, const F: u8>(w: &QMatrix, r: usize, x: &QAct
     let nb = w.nb;
     let wq = if F == F_Q8_0 { w.qs.as_ptr().add(r * w.k) } else { w.qs.as_ptr().add(r * nb * 16) };
     let (low4, ones, flip) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi16(1), _mm256_set1_epi8(-128));
+    // Up to 8 scales as a vector (a partial window is padded with zeros).
+    let halves = |p: &[f16]| {
+        let mut buf = [0u16; 8];
+        buf.iter_mut().zip(p).for_each(|(b, h)| *b = h.to_bits());
+        _mm256_cvtph_ps(_mm_loadu_si128(buf.as_ptr() as *const __m128i))
+    };
+    let floats = |p: &[f32]| {
+        let mut buf = [0f32; 8];
+        buf[..p.len()].copy_from_slice(p);
+        _mm256_loadu_ps(buf.as_ptr())
+    };
     let mut acc = [_mm256_setzero_ps(); R];
-    let mut sums = [0f32; R];
-    // One block's products with every activation row of the tile.
-    macro_rules! block {
-        ($b:expr, $wv:expr) => {{
-            let (b, wv) = ($b, $wv);
-            let dw = w.d[r * nb + b].to_f32();
-            for i in 0..R {
-                let xv = _mm256_loadu_si256(x.qs.as_ptr().add((i0 + i) * x.k + b * QK) as *const __m256i);
-                let prod = if F == F_Q8_0 {
-                    let signed = _mm256_xor_si256(wv, flip);
-                    _mm256_maddubs_epi16(_mm256_sign_epi8(signed, signed), _mm256_sign_epi8(xv, signed))
-                } else {
-                    _mm256_maddubs_epi16(wv, xv)
-                };
-                let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones));
-                acc[i] = _mm256_fmadd_ps(dot, _mm256_set1_ps(dw * x.d[(i0 + i) * nb + b]), acc[i]);
-            }
-        }};
-    }
-    let mut b = 0;
-    while b < nb {
-        if F == F_Q8_0 {
-            block!(b, _mm256_loadu_si256(wq.add(b * QK) as *const __m256i));
-            b += 1;
-        } else if b + 1 < nb {
-            let packed = _mm256_loadu_si256(wq.add(b * 16) as *const __m256i);
-            block!(b, _mm256_and_si256(packed, low4));
-            block!(b + 1, _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4));
-            b += 2;
-        } else {
-            for (i, s) in sums.iter_mut().enumerate() {
-                *s += w.d[r * nb + b].to_f32() * x.d[(i0 + i) * nb + b] * block_dot(w, r, b, x, i0 + i);
-            }
-            b += 1;
+    let mut lone = [0f32; R];
+    let mut b0 = 0;
+    while b0 < nb {
+        let wn = (nb - b0).min(8);
+        let wi = r * nb + b0;
+        let dw = halves(&w.d[wi..wi + wn]);
+        let mut scale = [_mm256_setzero_ps(); R];
+        for i in 0..R {
+            let xi = (i0 + i) * nb + b0;
+            scale[i] = _mm256_mul_ps(dw, floats(&x.d[xi..xi + wn]));
+            // The sum terms (Q8_0 takes its offset out through the sign trick).
+            let coef = match F {
+                F_Q4_1 => halves(&w.m[wi..wi + wn]),
+                F_Q4_0 => _mm256_mul_ps(dw, _mm256_set1_ps(-8.0)),
+                _ => continue,
+            };
+            acc[i] = _mm256_fmadd_ps(coef, floats(&x.s[xi..xi + wn]), acc[i]);
         }
-    }
-    // The sum terms (Q8_0 already subtracted its offset through the sign trick).
-    if F != F_Q8_0 {
-        for (i, s) in sums.iter_mut().enumerate() {
-            *s += (0..nb).map(|b| w.sum_coef(r * nb + b) * x.s[(i0 + i) * nb + b]).sum::<f32>();
+        // One block's products with every activation row of the tile.
+        macro_rules! block {
+            ($j:expr, $wv:expr) => {{
+                let (j, wv) = ($j, $wv);
+                let lane = _mm256_set1_epi32(j as i32);
+                for i in 0..R {
+                    let xv = _mm256_loadu_si256(x.qs.as_ptr().add((i0 + i) * x.k + (b0 + j) * QK) as *const __m256i);
+                    let prod = if F == F_Q8_0 {
+                        let signed = _mm256_xor_si256(wv, flip);
+                        _mm256_maddubs_epi16(_mm256_sign_epi8(signed, signed), _mm256_sign_epi8(xv, signed))
+                    } else {
+                        _mm256_maddubs_epi16(wv, xv)
+                    };
+                    let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones));
+                    acc[i] = _mm256_fmadd_ps(dot, _mm256_permutevar8x32_ps(scale[i], lane), acc[i]);
+                }
+            }};
         }
+        let mut j = 0;
+        while j < wn {
+            let b = b0 + j;
+            if F == F_Q8_0 {
+                block!(j, _mm256_loadu_si256(wq.add(b * QK) as *const __m256i));
+                j += 1;
+            } else if j + 1 < wn {
+                let packed = _mm256_loadu_si256(wq.add(b * 16) as *const __m256i);
+                block!(j, _mm256_and_si256(packed, low4));
+                block!(j + 1, _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4));
+                j += 2;
+            } else {
+                for (i, l) in lone.iter_mut().enumerate() {
+                    *l += w.d[r * nb + b].to_f32() * x.d[(i0 + i) * nb + b] * block_dot(w, r, b, x, i0 + i);
+                }
+                j += 1;
+            }
+        }
+        b0 += 8;
     }
     std::array::from_fn(|i| {
         let v = acc[i];
         let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
         let h = _mm_add_ss(h, _mm_movehdup_ps(h));
-        _mm_cvtss_f32(h) + sums[i]
+        _mm_cvtss_f32(h) + lone[i]
     })
 }
 
@@ -733,12 +758,17 @@ mod tests {
                     }
                     assert_eq!(got[0], got[1]);
                 }
-                // Against f32: the only difference is the activations' rounding.
+                // Against f32: exactly the product of the dequantized weights and
+                // dequantized activations, and within the activations' rounding of x.
+                let xf: Vec<f32> = (0..m * k).map(|j| a.d[j / QK] * a.qs[j] as f32).collect();
                 for i in 0..m {
                     for r in 0..n {
-                        let exact: f32 = (0..k).map(|j| wf[r * k + j] * x[i * k + j]).sum();
-                        let bound: f32 = (0..k).map(|j| wf[r * k + j].abs()).sum::<f32>() / 127.0;
+                        let dot = |x: &[f32]| (0..k).map(|j| wf[r * k + j] * x[i * k + j]).sum::<f32>();
+                        let (same, exact) = (dot(&xf), dot(&x));
+                        let mag: f32 = (0..k).map(|j| (wf[r * k + j] * xf[i * k + j]).abs()).sum();
+                        let bound: f32 = (0..k).map(|j| wf[r * k + j].abs()).sum::<f32>() / 254.0;
                         let got = reference[i * n + r];
+                        assert!((got - same).abs() <= 1e-5 * mag + 1e-6, "{format:?} ({m},{n},{k}) [{i},{r}]: {got} vs {same}");
                         assert!((got - exact).abs() <= bound, "{format:?} ({m},{n},{k}) [{i},{r}]: {got} vs {exact}");
                     }
                 }
