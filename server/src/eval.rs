@@ -748,11 +748,10 @@ pub fn plot_svg(points: &[GridPoint], title: &str) -> Result<String> {
     let (w, h) = (760.0, 500.0);
     let (l, r, t, b) = (70.0, 150.0, 40.0, 60.0);
     let (pw, ph) = (w - l - r, h - t - b);
-    // Axes: x log10(MB) over whole decades' halves, y over the data padded.
+    // Axes: x log10(MB), y edit similarity, both over the data padded.
     let mb = |p: &GridPoint| p.kv_bytes / 1e6;
     let (mut x0, mut x1) = points.iter().fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(mb(p)), hi.max(mb(p))));
-    x0 = (x0.log10() - 0.1).floor_to(0.5);
-    x1 = (x1.log10() + 0.1).ceil_to(0.5);
+    (x0, x1) = (x0.log10() - 0.1, x1.log10() + 0.1);
     let (mut y0, mut y1) = points
         .iter()
         .fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(p.edit_similarity), hi.max(p.edit_similarity)));
@@ -828,10 +827,10 @@ pub fn plot_svg(points: &[GridPoint], title: &str) -> Result<String> {
         let x = px(0.2 * f.kv_bytes / 1e6);
         let _ = writeln!(
             s,
-            r##"<line x1="{l}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#2a2" stroke-dasharray="6 4"/><text x="{}" y="{:.1}" fill="#2a2" font-size="10">97% of full</text>"##,
+            r##"<line x1="{l}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#2a2" stroke-dasharray="6 4"/><text x="{}" y="{:.1}" fill="#2a2" font-size="10">97% of full's edit similarity</text>"##,
             l + pw,
-            l + pw + 4.0,
-            y + 3.0
+            l + 4.0,
+            y - 4.0
         );
         if x >= l && x <= l + pw {
             let _ = writeln!(

@@ -74,8 +74,18 @@ fi
 done_point() { grep -q "\"name\":\"$1\"" "$GRID"; }
 
 # Window tokens whose KV bytes match an anchor point's mean: its mean KV bytes
-# over full's bytes per token (full keeps every token), less the sinks.
+# over full's bytes per token (full keeps every token), less the sinks. A
+# window point already started for that anchor point keeps its W (resuming;
+# or W chosen by hand, e.g. from the anchor point's first tasks to run both
+# at once).
 window_for() {
+  local started
+  started=$(ls "$OUT"/tasks-window-W*-S4-at-"$1".jsonl 2>/dev/null | head -n 1)
+  if [[ -n $started ]]; then
+    started=${started##*/tasks-window-W}
+    echo "${started%%-*}"
+    return
+  fi
   python3 - "$OUT/tasks-full.jsonl" "$OUT/tasks-$1.jsonl" <<'PY'
 import json, statistics, sys
 full = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]

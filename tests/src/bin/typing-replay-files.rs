@@ -1,0 +1,403 @@
+//! Keystroke-to-suggestion latency while switching between three real files,
+//! side by side with llama.cpp's server used the way llama.vim uses it.
+//!
+//! The session: three long Python-stdlib files are open; the user visits them
+//! in turn (`--rounds` times each) and in each visit types one line of the
+//! file (removed from the document beforehand) a character at a time, with an
+//! inline-completion request after each keystroke, `--pause-ms` between
+//! keystrokes and a longer pause when moving to another file.
+//!
+//! - **ours**: the real `anchorcoder` over LSP (single-line suggestions,
+//!   `maxTokens` 24, `--policy`, `threads` 2); the files are opened first and
+//!   the server warms their caches while the user reads.
+//! - **llama.cpp**: `llama-server -np 1` (one slot, as llama.vim runs it;
+//!   `--cache-reuse 256` as its README suggests) on the same GGUF and threads.
+//!   `/infill` answers 501 for this model (no FIM tokens), so each keystroke
+//!   is a `/completion` with `cache_prompt: true`, greedy, `n_predict` 24,
+//!   stopping at a newline, whose prompt is the same prefix window our server
+//!   uses (`completion::plan`: from the first line start within 2,048 × 3
+//!   bytes before the cursor, kept while typing). Like llama.vim's cache, a
+//!   keystroke that types the next character of the shown suggestion shows
+//!   the rest without a request (our server does the same, server-side).
+//!
+//! Prints p50/p95 of both (all keystrokes, and the first keystroke of each
+//! visit) and, last, one JSON object with the ratios (llama.cpp over ours).
+//!
+//! `typing-replay-files --llama-server BIN --model GGUF [--rounds 2] [--policy anchor] [--pause-ms 30] [--only ours|llama]`
+//! (ANCHORCODER_BIN picks our binary; tests/bench/typing-files.sh runs it).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anchorcoder_e2e::Server;
+use serde_json::{json, Value};
+
+/// The server's prompt budget: 2,048 tokens at 3 bytes a token (completion.rs).
+const WINDOW_BYTES: usize = 2048 * 3;
+const FILES: [&str; 3] = ["configparser.py", "ftplib.py", "calendar.py"];
+/// Where typing starts in each file (1-based line; past the first full window).
+const START_LINES: [usize; 3] = [700, 560, 520];
+
+/// One file of the session: its lines, and which of them are typed.
+struct Doc {
+    uri: String,
+    lines: Vec<String>,
+    /// 0-based index of the first typed line; visit k types line `start + k`.
+    start: usize,
+}
+
+impl Doc {
+    /// The text the editor starts with: the file minus the lines to type.
+    fn initial_text(&self, rounds: usize) -> String {
+        let mut t = self.lines[..self.start].concat();
+        t.push_str(&self.lines[self.start + rounds..].concat());
+        t
+    }
+    /// The line typed in visit `k` (without its newline).
+    fn typed(&self, k: usize) -> &str {
+        self.lines[self.start + k].trim_end_matches('\n')
+    }
+}
+
+/// `completion::plan`'s window start: keep the previous one while it is
+/// still a line start before the cursor's line and within twice the budget,
+/// else the first line start at or after `cursor - budget`.
+fn window_start(text: &str, cursor: usize, previous: Option<usize>) -> usize {
+    let line_begin = text[..cursor].rfind('\n').map_or(0, |i| i + 1);
+    if let Some(p) = previous.filter(|&p| p <= line_begin && cursor - p <= 2 * WINDOW_BYTES) {
+        return p;
+    }
+    if cursor <= WINDOW_BYTES {
+        return 0;
+    }
+    let mut from = cursor - WINDOW_BYTES;
+    while !text.is_char_boundary(from) {
+        from -= 1;
+    }
+    text[from..line_begin].find('\n').map_or(line_begin, |i| from + i + 1)
+}
+
+/// A keystroke's latency and whether it was the first of a visit.
+struct Sample {
+    ms: f64,
+    first: bool,
+}
+
+/// Replay against one of the two: `on_change(doc, line, col, char)` tells of
+/// an inserted character, `complete(doc, text, cursor, line, col)` returns the
+/// suggestion shown after a keystroke.
+fn replay(
+    docs: &[Doc],
+    rounds: usize,
+    pause: Duration,
+    mut on_change: impl FnMut(usize, u32, u32, char),
+    mut complete: impl FnMut(usize, &str, usize, u32, u32) -> String,
+) -> Vec<Sample> {
+    let mut texts: Vec<String> = docs.iter().map(|d| d.initial_text(rounds)).collect();
+    let mut samples = Vec::new();
+    for k in 0..rounds {
+        for (i, d) in docs.iter().enumerate() {
+            // Moving to the file: a longer pause, then a new line opened where
+            // the visit's line goes (after the lines typed before it), and
+            // the line typed on it after its indentation.
+            std::thread::sleep(pause * 30);
+            let line = (d.start + k) as u32;
+            let mut cursor: usize = texts[i].split_inclusive('\n').take(d.start + k).map(str::len).sum();
+            texts[i].insert(cursor, '\n');
+            on_change(i, line, 0, '\n');
+            let mut col = 0u32;
+            let typed = d.typed(k);
+            let indent = typed.len() - typed.trim_start().len();
+            for (n, c) in typed.chars().enumerate() {
+                texts[i].insert(cursor, c);
+                on_change(i, line, col, c);
+                cursor += c.len_utf8();
+                col += c.len_utf8() as u32;
+                // The editor indents the new line: no request for those.
+                if n < indent {
+                    continue;
+                }
+                let t = Instant::now();
+                let _ = complete(i, &texts[i], cursor, line, col);
+                samples.push(Sample { ms: t.elapsed().as_secs_f64() * 1000.0, first: n == indent });
+                std::thread::sleep(pause);
+            }
+            let visit: Vec<f64> = samples.iter().rev().take(typed.trim_start().chars().count()).map(|s| s.ms).collect();
+            eprintln!(
+                "  visit {} of {}: {} keystrokes, first {:.0} ms, p50 {:.0} ms",
+                k * docs.len() + i + 1,
+                rounds * docs.len(),
+                visit.len(),
+                visit.last().copied().unwrap_or(f64::NAN),
+                percentile(visit, 0.5)
+            );
+        }
+    }
+    samples
+}
+
+fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn stats(samples: &[Sample]) -> Value {
+    let all: Vec<f64> = samples.iter().map(|s| s.ms).collect();
+    let first: Vec<f64> = samples.iter().filter(|s| s.first).map(|s| s.ms).collect();
+    json!({
+        "requests": all.len(), "p50_ms": percentile(all.clone(), 0.5), "p95_ms": percentile(all, 0.95),
+        "first_keystroke_p50_ms": percentile(first.clone(), 0.5), "first_keystroke_max_ms": percentile(first, 1.0),
+    })
+}
+
+fn ours(docs: &[Doc], rounds: usize, pause: Duration, policy: &str) -> Vec<Sample> {
+    let mut s = Server::start(&[]);
+    s.initialize(
+        json!({"attention": {"policy": policy}, "threads": 2, "completion": {"maxLines": 1, "maxTokens": 24}}),
+        json!({"general": {"positionEncodings": ["utf-8"]}}),
+    );
+    for d in docs {
+        s.open(&d.uri, "python", &d.initial_text(rounds));
+    }
+    // The user reads while the model loads and the open files warm up.
+    let t = Instant::now();
+    loop {
+        // A long timeout: the worker answers status between warm-up steps.
+        let st = s.request("anchorcoder/status", Value::Null, Duration::from_secs(900))["result"].clone();
+        let warm = st["documents"].as_array().is_some_and(|a| {
+            a.len() == docs.len() && a.iter().all(|d| d["pendingTokens"] == 0 && d["tokens"].as_u64() > Some(0))
+        });
+        if (st["model"]["state"] == "ready" && warm && st["queueDepth"] == 0) || t.elapsed() > Duration::from_secs(600) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    eprintln!("ours: model loaded and {} files warm after {:.0}s", docs.len(), t.elapsed().as_secs_f64());
+    let mut version = 1;
+    let samples = {
+        let s = std::cell::RefCell::new(&mut s);
+        replay(
+            docs,
+            rounds,
+            pause,
+            |i, line, col, c| {
+                version += 1;
+                s.borrow_mut().notify(
+                    "textDocument/didChange",
+                    json!({"textDocument": {"uri": docs[i].uri, "version": version},
+                           "contentChanges": [{"range": {"start": {"line": line, "character": col},
+                                                         "end": {"line": line, "character": col}}, "text": c.to_string()}]}),
+                );
+            },
+            |i, _text, _cursor, line, col| {
+                let r = s.borrow_mut().request(
+                    "textDocument/inlineCompletion",
+                    json!({"textDocument": {"uri": docs[i].uri}, "position": {"line": line, "character": col},
+                           "context": {"triggerKind": 2}}),
+                    Duration::from_secs(300),
+                );
+                assert!(r.get("result").is_some(), "request failed: {r}");
+                r["result"]["items"][0]["insertText"].as_str().unwrap_or("").to_string()
+            },
+        )
+    };
+    s.shutdown();
+    samples
+}
+
+/// A running llama-server on a local port.
+struct Llama {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Llama {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Llama {
+    fn start(bin: &str, model: &str, threads: usize) -> Llama {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new(bin)
+            .args(["-m", model, "--host", "127.0.0.1", "--port", &port.to_string(), "-np", "1", "-c", "4096"])
+            .args(["-t", &threads.to_string(), "-tb", &threads.to_string(), "--cache-reuse", "256"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin}: {e} (tests/bench/build-llamacpp.sh builds it)"));
+        let l = Llama { child, port };
+        let t = Instant::now();
+        while l.get("/health").0 != 200 {
+            assert!(t.elapsed() < Duration::from_secs(120), "llama-server did not become healthy");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        l
+    }
+
+    fn http(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let Ok(mut c) = TcpStream::connect(("127.0.0.1", self.port)) else { return (0, String::new()) };
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        if c.write_all(req.as_bytes()).is_err() {
+            return (0, String::new());
+        }
+        let mut r = BufReader::new(c);
+        let mut status = String::new();
+        let _ = r.read_line(&mut status);
+        let code = status.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let mut len = None;
+        loop {
+            let mut h = String::new();
+            if r.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().ok();
+                }
+            }
+        }
+        let mut out = Vec::new();
+        match len {
+            Some(n) => {
+                out.resize(n, 0);
+                let _ = r.read_exact(&mut out);
+            }
+            None => {
+                let _ = r.read_to_end(&mut out);
+            }
+        }
+        (code, String::from_utf8_lossy(&out).into_owned())
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        self.http("GET", path, "")
+    }
+}
+
+fn llama(docs: &[Doc], rounds: usize, pause: Duration, bin: &str, model: &str) -> Vec<Sample> {
+    let server = Llama::start(bin, model, 2);
+    let (code, _) = server.http("POST", "/infill", &json!({"input_prefix": "def f(", "input_suffix": ""}).to_string());
+    eprintln!("llama.cpp: /infill answers {code} for this model; using /completion with cache_prompt");
+    let mut starts: Vec<Option<usize>> = vec![None; docs.len()];
+    // The suggestion on screen and the document it belongs to.
+    let mut shown: Option<(usize, String)> = None;
+    replay(
+        docs,
+        rounds,
+        pause,
+        |_, _, _, _| {},
+        |i, text, cursor, _line, _col| {
+            let c = text[..cursor].chars().next_back().unwrap();
+            // Typing through the shown suggestion: no request.
+            if let Some((d, rest)) = &shown {
+                if *d == i && rest.starts_with(c) && rest.len() > c.len_utf8() {
+                    let rest = rest[c.len_utf8()..].to_string();
+                    shown = Some((i, rest.clone()));
+                    return rest;
+                }
+            }
+            let start = window_start(text, cursor, starts[i]);
+            starts[i] = Some(start);
+            let body = json!({
+                "prompt": &text[start..cursor], "n_predict": 24, "cache_prompt": true,
+                "temperature": 0.0, "top_k": 1, "stop": ["\n"],
+            });
+            let (code, resp) = server.http("POST", "/completion", &body.to_string());
+            assert_eq!(code, 200, "llama-server /completion failed: {resp}");
+            let v: Value = serde_json::from_str(&resp).expect("llama-server sent JSON");
+            let s = v["content"].as_str().unwrap_or("").to_string();
+            shown = Some((i, s.clone()));
+            s
+        },
+    )
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let rounds: usize = flag("--rounds").and_then(|v| v.parse().ok()).unwrap_or(2);
+    let pause = Duration::from_millis(flag("--pause-ms").and_then(|v| v.parse().ok()).unwrap_or(30));
+    let policy = flag("--policy").unwrap_or_else(|| "anchor".into());
+    let only = flag("--only");
+    let stdlib = {
+        let out = Command::new("python3")
+            .args(["-c", "import sysconfig; print(sysconfig.get_paths()['stdlib'])"])
+            .output()
+            .expect("python3");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let docs: Vec<Doc> = FILES
+        .iter()
+        .zip(START_LINES)
+        .map(|(f, start)| {
+            let path = format!("{stdlib}/{f}");
+            let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
+            let lines: Vec<String> = text.split_inclusive('\n').map(str::to_string).collect();
+            // The first non-blank line at or after the chosen one, and the
+            // ones after it, are typed.
+            let mut start = start - 1;
+            while lines[start].trim().is_empty() {
+                start += 1;
+            }
+            assert!(lines.len() > start + rounds, "{path} is too short");
+            Doc { uri: format!("file:///tmp/anchorcoder-replay/{f}"), lines, start }
+        })
+        .collect();
+    for d in &docs {
+        let typed: usize = (0..rounds).map(|k| d.typed(k).trim_start().chars().count()).sum();
+        eprintln!("{}: {} lines, typing {typed} characters from line {}", d.uri, d.lines.len(), d.start + 1);
+    }
+
+    let mut report = serde_json::Map::new();
+    if only.as_deref() != Some("llama") {
+        let s = stats(&ours(&docs, rounds, pause, &policy));
+        println!("ours ({policy}):   {s}");
+        report.insert("ours".into(), s);
+    }
+    if only.as_deref() != Some("ours") {
+        let bin = flag("--llama-server").expect("--llama-server BIN");
+        let model = flag("--model").expect("--model GGUF");
+        let s = stats(&llama(&docs, rounds, pause, &bin, &model));
+        println!("llama.cpp: {s}");
+        report.insert("llama_cpp".into(), s);
+    }
+    if let (Some(o), Some(l)) = (report.get("ours").cloned(), report.get("llama_cpp").cloned()) {
+        for k in ["p50_ms", "p95_ms", "first_keystroke_p50_ms"] {
+            let ratio = l[k].as_f64().unwrap() / o[k].as_f64().unwrap();
+            report.insert(format!("{k}_ratio_llama_over_ours"), json!(ratio));
+            println!("{k}: llama.cpp / ours = {ratio:.2}x");
+        }
+    }
+    report.insert("policy".into(), json!(policy));
+    report.insert("rounds".into(), json!(rounds));
+    println!("{}", Value::Object(report));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_start_mirrors_the_server_plan() {
+        let text: String = (0..2000).map(|i| format!("line {i}\n")).collect();
+        assert_eq!(window_start(&text, 100, None), 0);
+        let cursor = text.len() - 3;
+        let s = window_start(&text, cursor, None);
+        assert!(cursor - s <= WINDOW_BYTES && text.as_bytes()[s - 1] == b'\n');
+        assert!(cursor - s > WINDOW_BYTES - 20, "the first line start within the budget");
+        // Kept while typing further on.
+        assert_eq!(window_start(&text, cursor + 1, Some(s)), s);
+        assert_ne!(window_start(&text, cursor, Some(10)), 10, "too far back: recomputed");
+    }
+}
