@@ -71,6 +71,8 @@ pub struct Config {
     pub threads: Option<usize>,
     /// File to append logs to; `None` logs to stderr only.
     pub log_file: Option<PathBuf>,
+    /// Where generation runs: the in-process model or a remote engine.
+    pub backend: BackendConfig,
 }
 
 /// `model.*` settings.
@@ -81,6 +83,81 @@ pub struct ModelConfig {
     pub path: Option<PathBuf>,
     /// Adapter to apply to the model; `None` for none.
     pub adapter: Option<PathBuf>,
+}
+
+/// `backend.*` settings: the in-process model, or a remote inference server
+/// that only generates (documents, prompt windows and suggestion rules stay
+/// local). The API key itself is never a setting: `api_key_env` names the
+/// environment variable that holds it, so settings files stay shareable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendConfig {
+    /// `local`, `openai` or `llamacpp`.
+    pub kind: BackendKind,
+    /// Base URL of the remote engine (`http://` or `https://`, no trailing `/`).
+    pub url: Option<String>,
+    /// Model name sent to the engine; `None` asks the engine (`/v1/models`).
+    pub model: Option<String>,
+    /// Environment variable holding the API key; `None` sends no key.
+    pub api_key_env: Option<String>,
+    /// Most time one remote request may take, in milliseconds.
+    pub timeout_ms: u64,
+    /// Serve completions from the local model while the remote is down.
+    pub fallback_to_local: bool,
+}
+
+impl BackendConfig {
+    /// Whether generation runs on a remote engine.
+    pub fn is_remote(&self) -> bool {
+        self.kind != BackendKind::Local
+    }
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        Self {
+            kind: BackendKind::Local,
+            url: None,
+            model: None,
+            api_key_env: None,
+            timeout_ms: 5000,
+            fallback_to_local: false,
+        }
+    }
+}
+
+/// The backend kinds accepted by `backend.kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// The in-process model.
+    #[default]
+    Local,
+    /// An OpenAI-compatible `/v1/completions` (vLLM, llama.cpp, Ollama, TGI).
+    #[serde(rename = "openai")]
+    OpenAi,
+    /// llama.cpp's server, natively (`/infill`, `/completion`).
+    #[serde(rename = "llamacpp")]
+    LlamaCpp,
+}
+
+impl BackendKind {
+    /// All kinds, as written in settings.
+    pub const ALL: [BackendKind; 3] = [Self::Local, Self::OpenAi, Self::LlamaCpp];
+
+    /// The name as written in settings.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::OpenAi => "openai",
+            Self::LlamaCpp => "llamacpp",
+        }
+    }
+
+    /// Parses a settings name (exact, lowercase).
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.as_str() == name)
+    }
 }
 
 /// `attention.*` settings, kept plain; the engine converts them to its policy
@@ -234,6 +311,8 @@ pub mod limits {
     pub const DEBOUNCE_MS: RangeInclusive<u64> = 0..=10_000;
     /// `threads`.
     pub const THREADS: RangeInclusive<u64> = 1..=256;
+    /// `backend.timeoutMs`.
+    pub const TIMEOUT_MS: RangeInclusive<u64> = 100..=600_000;
 }
 
 impl Config {
@@ -302,6 +381,11 @@ impl Config {
                         self.completion.apply(u, map);
                     }
                 }
+                "backend" => {
+                    if let Some(map) = u.section("backend", value, &mut self.backend) {
+                        self.backend.apply(u, map);
+                    }
+                }
                 "threads" => u.optional_uint("threads", value, limits::THREADS, &mut self.threads),
                 "logFile" => u.optional_path("logFile", value, &mut self.log_file),
                 _ => u.unknown(key),
@@ -319,6 +403,50 @@ impl ModelConfig {
                 _ => u.unknown(&format!("model.{key}")),
             }
         }
+    }
+}
+
+impl BackendConfig {
+    /// Key by key like the other sections; then a remote kind without a URL
+    /// is refused (kind and URL keep their old values), as it could never work.
+    fn apply(&mut self, u: &mut Updater, map: &Map<String, Value>) {
+        let default = Self::default();
+        let (old_kind, old_url) = (self.kind, self.url.clone());
+        for (key, value) in map {
+            match key.as_str() {
+                "kind" => u.backend_kind("backend.kind", value, &mut self.kind),
+                "url" => u.url("backend.url", value, &mut self.url),
+                "model" => u.optional_string("backend.model", value, &mut self.model),
+                "apiKeyEnv" => u.env_name("backend.apiKeyEnv", value, &mut self.api_key_env),
+                "timeoutMs" => u.uint(
+                    "backend.timeoutMs",
+                    value,
+                    limits::TIMEOUT_MS,
+                    &mut self.timeout_ms,
+                    default.timeout_ms,
+                ),
+                "fallbackToLocal" => u.boolean(
+                    "backend.fallbackToLocal",
+                    value,
+                    &mut self.fallback_to_local,
+                    default.fallback_to_local,
+                ),
+                _ => u.unknown(&format!("backend.{key}")),
+            }
+        }
+        if self.is_remote() && self.url.is_none() {
+            u.messages.push(ConfigMessage::Error(format!(
+                "`backend.kind` \"{}\" needs `backend.url` (e.g. \"http://127.0.0.1:8080\"); keeping \"{old_kind}\"",
+                self.kind
+            )));
+            (self.kind, self.url) = (old_kind, old_url);
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -552,6 +680,87 @@ impl Updater {
         }
     }
 
+    fn optional_string(&mut self, path: &str, value: &Value, slot: &mut Option<String>) {
+        match value {
+            Value::String(s) if !s.trim().is_empty() => *slot = Some(s.trim().to_owned()),
+            Value::Null => *slot = None,
+            other => {
+                let kept = keeping_string(slot);
+                self.reject(path, other, "a non-empty string, or null", &kept);
+            }
+        }
+    }
+
+    /// An `http://` or `https://` base URL without credentials (keys come
+    /// from `apiKeyEnv`, never from settings); a trailing `/` is dropped.
+    fn url(&mut self, path: &str, value: &Value, slot: &mut Option<String>) {
+        let parsed = match value {
+            Value::Null => return *slot = None,
+            Value::String(s) => reqwest::Url::parse(s.trim()).ok().filter(|u| {
+                matches!(u.scheme(), "http" | "https")
+                    && u.host().is_some()
+                    && u.username().is_empty()
+                    && u.password().is_none()
+                    && u.query().is_none()
+                    && u.fragment().is_none()
+            }),
+            _ => None,
+        };
+        match parsed {
+            Some(u) => *slot = Some(u.as_str().trim_end_matches('/').to_owned()),
+            None => {
+                let kept = keeping_string(slot);
+                self.reject(
+                    path,
+                    value,
+                    "an http:// or https:// URL without user, password, query or fragment, or null",
+                    &kept,
+                );
+            }
+        }
+    }
+
+    /// The name of an environment variable (not the key itself).
+    fn env_name(&mut self, path: &str, value: &Value, slot: &mut Option<String>) {
+        let ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 128
+                && !s.starts_with(|c: char| c.is_ascii_digit())
+                && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        };
+        match value {
+            Value::String(s) if ok(s) => *slot = Some(s.clone()),
+            Value::Null => *slot = None,
+            // Never echo what might be the key itself.
+            Value::String(_) => {
+                let kept = keeping_string(slot);
+                self.messages.push(ConfigMessage::Error(format!(
+                    "invalid value for `{path}`: expected the name of an environment variable \
+                     (letters, digits and _), not the key itself; {kept}"
+                )));
+            }
+            other => {
+                let kept = keeping_string(slot);
+                self.reject(path, other, "the name of an environment variable, or null", &kept);
+            }
+        }
+    }
+
+    fn backend_kind(&mut self, path: &str, value: &Value, slot: &mut BackendKind) {
+        match value {
+            Value::Null => *slot = BackendKind::default(),
+            Value::String(s) if BackendKind::parse(s).is_some() => {
+                *slot = BackendKind::parse(s).expect("checked above");
+            }
+            other => self.reject(
+                path,
+                other,
+                "one of \"local\", \"openai\", \"llamacpp\"",
+                &format!("keeping \"{slot}\""),
+            ),
+        }
+    }
+
     fn policy(&mut self, path: &str, value: &Value, slot: &mut PolicyName) {
         match value {
             Value::Null => *slot = PolicyName::default(),
@@ -565,6 +774,13 @@ impl Updater {
                 &format!("keeping \"{slot}\""),
             ),
         }
+    }
+}
+
+fn keeping_string(slot: &Option<String>) -> String {
+    match slot {
+        Some(old) => format!("keeping \"{old}\""),
+        None => "keeping null".to_owned(),
     }
 }
 
@@ -632,7 +848,8 @@ mod tests {
                 "cache": { "enabled": true, "memoryBudgetMiB": 512 },
                 "completion": { "maxTokens": 64, "maxLines": 8, "prefixTokens": 2048, "suffixTokens": 256, "debounceMs": 0, "fim": true },
                 "threads": null,
-                "logFile": null
+                "logFile": null,
+                "backend": { "kind": "local", "url": null, "model": null, "apiKeyEnv": null, "timeoutMs": 5000, "fallbackToLocal": false }
             })
         );
         assert_eq!(config.cache.memory_budget_bytes(), 512 << 20);
@@ -664,6 +881,7 @@ mod tests {
             ("completion.suffixTokens", limits::SUFFIX_TOKENS),
             ("completion.debounceMs", limits::DEBOUNCE_MS),
             ("threads", limits::THREADS),
+            ("backend.timeoutMs", limits::TIMEOUT_MS),
         ];
         for (key, range) in ranges {
             let row = doc
@@ -692,7 +910,8 @@ mod tests {
             "cache": { "enabled": false, "memoryBudgetMiB": 65536 },
             "completion": { "maxTokens": 1024, "maxLines": 100, "prefixTokens": 64, "suffixTokens": 0, "debounceMs": 75, "fim": false },
             "threads": 256,
-            "logFile": "/tmp/anchorcoder.log"
+            "logFile": "/tmp/anchorcoder.log",
+            "backend": { "kind": "openai", "url": "https://gpu.example:8000/", "model": "coder", "apiKeyEnv": "TEAM_KEY", "timeoutMs": 600000, "fallbackToLocal": true }
         }));
         assert_eq!(messages, []);
         assert_eq!(
@@ -723,6 +942,14 @@ mod tests {
                 },
                 threads: Some(256),
                 log_file: Some("/tmp/anchorcoder.log".into()),
+                backend: BackendConfig {
+                    kind: BackendKind::OpenAi,
+                    url: Some("https://gpu.example:8000".into()),
+                    model: Some("coder".into()),
+                    api_key_env: Some("TEAM_KEY".into()),
+                    timeout_ms: 600000,
+                    fallback_to_local: true,
+                },
             }
         );
         assert_eq!(config.effective_threads(), 256);
@@ -840,6 +1067,7 @@ mod tests {
                 "from 0 to 32768",
             ),
             ("completion", "debounceMs", json!(10_001), "from 0 to 10000"),
+            ("backend", "timeoutMs", json!(99), "from 100 to 600000"),
             ("completion", "maxTokens", json!(-3), "from 1 to 1024"),
             ("completion", "maxTokens", json!(12.5), "from 1 to 1024"),
             ("completion", "maxTokens", json!("12"), "from 1 to 1024"),
@@ -975,6 +1203,56 @@ mod tests {
             ["invalid value \"fast please\" for settings: expected an object of settings; keeping all current settings"]
         );
         assert_eq!(config.threads, Some(2));
+    }
+
+    #[test]
+    fn backend_values_are_checked_and_keys_never_echoed() {
+        let mut config = Config::default();
+        let messages = config.apply(&json!({ "backend": {
+            "kind": "ollama", "url": "ftp://host", "apiKeyEnv": "sk-secret-123", "model": 7, "fallbackToLocal": "yes"
+        }}));
+        let mut errs = errors(&messages);
+        errs.sort_unstable();
+        assert_eq!(
+            errs,
+            [
+                "invalid value \"ftp://host\" for `backend.url`: expected an http:// or https:// URL without user, password, query or fragment, or null; keeping null",
+                "invalid value \"ollama\" for `backend.kind`: expected one of \"local\", \"openai\", \"llamacpp\"; keeping \"local\"",
+                "invalid value \"yes\" for `backend.fallbackToLocal`: expected true or false; keeping false",
+                "invalid value 7 for `backend.model`: expected a non-empty string, or null; keeping null",
+                "invalid value for `backend.apiKeyEnv`: expected the name of an environment variable (letters, digits and _), not the key itself; keeping null",
+            ]
+        );
+        assert!(messages.iter().all(|m| !m.text().contains("sk-secret")));
+        assert_eq!(config, Config::default());
+
+        for bad in ["http://user:pw@host", "http://host/?k=1", "not a url", "http://"] {
+            let messages = config.apply(&json!({ "backend": { "url": bad } }));
+            assert_eq!(errors(&messages).len(), 1, "{bad}: {messages:?}");
+        }
+        assert_eq!(config.backend.url, None);
+    }
+
+    #[test]
+    fn a_remote_kind_needs_a_url() {
+        let mut config = Config::default();
+        let messages = config.apply(&json!({ "backend": { "kind": "llamacpp" } }));
+        assert_eq!(
+            errors(&messages),
+            ["`backend.kind` \"llamacpp\" needs `backend.url` (e.g. \"http://127.0.0.1:8080\"); keeping \"local\""]
+        );
+        assert!(!config.backend.is_remote());
+        // Kind and URL together, in either order, apply; the URL is normalized.
+        assert!(config.apply(&json!({ "backend": { "url": "http://127.0.0.1:8080/", "kind": "llamacpp" } })).is_empty());
+        assert_eq!(config.backend.kind, BackendKind::LlamaCpp);
+        assert_eq!(config.backend.url.as_deref(), Some("http://127.0.0.1:8080"));
+        assert!(config.apply(&json!({ "backend": { "url": "https://h.example/llm/" } })).is_empty());
+        assert_eq!(config.backend.url.as_deref(), Some("https://h.example/llm"));
+        // Dropping the URL of a remote kind is refused as a whole: the kind stays remote and needs it.
+        let messages = config.apply(&json!({ "backend": { "url": null } }));
+        assert_eq!(errors(&messages).len(), 1, "{messages:?}");
+        assert!(config.apply(&json!({ "backend": null })).is_empty());
+        assert_eq!(config.backend, BackendConfig::default());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! the model, queue and caches) → [`engine`] (tensors). See
 //! `docs/architecture.md` for the map.
 
+pub mod backend;
 pub mod bench;
 pub mod cli;
 pub mod completion;

@@ -8,6 +8,13 @@
 //! window) in chunks when nothing else waits. A panic in a job is caught and
 //! reported; that document's cache is dropped and the worker goes on. If the
 //! thread dies anyway, [`WorkerHandle::send`] starts a new one.
+//!
+//! The backend seam: with a remote `backend`, [`WorkerHandle::send`] hands
+//! completions to a [`RemoteRoute`] on the async runtime instead of the
+//! thread. The route keeps every local part (prompt window, healing,
+//! suggestion rules, typing-through, newest-wins) and lets `backend::Remote`
+//! generate; the thread then loads the local model only when
+//! `fallbackToLocal` needs it.
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -18,10 +25,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ropey::Rope;
-use tokio::sync::{mpsc::UnboundedSender, oneshot};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc::UnboundedSender, oneshot, Notify};
 
+use crate::backend::{Notice, Reachability, Remote, RemoteRequest};
 use crate::completion::{self, Prompt, Settings};
-use crate::config::Config;
+use crate::config::{BackendConfig, CompletionConfig, Config};
+use crate::engine::document::line_start;
 use crate::engine::document::DocumentCache;
 use crate::engine::policy::AttentionPolicy;
 use crate::engine::Engine;
@@ -95,6 +105,9 @@ pub enum ModelState {
     Ready,
     /// Failed; see the message.
     Error,
+    /// Not loaded: a remote engine serves completions (with
+    /// `fallbackToLocal`, the model loads when first needed).
+    Unloaded,
 }
 
 /// What the worker tells the LSP side, unasked.
@@ -150,52 +163,160 @@ pub struct WorkerStatus {
     pub queue_depth: usize,
     /// Latencies of the last completions, oldest first.
     pub last_latencies_ms: Vec<f64>,
+    /// The backend: `{"kind": "local"}`, or a remote engine's health and
+    /// counts (see `backend::Remote::status`).
+    pub backend: Value,
+}
+
+/// State the LSP side and the worker thread share.
+#[derive(Clone, Default)]
+struct Shared {
+    queue_depth: Arc<AtomicUsize>,
+    /// The remote route, when `backend` names a remote engine.
+    route: Arc<Mutex<Option<Arc<RemoteRoute>>>>,
+    /// Latencies of the last completions, local and remote.
+    latencies: Arc<Mutex<VecDeque<f64>>>,
+}
+
+impl Shared {
+    fn route(&self) -> Option<Arc<RemoteRoute>> {
+        lock(&self.route).clone()
+    }
+
+    fn record_latency(&self, ms: f64) {
+        let mut l = lock(&self.latencies);
+        if l.len() == LATENCY_HISTORY {
+            l.pop_front();
+        }
+        l.push_back(ms);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The LSP side's end of the worker: cheap to clone.
 #[derive(Clone)]
 pub struct WorkerHandle {
     inner: Arc<Mutex<Sender<Job>>>,
-    queue_depth: Arc<AtomicUsize>,
+    shared: Shared,
     config: Arc<Mutex<Config>>,
     events: UnboundedSender<Event>,
+    /// Where remote requests run (the server's runtime, or our own).
+    rt: tokio::runtime::Handle,
+    _own_rt: Option<Arc<tokio::runtime::Runtime>>,
 }
 
 impl WorkerHandle {
-    /// Start the worker thread; it loads (or pulls) the model first.
+    /// Start the worker thread; it loads (or pulls) the model first, unless
+    /// a remote engine serves completions.
     pub fn spawn(config: Config, events: UnboundedSender<Event>) -> WorkerHandle {
-        let queue_depth = Arc::new(AtomicUsize::new(0));
-        let tx = start_thread(config.clone(), events.clone(), queue_depth.clone());
-        WorkerHandle { inner: Arc::new(Mutex::new(tx)), queue_depth, config: Arc::new(Mutex::new(config)), events }
+        let (rt, own) = match tokio::runtime::Handle::try_current() {
+            Ok(h) => (h, None),
+            Err(_) => {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()
+                    .expect("cannot start a runtime for remote requests");
+                (rt.handle().clone(), Some(Arc::new(rt)))
+            }
+        };
+        let shared = Shared::default();
+        let handle = WorkerHandle {
+            inner: Arc::new(Mutex::new(start_thread(config.clone(), events.clone(), shared.clone()))),
+            shared,
+            config: Arc::new(Mutex::new(config.clone())),
+            events,
+            rt,
+            _own_rt: own,
+        };
+        handle.set_backend(&config.backend);
+        handle
     }
 
-    /// Queue a job; restarts the worker if its thread died.
+    /// Queue a job; restarts the worker if its thread died. Completions go
+    /// to the remote route when there is one; so does nothing else but
+    /// `Close` (the route forgets the document too).
     pub fn send(&self, job: Job) {
-        if let Job::Configure(c) = &job {
-            *self.config.lock().unwrap_or_else(|e| e.into_inner()) = (**c).clone();
-        }
-        self.queue_depth.fetch_add(1, Ordering::SeqCst);
-        let mut tx = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let job = match job {
+            Job::Configure(c) => {
+                *lock(&self.config) = (*c).clone();
+                self.set_backend(&c.backend);
+                Job::Configure(c)
+            }
+            Job::Complete(job) => match self.shared.route() {
+                Some(route) => return route.complete(job, self.clone()),
+                None => Job::Complete(job),
+            },
+            // Nothing to warm: the remote engine caches its own prompts.
+            Job::Warm { .. } if self.shared.route().is_some() => return,
+            Job::Close { uri } => {
+                if let Some(route) = self.shared.route() {
+                    route.close(&uri);
+                }
+                Job::Close { uri }
+            }
+            other => other,
+        };
+        self.to_thread(job);
+    }
+
+    /// Queue a job on the worker thread.
+    fn to_thread(&self, job: Job) {
+        self.shared.queue_depth.fetch_add(1, Ordering::SeqCst);
+        let mut tx = lock(&self.inner);
         if let Err(mpsc::SendError(job)) = tx.send(job) {
             let _ = self.events.send(Event::Error("the model worker stopped; restarting it".into()));
-            let config = self.config.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            self.queue_depth.store(1, Ordering::SeqCst);
-            *tx = start_thread(config, self.events.clone(), self.queue_depth.clone());
+            let config = lock(&self.config).clone();
+            self.shared.queue_depth.store(1, Ordering::SeqCst);
+            *tx = start_thread(config, self.events.clone(), self.shared.clone());
             let _ = tx.send(job);
+        }
+    }
+
+    /// Make the remote route match `backend` (a new engine, or none); the
+    /// old route's requests are stopped.
+    fn set_backend(&self, backend: &BackendConfig) {
+        let mut slot = lock(&self.shared.route);
+        if slot.as_ref().map(|r| r.remote.config()) == Some(backend) || (slot.is_none() && !backend.is_remote()) {
+            return;
+        }
+        if let Some(old) = slot.take() {
+            old.stop_all();
+        }
+        if backend.is_remote() {
+            let events = self.events.clone();
+            let notify = Arc::new(move |n: Notice| {
+                let _ = events.send(match n {
+                    Notice::Error(m) => Event::Error(m),
+                    Notice::Log(m) => Event::Log(m),
+                });
+            });
+            let route = Arc::new(RemoteRoute::new(Remote::new(backend, notify)));
+            let remote = route.remote.clone();
+            self.rt.spawn(async move { remote.probe().await });
+            let _ = self.events.send(Event::Log(format!(
+                "completions from the {} engine at {}",
+                backend.kind,
+                backend.url.as_deref().unwrap_or("")
+            )));
+            *slot = Some(route);
         }
     }
 
     /// Jobs sent and not yet taken up.
     pub fn queue_depth(&self) -> usize {
-        self.queue_depth.load(Ordering::SeqCst)
+        self.shared.queue_depth.load(Ordering::SeqCst)
     }
 }
 
-fn start_thread(config: Config, events: UnboundedSender<Event>, queue_depth: Arc<AtomicUsize>) -> Sender<Job> {
+fn start_thread(config: Config, events: UnboundedSender<Event>, shared: Shared) -> Sender<Job> {
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()
         .name("anchorcoder-worker".into())
-        .spawn(move || Worker::new(config, events, rx, queue_depth).run())
+        .spawn(move || Worker::new(config, events, rx, shared).run())
         .expect("cannot start the worker thread");
     tx
 }
@@ -227,14 +348,13 @@ struct Worker {
     docs: HashMap<String, DocState>,
     events: UnboundedSender<Event>,
     rx: Receiver<Job>,
-    queue_depth: Arc<AtomicUsize>,
+    shared: Shared,
     completions: VecDeque<CompleteJob>,
     warm: VecDeque<(String, Rope, usize)>,
-    latencies: VecDeque<f64>,
 }
 
 impl Worker {
-    fn new(config: Config, events: UnboundedSender<Event>, rx: Receiver<Job>, queue_depth: Arc<AtomicUsize>) -> Self {
+    fn new(config: Config, events: UnboundedSender<Event>, rx: Receiver<Job>, shared: Shared) -> Self {
         Worker {
             config,
             engine: None,
@@ -244,15 +364,18 @@ impl Worker {
             docs: HashMap::new(),
             events,
             rx,
-            queue_depth,
+            shared,
             completions: VecDeque::new(),
             warm: VecDeque::new(),
-            latencies: VecDeque::new(),
         }
     }
 
     fn run(mut self) {
-        self.load_model();
+        if self.config.backend.is_remote() {
+            self.model_state = ModelState::Unloaded;
+        } else {
+            self.load_model();
+        }
         loop {
             if self.completions.is_empty() && self.warm.is_empty() {
                 match self.rx.recv() {
@@ -295,7 +418,7 @@ impl Worker {
     }
 
     fn accept(&mut self, job: Job) {
-        self.queue_depth.fetch_sub(1, Ordering::SeqCst);
+        self.shared.queue_depth.fetch_sub(1, Ordering::SeqCst);
         match job {
             Job::Complete(job) => {
                 // The newest request for a document supersedes older ones.
@@ -327,9 +450,16 @@ impl Worker {
         if old.attention != self.config.attention || old.cache.enabled != self.config.cache.enabled {
             self.docs.clear();
         }
-        if old.model != self.config.model {
+        let backend = &self.config.backend;
+        let unload = old.model != self.config.model
+            || (backend.is_remote() && !backend.fallback_to_local && self.engine.is_some());
+        if unload {
             self.docs.clear();
             self.engine = None;
+            self.model_error = None;
+            self.model_state = ModelState::Unloaded;
+        }
+        if !self.config.backend.is_remote() && self.model_state == ModelState::Unloaded {
             self.load_model();
         }
     }
@@ -394,16 +524,16 @@ impl Worker {
     /// The bounded region of the document around `cursor` that prompts are
     /// cut from, as text and its byte offset. Never the whole of a huge file.
     fn region(&self, rope: &Rope, cursor: usize) -> (String, usize) {
-        let back = self.config.completion.prefix_tokens * 3 * 3;
-        let lo_line = rope.byte_to_line(cursor.saturating_sub(back));
-        let lo = rope.line_to_byte(lo_line);
-        let hi = (cursor + 8192).min(rope.len_bytes());
-        (rope.byte_slice(lo..hi).to_string(), lo)
+        region(rope, cursor, self.config.completion.prefix_tokens)
     }
 
     /// Plan the prompt and bring the document's cache to it; returns the
     /// region, its offset, the plan and how many tokens were reused.
     fn prepare(&mut self, uri: &str, rope: &Rope, cursor: usize) -> Result<(String, usize, Prompt, usize), String> {
+        if self.engine.is_none() && self.model_state == ModelState::Unloaded {
+            // A remote engine is down and `fallbackToLocal` asked for us.
+            self.load_model();
+        }
         let Some(engine) = &self.engine else {
             return Err(self.model_error.clone().unwrap_or_else(|| "the model is still loading".into()));
         };
@@ -432,10 +562,7 @@ impl Worker {
         let cursor = job.cursor.min(job.rope.len_bytes());
         let result = self.complete_inner(&job.uri, &job.rope, cursor, &job.cancel, job.received);
         if let Ok(c) = &result {
-            if self.latencies.len() == LATENCY_HISTORY {
-                self.latencies.pop_front();
-            }
-            self.latencies.push_back(c.latency_ms);
+            self.shared.record_latency(c.latency_ms);
         }
         let _ = job.reply.send(result);
     }
@@ -552,10 +679,243 @@ impl Worker {
             policy: self.policy().to_json(),
             cache_bytes: self.docs.values().map(|d| d.cache.stats().kv.allocated_bytes).sum(),
             cache_budget_bytes: self.config.cache.memory_budget_bytes() as usize,
-            queue_depth: self.queue_depth.load(Ordering::SeqCst) + self.completions.len() + self.warm.len(),
-            last_latencies_ms: self.latencies.iter().copied().collect(),
+            queue_depth: self.shared.queue_depth.load(Ordering::SeqCst) + self.completions.len() + self.warm.len(),
+            last_latencies_ms: lock(&self.shared.latencies).iter().copied().collect(),
+            backend: self.shared.route().map_or_else(|| json!({ "kind": "local" }), |r| r.status()),
             documents,
         }
+    }
+}
+
+/// The bounded region of the document around `cursor` that prompts are cut
+/// from, as text and its byte offset. Never the whole of a huge file.
+fn region(rope: &Rope, cursor: usize, prefix_tokens: usize) -> (String, usize) {
+    let back = prefix_tokens * 3 * 3;
+    let lo_line = rope.byte_to_line(cursor.saturating_sub(back));
+    let lo = rope.line_to_byte(lo_line);
+    let hi = (cursor + 8192).min(rope.len_bytes());
+    (rope.byte_slice(lo..hi).to_string(), lo)
+}
+
+/// Completions served by a remote engine. The local parts run here, the
+/// same as for the local model: the prompt window (a line start that stays
+/// put while typing, so the engine's prefix cache keeps matching),
+/// healing, the suggestion rules of `completion`, typing-through. Only
+/// generation goes to [`Remote`].
+///
+/// Newest wins per document: a new request stops the older one, and its HTTP
+/// request starts only once the older one's is dropped (`in_flight`), so at
+/// most one request per document is ever in flight to the engine.
+struct RemoteRoute {
+    remote: Arc<Remote>,
+    docs: Mutex<HashMap<String, RemoteDoc>>,
+    counts: Mutex<RouteCounts>,
+}
+
+#[derive(Default)]
+struct RemoteDoc {
+    /// Absolute byte offset of the last prompt window's start.
+    window_start: Option<usize>,
+    shown: Option<Shown>,
+    /// Stops the newest request (the older ones were stopped already).
+    stop: Option<Arc<Notify>>,
+    /// Held while a request is in flight to the engine.
+    in_flight: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// How completions were served, for the status.
+#[derive(Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RouteCounts {
+    remote: u64,
+    typed_through: u64,
+    local_fallback: u64,
+    failed: u64,
+}
+
+/// What a remote completion came to.
+enum Outcome {
+    /// Answer the request.
+    Reply(Result<Completed, String>),
+    /// Hand it to the local model (`fallbackToLocal` while the engine is down).
+    Local,
+}
+
+impl RemoteRoute {
+    fn new(remote: Remote) -> Self {
+        RemoteRoute { remote: Arc::new(remote), docs: Mutex::default(), counts: Mutex::default() }
+    }
+
+    /// Start serving `job` on the runtime; stops the document's older request.
+    fn complete(self: Arc<Self>, job: CompleteJob, worker: WorkerHandle) {
+        let stop = Arc::new(Notify::new());
+        let in_flight = {
+            let mut docs = lock(&self.docs);
+            let doc = docs.entry(job.uri.clone()).or_default();
+            if let Some(older) = doc.stop.replace(stop.clone()) {
+                older.notify_one();
+            }
+            doc.in_flight.clone()
+        };
+        let rt = worker.rt.clone();
+        rt.spawn(async move {
+            let config = lock(&worker.config).clone();
+            let cancel = job.cancel.clone();
+            let outcome = tokio::select! {
+                o = self.serve(&job, &in_flight, &config) => o,
+                _ = stop.notified() => Outcome::Reply(Err("superseded by a newer request".into())),
+                _ = cancelled(&cancel) => Outcome::Reply(Err("cancelled".into())),
+            };
+            let mut counts = lock(&self.counts);
+            match outcome {
+                Outcome::Reply(r) => {
+                    match &r {
+                        Ok(c) if c.typed_through => counts.typed_through += 1,
+                        Ok(_) => counts.remote += 1,
+                        Err(e) if e == "cancelled" || e.starts_with("superseded") => {}
+                        Err(_) => counts.failed += 1,
+                    }
+                    if let Ok(c) = &r {
+                        worker.shared.record_latency(c.latency_ms);
+                    }
+                    let _ = job.reply.send(r);
+                }
+                Outcome::Local => {
+                    counts.local_fallback += 1;
+                    drop(counts);
+                    worker.to_thread(Job::Complete(job));
+                }
+            }
+        });
+    }
+
+    async fn serve(&self, job: &CompleteJob, in_flight: &tokio::sync::Mutex<()>, config: &Config) -> Outcome {
+        let c = &config.completion;
+        let settings = Settings::from(c);
+        let latency = || job.received.elapsed().as_secs_f64() * 1000.0;
+        let cursor = job.cursor.min(job.rope.len_bytes());
+        let (region, lo) = region(&job.rope, cursor, c.prefix_tokens);
+        let at = cursor - lo;
+        let (prompt, typed_through) = {
+            let mut docs = lock(&self.docs);
+            let doc = docs.entry(job.uri.clone()).or_default();
+            let prompt = completion::plan(&region, at, doc.window_start.and_then(|p| p.checked_sub(lo)), &settings);
+            doc.window_start = Some(lo + prompt.window_start);
+            let before = &region[prompt.window_start..at];
+            (prompt.clone(), doc.shown.as_ref().and_then(|s| type_through(s, before, &prompt.line_suffix)))
+        };
+        if let Some(text) = typed_through {
+            let done = Completed { text, latency_ms: latency(), typed_through: true, reused_tokens: 0, prefilled_tokens: 0 };
+            return Outcome::Reply(Ok(done));
+        }
+        let fallback = config.backend.fallback_to_local;
+        if fallback && self.remote.state() == Reachability::Down {
+            if self.remote.claim_probe() {
+                let remote = self.remote.clone();
+                tokio::spawn(async move { remote.probe().await });
+            }
+            return Outcome::Local;
+        }
+        let heal = remote_heal(&prompt, self.remote.forces_prefix());
+        let request = remote_request(&region, at, &prompt, c, heal);
+        let mut rule = |text: &str| match after_heal(text, heal) {
+            Ok(rest) => completion::should_stop(rest, &prompt, &settings),
+            Err(pending) => !pending,
+        };
+        let _in_flight = in_flight.lock().await;
+        match self.remote.generate(&request, &mut rule).await {
+            Ok(raw) => {
+                let following = &region[at..];
+                let text = after_heal(&raw, heal).map_or(String::new(), |t| completion::finish(t, &prompt, following, &settings));
+                if let Some(doc) = lock(&self.docs).get_mut(&job.uri) {
+                    let before = region[prompt.window_start..at].to_string();
+                    doc.shown = (!text.is_empty()).then(|| Shown {
+                        before,
+                        line_suffix: prompt.line_suffix.clone(),
+                        suggestion: text.clone(),
+                    });
+                }
+                let done = Completed { text, latency_ms: latency(), typed_through: false, reused_tokens: 0, prefilled_tokens: 0 };
+                Outcome::Reply(Ok(done))
+            }
+            Err(e) if e.down && fallback => Outcome::Local,
+            Err(e) => Outcome::Reply(Err(e.message)),
+        }
+    }
+
+    /// Forget a document; stop its request.
+    fn close(&self, uri: &str) {
+        if let Some(stop) = lock(&self.docs).remove(uri).and_then(|d| d.stop) {
+            stop.notify_one();
+        }
+    }
+
+    /// Stop every request (the backend changed).
+    fn stop_all(&self) {
+        for doc in lock(&self.docs).values() {
+            if let Some(stop) = &doc.stop {
+                stop.notify_one();
+            }
+        }
+    }
+
+    fn status(&self) -> Value {
+        let mut s = self.remote.status();
+        s["completions"] = serde_json::to_value(&*lock(&self.counts)).unwrap_or_default();
+        s
+    }
+}
+
+/// Resolves once `flag` is set (the LSP side cancelled the request).
+async fn cancelled(flag: &AtomicBool) {
+    while !flag.load(Ordering::SeqCst) {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// What token healing cuts for a remote engine. One that can force its
+/// first bytes (llama.cpp) heals like the local engine. One that cannot
+/// heals only trailing whitespace (a prompt ending in indentation hurts
+/// most; a suggestion that does not start with it is dropped); a partial
+/// word is sent as typed.
+fn remote_heal(p: &Prompt, forces: bool) -> Option<&str> {
+    let heal = !p.healed.is_empty() && (forces || p.healed.chars().all(char::is_whitespace));
+    heal.then_some(p.healed.as_str())
+}
+
+/// The engine's text after the healed bytes: `Err(true)` while it has not
+/// spelled them all yet, `Err(false)` when it wrote something else.
+fn after_heal<'a>(text: &'a str, heal: Option<&str>) -> Result<&'a str, bool> {
+    match heal {
+        None => Ok(text),
+        Some(h) => text.strip_prefix(h).ok_or_else(|| h.starts_with(text)),
+    }
+}
+
+/// The request for a planned prompt: the window up to the cursor's line,
+/// the line (cut before healed whitespace), and for fill-in-the-middle the
+/// text after the cursor, whole lines within `suffixTokens`.
+fn remote_request(region: &str, at: usize, p: &Prompt, c: &CompletionConfig, heal: Option<&str>) -> RemoteRequest {
+    let line_begin = line_start(region, at).max(p.window_start);
+    let line_end = at - heal.map_or(0, str::len);
+    let suffix = (c.fim && c.suffix_tokens > 0).then(|| {
+        let following = &region[at..];
+        let mut end = following.len().min(c.suffix_tokens * 3);
+        while !following.is_char_boundary(end) {
+            end -= 1;
+        }
+        match following[..end].rfind('\n') {
+            Some(i) if end < following.len() => following[..=i].to_string(),
+            _ => following[..end].to_string(),
+        }
+    });
+    RemoteRequest {
+        context: region[p.window_start..line_begin].to_string(),
+        line: region[line_begin..line_end].to_string(),
+        forced: heal.unwrap_or_default().to_string(),
+        suffix,
+        max_tokens: c.max_tokens,
+        stop: vec![if p.single_line { "\n" } else { "\n\n\n" }.to_string()],
     }
 }
 
@@ -589,5 +949,36 @@ mod tests {
         assert_eq!(type_through(&shown, "def f(x", ""), None);
         assert_eq!(type_through(&shown, "def f(a", ")"), None);
         assert_eq!(type_through(&shown, "def f(a, b):", ""), None);
+    }
+
+    #[test]
+    fn remote_prompts_put_the_typed_line_last_and_heal_only_whitespace() {
+        let c = CompletionConfig { suffix_tokens: 4, ..CompletionConfig::default() };
+        let text = "import os\ndef f(x):\n    \n\nprint(f(1))\nmore()\n";
+        let at = text.find("    \n").unwrap() + 4;
+        let p = completion::plan(text, at, None, &Settings::default());
+        let heal = remote_heal(&p, false);
+        assert_eq!(heal, Some("    "));
+        let r = remote_request(text, at, &p, &c, heal);
+        assert_eq!(r.context, "import os\ndef f(x):\n");
+        assert_eq!((r.line.as_str(), r.forced.as_str()), ("", "    "), "the indentation is healed");
+        // Whole lines of what follows, within 4 tokens (12 bytes).
+        assert_eq!(r.suffix.as_deref(), Some("\n\n"));
+        assert_eq!(r.stop, ["\n\n\n"]);
+        assert_eq!(after_heal("  ", heal), Err(true));
+        assert_eq!(after_heal("    return x", heal), Ok("return x"));
+        assert_eq!(after_heal("return x", heal), Err(false));
+
+        // A partial word is sent as typed; one line when text follows the cursor.
+        let text = "def f(x):\n    return x.up)\n";
+        let at = text.find(")\n").unwrap();
+        let p = completion::plan(text, at, None, &Settings::default());
+        assert_eq!((remote_heal(&p, false), p.single_line), (None, true));
+        let r = remote_request(text, at, &p, &CompletionConfig { fim: false, ..c.clone() }, None);
+        assert_eq!((r.line.as_str(), r.suffix, r.stop), ("    return x.up", None, vec!["\n".to_string()]));
+        // An engine that can force its first bytes heals the word like the local engine.
+        let heal = remote_heal(&p, true);
+        let r = remote_request(text, at, &p, &c, heal);
+        assert_eq!((r.line.as_str(), r.forced.as_str()), ("    return x.", "up"));
     }
 }

@@ -216,6 +216,11 @@ pub struct StatusResult {
     pub queue_depth: usize,
     /// Latencies of the most recent completions, oldest first, in milliseconds.
     pub last_latencies_ms: Vec<f64>,
+    /// Where completions come from: `{"kind": "local"}`, or a remote
+    /// engine's `state` (unknown / reachable / slow / down), `latencyMs`,
+    /// `lastError`, `endpoint` and counts (shape defined by the backend).
+    #[serde(skip_serializing_if = "Value::is_null")]
+    pub backend: Value,
     /// Further fields, serialized at the top level.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -260,6 +265,8 @@ pub enum ModelState {
     Ready,
     /// Loading failed; see `ModelStatus::error`.
     Error,
+    /// Not loaded: a remote engine serves completions.
+    Unloaded,
 }
 
 /// KV cache state of one open document.

@@ -223,6 +223,7 @@ impl Backend {
             worker::ModelState::Loading => ModelState::Loading,
             worker::ModelState::Ready => ModelState::Ready,
             worker::ModelState::Error => ModelState::Error,
+            worker::ModelState::Unloaded => ModelState::Unloaded,
         };
         let mut extra = serde_json::Map::new();
         extra.insert("openDocuments".into(), self.documents.len().into());
@@ -254,6 +255,7 @@ impl Backend {
             cache_budget_bytes: s.cache_budget_bytes as u64,
             queue_depth: s.queue_depth,
             last_latencies_ms: s.last_latencies_ms,
+            backend: s.backend,
             extra,
         })
     }

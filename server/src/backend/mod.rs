@@ -1,0 +1,496 @@
+//! Remote engines: generation on an inference server (llama.cpp's server,
+//! vLLM, Ollama, TGI) instead of the in-process model, for teams that share a
+//! GPU server or use models too big for a laptop.
+//!
+//! Only generation leaves the machine. Documents, the prompt window, token
+//! healing, the suggestion rules, typing-through and cancellation stay in the
+//! worker; this module knows HTTP and the engines' JSON, never LSP or
+//! documents. A request streams, so the worker's stop rule can end it early:
+//! returning drops the response, which closes the connection, and the engine
+//! stops generating.
+//!
+//! Health: every request and probe updates [`Reachability`]; failures are
+//! announced once per distinct message (typing must not flood the editor),
+//! recovery once. The API key is read from the environment variable named by
+//! `backend.apiKeyEnv` and only ever put in the `Authorization` header.
+
+pub mod http;
+pub mod llamacpp;
+pub mod openai;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use reqwest::header::CONTENT_TYPE;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+pub use http::RemoteError;
+
+use crate::config::{BackendConfig, BackendKind};
+use http::{body_message, root_cause, EventStream};
+
+/// Time between health probes while the engine is down.
+pub const PROBE_EVERY: Duration = Duration::from_secs(2);
+/// An answer slower than this (or than half the timeout, if less) marks the
+/// engine slow: inline suggestions that late are rarely still wanted.
+const SLOW: Duration = Duration::from_millis(1000);
+
+/// What to generate, laid out for the engine's prefix cache: the slowly
+/// changing text first, what the user types last.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteRequest {
+    /// The prompt window up to the start of the cursor's line (stays put
+    /// while the user types on one line).
+    pub context: String,
+    /// The cursor's line up to the cursor, minus `forced`.
+    pub line: String,
+    /// Token healing: bytes cut from the end of `line` that the output must
+    /// start with (the worker checks it and strips them). An engine that can
+    /// constrain sampling spells them with the best tokens it has.
+    pub forced: String,
+    /// Text after the cursor, for fill-in-the-middle; `None` for none.
+    pub suffix: Option<String>,
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Stop sequences (the engine stops early; the worker's rules decide).
+    pub stop: Vec<String>,
+}
+
+impl RemoteRequest {
+    /// The text before the cursor, as one prompt.
+    pub fn prompt(&self) -> String {
+        format!("{}{}", self.context, self.line)
+    }
+}
+
+/// How the engine is doing, as the status shows it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reachability {
+    /// Not asked yet.
+    #[default]
+    Unknown,
+    /// Answering in time.
+    Reachable,
+    /// Answering, but late.
+    Slow,
+    /// Not answering (refused, timed out, reset, 5xx).
+    Down,
+}
+
+/// Something for the user or the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// A problem to show.
+    Error(String),
+    /// Worth logging.
+    Log(String),
+}
+
+#[derive(Default)]
+struct Health {
+    state: Reachability,
+    latency_ms: Option<f64>,
+    last_error: Option<String>,
+    /// The error last shown to the user, cleared by a success.
+    announced: Option<String>,
+    last_probe: Option<Instant>,
+    last_endpoint: Option<&'static str>,
+    /// Why `/infill` is not used (it answered 501).
+    no_infill: Option<String>,
+    /// The first model of `/v1/models`, when `backend.model` is unset.
+    discovered_model: Option<String>,
+}
+
+/// A configured remote engine: cheap to share, safe to use from many tasks.
+pub struct Remote {
+    config: BackendConfig,
+    /// The HTTP client and the API key, or why there are none.
+    ready: Result<(reqwest::Client, Option<String>), String>,
+    health: Mutex<Health>,
+    notify: Arc<dyn Fn(Notice) + Send + Sync>,
+}
+
+impl Remote {
+    /// A remote engine for `config` (a remote kind); reads the API key from
+    /// the environment now. Problems surface on use, with their fix.
+    pub fn new(config: &BackendConfig, notify: Arc<dyn Fn(Notice) + Send + Sync>) -> Remote {
+        let ready = api_key(config).and_then(|key| {
+            let client = reqwest::Client::builder()
+                .use_rustls_tls()
+                .tcp_nodelay(true)
+                .pool_idle_timeout(Duration::from_secs(60))
+                .build()
+                .map_err(|e| format!("cannot set up the HTTP client: {}", root_cause(&e)))?;
+            Ok((client, key))
+        });
+        Remote { config: config.clone(), ready, health: Mutex::default(), notify }
+    }
+
+    /// Whether the engine can be made to start its output with given bytes
+    /// (llama.cpp: a grammar); OpenAI-compatible servers offer no portable way.
+    pub fn forces_prefix(&self) -> bool {
+        self.config.kind == BackendKind::LlamaCpp
+    }
+
+    /// The settings it was made from.
+    pub fn config(&self) -> &BackendConfig {
+        &self.config
+    }
+
+    fn base(&self) -> &str {
+        self.config.url.as_deref().unwrap_or("")
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.config.timeout_ms)
+    }
+
+    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current reachability.
+    pub fn state(&self) -> Reachability {
+        self.health().state
+    }
+
+    /// Whether a probe is due while the engine is down; claims it.
+    pub fn claim_probe(&self) -> bool {
+        let mut h = self.health();
+        let due = h.state == Reachability::Down && h.last_probe.is_none_or(|t| t.elapsed() >= PROBE_EVERY);
+        if due {
+            h.last_probe = Some(Instant::now());
+        }
+        due
+    }
+
+    /// Generate for `req`; `stop` sees the text so far after each piece and
+    /// ends the request early by returning `true`. Honours `timeoutMs`.
+    /// Dropping the future aborts the HTTP request.
+    pub async fn generate(
+        &self,
+        req: &RemoteRequest,
+        stop: &mut (dyn FnMut(&str) -> bool + Send),
+    ) -> Result<String, RemoteError> {
+        let t0 = Instant::now();
+        let r = match tokio::time::timeout(self.timeout(), self.generate_inner(req, stop)).await {
+            Ok(r) => r,
+            Err(_) => Err(self.timed_out()),
+        };
+        self.record(&r, t0.elapsed());
+        r
+    }
+
+    async fn generate_inner(
+        &self,
+        req: &RemoteRequest,
+        stop: &mut (dyn FnMut(&str) -> bool + Send),
+    ) -> Result<String, RemoteError> {
+        match self.config.kind {
+            BackendKind::OpenAi => {
+                let model = self.model_name().await?;
+                self.post(openai::PATH, &openai::body(&model, req), openai::parse, stop).await
+            }
+            BackendKind::LlamaCpp => {
+                if req.suffix.is_some() && self.health().no_infill.is_none() {
+                    match self.post(llamacpp::INFILL, &llamacpp::infill_body(req), llamacpp::parse, stop).await {
+                        Err(e) if e.status == Some(501) => {
+                            let why = format!(
+                                "the model on {} has no fill-in-the-middle tokens (/infill answered 501): \
+                                 using /completion with the text before the cursor",
+                                self.base()
+                            );
+                            (self.notify)(Notice::Log(why.clone()));
+                            self.health().no_infill = Some(why);
+                        }
+                        r => return r,
+                    }
+                }
+                self.post(llamacpp::COMPLETION, &llamacpp::completion_body(req), llamacpp::parse, stop).await
+            }
+            BackendKind::Local => Err(RemoteError::refused("`backend.kind` is \"local\": no remote engine".into())),
+        }
+    }
+
+    /// `backend.model`, else the engine's first served model.
+    async fn model_name(&self) -> Result<String, RemoteError> {
+        if let Some(m) = self.config.model.clone().or_else(|| self.health().discovered_model.clone()) {
+            return Ok(m);
+        }
+        self.list_models().await?;
+        self.health().discovered_model.clone().ok_or_else(|| {
+            RemoteError::refused(format!(
+                "the remote engine at {} lists no model at {}; set `backend.model`",
+                self.base(),
+                openai::MODELS_PATH
+            ))
+        })
+    }
+
+    /// Ask the engine whether it is up (`/v1/models`: both kinds serve it, and
+    /// it checks the API key too).
+    pub async fn probe(&self) {
+        self.health().last_probe = Some(Instant::now());
+        let t0 = Instant::now();
+        let r = match tokio::time::timeout(self.timeout(), self.list_models()).await {
+            Ok(r) => r.map(|_| String::new()),
+            Err(_) => Err(self.timed_out()),
+        };
+        self.record(&r, t0.elapsed());
+    }
+
+    async fn list_models(&self) -> Result<(), RemoteError> {
+        let path = openai::MODELS_PATH;
+        let resp = self.request(Method::GET, path)?.send().await.map_err(|e| self.transport(e, path))?;
+        let code = resp.status().as_u16();
+        let body = resp.text().await.map_err(|e| self.transport(e, path))?;
+        if !(200..300).contains(&code) {
+            return Err(self.http_error(path, code, &body));
+        }
+        if let Some(m) = serde_json::from_str::<Value>(&body).ok().and_then(|v| openai::first_model(&v)) {
+            self.health().discovered_model = Some(m);
+        }
+        Ok(())
+    }
+
+    fn request(&self, method: Method, path: &str) -> Result<reqwest::RequestBuilder, RemoteError> {
+        let (client, key) = self.ready.as_ref().map_err(|e| RemoteError::refused(e.clone()))?;
+        let rb = client.request(method, format!("{}{path}", self.base()));
+        Ok(match key {
+            Some(k) => rb.bearer_auth(k),
+            None => rb,
+        })
+    }
+
+    /// POST `body`, then read the answer: a stream of events (fed to `stop`)
+    /// or one JSON object.
+    async fn post(
+        &self,
+        path: &'static str,
+        body: &Value,
+        parse: fn(&Value) -> Result<(String, bool), String>,
+        stop: &mut (dyn FnMut(&str) -> bool + Send),
+    ) -> Result<String, RemoteError> {
+        self.health().last_endpoint = Some(path);
+        let mut resp = self.request(Method::POST, path)?.json(body).send().await.map_err(|e| self.transport(e, path))?;
+        let code = resp.status().as_u16();
+        if !(200..300).contains(&code) {
+            let body = resp.text().await.unwrap_or_default();
+            return Err(self.http_error(path, code, &body));
+        }
+        let failed = |m: String| RemoteError::refused(format!("the remote engine at {} failed on {path}: {m}", self.base()));
+        let streamed = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if !streamed {
+            let v: Value = resp.json().await.map_err(|e| self.transport(e, path))?;
+            return parse(&v).map(|(text, _)| text).map_err(failed);
+        }
+        let mut events = EventStream::default();
+        let mut text = String::new();
+        while let Some(bytes) = resp.chunk().await.map_err(|e| self.transport(e, path))? {
+            for data in events.push(&bytes) {
+                if data == "[DONE]" {
+                    return Ok(text);
+                }
+                let v: Value = serde_json::from_str(&data).map_err(|e| failed(format!("malformed event ({e})")))?;
+                let (piece, last) = parse(&v).map_err(failed)?;
+                text.push_str(&piece);
+                if last || stop(&text) {
+                    return Ok(text);
+                }
+            }
+        }
+        Ok(text)
+    }
+
+    fn timed_out(&self) -> RemoteError {
+        RemoteError::down(format!(
+            "the remote engine at {} did not answer within {} ms (`backend.timeoutMs`)",
+            self.base(),
+            self.config.timeout_ms
+        ))
+    }
+
+    fn transport(&self, e: reqwest::Error, path: &str) -> RemoteError {
+        let base = self.base();
+        let cause = root_cause(&e);
+        RemoteError::down(if e.is_connect() {
+            format!("cannot connect to the remote engine at {base}: {cause}")
+        } else if e.is_timeout() {
+            format!("the remote engine at {base} timed out on {path}: {cause}")
+        } else {
+            format!("the connection to the remote engine at {base} broke during {path}: {cause}")
+        })
+    }
+
+    fn http_error(&self, path: &str, code: u16, body: &str) -> RemoteError {
+        let (base, msg) = (self.base(), body_message(body));
+        let mut e = match code {
+            401 | 403 => RemoteError::refused(match &self.config.api_key_env {
+                Some(env) => format!(
+                    "the remote engine at {base} refused the API key from ${env} (HTTP {code}: {msg}); \
+                     put the right key in {env} and restart the server"
+                ),
+                None => format!(
+                    "the remote engine at {base} needs an API key (HTTP {code}: {msg}): set `backend.apiKeyEnv` \
+                     to the name of an environment variable that holds it"
+                ),
+            }),
+            404 => RemoteError::refused(format!(
+                "the remote engine at {base} has no {path} (HTTP 404: {msg}); check `backend.url` and `backend.kind`"
+            )),
+            501 => RemoteError::refused(format!("the remote engine at {base} does not support {path} (HTTP 501: {msg})")),
+            500..=599 => RemoteError::down(format!("the remote engine at {base} failed on {path} (HTTP {code}: {msg})")),
+            _ => RemoteError::refused(format!("the remote engine at {base} refused {path} (HTTP {code}: {msg})")),
+        };
+        e.status = Some(code);
+        e
+    }
+
+    /// Update the health after a request or probe, and tell the user about a
+    /// new problem or a recovery.
+    fn record(&self, r: &Result<String, RemoteError>, elapsed: Duration) {
+        let slow = SLOW.min(self.timeout() / 2);
+        let mut h = self.health();
+        let was_down = h.state == Reachability::Down;
+        match r {
+            Ok(_) => {
+                h.state = if elapsed > slow { Reachability::Slow } else { Reachability::Reachable };
+                h.latency_ms = Some(elapsed.as_secs_f64() * 1000.0);
+                h.announced = None;
+            }
+            Err(e) => {
+                h.last_error = Some(e.message.clone());
+                if e.down {
+                    h.state = Reachability::Down;
+                } else if matches!(h.state, Reachability::Down | Reachability::Unknown) {
+                    h.state = Reachability::Reachable;
+                }
+                if h.announced.as_deref() != Some(e.message.as_str()) {
+                    h.announced = Some(e.message.clone());
+                    (self.notify)(Notice::Error(e.message.clone()));
+                }
+            }
+        }
+        if was_down && h.state != Reachability::Down {
+            (self.notify)(Notice::Log(format!("the remote engine at {} answers again", self.base())));
+        }
+    }
+
+    /// The status object (`backend` in `anchorcoder/status`).
+    pub fn status(&self) -> Value {
+        let h = self.health();
+        let key = match (&self.ready, &self.config.api_key_env) {
+            (Err(e), _) => e.clone(),
+            (Ok(_), Some(env)) => format!("from ${env}"),
+            (Ok(_), None) => "none".into(),
+        };
+        json!({
+            "kind": self.config.kind,
+            "url": self.base(),
+            "model": self.config.model.clone().or_else(|| h.discovered_model.clone()),
+            "state": h.state,
+            "latencyMs": h.latency_ms,
+            "lastError": h.last_error,
+            "endpoint": h.last_endpoint,
+            "note": h.no_infill,
+            "apiKey": key,
+            "timeoutMs": self.config.timeout_ms,
+            "fallbackToLocal": self.config.fallback_to_local,
+        })
+    }
+}
+
+/// The API key from the environment variable `backend.apiKeyEnv` names.
+fn api_key(config: &BackendConfig) -> Result<Option<String>, String> {
+    let Some(env) = &config.api_key_env else { return Ok(None) };
+    match std::env::var(env) {
+        Ok(k) if k.trim().is_empty() => Err(format!("`backend.apiKeyEnv` names {env}, which is empty")),
+        // A header value must be visible ASCII; say so without showing it.
+        Ok(k) if !k.trim().bytes().all(|b| b.is_ascii_graphic()) => {
+            Err(format!("{env} holds characters an API key cannot have (spaces or non-ASCII)"))
+        }
+        Ok(k) => Ok(Some(k.trim().to_string())),
+        Err(_) => Err(format!(
+            "`backend.apiKeyEnv` names {env}, which is not set in the server's environment; \
+             set it where the editor starts the server"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn remote(kind: BackendKind, url: &str, env: Option<&str>) -> (Remote, Arc<Mutex<Vec<Notice>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let config = BackendConfig {
+            kind,
+            url: Some(url.into()),
+            api_key_env: env.map(str::to_string),
+            timeout_ms: 2000,
+            ..BackendConfig::default()
+        };
+        (Remote::new(&config, Arc::new(move |n| s.lock().unwrap().push(n))), seen)
+    }
+
+    #[test]
+    fn the_key_comes_from_the_environment_and_is_never_shown() {
+        std::env::set_var("ANCHORCODER_UNIT_KEY", "sk-unit-secret");
+        let (r, _) = remote(BackendKind::OpenAi, "http://127.0.0.1:9", Some("ANCHORCODER_UNIT_KEY"));
+        assert_eq!(r.ready.as_ref().unwrap().1.as_deref(), Some("sk-unit-secret"));
+        let status = r.status().to_string();
+        assert!(status.contains("from $ANCHORCODER_UNIT_KEY") && !status.contains("sk-unit-secret"), "{status}");
+        let e = r.http_error("/v1/completions", 401, r#"{"error":{"message":"Invalid API Key"}}"#);
+        assert!(!e.down && e.message.contains("refused the API key from $ANCHORCODER_UNIT_KEY"), "{e:?}");
+        assert!(!e.message.contains("sk-unit-secret"));
+
+        let (r, _) = remote(BackendKind::OpenAi, "http://127.0.0.1:9", Some("ANCHORCODER_UNIT_UNSET"));
+        assert!(r.status()["apiKey"].as_str().unwrap().contains("ANCHORCODER_UNIT_UNSET, which is not set"));
+        let e = r.request(Method::GET, "/").err().unwrap();
+        assert!(e.message.contains("not set in the server's environment"), "{e:?}");
+    }
+
+    #[test]
+    fn http_errors_are_sorted_into_down_or_refused() {
+        let (r, _) = remote(BackendKind::LlamaCpp, "http://h:1", None);
+        let e = r.http_error("/infill", 501, r#"{"error":{"code":501,"message":"Infill is not supported"}}"#);
+        assert_eq!((e.status, e.down), (Some(501), false));
+        assert!(r.http_error("/completion", 503, "Loading model").down);
+        let e = r.http_error("/completion", 401, "{}");
+        assert!(e.message.contains("set `backend.apiKeyEnv`"), "{e:?}");
+        assert!(r.http_error("/nope", 404, "").message.contains("check `backend.url`"));
+        assert!(!r.http_error("/completion", 400, r#"{"error":"context too long"}"#).down);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_marks_the_engine_down_once() {
+        // Nothing listens on a port we just closed.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let (r, seen) = remote(BackendKind::LlamaCpp, &format!("http://127.0.0.1:{port}"), None);
+        assert_eq!(r.state(), Reachability::Unknown);
+        let req = RemoteRequest {
+            context: "a".into(),
+            line: "b".into(),
+            forced: String::new(),
+            suffix: None,
+            max_tokens: 4,
+            stop: vec![],
+        };
+        for _ in 0..3 {
+            let e = r.generate(&req, &mut |_| false).await.unwrap_err();
+            assert!(e.down && e.message.starts_with("cannot connect to the remote engine"), "{e:?}");
+        }
+        assert_eq!(r.state(), Reachability::Down);
+        assert_eq!(seen.lock().unwrap().len(), 1, "announced once: {:?}", seen.lock().unwrap());
+        assert!(r.claim_probe());
+        assert!(!r.claim_probe(), "one probe per {PROBE_EVERY:?}");
+        assert_eq!(r.status()["state"], "down");
+    }
+}
