@@ -1,16 +1,21 @@
 //! Tokenizers: document text ↔ token ids, and the exact bytes each token stands for.
 //!
-//! Two sources:
-//! - a GGUF's own metadata ([`Tokenizer::from_gguf`]): byte-level BPE (`tokenizer.ggml.model` =
-//!   `gpt2`) rebuilt with the `tokenizers` crate so that ids equal llama.cpp's (checked against a
-//!   fixture produced by llama.cpp's `llama-tokenize`, see the tests);
+//! Three sources, each giving llama.cpp's ids for the same file:
+//! - a GGUF's byte-level BPE (`tokenizer.ggml.model` = `gpt2`), rebuilt with the `tokenizers`
+//!   crate and llama.cpp's pre-tokenizer regexes for the file's `tokenizer.ggml.pre`;
+//! - a GGUF's SentencePiece vocabulary (`llama`: Llama 2, CodeLlama, Mistral, Phi-3), tokenized
+//!   by llama.cpp's own merge-by-score algorithm (`Spm`), with `<0xNN>` byte fallback;
 //! - a Hugging Face `tokenizer.json` ([`Tokenizer::from_file`]).
+//!
+//! Checked against llama.cpp's `llama-tokenize` (a fixture in `tests/fixtures`) and llama.cpp's
+//! own vocabulary tests (`server/tests/tokenizer_vocabs.rs`).
 //!
 //! Document text is code: special-token strings that occur in it (`<|endoftext|>`, …) are
 //! tokenized as plain text, never as control tokens, and no BOS is added by [`Tokenizer::encode`].
 //!
-//! Invariant (byte-level tokenizers): concatenating [`Tokenizer::token_bytes`] over
-//! `encode(text)` gives back `text.as_bytes()` exactly.
+//! Invariant: concatenating [`Tokenizer::token_bytes`] over `encode(text)` gives back
+//! `text.as_bytes()` exactly, except that SentencePiece models put one space in front
+//! ([`Tokenizer::space_prefix`]), as llama.cpp does.
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -48,7 +53,7 @@ pub enum TokenEncoding {
 /// A tokenizer with a precomputed id → bytes table and the ids that matter for completion.
 #[derive(Clone)]
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    model: Model,
     encoding: TokenEncoding,
     /// Concatenated token bytes; token `i` is `bytes[offsets[i]..offsets[i + 1]]`.
     bytes: Vec<u8>,
@@ -142,6 +147,26 @@ const FIM_MID_NAMES: &[&str] = &[
 const REGEX_LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const REGEX_QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const REGEX_QWEN35: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const REGEX_GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+/// Applied one after the other, each splitting the pieces of the one before.
+const REGEXES_DEEPSEEK_CODER: &[&str] = &[
+    r"[\r\n]",
+    r"\s?\p{L}+",
+    r"\s?\p{P}+",
+    r"[一-龥ࠀ-一가-퟿]+",
+    r"\p{N}",
+];
+/// Letters that Unicode normalization would change (e.g. U+1F7D → U+03CE) are written as
+/// `\x{…}` so that no editor can turn a range of llama.cpp's into an empty one.
+const REGEXES_DEEPSEEK_LLM: &[&str] = &[
+    r"[\r\n]",
+    r"\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-\x{1F7D}ᾀ-ᾴᾶ-ᾼ\x{1FBE}ῂ-ῄῆ-ῌῐ-\x{1FD3}ῖ-\x{1FDB}ῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤ\x{2126}ℨ\x{212A}-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",
+    r"\s?[!-/:-~！-／：-～‘-‟　-。]+",
+    r"\s+$",
+    r"[一-龥ࠀ-一가-퟿]+",
+    r"\p{N}+",
+];
+const REGEXES_FALCON: &[&str] = &[r"[\p{P}\$\+<=>\^~\|`]+", REGEX_GPT2, r"[0-9][0-9][0-9]"];
 
 /// `tokenizer.ggml.pre` values grouped by llama.cpp's pre-tokenizer type.
 const PRE_SMOLLM: &[&str] = &[
@@ -199,6 +224,9 @@ const PRE_QWEN2: &[&str] = &[
     "solar-open",
 ];
 const PRE_QWEN35: &[&str] = &["qwen35"];
+const PRE_DEEPSEEK_CODER: &[&str] = &["deepseek-coder"];
+const PRE_DEEPSEEK_LLM: &[&str] = &["deepseek-llm"];
+const PRE_FALCON: &[&str] = &["falcon"];
 
 /// How a `tokenizer.ggml.pre` value pre-tokenizes, in `tokenizers` terms.
 struct PreSpec {
@@ -209,17 +237,25 @@ struct PreSpec {
 }
 
 fn split_then_bytes(regex: &str) -> Result<PreTokenizerWrapper> {
-    let split = Split::new(
-        SplitPattern::Regex(regex.to_string()),
-        SplitDelimiterBehavior::Isolated,
-        false,
-    )
-    .map_err(|e| anyhow!("cannot compile pre-tokenizer regex: {e}"))?;
-    Ok(Sequence::new(vec![
-        split.into(),
-        ByteLevel::new(false, false, false).into(),
-    ])
-    .into())
+    splits_then_bytes(&[regex])
+}
+
+/// llama.cpp's list of regexes: each match is a piece and so is the text between matches.
+fn splits_then_bytes(regexes: &[&str]) -> Result<PreTokenizerWrapper> {
+    let mut steps: Vec<PreTokenizerWrapper> = regexes
+        .iter()
+        .map(|regex| {
+            Split::new(
+                SplitPattern::Regex(regex.to_string()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map(Into::into)
+            .map_err(|e| anyhow!("cannot compile pre-tokenizer regex {regex}: {e}"))
+        })
+        .collect::<Result<_>>()?;
+    steps.push(ByteLevel::new(false, false, false).into());
+    Ok(Sequence::new(steps).into())
 }
 
 /// The pre-tokenizer matching llama.cpp's for `pre`, or an error naming what is supported.
@@ -272,6 +308,19 @@ fn pre_spec(pre: &str) -> Result<PreSpec> {
             ignore_merges: false,
             add_bos: false,
         }
+    } else if is(PRE_DEEPSEEK_CODER) || is(PRE_DEEPSEEK_LLM) || is(PRE_FALCON) {
+        let regexes = if is(PRE_DEEPSEEK_CODER) {
+            REGEXES_DEEPSEEK_CODER
+        } else if is(PRE_DEEPSEEK_LLM) {
+            REGEXES_DEEPSEEK_LLM
+        } else {
+            REGEXES_FALCON
+        };
+        PreSpec {
+            pre_tokenizer: splits_then_bytes(regexes)?,
+            ignore_merges: false,
+            add_bos: false,
+        }
     } else {
         bail!(
             "unsupported GGUF pre-tokenizer `tokenizer.ggml.pre` = `{pre}`; AnchorCoder can \
@@ -293,6 +342,9 @@ pub fn supported_pre_values() -> Vec<&'static str> {
         PRE_GLM4,
         PRE_QWEN2,
         PRE_QWEN35,
+        PRE_DEEPSEEK_CODER,
+        PRE_DEEPSEEK_LLM,
+        PRE_FALCON,
     ]
     .concat()
 }
@@ -347,6 +399,232 @@ fn sentencepiece_bytes(token: &str, out: &mut Vec<u8>) {
         out.push(b);
     } else {
         out.extend_from_slice(token.replace('\u{2581}', " ").as_bytes());
+    }
+}
+
+/// What turns text into ids.
+#[derive(Clone)]
+enum Model {
+    /// A `tokenizers` pipeline: byte-level BPE rebuilt from GGUF metadata, or a tokenizer.json.
+    Hf(Box<tokenizers::Tokenizer>),
+    /// SentencePiece from GGUF metadata, with llama.cpp's own merge algorithm.
+    Spm(Spm),
+}
+
+/// llama.cpp's SentencePiece (SPM) tokenizer (`llm_tokenizer_spm_session`), from a GGUF's
+/// vocabulary and scores.
+///
+/// Spaces become `▁`; the text is split into characters and the adjacent pair whose
+/// concatenation is the highest-scoring vocabulary entry (leftmost on ties) is merged until no
+/// pair is in the vocabulary; characters left without a token become their `<0xNN>` byte tokens.
+/// Written out rather than built from `tokenizers` pieces: its BPE ranks merges, not the merged
+/// tokens' scores, and differed from llama.cpp on real text (see the vocabulary tests).
+#[derive(Clone)]
+struct Spm {
+    /// Token text → id (a repeated text maps to its last id, as in llama.cpp).
+    ids: HashMap<String, u32>,
+    tokens: Vec<String>,
+    scores: Vec<f32>,
+    /// The token of each byte: `<0xNN>`, else the one-byte token.
+    byte_ids: Vec<Option<u32>>,
+    /// User-defined tokens, longest text first: split out before the merges, as llama.cpp does
+    /// even with special-token parsing off.
+    user: Vec<u32>,
+    /// Put `▁` before the text and after each user-defined token (`tokenizer.ggml.add_space_prefix`).
+    add_space_prefix: bool,
+}
+
+/// A candidate merge of two adjacent symbols; ordered as llama.cpp's `llm_bigram_spm`.
+struct Bigram {
+    score: f32,
+    left: usize,
+    right: usize,
+    /// Byte length of the merged text: a bigram is stale once either side has changed.
+    len: usize,
+}
+
+impl PartialEq for Bigram {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == std::cmp::Ordering::Equal
+    }
+}
+impl Eq for Bigram {}
+impl PartialOrd for Bigram {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Bigram {
+    /// Highest score first, then leftmost.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.score
+            .partial_cmp(&other.score)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then_with(|| other.left.cmp(&self.left))
+    }
+}
+
+/// One character (or merged run) of the text being tokenized, in a linked list.
+#[derive(Clone, Copy)]
+struct Symbol {
+    start: usize,
+    len: usize,
+    prev: Option<usize>,
+    next: Option<usize>,
+}
+
+impl Spm {
+    fn new(
+        tokens: Vec<String>,
+        scores: Vec<f32>,
+        mut user: Vec<u32>,
+        add_space_prefix: bool,
+    ) -> Spm {
+        let ids: HashMap<String, u32> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let byte_ids = (0..=255u8)
+            .map(|b| {
+                ids.get(format!("<0x{b:02X}>").as_str())
+                    .or_else(|| ids.get(std::str::from_utf8(&[b]).ok()?))
+                    .copied()
+            })
+            .collect();
+        user.sort_by_key(|&id| std::cmp::Reverse(tokens[id as usize].len()));
+        Spm {
+            ids,
+            tokens,
+            scores,
+            byte_ids,
+            user,
+            add_space_prefix,
+        }
+    }
+
+    /// llama.cpp's `tokenize(text, add_special = false, parse_special = false)`.
+    fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        // Split out user-defined tokens: `Err(range)` is text, `Ok(id)` a token.
+        let mut parts: Vec<std::result::Result<u32, std::ops::Range<usize>>> = if text.is_empty() {
+            vec![]
+        } else {
+            vec![Err(0..text.len())]
+        };
+        for &id in &self.user {
+            let needle = self.tokens[id as usize].as_str();
+            if !text.contains(needle) {
+                continue;
+            }
+            parts = parts
+                .into_iter()
+                .flat_map(|part| {
+                    let mut out = Vec::new();
+                    match part {
+                        Err(range) => {
+                            let mut at = range.start;
+                            while let Some(i) = text[at..range.end].find(needle) {
+                                if i > 0 {
+                                    out.push(Err(at..at + i));
+                                }
+                                out.push(Ok(id));
+                                at += i + needle.len();
+                            }
+                            if at < range.end {
+                                out.push(Err(at..range.end));
+                            }
+                        }
+                        token => out.push(token),
+                    }
+                    out
+                })
+                .collect();
+        }
+        let mut out = Vec::with_capacity(text.len() / 3);
+        let mut after_special = true;
+        for part in parts {
+            match part {
+                Ok(id) => {
+                    out.push(id);
+                    after_special = true;
+                }
+                Err(range) => {
+                    let mut piece = String::with_capacity(range.len() + 3);
+                    if self.add_space_prefix && after_special {
+                        piece.push(' ');
+                    }
+                    piece.push_str(&text[range]);
+                    self.merge(&piece.replace(' ', "\u{2581}"), &mut out)?;
+                    after_special = false;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The merge loop over one escaped piece of text, appending its ids.
+    fn merge(&self, text: &str, out: &mut Vec<u32>) -> Result<()> {
+        let mut symbols: Vec<Symbol> = text
+            .char_indices()
+            .map(|(start, c)| Symbol {
+                start,
+                len: c.len_utf8(),
+                prev: None,
+                next: None,
+            })
+            .collect();
+        let n = symbols.len();
+        for (i, s) in symbols.iter_mut().enumerate() {
+            s.prev = i.checked_sub(1);
+            s.next = (i + 1 < n).then_some(i + 1);
+        }
+        let mut queue = std::collections::BinaryHeap::new();
+        let bigram = |symbols: &[Symbol], left: Option<usize>, right: Option<usize>| {
+            let (l, r) = (symbols[left?], symbols[right?]);
+            let id = *self.ids.get(&text[l.start..r.start + r.len])?;
+            Some(Bigram {
+                score: self.scores[id as usize],
+                left: left?,
+                right: right?,
+                len: l.len + r.len,
+            })
+        };
+        for i in 1..n {
+            queue.extend(bigram(&symbols, Some(i - 1), Some(i)));
+        }
+        while let Some(b) = queue.pop() {
+            let (l, r) = (symbols[b.left], symbols[b.right]);
+            if l.len == 0 || r.len == 0 || l.len + r.len != b.len {
+                continue;
+            }
+            symbols[b.left].len += r.len;
+            symbols[b.right].len = 0;
+            symbols[b.left].next = r.next;
+            if let Some(next) = r.next {
+                symbols[next].prev = Some(b.left);
+            }
+            queue.extend(bigram(&symbols, l.prev, Some(b.left)));
+            queue.extend(bigram(&symbols, Some(b.left), r.next));
+        }
+        let mut at = (n > 0).then_some(0);
+        while let Some(i) = at {
+            let s = symbols[i];
+            let piece = &text[s.start..s.start + s.len];
+            match self.ids.get(piece) {
+                Some(&id) => out.push(id),
+                None => {
+                    for &b in piece.as_bytes() {
+                        out.push(self.byte_ids[b as usize].with_context(|| {
+                            format!(
+                                "the vocabulary has no token for byte 0x{b:02X} (no <0x{b:02X}>)"
+                            )
+                        })?);
+                    }
+                }
+            }
+            at = s.next;
+        }
+        Ok(())
     }
 }
 
@@ -421,30 +699,57 @@ fn meta_types(ct: &Content, n: usize) -> Result<Vec<u32>> {
         .collect()
 }
 
+/// `tokenizer.ggml.scores` (0 for every token when absent, as in llama.cpp).
+fn meta_scores(ct: &Content, n: usize) -> Result<Vec<f32>> {
+    let Some(v) = meta(ct, "tokenizer.ggml.scores") else {
+        return Ok(vec![0.0; n]);
+    };
+    let Value::Array(arr) = v else {
+        bail!("GGUF `tokenizer.ggml.scores` is not an array");
+    };
+    if arr.len() < n {
+        bail!(
+            "GGUF `tokenizer.ggml.scores` has {} entries but there are {n} tokens",
+            arr.len()
+        );
+    }
+    arr[..n]
+        .iter()
+        .map(|v| match v {
+            Value::F32(s) => Ok(*s),
+            Value::I32(s) => Ok(*s as f32),
+            other => bail!("unexpected token score value {other:?}"),
+        })
+        .collect()
+}
+
 /// The id of the first name in `names` that is in the vocabulary.
 fn find_named(lookup: &HashMap<&str, u32>, names: &[&str]) -> Option<u32> {
     names.iter().find_map(|n| lookup.get(n).copied())
 }
 
 impl Tokenizer {
-    /// Build the tokenizer stored in a GGUF's metadata (byte-level BPE only).
+    /// Build the tokenizer stored in a GGUF's metadata: byte-level BPE (`tokenizer.ggml.model` =
+    /// `gpt2`) or SentencePiece (`llama`: Llama 2, CodeLlama, Mistral, Phi-3, …).
     pub fn from_gguf(content: &Content) -> Result<Self> {
         let model = meta_str(content, "tokenizer.ggml.model")
             .context("the GGUF has no `tokenizer.ggml.model`; it carries no tokenizer")?;
-        match model {
-            "gpt2" => {}
-            "llama" => bail!(
-                "this GGUF uses a SentencePiece tokenizer (`tokenizer.ggml.model` = `llama`); put \
-                 its tokenizer.json next to the model or pass --tokenizer"
-            ),
+        let encoding = match model {
+            "gpt2" => TokenEncoding::ByteLevel,
+            "llama" => TokenEncoding::SentencePiece,
             other => bail!(
-                "unsupported GGUF tokenizer `tokenizer.ggml.model` = `{other}` (only byte-level \
-                 BPE, `gpt2`, is rebuilt from GGUF metadata); put the model's tokenizer.json next \
-                 to the model or pass --tokenizer"
+                "unsupported GGUF tokenizer `tokenizer.ggml.model` = `{other}` (byte-level BPE, \
+                 `gpt2`, and SentencePiece, `llama`, are rebuilt from GGUF metadata); put the \
+                 model's tokenizer.json next to the model or pass --tokenizer"
             ),
-        }
-        let pre = meta_str(content, "tokenizer.ggml.pre").unwrap_or("default");
-        let spec = pre_spec(pre)?;
+        };
+        // Checked before the vocabulary is read, so an unknown pre-tokenizer fails fast.
+        let spec = match encoding {
+            TokenEncoding::ByteLevel => Some(pre_spec(
+                meta_str(content, "tokenizer.ggml.pre").unwrap_or("default"),
+            )?),
+            _ => None,
+        };
 
         let tokens = meta_strings(content, "tokenizer.ggml.tokens")?;
         let n = tokens.len();
@@ -452,26 +757,6 @@ impl Tokenizer {
             bail!("the GGUF has {n} tokens");
         }
         let types = meta_types(content, n)?;
-        let merges: Vec<(String, String)> = meta_strings(content, "tokenizer.ggml.merges")?
-            .into_iter()
-            .enumerate()
-            .map(|(i, m)| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .with_context(|| format!("GGUF merge {i} `{m}` has no space"))
-            })
-            .collect::<Result<_>>()?;
-
-        let vocab: Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .ignore_merges(spec.ignore_merges)
-            .build()
-            .map_err(|e| anyhow!("cannot build the BPE model from the GGUF: {e}"))?;
 
         // Name → id, first occurrence wins for lookups by name.
         let mut lookup: HashMap<&str, u32> = HashMap::with_capacity(n);
@@ -511,6 +796,9 @@ impl Tokenizer {
                 .all(|&id| (id as usize) < n)
         });
 
+        // llama.cpp's defaults when the keys are absent: SentencePiece BOS 1, EOS 2.
+        let spm = encoding == TokenEncoding::SentencePiece;
+        let eos_default = spm.then_some(2);
         let mut eos: Vec<u32> = [
             "tokenizer.ggml.eos_token_id",
             "tokenizer.ggml.eot_token_id",
@@ -519,6 +807,9 @@ impl Tokenizer {
         .iter()
         .filter_map(|k| meta_u32(content, k))
         .collect();
+        if !content.metadata.contains_key("tokenizer.ggml.eos_token_id") {
+            eos.extend(eos_default);
+        }
         eos.extend(
             EOG_NAMES
                 .iter()
@@ -566,7 +857,15 @@ impl Tokenizer {
             } else if ty == TYPE_BYTE {
                 match parse_byte_token(tok) {
                     Some(b) => bytes.push(b),
+                    None if spm => bytes.extend_from_slice(tok.as_bytes()),
                     None => byte_level_bytes(tok, &table, &mut bytes),
+                }
+            } else if spm {
+                // llama.cpp spells only normal SentencePiece tokens; other types print nothing.
+                if ty == TYPE_NORMAL {
+                    sentencepiece_bytes(tok, &mut bytes);
+                } else {
+                    special[i] = true;
                 }
             } else {
                 byte_level_bytes(tok, &table, &mut bytes);
@@ -574,21 +873,59 @@ impl Tokenizer {
             offsets.push(u32::try_from(bytes.len()).context("token byte table exceeds 4 GiB")?);
         }
 
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-        inner.with_pre_tokenizer(Some(spec.pre_tokenizer));
-        inner.with_decoder(Some(ByteLevelDecoder::new(false, false, false)));
-        inner.add_special_tokens(&special_tokens);
-        inner.add_tokens(&user_tokens);
-        // Special-token strings in documents are text, as llama.cpp does with parse_special off.
-        inner.set_encode_special_tokens(true);
-
-        let bos = meta_u32(content, "tokenizer.ggml.bos_token_id").filter(|&id| (id as usize) < n);
-        let add_bos = meta_bool(content, "tokenizer.ggml.add_bos_token").unwrap_or(spec.add_bos)
+        let bos = meta_u32(content, "tokenizer.ggml.bos_token_id")
+            .or(spm.then_some(1))
+            .filter(|&id| (id as usize) < n);
+        let add_bos_default = spec.as_ref().is_none_or(|s| s.add_bos);
+        let add_bos = meta_bool(content, "tokenizer.ggml.add_bos_token").unwrap_or(add_bos_default)
             && bos.is_some();
 
+        let model = match spec {
+            Some(spec) => {
+                let merges: Vec<(String, String)> = meta_strings(content, "tokenizer.ggml.merges")?
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, m)| {
+                        m.split_once(' ')
+                            .map(|(a, b)| (a.to_string(), b.to_string()))
+                            .with_context(|| format!("GGUF merge {i} `{m}` has no space"))
+                    })
+                    .collect::<Result<_>>()?;
+                let vocab: Vocab = tokens
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| (t.clone(), i as u32))
+                    .collect();
+                let bpe = BPE::builder()
+                    .vocab_and_merges(vocab, merges)
+                    .ignore_merges(spec.ignore_merges)
+                    .build()
+                    .map_err(|e| anyhow!("cannot build the BPE model from the GGUF: {e}"))?;
+                let mut inner = tokenizers::Tokenizer::new(bpe);
+                inner.with_pre_tokenizer(Some(spec.pre_tokenizer));
+                inner.with_decoder(Some(ByteLevelDecoder::new(false, false, false)));
+                inner.add_special_tokens(&special_tokens);
+                inner.add_tokens(&user_tokens);
+                // Special-token strings in documents are text, as llama.cpp does with
+                // parse_special off.
+                inner.set_encode_special_tokens(true);
+                Model::Hf(Box::new(inner))
+            }
+            None => {
+                let scores = meta_scores(content, n)?;
+                let user: Vec<u32> = user_tokens
+                    .iter()
+                    .filter_map(|t| lookup.get(t.content.as_str()).copied())
+                    .collect();
+                let add_space_prefix =
+                    meta_bool(content, "tokenizer.ggml.add_space_prefix").unwrap_or(true);
+                Model::Spm(Spm::new(tokens, scores, user, add_space_prefix))
+            }
+        };
+
         Ok(Tokenizer {
-            inner,
-            encoding: TokenEncoding::ByteLevel,
+            model,
+            encoding,
             bytes,
             offsets,
             special,
@@ -723,7 +1060,7 @@ impl Tokenizer {
         };
 
         Ok(Tokenizer {
-            inner,
+            model: Model::Hf(Box::new(inner)),
             encoding,
             bytes,
             offsets,
@@ -737,11 +1074,15 @@ impl Tokenizer {
 
     /// Document text → ids: no BOS, special-token strings tokenized as plain text.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode_fast(text, false)
-            .map_err(|e| anyhow!("tokenization failed: {e}"))?;
-        Ok(enc.get_ids().to_vec())
+        match &self.model {
+            Model::Hf(inner) => {
+                let enc = inner
+                    .encode_fast(text, false)
+                    .map_err(|e| anyhow!("tokenization failed: {e}"))?;
+                Ok(enc.get_ids().to_vec())
+            }
+            Model::Spm(spm) => spm.encode(text),
+        }
     }
 
     /// Ids → text (invalid UTF-8 replaced; special tokens skipped).
@@ -754,7 +1095,10 @@ impl Tokenizer {
                 }
                 String::from_utf8_lossy(&out).into_owned()
             }
-            TokenEncoding::Raw => self.inner.decode(ids, true).unwrap_or_default(),
+            TokenEncoding::Raw => match &self.model {
+                Model::Hf(inner) => inner.decode(ids, true).unwrap_or_default(),
+                Model::Spm(_) => unreachable!("SentencePiece models decode through token bytes"),
+            },
         }
     }
 
@@ -771,12 +1115,18 @@ impl Tokenizer {
 
     /// The token's string as stored in the vocabulary (byte-level chars, `▁`, …).
     pub fn id_to_token(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
+        match &self.model {
+            Model::Hf(inner) => inner.id_to_token(id),
+            Model::Spm(spm) => spm.tokens.get(id as usize).cloned(),
+        }
     }
 
     /// The id of a vocabulary string (e.g. `"<|im_end|>"`).
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
+        match &self.model {
+            Model::Hf(inner) => inner.token_to_id(token),
+            Model::Spm(spm) => spm.ids.get(token).copied(),
+        }
     }
 
     /// Number of ids (highest id + 1).
@@ -817,6 +1167,13 @@ impl Tokenizer {
     /// How token strings map to bytes for this tokenizer.
     pub fn encoding(&self) -> TokenEncoding {
         self.encoding
+    }
+
+    /// Whether [`Tokenizer::encode`] puts a space (`▁`) in front of the text, as llama.cpp does
+    /// for SentencePiece models (`add_space_prefix`): the token bytes of `encode(text)` then
+    /// spell `" " + text`. False for byte-level BPE.
+    pub fn space_prefix(&self) -> bool {
+        matches!(&self.model, Model::Spm(spm) if spm.add_space_prefix)
     }
 }
 
@@ -1143,10 +1500,16 @@ mod tests {
     fn unsupported_tokenizers_give_clear_errors() {
         let err = Tokenizer::from_gguf(&with_meta(
             "tokenizer.ggml.model",
-            Value::String("llama".into()),
+            Value::String("bert".into()),
         ))
         .unwrap_err();
-        assert!(format!("{err:#}").contains("SentencePiece"), "{err:#}");
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("`bert`")
+                && msg.contains("SentencePiece")
+                && msg.contains("tokenizer.json"),
+            "{msg}"
+        );
         let err = Tokenizer::from_gguf(&with_meta(
             "tokenizer.ggml.pre",
             Value::String("no-such-pre".into()),
@@ -1211,7 +1574,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("anchorcoder-tok-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("tokenizer.json");
-        tok.inner.save(&path, false).unwrap();
+        let Model::Hf(inner) = &tok.model else {
+            unreachable!("the default model is byte-level BPE")
+        };
+        inner.save(&path, false).unwrap();
         std::fs::write(
             dir.join("tokenizer_config.json"),
             r#"{"bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>"}}"#,
@@ -1227,6 +1593,140 @@ mod tests {
         assert_eq!(loaded.encode(text).unwrap(), tok.encode(text).unwrap());
         assert_round_trip(&loaded, "from_file", text);
         assert!(Tokenizer::from_file(Path::new("/nonexistent/tokenizer.json")).is_err());
+    }
+
+    /// A small SentencePiece vocabulary: `<unk>`, `<s>`, `</s>`, the 256 byte tokens (ids
+    /// 3..=258), then `extra` (text, score, type) from id 259.
+    fn spm_content(extra: &[(&str, f32, u32)], more: &[(&str, Value)]) -> Content {
+        let mut tokens = vec![
+            ("<unk>".to_string(), 0.0, TYPE_UNKNOWN),
+            ("<s>".to_string(), 0.0, TYPE_CONTROL),
+            ("</s>".to_string(), 0.0, TYPE_CONTROL),
+        ];
+        tokens.extend((0..=255u8).map(|b| (format!("<0x{b:02X}>"), 0.0, TYPE_BYTE)));
+        tokens.extend(extra.iter().map(|&(t, s, ty)| (t.to_string(), s, ty)));
+        let array =
+            |f: &dyn Fn(&(String, f32, u32)) -> Value| Value::Array(tokens.iter().map(f).collect());
+        let mut metadata: HashMap<String, Value> = [
+            ("tokenizer.ggml.model", Value::String("llama".into())),
+            (
+                "tokenizer.ggml.tokens",
+                array(&|t| Value::String(t.0.clone())),
+            ),
+            ("tokenizer.ggml.scores", array(&|t| Value::F32(t.1))),
+            (
+                "tokenizer.ggml.token_type",
+                array(&|t| Value::I32(t.2 as i32)),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        metadata.extend(more.iter().map(|(k, v)| (k.to_string(), v.clone())));
+        Content {
+            magic: candle_core::quantized::gguf_file::VersionedMagic::GgufV3,
+            metadata,
+            tensor_infos: HashMap::new(),
+            tensor_data_offset: 0,
+        }
+    }
+
+    /// Ids → their vocabulary strings, for readable assertions.
+    fn pieces(tok: &Tokenizer, text: &str) -> Vec<String> {
+        let ids = tok.encode(text).unwrap();
+        ids.iter().map(|&id| tok.id_to_token(id).unwrap()).collect()
+    }
+
+    const SPM_VOCAB: &[(&str, f32, u32)] = &[
+        ("\u{2581}", -5.0, TYPE_NORMAL),
+        ("a", -6.0, TYPE_NORMAL),
+        ("b", -7.0, TYPE_NORMAL),
+        ("c", -8.0, TYPE_NORMAL),
+        ("ab", -1.0, TYPE_NORMAL),
+        ("bc", -2.0, TYPE_NORMAL),
+        ("\u{2581}ab", -3.0, TYPE_NORMAL),
+        ("aa", -4.0, TYPE_NORMAL),
+        ("<|user|>", 0.0, TYPE_USER_DEFINED),
+    ];
+
+    #[test]
+    fn sentencepiece_merges_by_score_then_leftmost() {
+        let tok = Tokenizer::from_gguf(&spm_content(SPM_VOCAB, &[])).unwrap();
+        assert_eq!(tok.encoding(), TokenEncoding::SentencePiece);
+        assert!(tok.space_prefix());
+        // `ab` (-1) beats `bc` (-2); then `▁` + `ab` merge.
+        assert_eq!(pieces(&tok, "abc"), ["▁ab", "c"]);
+        assert_eq!(pieces(&tok, "ab c"), ["▁ab", "▁", "c"]);
+        // Equal scores: the leftmost pair first.
+        assert_eq!(pieces(&tok, "aaa"), ["▁", "aa", "a"]);
+        // With `bc` scoring higher, `a` is left alone.
+        let mut swapped = SPM_VOCAB.to_vec();
+        swapped[5].1 = 0.5;
+        let tok2 = Tokenizer::from_gguf(&spm_content(&swapped, &[])).unwrap();
+        assert_eq!(pieces(&tok2, "abc"), ["▁", "a", "bc"]);
+    }
+
+    #[test]
+    fn sentencepiece_bytes_user_tokens_and_prefix() {
+        let tok = Tokenizer::from_gguf(&spm_content(SPM_VOCAB, &[])).unwrap();
+        // No token for `é`: its UTF-8 bytes.
+        assert_eq!(tok.encode("é").unwrap(), [259, 3 + 0xC3, 3 + 0xA9]);
+        // User-defined tokens are split out first, and the text after one gets a `▁` again.
+        assert_eq!(pieces(&tok, "a<|user|>b"), ["▁", "a", "<|user|>", "▁", "b"]);
+        assert_eq!(pieces(&tok, "<|user|>"), ["<|user|>"]);
+        // Control-token text is text.
+        assert!(tok.encode("<s></s>").unwrap().iter().all(|&id| id > 2));
+        assert!(tok.encode("").unwrap().is_empty());
+        // Bytes: `▁` is a space, byte tokens their byte, user tokens their text, controls nothing.
+        let ids = tok.encode("ab é<|user|>").unwrap();
+        assert_eq!(tok.decode(&ids), " ab é<|user|>");
+        assert_eq!(tok.token_bytes(3 + 0x0A), b"\n");
+        assert!(tok.token_bytes(1).is_empty() && tok.is_special(1) && tok.is_special(0));
+        // llama.cpp's defaults: BOS 1 (added), EOS 2.
+        assert_eq!(
+            (tok.bos_id(), tok.add_bos(), tok.eos_ids()),
+            (Some(1), true, &[2u32][..])
+        );
+
+        let plain = Tokenizer::from_gguf(&spm_content(
+            SPM_VOCAB,
+            &[
+                ("tokenizer.ggml.add_space_prefix", Value::Bool(false)),
+                ("tokenizer.ggml.add_bos_token", Value::Bool(false)),
+            ],
+        ))
+        .unwrap();
+        assert!(!plain.space_prefix() && !plain.add_bos());
+        assert_eq!(pieces(&plain, "ab c"), ["ab", "▁", "c"]);
+        assert_round_trip(&plain, "no prefix", "abc ab\t\n é 🦀");
+    }
+
+    #[test]
+    fn sentencepiece_errors_are_clear() {
+        // Without byte tokens, a character outside the vocabulary cannot be encoded.
+        let mut content = spm_content(SPM_VOCAB, &[]);
+        let keep = |v: &Value| match v {
+            Value::Array(a) => Value::Array([&a[..3], &a[259..]].concat()),
+            other => other.clone(),
+        };
+        for key in [
+            "tokenizer.ggml.tokens",
+            "tokenizer.ggml.scores",
+            "tokenizer.ggml.token_type",
+        ] {
+            let v = keep(&content.metadata[key]);
+            content.metadata.insert(key.to_string(), v);
+        }
+        let tok = Tokenizer::from_gguf(&content).unwrap();
+        let err = tok.encode("aé").unwrap_err();
+        assert!(format!("{err:#}").contains("0xC3"), "{err:#}");
+        // Scores that do not cover the vocabulary.
+        let content = spm_content(
+            SPM_VOCAB,
+            &[("tokenizer.ggml.scores", Value::Array(vec![]))],
+        );
+        let err = Tokenizer::from_gguf(&content).unwrap_err();
+        assert!(format!("{err:#}").contains("scores"), "{err:#}");
     }
 
     #[test]
