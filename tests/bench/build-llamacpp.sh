@@ -5,6 +5,7 @@
 #   tests/bench/build-llamacpp.sh            # builds once, prints the bin dir last
 #   ANCHORCODER_TOOLS=/some/dir tests/bench/build-llamacpp.sh
 #   LLAMACPP_FORCE=1 tests/bench/build-llamacpp.sh   # rebuild even if already built
+#   LLAMACPP_TARGETS=llama-server tests/bench/build-llamacpp.sh   # only these targets (faster)
 #
 # Steps: a venv with scikit-build-core + cmake (pip wheels; cmake is not on these machines),
 # `pip download` the sdist (pip prepares its metadata, which needs both), unpack it, and run
@@ -19,6 +20,10 @@ WORK="$PREFIX/work"
 VENV="$PREFIX/venv"
 JOBS="${JOBS:-$(nproc 2>/dev/null || echo 2)}"
 TARGETS=(llama-bench llama-tokenize llama-server llama-completion llama-cli)
+# A subset (e.g. just llama-server for the remote-engine tests) builds faster;
+# each target built that way leaves its own marker.
+PARTIAL="${LLAMACPP_TARGETS:-}"
+if [[ -n "$PARTIAL" ]]; then read -r -a TARGETS <<<"$PARTIAL"; fi
 
 log() { printf '[build-llamacpp] %s\n' "$*" >&2; }
 
@@ -26,6 +31,17 @@ if [[ -z "${LLAMACPP_FORCE:-}" && -f "$PREFIX/.built-$VERSION" && -x "$BIN/llama
     log "already built (remove $PREFIX/.built-$VERSION or set LLAMACPP_FORCE=1 to rebuild)"
     echo "$BIN"
     exit 0
+fi
+if [[ -z "${LLAMACPP_FORCE:-}" && -n "$PARTIAL" ]]; then
+    missing=0
+    for t in "${TARGETS[@]}"; do
+        [[ -f "$PREFIX/.built-$VERSION-$t" && -x "$BIN/$t" ]] || missing=1
+    done
+    if [[ $missing == 0 ]]; then
+        log "already built: ${TARGETS[*]}"
+        echo "$BIN"
+        exit 0
+    fi
 fi
 
 PY="$(command -v python3 || true)"
@@ -94,7 +110,9 @@ targets_list="$(timeout 120 cmake --build "$BUILD" --target help 2>/dev/null || 
 for t in "${TARGETS[@]}"; do
     if grep -qE "(^|[ .:])$t(\$|[ :])" <<<"$targets_list"; then have+=("$t"); fi
 done
-[[ " ${have[*]} " == *" llama-tokenize "* ]] || { log "llama-tokenize target missing"; exit 1; }
+for t in "${TARGETS[@]}"; do
+    [[ " ${have[*]} " == *" $t "* || "$t" == llama-completion || "$t" == llama-cli ]] || { log "$t target missing"; exit 1; }
+done
 log "building ${have[*]} with $JOBS jobs (several minutes)"
 timeout 3600 cmake --build "$BUILD" --config Release -j "$JOBS" --target "${have[@]}" \
     >"$WORK/cmake-build.log" 2>&1 || { tail -n 60 "$WORK/cmake-build.log" >&2; exit 1; }
@@ -105,6 +123,10 @@ for t in "${have[@]}"; do
     cp -f "$exe" "$BIN/$t"
 done
 (cd "$LLAMA" && git rev-parse --short HEAD 2>/dev/null || grep -m1 -o 'LLAMA_BUILD_COMMIT[^)]*' CMakeLists.txt 2>/dev/null || true) >"$PREFIX/SOURCE" || true
-touch "$PREFIX/.built-$VERSION"
+if [[ -n "$PARTIAL" ]]; then
+    for t in "${have[@]}"; do touch "$PREFIX/.built-$VERSION-$t"; done
+else
+    touch "$PREFIX/.built-$VERSION"
+fi
 log "built: ${have[*]}"
 echo "$BIN"
