@@ -198,3 +198,335 @@ impl Drop for Server {
         let _ = self.child.kill();
     }
 }
+
+/// The `llama-server` that `tests/bench/build-llamacpp.sh` builds:
+/// `$LLAMA_SERVER`, else `$ANCHORCODER_TOOLS/llama.cpp/bin/llama-server`
+/// (default tools folder `~/.cache/anchorcoder/tools`).
+pub fn llama_server_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("LLAMA_SERVER") {
+        return PathBuf::from(p);
+    }
+    let tools = std::env::var("ANCHORCODER_TOOLS").map(PathBuf::from).unwrap_or_else(|_| {
+        PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/anchorcoder/tools")
+    });
+    let bin = tools.join("llama.cpp/bin/llama-server");
+    assert!(bin.exists(), "{} is missing: run tests/bench/build-llamacpp.sh (scripts/test does)", bin.display());
+    bin
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A real llama.cpp server on 127.0.0.1 serving the default model; killed on drop.
+pub struct LlamaServer {
+    child: Child,
+    /// Its port.
+    pub port: u16,
+}
+
+impl LlamaServer {
+    /// Start one with extra arguments (e.g. `--api-key`) and wait until it is ready.
+    pub fn start(extra: &[&str]) -> LlamaServer {
+        let port = free_port();
+        let model = default_model();
+        let child = Command::new(llama_server_binary())
+            .args(["-m", model.to_str().unwrap(), "--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["-c", "8192", "-np", "4", "-t", "2", "--log-disable"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start llama-server");
+        let mut s = LlamaServer { child, port };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok((200, _)) = http_get(port, "/health") {
+                return s;
+            }
+            assert!(s.child.try_wait().unwrap().is_none(), "llama-server exited while starting");
+            assert!(Instant::now() < deadline, "llama-server not ready on port {port} within 120 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Its base URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Kill it at once (SIGKILL), mid-request or not.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// How many of its slots are generating now (`/slots`).
+    pub fn busy_slots(&self, key: Option<&str>) -> usize {
+        let (code, body) = http_get_auth(self.port, "/slots", key).expect("GET /slots");
+        assert_eq!(code, 200, "/slots: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        v.as_array().unwrap().iter().filter(|s| s["is_processing"] == json!(true)).count()
+    }
+}
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A plain HTTP GET on 127.0.0.1: status and body.
+pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    http_get_auth(port, path, None)
+}
+
+fn http_get_auth(port: u16, path: &str, key: Option<&str>) -> std::io::Result<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Connection: close\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let code = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    Ok((code, body))
+}
+
+/// What a [`Proxy`] does with a new connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyMode {
+    /// Pass it to the upstream port.
+    Forward,
+    /// Accept it, read everything, never answer.
+    Silent,
+}
+
+/// A TCP proxy on 127.0.0.1 in front of an engine that counts generation
+/// requests (POST) in flight, sent and not yet fully answered, so tests can
+/// see what the engine sees. Understands just enough HTTP/1.1: `Content-Length` and
+/// chunked bodies.
+pub struct Proxy {
+    /// Its port.
+    pub port: u16,
+    state: std::sync::Arc<ProxyState>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    upstream: std::sync::atomic::AtomicU16,
+    silent: std::sync::atomic::AtomicBool,
+    in_flight: std::sync::atomic::AtomicUsize,
+    max_in_flight: std::sync::atomic::AtomicUsize,
+    raw_overlaps: std::sync::atomic::AtomicUsize,
+    requests: std::sync::Mutex<Vec<String>>,
+}
+
+impl Proxy {
+    /// Start one forwarding to `upstream`.
+    pub fn start(upstream: u16) -> Proxy {
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = std::sync::Arc::new(ProxyState::default());
+        state.upstream.store(upstream, SeqCst);
+        let st = state.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let st = st.clone();
+                std::thread::spawn(move || proxy_connection(client, &st));
+            }
+        });
+        Proxy { port, state }
+    }
+
+    /// Its base URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Forward new connections to another port.
+    pub fn set_upstream(&self, port: u16) {
+        self.state.upstream.store(port, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// What to do with new connections.
+    pub fn set_mode(&self, mode: ProxyMode) {
+        self.state.silent.store(mode == ProxyMode::Silent, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Generation requests in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.state.in_flight.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The most generation requests ever in flight at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.state.max_in_flight.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Requests that arrived while another was still counted in flight
+    /// (before the 100 ms grace for closes in transit).
+    pub fn raw_overlaps(&self) -> usize {
+        self.state.raw_overlaps.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Request lines seen so far ("POST /v1/completions"), forwarded or not.
+    pub fn requests(&self) -> Vec<String> {
+        self.state.requests.lock().unwrap().clone()
+    }
+}
+
+fn proxy_connection(client: std::net::TcpStream, st: &std::sync::Arc<ProxyState>) {
+    use std::sync::atomic::Ordering::SeqCst;
+    if st.silent.load(SeqCst) {
+        let mut r = BufReader::new(client);
+        while let Some(line) = read_head(&mut r).map(|h| h.0) {
+            st.requests.lock().unwrap().push(line);
+        }
+        return;
+    }
+    let Ok(upstream) = std::net::TcpStream::connect(("127.0.0.1", st.upstream.load(SeqCst))) else { return };
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    // Requests this connection sent that are not yet answered (at most one
+    // without pipelining); released when answered or when the connection ends.
+    let pending = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let release = |pending: &std::sync::atomic::AtomicUsize, st: &ProxyState| {
+        if pending.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok() {
+            st.in_flight.fetch_sub(1, SeqCst);
+        }
+    };
+    let (c2, u2) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+    let (st2, pending2) = (st.clone(), pending.clone());
+    let up = std::thread::spawn(move || {
+        let mut r = BufReader::new(c2);
+        let mut w = u2;
+        while let Some((line, head, len)) = read_head(&mut r) {
+            // Without pipelining a response ends each request before the
+            // next, so a GET's answer finds nothing pending to release.
+            if line.starts_with("POST ") {
+                // A client drops an aborted request's connection; its close
+                // reaches us on another thread. Give a close in transit 100 ms
+                // before counting an overlap (`raw_overlaps` counts those waits).
+                let t0 = Instant::now();
+                if st2.in_flight.load(SeqCst) > 0 {
+                    st2.raw_overlaps.fetch_add(1, SeqCst);
+                }
+                while st2.in_flight.load(SeqCst) > 0 && t0.elapsed() < Duration::from_millis(100) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                pending2.fetch_add(1, SeqCst);
+                let now = st2.in_flight.fetch_add(1, SeqCst) + 1;
+                st2.max_in_flight.fetch_max(now, SeqCst);
+            }
+            st2.requests.lock().unwrap().push(line);
+            let mut body = vec![0; len];
+            if w.write_all(&head).is_err() || r.read_exact(&mut body).is_err() || w.write_all(&body).is_err() {
+                break;
+            }
+        }
+        // The client hung up: whatever it had asked is no longer in flight.
+        while pending2.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok() {
+            st2.in_flight.fetch_sub(1, SeqCst);
+        }
+        let _ = w.shutdown(std::net::Shutdown::Both);
+    });
+    let mut r = BufReader::new(upstream);
+    let mut w = client;
+    while forward_response(&mut r, &mut w).is_ok() {
+        release(&pending, st);
+    }
+    let _ = w.shutdown(std::net::Shutdown::Both);
+    let _ = up.join();
+    while pending.load(SeqCst) > 0 {
+        release(&pending, st);
+    }
+}
+
+/// One request head: its request line, raw bytes and body length.
+fn read_head(r: &mut impl BufRead) -> Option<(String, Vec<u8>, usize)> {
+    let mut raw = Vec::new();
+    let mut first = String::new();
+    let mut len = 0;
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        raw.extend_from_slice(line.as_bytes());
+        let t = line.trim_end();
+        if first.is_empty() {
+            first = t.rsplit_once(' ').map_or(t, |(a, _)| a).to_string();
+        } else if t.is_empty() {
+            return Some((first, raw, len));
+        } else if let Some((k, v)) = t.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                len = v.trim().parse().ok()?;
+            }
+        }
+    }
+}
+
+/// Pass one whole response on, piece by piece as it comes.
+fn forward_response(r: &mut impl BufRead, w: &mut impl Write) -> std::io::Result<()> {
+    let eof = || std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+    let mut line = String::new();
+    let (mut len, mut chunked) = (None, false);
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            return Err(eof());
+        }
+        w.write_all(line.as_bytes())?;
+        let t = line.trim_end();
+        if t.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = t.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                len = v.trim().parse::<usize>().ok();
+            } else if k.eq_ignore_ascii_case("transfer-encoding") && v.to_ascii_lowercase().contains("chunked") {
+                chunked = true;
+            }
+        }
+    }
+    let copy = |n: usize, r: &mut dyn BufRead, w: &mut dyn Write| -> std::io::Result<()> {
+        let mut buf = vec![0; n];
+        r.read_exact(&mut buf)?;
+        w.write_all(&buf)?;
+        w.flush()
+    };
+    if chunked {
+        loop {
+            line.clear();
+            if r.read_line(&mut line)? == 0 {
+                return Err(eof());
+            }
+            w.write_all(line.as_bytes())?;
+            let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16).map_err(|_| eof())?;
+            if size == 0 {
+                // Trailers, then the empty line.
+                loop {
+                    line.clear();
+                    if r.read_line(&mut line)? == 0 {
+                        return Err(eof());
+                    }
+                    w.write_all(line.as_bytes())?;
+                    if line.trim().is_empty() {
+                        return w.flush();
+                    }
+                }
+            }
+            copy(size + 2, r, w)?;
+        }
+    }
+    match len {
+        Some(n) => copy(n, r, w),
+        None => {
+            std::io::copy(r, w)?;
+            Err(eof())
+        }
+    }
+}
