@@ -7,7 +7,8 @@
 #   tests/bench/eval-grid.sh
 #
 # Resumable: every finished point is a line of $OUT/grid.jsonl and is not run
-# again; a point stopped half-way goes on from its last finished task
+# again (the table and the plot use $OUT/grid-common.jsonl: every point over
+# the same tasks, see MIN_COMMON below); a point stopped half-way goes on from its last finished task
 # (`eval --resume`). Stop it with Ctrl-C (or SIGSTOP/SIGCONT to pause it while
 # timing something else); run the same command to go on.
 #
@@ -15,7 +16,9 @@
 # FILES / PER_FILE / SEED (the task set: default 20 files x 2 tasks, seed 1),
 # LIMIT (tasks per point, default all), POINTS (the points, in order; default
 # below), OUT (default target/eval/grid-f$FILES-k$PER_FILE-s$SEED), SVG (where
-# the plot goes, default $OUT/eval-grid.svg).
+# the plot goes, default $OUT/eval-grid.svg), MIN_COMMON (a point stopped
+# half-way with at least this many tasks, default 10, joins the table and the
+# plot, and every point is then summarized over the tasks all of them have).
 #
 # A point is `full`, `anchor:R:S:D`, `window:W:S`, or `window@anchor:R:S:D`:
 # the window whose KV bytes match that anchor point's (W from its measured
@@ -136,7 +139,39 @@ print(json.dumps(summary, separators=(",", ":")))
 PY
 done
 
-"$BIN" eval plot --in "$GRID" --out "$SVG" --title "Edit similarity against KV bytes ($(wc -l <"$TASKS") tasks, 500+-line files)"
+# Every point over the same tasks: the finished points, and a point stopped
+# half-way (time ran out) if it has at least MIN_COMMON tasks (default 10),
+# all summarized over the tasks that every one of them has done.
+COMMON=$OUT/grid-common.jsonl
+python3 - "$OUT" "${MIN_COMMON:-10}" >"$COMMON" <<'PY'
+import glob, json, os, sys
+out, least = sys.argv[1], int(sys.argv[2])
+points = {}
+for f in sorted(glob.glob(os.path.join(out, "tasks-*.jsonl"))):
+    name = os.path.basename(f)[len("tasks-"):-len(".jsonl")]
+    rows = {}
+    for l in open(f):
+        try:
+            r = json.loads(l)
+        except ValueError:
+            continue
+        rows[r["id"]] = r
+    if len(rows) >= least:
+        points[name] = rows
+common = set.intersection(*(set(r) for r in points.values())) if points else set()
+for name, rows in points.items():
+    rs = [rows[i] for i in sorted(common)]
+    mean = lambda k: sum(float(r[k]) for r in rs) / len(rs)
+    print(json.dumps({"name": name, "policy": rs[0]["policy"], "tasks": len(rs),
+                      "exact_match": mean("exact_match"), "edit_similarity": mean("edit_similarity"),
+                      "kv_bytes": mean("kv_bytes"), "prompt_tokens": mean("prompt_tokens"),
+                      "suggestions": {r["id"]: r["suggestion"] for r in rs}}, separators=(",", ":")))
+PY
+n_common=$(head -n 1 "$COMMON" | python3 -c 'import json,sys; print(json.loads(sys.stdin.read() or "{}").get("tasks", 0))')
+"$BIN" eval plot --in "$COMMON" --out "$SVG" \
+  --title "Edit similarity against KV bytes ($n_common tasks, 500+-line files, 2,048-token windows)"
+GRID=$COMMON
+echo "All points over the same $n_common tasks:"
 
 python3 - "$GRID" <<'PY'
 import json, sys

@@ -5,7 +5,8 @@
 //! lines each in one real `anchorcoder` server, waits until the server has
 //! warmed every document's cache (the prompt window at the end of the file:
 //! the last 2,048 × 3 bytes), then reads the server's VmRSS and VmHWM and the
-//! KV bytes that `anchorcoder/status` reports. Runs once per configuration:
+//! KV bytes that `anchorcoder/status` reports (`cacheBytes`: allocated, with
+//! spare capacity; the documents' `kvBytes`: live rows). Runs once per configuration:
 //! `anchor` and `full` with the cache budget lifted (so that every document
 //! stays cached), and with `--default-budget` also `full` under the default
 //! 512 MiB budget (what a user gets: the LRU evicts). Prints a table and,
@@ -97,19 +98,22 @@ fn measure(name: &str, options: Value, docs: &[(String, String)]) -> Value {
     let (rss_warm, hwm) = rss(pid);
     let cached = status["documents"].as_array().map_or(0, Vec::len);
     let tokens: u64 = status["documents"].as_array().unwrap().iter().filter_map(|d| d["tokens"].as_u64()).sum();
+    // Allocated K/V (live rows plus spare capacity) and the live rows alone.
     let kv = status["cacheBytes"].as_u64().unwrap_or(0);
+    let live: u64 = status["documents"].as_array().unwrap().iter().filter_map(|d| d["kvBytes"].as_u64()).sum();
     s.shutdown();
     let mb = |b: u64| b as f64 / 1e6;
     println!(
-        "{name:<24} {cached:>3} of {:>2} cached, {tokens:>6} tokens, KV {:>8.1} MB, RSS {:>8.1} MB (loaded, no documents: {:.1} MB; peak {:.1} MB), warm after {:.0}s",
+        "{name:<24} {cached:>3} of {:>2} cached, {tokens:>6} tokens, KV {:>7.1} MB allocated ({:.1} MB live), RSS {:>7.1} MB (loaded, no documents: {:.1} MB; peak {:.1} MB), warm after {:.0}s",
         docs.len(),
         mb(kv),
+        mb(live),
         mb(rss_warm),
         mb(rss_loaded),
         mb(hwm),
         t.elapsed().as_secs_f64()
     );
-    json!({"documents_cached": cached, "tokens": tokens, "kv_bytes": kv, "rss_bytes": rss_warm,
+    json!({"documents_cached": cached, "tokens": tokens, "kv_bytes": kv, "kv_live_bytes": live, "rss_bytes": rss_warm,
            "rss_loaded_bytes": rss_loaded, "peak_rss_bytes": hwm})
 }
 
@@ -152,6 +156,7 @@ fn main() {
         "documents": n, "lines": lines, "anchor": anchor, "full": full,
         "rss_ratio_anchor_over_full": ratio(&anchor, &full, "rss_bytes"),
         "kv_ratio_anchor_over_full": ratio(&anchor, &full, "kv_bytes"),
+        "kv_live_ratio_anchor_over_full": ratio(&anchor, &full, "kv_live_bytes"),
     });
     if default_budget {
         let f = measure("full (512 MiB budget)", json!({"threads": threads, "attention": {"policy": "full"}}), &docs);
@@ -159,9 +164,10 @@ fn main() {
         report["full_default_budget"] = f;
     }
     println!(
-        "RSS anchor / full: {:.3} (KV anchor / full: {:.3})",
+        "RSS anchor / full: {:.3} (KV allocated {:.3}, live {:.3})",
         report["rss_ratio_anchor_over_full"].as_f64().unwrap(),
-        report["kv_ratio_anchor_over_full"].as_f64().unwrap()
+        report["kv_ratio_anchor_over_full"].as_f64().unwrap(),
+        report["kv_live_ratio_anchor_over_full"].as_f64().unwrap()
     );
     println!("{report}");
 }
