@@ -367,7 +367,7 @@ impl Proxy {
     }
 
     /// Requests that arrived while another was still counted in flight
-    /// (before the 100 ms grace for closes in transit).
+    /// (before the 1 s grace for closes in transit).
     pub fn raw_overlaps(&self) -> usize {
         self.state.raw_overlaps.load(std::sync::atomic::Ordering::SeqCst)
     }
@@ -408,13 +408,14 @@ fn proxy_connection(client: std::net::TcpStream, st: &std::sync::Arc<ProxyState>
             // next, so a GET's answer finds nothing pending to release.
             if line.starts_with("POST ") {
                 // A client drops an aborted request's connection; its close
-                // reaches us on another thread. Give a close in transit 100 ms
-                // before counting an overlap (`raw_overlaps` counts those waits).
+                // reaches us on another thread, late on a loaded machine. Give a
+                // close in transit 1 s before counting an overlap
+                // (`raw_overlaps` counts those waits).
                 let t0 = Instant::now();
                 if st2.in_flight.load(SeqCst) > 0 {
                     st2.raw_overlaps.fetch_add(1, SeqCst);
                 }
-                while st2.in_flight.load(SeqCst) > 0 && t0.elapsed() < Duration::from_millis(100) {
+                while st2.in_flight.load(SeqCst) > 0 && t0.elapsed() < Duration::from_secs(1) {
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 pending2.fetch_add(1, SeqCst);
