@@ -815,9 +815,11 @@ impl Tokenizer {
                 .iter()
                 .filter_map(|name| lookup.get(name).copied()),
         );
-        // `</s>` only when it really is a control token (llama.cpp makes the same exception).
+        // `</s>` ends generation and is a control token even where the GGUF calls it
+        // user-defined (Phi-3), except in vocabularies where it is normal text (Gemma 4, PLaMo),
+        // as in llama.cpp.
         if let Some(&id) = lookup.get("</s>") {
-            if types[id as usize] == TYPE_CONTROL {
+            if !lookup.contains_key("<|tool_response>") && !lookup.contains_key("<|plamo:eos|>") {
                 eos.push(id);
             }
         }
