@@ -1,47 +1,69 @@
 //! Command-line pieces shared by several subcommands (`complete`, `eval`,
 //! `debug-mask`): the attention-policy flags and "the given model, else the
-//! default one, pulled on first use".
+//! default one, pulled on first use", with its adapter.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::Args;
 
+use crate::engine::adapter::Adapter;
 use crate::engine::policy::{AttentionPolicy, PolicyKind};
+use crate::engine::Engine;
 use crate::models;
 
-/// Attention policy flags.
+/// Attention policy flags. With none given and an adapter merged that names
+/// its trained policy, that policy is used (as the server does).
 #[derive(Args, Clone, Debug)]
 pub struct PolicyArgs {
-    /// anchor, full or window.
-    #[arg(long, default_value = "anchor")]
-    pub policy: String,
-    /// Lines before the current one whose tokens stay fully visible (anchor).
-    #[arg(long, default_value_t = 8)]
-    pub recent_lines: u32,
-    /// Leading tokens always kept (attention sinks).
-    #[arg(long, default_value_t = 4)]
-    pub sink_tokens: u32,
-    /// Every N-th layer dense (0 = none; anchor).
-    #[arg(long, default_value_t = 0)]
-    pub dense_every: u32,
-    /// Tokens of the window (window).
-    #[arg(long, default_value_t = 256)]
-    pub window_tokens: u32,
+    /// anchor, full or window [default: anchor, or the merged adapter's trained policy]
+    #[arg(long)]
+    pub policy: Option<String>,
+    /// Lines before the current one whose tokens stay fully visible (anchor) [default: 8]
+    #[arg(long)]
+    pub recent_lines: Option<u32>,
+    /// Leading tokens always kept (attention sinks) [default: 4]
+    #[arg(long)]
+    pub sink_tokens: Option<u32>,
+    /// Every N-th layer dense (0 = none; anchor) [default: 0]
+    #[arg(long)]
+    pub dense_every: Option<u32>,
+    /// Tokens of the window (window) [default: 256]
+    #[arg(long)]
+    pub window_tokens: Option<u32>,
 }
 
 impl PolicyArgs {
-    /// The policy these flags spell (`full` without sinks, as the reference).
+    /// The policy these flags spell, defaults filled in (`full` without
+    /// sinks, as the reference).
     pub fn policy(&self) -> Result<AttentionPolicy> {
         let p = AttentionPolicy::from_parts(
-            &self.policy,
-            self.recent_lines,
-            self.sink_tokens,
-            self.dense_every,
-            self.window_tokens,
+            self.policy.as_deref().unwrap_or("anchor"),
+            self.recent_lines.unwrap_or(8),
+            self.sink_tokens.unwrap_or(4),
+            self.dense_every.unwrap_or(0),
+            self.window_tokens.unwrap_or(256),
         )?;
         Ok(if p.kind == PolicyKind::Full { AttentionPolicy::full() } else { p })
     }
+
+    /// The policy to run with `engine`: its adapter's trained policy when no
+    /// flag was given, else [`PolicyArgs::policy`].
+    pub fn policy_for(&self, engine: &Engine) -> Result<AttentionPolicy> {
+        let none_given = self.policy.is_none()
+            && self.recent_lines.is_none()
+            && self.sink_tokens.is_none()
+            && self.dense_every.is_none()
+            && self.window_tokens.is_none();
+        Ok(engine.policy(self.policy()?, none_given))
+    }
+}
+
+/// Load the given model (else the default one, pulled if missing) with the
+/// adapter `adapter` asks for (see [`Adapter::choose`]).
+pub fn load_engine(model: Option<&Path>, adapter: Option<&Path>) -> Result<Engine> {
+    let path = model_path(model)?;
+    Engine::load_adapted(&path, Adapter::choose(adapter)?)
 }
 
 /// Pull the default model (if missing), showing progress on stderr.

@@ -42,7 +42,8 @@ pub struct EvalArgs {
     /// A .gguf file or Hugging Face folder (default: the default model, pulled on first use).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// A LoRA adapter to merge at load (e.g. server/assets/adapter_anchor.safetensors).
+    /// A LoRA adapter to merge at load: a .safetensors file, or `builtin` (the anchor adapter
+    /// for the default model built into this binary, with its trained policy unless policy flags are given).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     #[command(flatten)]
@@ -134,11 +135,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if tasks.is_empty() {
         bail!("no tasks in {}", tasks_path.display());
     }
-    let policy = args.policy.policy()?;
+    let engine = crate::cli::load_engine(args.model.as_deref(), args.adapter.as_deref())?;
+    let policy = args.policy.policy_for(&engine)?;
     let full = AttentionPolicy::full();
     let compare = args.compare_full && policy != full;
-    let model = crate::cli::model_path(args.model.as_deref())?;
-    let engine = Engine::load_with(&model, args.adapter.as_deref())?;
     let settings =
         Settings { max_tokens: args.max_tokens, max_lines: 1, prefix_tokens: args.prefix_tokens, ..Settings::default() };
 

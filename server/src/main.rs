@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use anchorcoder::cli::{model_path, pull, PolicyArgs};
+use anchorcoder::cli::{self, model_path, pull, PolicyArgs};
 use anchorcoder::completion::{self, Settings};
 use anchorcoder::engine::document::DocumentCache;
 use anchorcoder::engine::Engine;
@@ -62,7 +62,8 @@ struct CompleteArgs {
     /// A .gguf file or Hugging Face folder (default: the default model, pulled on first use).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// A LoRA adapter to merge at load (e.g. server/assets/adapter_anchor.safetensors).
+    /// A LoRA adapter to merge at load: a .safetensors file, or `builtin` (the anchor adapter
+    /// for the default model built into this binary, with its trained policy unless policy flags are given).
     #[arg(long)]
     adapter: Option<PathBuf>,
     #[command(flatten)]
@@ -122,10 +123,10 @@ fn main() {
 fn complete(a: CompleteArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.path).with_context(|| format!("cannot read {}", a.path.display()))?;
     let cursor = cursor_offset(&text, a.line, a.column)?;
-    let policy = a.policy.policy()?;
     let t0 = Instant::now();
-    let engine = Engine::load_with(&model_path(a.model.as_deref())?, a.adapter.as_deref())?;
+    let engine = cli::load_engine(a.model.as_deref(), a.adapter.as_deref())?;
     let load = t0.elapsed();
+    let policy = a.policy.policy_for(&engine)?;
     let settings =
         Settings { max_tokens: a.max_tokens, max_lines: a.max_lines, prefix_tokens: a.prefix_tokens, ..Settings::default() };
     let prompt = completion::plan(&text, cursor, None, &settings);

@@ -31,6 +31,7 @@ use tokio::sync::{mpsc::UnboundedSender, oneshot, Notify};
 use crate::backend::{Notice, Reachability, Remote, RemoteRequest};
 use crate::completion::{self, Prompt, Settings};
 use crate::config::{BackendConfig, CompletionConfig, Config};
+use crate::engine::adapter::Adapter;
 use crate::engine::document::line_start;
 use crate::engine::document::DocumentCache;
 use crate::engine::policy::AttentionPolicy;
@@ -464,10 +465,17 @@ impl Worker {
         }
     }
 
+    /// The configured policy, or the merged adapter's trained one while the
+    /// `attention` settings are at their defaults.
     fn policy(&self) -> AttentionPolicy {
         let a = &self.config.attention;
-        AttentionPolicy::from_parts(a.policy.as_str(), a.recent_lines, a.sink_tokens, a.dense_every, a.window_tokens)
-            .unwrap_or_default()
+        let configured =
+            AttentionPolicy::from_parts(a.policy.as_str(), a.recent_lines, a.sink_tokens, a.dense_every, a.window_tokens)
+                .unwrap_or_default();
+        match &self.engine {
+            Some(engine) => engine.policy(configured, *a == crate::config::AttentionConfig::default()),
+            None => configured,
+        }
     }
 
     fn settings(&self) -> Settings {
@@ -501,7 +509,9 @@ impl Worker {
         self.model_path = Some(path.clone());
         self.progress(format!("loading {}", path.display()), Some(50), false);
         let t0 = Instant::now();
-        match Engine::load_with(&path, self.config.model.adapter.as_deref()) {
+        let loaded = Adapter::choose(self.config.model.adapter.as_deref())
+            .and_then(|adapter| Engine::load_adapted(&path, adapter));
+        match loaded {
             Ok(engine) => {
                 self.engine = Some(engine);
                 self.model_state = ModelState::Ready;

@@ -32,11 +32,42 @@ pub struct Adapter {
     pub metadata: HashMap<String, String>,
 }
 
+/// The anchor-trained adapter for the default model, built into the binary
+/// (server/assets/adapter_anchor.safetensors; PROVENANCE.md there says how it
+/// was trained and evaluated).
+const BUILTIN_ANCHOR: &[u8] = include_bytes!("../../assets/adapter_anchor.safetensors");
+
+/// What [`Adapter::builtin`] is called in status and logs.
+pub const BUILTIN_NAME: &str = "builtin:adapter_anchor";
+
 impl Adapter {
     /// Read an adapter file.
     pub fn load(path: &Path) -> Result<Adapter> {
         let bytes = std::fs::read(path).with_context(|| format!("cannot read adapter {}", path.display()))?;
-        let bad = |why: &str| anyhow!("{} is not an AnchorCoder adapter: {why}", path.display());
+        Adapter::from_bytes(&bytes, &path.display().to_string())
+    }
+
+    /// The built-in anchor adapter for the default model.
+    pub fn builtin() -> Result<Adapter> {
+        Adapter::from_bytes(BUILTIN_ANCHOR, BUILTIN_NAME)
+    }
+
+    /// The adapter a `model.adapter` setting asks for: unset or `"none"` →
+    /// none; `"builtin"` → the built-in anchor adapter (for the default model);
+    /// anything else → that file.
+    pub fn choose(setting: Option<&Path>) -> Result<Option<Adapter>> {
+        let Some(path) = setting else { return Ok(None) };
+        match path.to_str() {
+            Some("none") => Ok(None),
+            Some("builtin") => Adapter::builtin().map(Some),
+            _ => Adapter::load(path).map(Some),
+        }
+    }
+
+    /// Parse an adapter from the bytes of a safetensors file; `name` is for
+    /// error messages.
+    pub fn from_bytes(bytes: &[u8], name: &str) -> Result<Adapter> {
+        let bad = |why: &str| anyhow!("{name} is not an AnchorCoder adapter: {why}");
         let n = u64::from_le_bytes(bytes.get(..8).ok_or_else(|| bad("too short"))?.try_into()?) as usize;
         let header: serde_json::Map<String, serde_json::Value> =
             serde_json::from_slice(bytes.get(8..8 + n).ok_or_else(|| bad("truncated header"))?)
@@ -52,9 +83,9 @@ impl Adapter {
         let scale: f32 = metadata.get("scale").and_then(|s| s.parse().ok()).ok_or_else(|| bad("no `scale`"))?;
         let data = &bytes[8 + n..];
         let mut tensors: HashMap<String, (Vec<usize>, Vec<f32>)> = HashMap::new();
-        for (name, info) in header.iter().filter(|(k, _)| *k != "__metadata__") {
+        for (t, info) in header.iter().filter(|(k, _)| *k != "__metadata__") {
             if info.get("dtype").and_then(|d| d.as_str()) != Some("F32") {
-                bail!("{}: tensor {name} is not F32", path.display());
+                bail!("{name}: tensor {t} is not F32");
             }
             let shape: Vec<usize> = info["shape"].as_array().ok_or_else(|| bad("shape"))?.iter()
                 .map(|d| d.as_u64().unwrap_or(0) as usize).collect();
@@ -65,7 +96,7 @@ impl Adapter {
                 return Err(bad("tensor size does not match its shape"));
             }
             let v = raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-            tensors.insert(name.clone(), (shape, v));
+            tensors.insert(t.clone(), (shape, v));
         }
         let mut pairs = HashMap::new();
         for (name, (shape_a, a)) in &tensors {

@@ -40,7 +40,12 @@ impl Engine {
 
     /// Like [`Engine::load`], merging a LoRA adapter (GGUF models only).
     pub fn load_with(path: &Path, adapter: Option<&Path>) -> Result<Engine> {
-        let adapter = adapter.map(adapter::Adapter::load).transpose()?;
+        Engine::load_adapted(path, adapter.map(adapter::Adapter::load).transpose()?)
+    }
+
+    /// Like [`Engine::load`], merging an already loaded adapter (e.g.
+    /// [`adapter::Adapter::builtin`]).
+    pub fn load_adapted(path: &Path, adapter: Option<adapter::Adapter>) -> Result<Engine> {
         if !path.exists() {
             bail!("model not found: {} (run `anchorcoder model pull` for the default model)", path.display());
         }
@@ -72,6 +77,15 @@ impl Engine {
         }
         let policy = adapter.as_ref().and_then(|a| a.policy);
         Ok(Engine { model, tokenizer, path: path.to_path_buf(), adapter_policy: policy })
+    }
+
+    /// The policy to run: the merged adapter's trained policy when the user
+    /// left the attention settings at their defaults, else `configured`.
+    pub fn policy(&self, configured: policy::AttentionPolicy, configured_is_default: bool) -> policy::AttentionPolicy {
+        match self.adapter_policy {
+            Some(trained) if configured_is_default => trained,
+            _ => configured,
+        }
     }
 }
 
@@ -123,10 +137,21 @@ mod tests {
 
     #[test]
     fn trained_adapter_merges_and_completes_under_its_policy() {
-        let adapter = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/adapter_anchor.safetensors");
-        let engine = Engine::load_with(&default_model(), Some(&adapter)).unwrap();
+        // The built-in adapter is the file in server/assets.
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/adapter_anchor.safetensors");
+        assert_eq!(adapter::Adapter::load(&file).unwrap().policy, adapter::Adapter::builtin().unwrap().policy);
+        let chosen = adapter::Adapter::choose(Some(Path::new("builtin"))).unwrap();
+        let engine = Engine::load_adapted(&default_model(), chosen).unwrap();
         let policy = engine.adapter_policy.expect("the adapter names its policy");
-        assert_eq!(policy.kind, PolicyKind::Anchor { recent_lines: 0, dense_every: 4 });
+        assert_eq!(policy.kind, PolicyKind::Anchor { recent_lines: 2, dense_every: 0 });
+        assert_eq!(policy.sink_tokens, 4);
+        // Its policy replaces the configured one only while that is the default.
+        assert_eq!(engine.policy(AttentionPolicy::default(), true), policy);
+        assert_eq!(engine.policy(AttentionPolicy::full(), false), AttentionPolicy::full());
+        // None unless asked for.
+        assert!(adapter::Adapter::choose(None).unwrap().is_none());
+        assert!(adapter::Adapter::choose(Some(Path::new("none"))).unwrap().is_none());
+        assert!(adapter::Adapter::choose(Some(Path::new("/no/such.safetensors"))).is_err());
         let py = greedy(&engine, policy, PY, 8);
         assert!(py.starts_with(" a + b"), "{py:?}");
         // The merge changed the weights: the logits differ from the base model's.
