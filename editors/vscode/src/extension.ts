@@ -31,8 +31,19 @@ interface DocumentStatus {
   reusedTokens: number;
 }
 
+interface BackendStatus {
+  kind: 'local' | 'openai' | 'llamacpp';
+  url?: string;
+  state?: 'unknown' | 'reachable' | 'slow' | 'down';
+  latencyMs?: number | null;
+  lastError?: string | null;
+  note?: string | null;
+  fallbackToLocal?: boolean;
+}
+
 interface ServerStatus {
-  model: { path: string | null; source: string | null; state: 'loading' | 'pulling' | 'ready' | 'error'; error: string | null };
+  model: { path: string | null; source: string | null; state: 'loading' | 'pulling' | 'ready' | 'error' | 'unloaded'; error: string | null };
+  backend?: BackendStatus;
   policy: unknown;
   documents: DocumentStatus[];
   cacheBytes: number;
@@ -276,6 +287,14 @@ function updateStatusItem(): void {
     text = '$(debug-disconnect) AnchorCoder: stopped';
   } else if (client.state === State.Starting || !s) {
     text = progressText !== undefined ? `$(loading~spin) AnchorCoder: loading model ${progressText}` : '$(loading~spin) AnchorCoder: starting';
+  } else if (remote(s) && s.backend?.state === 'down') {
+    text = `$(cloud) AnchorCoder: remote down${s.backend.fallbackToLocal ? ' (local)' : ''}`;
+    bg = new vscode.ThemeColor(s.backend.fallbackToLocal ? 'statusBarItem.warningBackground' : 'statusBarItem.errorBackground');
+  } else if (remote(s) && s.backend?.state === 'slow') {
+    text = '$(cloud) AnchorCoder: remote slow';
+    bg = new vscode.ThemeColor('statusBarItem.warningBackground');
+  } else if (remote(s)) {
+    text = `$(cloud) AnchorCoder${inFlight > 0 ? ' …' : ''}`;
   } else if (s.model.state === 'error') {
     text = '$(error) AnchorCoder: model error';
     bg = new vscode.ThemeColor('statusBarItem.errorBackground');
@@ -293,6 +312,7 @@ function updateStatusItem(): void {
   tip.appendMarkdown(`**AnchorCoder** — ${enabled ? 'inline completions on' : 'inline completions off'}\n\n`);
   if (lastError) tip.appendMarkdown(`Error: ${lastError}\n\n`);
   if (s) {
+    if (remote(s)) tip.appendMarkdown(`${remoteLine(s.backend!)}\n\n`);
     tip.appendMarkdown(`Model: ${s.model.state}${s.model.path ? ` (${s.model.path})` : ''}\n\n`);
     if (s.model.error) tip.appendMarkdown(`Model error: ${s.model.error}\n\n`);
     if (progressMessage) tip.appendMarkdown(`${progressMessage}\n\n`);
@@ -301,6 +321,20 @@ function updateStatusItem(): void {
   tip.appendMarkdown('Click for details.');
   statusItem.tooltip = tip;
   statusItem.show();
+}
+
+/** Whether generation goes to a remote engine (`backend.kind` other than local). */
+function remote(s: ServerStatus): boolean {
+  return !!s.backend && s.backend.kind !== 'local';
+}
+
+function remoteLine(b: BackendStatus): string {
+  const parts = [`Remote ${b.kind} at ${b.url ?? '?'}: ${b.state ?? 'unknown'}`];
+  if (b.latencyMs != null) parts.push(`${Math.round(b.latencyMs)} ms`);
+  if (b.lastError) parts.push(`last error: ${b.lastError}`);
+  if (b.note) parts.push(b.note);
+  if (b.fallbackToLocal) parts.push('falls back to the local model while down');
+  return parts.join(' — ');
 }
 
 function statusDetail(s: ServerStatus | undefined): string {
@@ -312,6 +346,7 @@ function statusDetail(s: ServerStatus | undefined): string {
     lines.push(client ? 'Server state: starting' : 'Server state: stopped');
     return lines.join('\n');
   }
+  if (remote(s)) lines.push(remoteLine(s.backend!));
   lines.push(`Model: ${s.model.state}${progressText ? ` (${progressText})` : ''}${progressMessage ? ` — ${progressMessage}` : ''}`);
   if (s.model.path) lines.push(`Model path: ${s.model.path}${s.model.source ? ` [${s.model.source}]` : ''}`);
   if (s.model.error) lines.push(`Model error: ${s.model.error}`);

@@ -233,12 +233,20 @@ function M.status()
     ('AnchorCoder %s (root %s)'):format(suggestion.enabled and 'enabled' or 'disabled', client.config.root_dir or '?'),
     ('model: %s (%s, %s)%s'):format(st.model.path or '?', st.model.source or '?', st.model.state,
       st.model.error and (' error: ' .. st.model.error) or ''),
-    ('policy: %s, cache %d / %d bytes, queue %d'):format(tostring(st.policy), st.cacheBytes or 0,
+    ('policy: %s, cache %d / %d bytes, queue %d'):format(
+      type(st.policy) == 'table' and vim.json.encode(st.policy) or tostring(st.policy), st.cacheBytes or 0,
       st.cacheBudgetBytes or 0, st.queueDepth or 0),
     ('last latencies (ms): %s'):format(table.concat(vim.tbl_map(function(x)
       return ('%.0f'):format(x)
     end, st.lastLatenciesMs or {}), ', ')),
   }
+  local b = st.backend
+  if type(b) == 'table' and b.kind and b.kind ~= 'local' then
+    table.insert(lines, ('remote %s at %s: %s%s%s%s'):format(b.kind, b.url or '?', b.state or '?',
+      b.latencyMs ~= nil and b.latencyMs ~= vim.NIL and (' (%.0f ms)'):format(b.latencyMs) or '',
+      b.lastError ~= nil and b.lastError ~= vim.NIL and (', last error: ' .. b.lastError) or '',
+      b.fallbackToLocal and ', falls back to the local model' or ''))
+  end
   for _, d in ipairs(st.documents or {}) do
     table.insert(lines, ('  %s: %d tokens, %d anchors, %d kept, %d KV bytes'):format(
       vim.uri_to_fname(d.uri), d.tokens or 0, d.anchors or 0, d.keptTokens or 0, d.kvBytes or 0))
