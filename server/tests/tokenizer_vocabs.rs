@@ -12,6 +12,23 @@ use candle_core::quantized::gguf_file::Content;
 use std::path::PathBuf;
 
 /// The folder with the vocabularies, or `None` (not set up, and not required).
+
+/// The vocabularies with llama.cpp reference outputs that we support.
+const VOCABS: &[&str] = &[
+    "llama-spm",
+    "phi-3",
+    "gpt-2",
+    "llama-bpe",
+    "qwen2",
+    "qwen35",
+    "starcoder",
+    "refact",
+    "command-r",
+    "mpt",
+    "deepseek-coder",
+    "deepseek-llm",
+    "falcon",
+];
 fn vocab_dir() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("ANCHORCODER_VOCAB_DIR") {
         return Some(PathBuf::from(dir));
@@ -196,21 +213,7 @@ fn vocab_dir_complete_when_required() {
     let Some(dir) = std::env::var_os("ANCHORCODER_VOCAB_DIR").map(PathBuf::from) else {
         return;
     };
-    let missing: Vec<String> = [
-        "llama-spm",
-        "phi-3",
-        "gpt-2",
-        "llama-bpe",
-        "qwen2",
-        "qwen35",
-        "starcoder",
-        "refact",
-        "command-r",
-        "mpt",
-        "deepseek-coder",
-        "deepseek-llm",
-        "falcon",
-    ]
+    let missing: Vec<String> = VOCABS
     .iter()
     .flat_map(|n| ["", ".inp", ".out"].map(|ext| format!("ggml-vocab-{n}.gguf{ext}")))
     .chain(["ggml-vocab-bert-bge.gguf".to_string()])
@@ -275,21 +278,7 @@ fn real_sources_match_llama_tokenize() {
     let tmp = std::env::temp_dir().join(format!("anchorcoder-vocab-{}.txt", std::process::id()));
     let mut report = Vec::new();
     let mut failures = Vec::new();
-    for name in [
-        "llama-spm",
-        "phi-3",
-        "gpt-2",
-        "llama-bpe",
-        "qwen2",
-        "qwen35",
-        "starcoder",
-        "refact",
-        "command-r",
-        "mpt",
-        "deepseek-coder",
-        "deepseek-llm",
-        "falcon",
-    ] {
+    for name in VOCABS {
         let gguf = dir.join(format!("ggml-vocab-{name}.gguf"));
         let tok = Tokenizer::from_gguf(&content(&dir, name)).unwrap();
         let mut same = 0;

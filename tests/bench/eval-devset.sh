@@ -26,18 +26,7 @@ if [[ ! -x $BIN ]]; then
   cargo build --release -p anchorcoder
 fi
 
-sources=()
-py=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])' 2>/dev/null || true)
-[[ -n $py && -d $py ]] && sources+=("$py")
-for d in "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/; do
-  [[ -d $d ]] && sources+=("${d%/}") && break
-done
-npm_dir=$(npm root -g 2>/dev/null || true)/npm
-[[ -d $npm_dir ]] && sources+=("$npm_dir")
-if ((${#sources[@]} == 0)); then
-  echo "no sources found (python3 stdlib, cargo registry, npm)" >&2
-  exit 1
-fi
+source tests/bench/devset-sources.sh  # (the cwd is the repository root here)
 echo "sources: ${sources[*]}" >&2
 
 TASKS=$OUT/dev-f$FILES-k$PER_FILE-s$SEED-p${MAX_PREFIX_BYTES:-6000}.jsonl

@@ -51,18 +51,7 @@ limit=()
 
 # The development set's sources (as tests/bench/eval-devset.sh): Python's
 # standard library, the cargo registry's crates, npm's own JavaScript.
-sources=()
-py=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])' 2>/dev/null || true)
-[[ -n $py && -d $py ]] && sources+=("$py")
-for d in "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/; do
-  [[ -d $d ]] && sources+=("${d%/}") && break
-done
-npm_dir=$(npm root -g 2>/dev/null || true)/npm
-[[ -d $npm_dir ]] && sources+=("$npm_dir")
-if ((${#sources[@]} == 0)); then
-  echo "no sources found (python3 stdlib, cargo registry, npm)" >&2
-  exit 1
-fi
+source tests/bench/devset-sources.sh  # (the cwd is the repository root here)
 
 # Long documents: files of 500 lines and more, and at least 6,144 bytes
 # before the cursor's line: the server's 2,048-token prompt budget is 6,144
