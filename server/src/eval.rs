@@ -253,14 +253,17 @@ impl TaskResult {
     }
 }
 
-/// The task lines of an earlier run (`--out` of `--resume`), by task id: the
-/// line, its result, and the full policy's if it carries one. Lines of
-/// another policy are an error (the file belongs to another run).
+/// A finished task line of an earlier run: the line, its result, and the full
+/// policy's if it carries one.
+type DoneTask = (String, TaskResult, Option<TaskResult>);
+
+/// The task lines of an earlier run (`--out` of `--resume`), by task id.
+/// Lines of another policy are an error (the file belongs to another run).
 fn read_done(
     path: &Path,
     policy: AttentionPolicy,
     need_full: bool,
-) -> Result<std::collections::HashMap<String, (String, TaskResult, Option<TaskResult>)>> {
+) -> Result<std::collections::HashMap<String, DoneTask>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut done = std::collections::HashMap::new();
     for l in text.lines() {
@@ -741,7 +744,7 @@ pub fn plot_svg(points: &[GridPoint], title: &str) -> Result<String> {
     if points.is_empty() {
         bail!("no points to plot");
     }
-    if let Some(p) = points.iter().find(|p| !(p.kv_bytes > 0.0) || !p.edit_similarity.is_finite()) {
+    if let Some(p) = points.iter().find(|p| p.kv_bytes.is_nan() || p.kv_bytes <= 0.0 || !p.edit_similarity.is_finite()) {
         bail!("point {} has KV bytes {} and edit similarity {}: cannot plot", p.label, p.kv_bytes, p.edit_similarity);
     }
     let full = points.iter().find(|p| p.family == "full");

@@ -11,8 +11,6 @@ use anchorcoder::engine::tokenizer::{TokenEncoding, Tokenizer};
 use candle_core::quantized::gguf_file::Content;
 use std::path::PathBuf;
 
-/// The folder with the vocabularies, or `None` (not set up, and not required).
-
 /// The vocabularies with llama.cpp reference outputs that we support.
 const VOCABS: &[&str] = &[
     "llama-spm",
@@ -29,6 +27,8 @@ const VOCABS: &[&str] = &[
     "deepseek-llm",
     "falcon",
 ];
+
+/// The folder with the vocabularies, or `None` (not set up, and not required).
 fn vocab_dir() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("ANCHORCODER_VOCAB_DIR") {
         return Some(PathBuf::from(dir));
