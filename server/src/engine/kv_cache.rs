@@ -150,6 +150,8 @@ impl KvCache {
     /// Append the K/V rows of the current chunk to layer `layer`.
     pub fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) {
         let l = &mut self.layers[layer];
+        grow(&mut l.k, k.len());
+        grow(&mut l.v, v.len());
         l.k.extend_from_slice(k);
         l.v.extend_from_slice(v);
         debug_assert_eq!(l.k.len(), self.groups[l.group].positions.len() * self.kv_dim);
@@ -242,6 +244,8 @@ impl KvCache {
             for l in self.layers.iter_mut().filter(|l| l.group == gi) {
                 retain_rows(&mut l.k, self.kv_dim, &keep);
                 retain_rows(&mut l.v, self.kv_dim, &keep);
+                trim(&mut l.k);
+                trim(&mut l.v);
             }
             let mut flags = keep.iter();
             g.positions.retain(|_| *flags.next().expect("one flag per position"));
@@ -271,6 +275,24 @@ impl KvCache {
             l.k.shrink_to_fit();
             l.v.shrink_to_fit();
         }
+    }
+}
+
+/// Make room for `extra` more floats, growing by a quarter rather than Vec's
+/// doubling: caches live long and their allocation counts against the
+/// memory budget (still amortized O(1) per row).
+fn grow(buf: &mut Vec<f32>, extra: usize) {
+    if buf.capacity() - buf.len() < extra {
+        buf.reserve_exact(extra.max(buf.len() / 4));
+    }
+}
+
+/// After compaction, give back capacity beyond a quarter of headroom (the
+/// peak of a long prefill would otherwise stay allocated).
+fn trim(buf: &mut Vec<f32>) {
+    let keep = buf.len() + buf.len() / 4;
+    if buf.capacity() > keep + keep / 2 {
+        buf.shrink_to(keep);
     }
 }
 
@@ -326,6 +348,29 @@ mod tests {
         let s = c.stats();
         assert_eq!(s.kept_entries, 2 * 200 + 2 * 41);
         assert_eq!(s.kv_bytes, s.kept_entries * 2 * 2 * 4);
+    }
+
+    #[test]
+    fn spare_capacity_stays_bounded_through_prefill_and_compaction() {
+        let policy = AttentionPolicy { kind: PolicyKind::Anchor { recent_lines: 0, dense_every: 0 }, sink_tokens: 4 };
+        let mut c = KvCache::new(policy, 2, 2);
+        let anchors: Vec<bool> = (0..4000).map(|i| i % 16 == 15).collect();
+        for chunk in anchors.chunks(256) {
+            fill(&mut c, chunk, 2);
+            c.compact(false);
+        }
+        c.compact(true);
+        let s = c.stats();
+        // Sinks, 250 anchors and the open line are live; the prefill's peak is not kept.
+        assert_eq!(s.kept_entries, 2 * (4 + 250));
+        assert!(s.allocated_bytes <= s.kv_bytes * 2, "{s:?}");
+        // Growth by appends is geometric but gentle: at most 1.25x + one chunk.
+        let mut d = KvCache::new(AttentionPolicy::full(), 1, 2);
+        for chunk in anchors.chunks(100) {
+            fill(&mut d, chunk, 1);
+            let s = d.stats();
+            assert!(s.allocated_bytes <= s.kv_bytes * 5 / 4 + 100 * 2 * 2 * 4, "{s:?}");
+        }
     }
 
     #[test]
