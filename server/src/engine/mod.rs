@@ -35,16 +35,11 @@ impl Engine {
     /// *.safetensors, tokenizer.json). A `tokenizer.json` beside a GGUF file
     /// (same folder) is used instead of the GGUF's own vocabulary.
     pub fn load(path: &Path) -> Result<Engine> {
-        Engine::load_with(path, None)
+        Engine::load_adapted(path, None)
     }
 
-    /// Like [`Engine::load`], merging a LoRA adapter (GGUF models only).
-    pub fn load_with(path: &Path, adapter: Option<&Path>) -> Result<Engine> {
-        Engine::load_adapted(path, adapter.map(adapter::Adapter::load).transpose()?)
-    }
-
-    /// Like [`Engine::load`], merging an already loaded adapter (e.g.
-    /// [`adapter::Adapter::builtin`]).
+    /// Like [`Engine::load`], merging a LoRA adapter (GGUF models only; see
+    /// [`adapter::Adapter::choose`] for reading one from a setting).
     pub fn load_adapted(path: &Path, adapter: Option<adapter::Adapter>) -> Result<Engine> {
         if !path.exists() {
             bail!("model not found: {} (run `anchorcoder model pull` for the default model)", path.display());
