@@ -84,8 +84,10 @@ pub enum Job {
     /// Suggest text at a cursor.
     Complete(CompleteJob),
     /// Prefill a document's window in idle time (cursor: where the user is
-    /// probably typing).
-    Warm { uri: String, rope: Rope, cursor: usize },
+    /// probably typing). `focus`: the editor reported this cursor (the
+    /// document the user is looking at), so its warm-up goes before the
+    /// others'.
+    Warm { uri: String, rope: Rope, cursor: usize, focus: bool },
     /// Forget a document and free its cache.
     Close { uri: String },
     /// Apply a new configuration.
@@ -352,6 +354,8 @@ struct Worker {
     shared: Shared,
     completions: VecDeque<CompleteJob>,
     warm: VecDeque<(String, Rope, usize)>,
+    /// The document whose cursor the editor reported last: warmed first.
+    focused: Option<String>,
 }
 
 impl Worker {
@@ -368,6 +372,7 @@ impl Worker {
             shared,
             completions: VecDeque::new(),
             warm: VecDeque::new(),
+            focused: None,
         }
     }
 
@@ -390,7 +395,7 @@ impl Worker {
             if let Some(job) = self.completions.pop_front() {
                 let uri = job.uri.clone();
                 self.guarded(&uri, |w| w.complete(job));
-            } else if let Some((uri, rope, cursor)) = self.warm.pop_front() {
+            } else if let Some((uri, rope, cursor)) = self.next_warm() {
                 let more = self.guarded(&uri, |w| w.warm_step(&uri, &rope, cursor)).unwrap_or(false);
                 if more {
                     self.warm.push_back((uri, rope, cursor));
@@ -431,12 +436,18 @@ impl Worker {
                 }
                 self.completions.push_back(job);
             }
-            Job::Warm { uri, rope, cursor } => {
+            Job::Warm { uri, rope, cursor, focus } => {
                 self.warm.retain(|(u, _, _)| *u != uri);
+                if focus {
+                    self.focused = Some(uri.clone());
+                }
                 self.warm.push_back((uri, rope, cursor));
             }
             Job::Close { uri } => {
                 self.warm.retain(|(u, _, _)| *u != uri);
+                if self.focused.as_deref() == Some(uri.as_str()) {
+                    self.focused = None;
+                }
                 self.docs.remove(&uri);
             }
             Job::Configure(config) => self.configure(*config),
@@ -626,6 +637,14 @@ impl Worker {
             reused_tokens: reused,
             prefilled_tokens: s.prefilled,
         })
+    }
+
+    /// The next warm-up to advance: the focused document's while it has one,
+    /// else the others' in turn.
+    fn next_warm(&mut self) -> Option<(String, Rope, usize)> {
+        let focused = self.focused.as_deref();
+        let at = self.warm.iter().position(|(u, _, _)| Some(u.as_str()) == focused).unwrap_or(0);
+        self.warm.remove(at)
     }
 
     /// One chunk of warm-up; returns whether more remains.

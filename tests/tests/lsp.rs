@@ -120,6 +120,47 @@ fn a_burst_of_requests_answers_the_newest_and_the_queue_drains() {
     s.shutdown();
 }
 
+/// Wait until the worker has nothing queued (completions and warm-ups).
+fn wait_idle(s: &mut Server) {
+    let deadline = std::time::Instant::now() + LONG;
+    while s.status()["queueDepth"] != 0 {
+        assert!(std::time::Instant::now() < deadline, "the worker never went idle");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn the_cursor_the_editor_reports_is_warmed_before_the_first_keystroke() {
+    let _ = default_model();
+    let mut s = started();
+    // 3,000 lines: the window warmed on open (the top) is far from the cursor's.
+    let text: String = (0..1500).map(|i| format!("def f{i}(x):\n    return x + {i}\n")).collect();
+    let uri = "file:///tmp/anchorcoder-e2e/long.py";
+    s.open(uri, "python", &text);
+    wait_idle(&mut s);
+    let (line, ch) = (2401, "    return x".len() as u32);
+    s.notify("anchorcoder/didMoveCursor", json!({"textDocument": {"uri": uri}, "position": {"line": line, "character": ch}}));
+    std::thread::sleep(Duration::from_millis(500));
+    wait_idle(&mut s);
+    let r = inline(&mut s, uri, line, ch);
+    assert!(r["result"]["items"].is_array(), "{r}");
+    let st = s.status();
+    let doc = &st["documents"][0];
+    let (tokens, reused) = (doc["tokens"].as_u64().unwrap(), doc["reusedTokens"].as_u64().unwrap());
+    assert!(tokens > 1000, "the prompt window is full: {st}");
+    assert!(reused + 16 >= tokens, "the first request found its prompt warmed: {st}");
+    assert_eq!(st["cursor"], json!({"textDocument": {"uri": uri}, "position": {"line": line, "character": ch}}), "{st}");
+
+    // A cursor off the document, or in a document not open, is ignored.
+    s.notify("anchorcoder/didMoveCursor", json!({"textDocument": {"uri": uri}, "position": {"line": 99999, "character": 0}}));
+    s.notify("anchorcoder/didMoveCursor", json!({"textDocument": {"uri": "file:///nowhere.py"}, "position": {"line": 0, "character": 0}}));
+    s.notify("anchorcoder/didMoveCursor", json!({"textDocument": {"uri": uri}}));
+    let st = s.status();
+    assert_eq!(st["documents"][0]["tokens"], doc["tokens"], "the cache is untouched: {st}");
+    assert!(s.alive());
+    s.shutdown();
+}
+
 #[test]
 fn cancel_request_stops_a_completion() {
     let _ = default_model();

@@ -292,6 +292,17 @@ test('typing cancels the request in flight', function()
   wait_ghost(5, #'    return a ') -- and the new request still answers
 end)
 
+test('a resting cursor is reported to the server (anchorcoder/didMoveCursor)', function()
+  input('<Esc>')
+  input('2G0l')
+  local st = wait_for('the server to know the cursor', [[
+    local st = require('anchorcoder').status_sync(5000)
+    return st and st.cursor and st.cursor.position.line == 1 and st or nil
+  ]], 10000)
+  eq(1, st.cursor.position.character, 'reported column (UTF-16)')
+  eq(vim.uri_from_fname(vim.uv.fs_realpath(file)), st.cursor.textDocument.uri, 'reported document')
+end)
+
 test(':AnchorCoder status and :checkhealth anchorcoder', function()
   input('<Esc>')
   local st = lua([[return require('anchorcoder').status()]])

@@ -50,6 +50,8 @@ interface ServerStatus {
   cacheBudgetBytes: number;
   queueDepth: number;
   lastLatenciesMs: number[];
+  /** The cursor this extension reported last (anchorcoder/didMoveCursor). */
+  cursor?: { textDocument: { uri: string }; position: { line: number; character: number } };
 }
 
 let client: LanguageClient | undefined;
@@ -63,6 +65,11 @@ let progressMessage: string | undefined;
 let inFlight = 0;
 let pollTimer: NodeJS.Timeout | undefined;
 let starting: Promise<void> | undefined;
+let cursorTimer: NodeJS.Timeout | undefined;
+let lastCursor = '';
+
+/** How long the cursor rests before the server is told where it is. */
+const CURSOR_DEBOUNCE_MS = 250;
 
 function config(scope?: vscode.ConfigurationScope): vscode.WorkspaceConfiguration {
   return vscode.workspace.getConfiguration('anchorcoder', scope);
@@ -207,7 +214,37 @@ async function startClient(context: vscode.ExtensionContext): Promise<void> {
     schedulePoll(200);
   });
   context.subscriptions.push({ dispose: () => void c.stop() });
+  lastCursor = '';
+  reportCursor(vscode.window.activeTextEditor);
   schedulePoll(0);
+}
+
+/**
+ * Tell the server where the cursor rests (`anchorcoder/didMoveCursor`), debounced, so that it
+ * warms that document's cache there before the first keystroke: the LSP itself never says where
+ * the cursor is. Called on selection changes and when the active editor changes.
+ */
+function reportCursor(editor: vscode.TextEditor | undefined): void {
+  if (cursorTimer) clearTimeout(cursorTimer);
+  cursorTimer = undefined;
+  if (!editor) return;
+  cursorTimer = setTimeout(() => {
+    cursorTimer = undefined;
+    const c = client;
+    if (!c || c.state !== State.Running || editor !== vscode.window.activeTextEditor) return;
+    const document = editor.document;
+    if (!enabledFor(document) || !config(document).get<boolean>('warmAtCursor', true)) return;
+    if (document.uri.scheme !== 'file' && document.uri.scheme !== 'untitled') return;
+    const p = editor.selection.active;
+    const uri = c.code2ProtocolConverter.asUri(document.uri);
+    const key = `${uri}:${document.version}:${p.line}:${p.character}`;
+    if (key === lastCursor) return;
+    lastCursor = key;
+    c.sendNotification('anchorcoder/didMoveCursor', {
+      textDocument: { uri },
+      position: { line: p.line, character: p.character },
+    }).catch((e: Error) => output.appendLine(`anchorcoder/didMoveCursor: ${e.message}`));
+  }, CURSOR_DEBOUNCE_MS);
 }
 
 async function stopClient(): Promise<void> {
@@ -353,6 +390,10 @@ function statusDetail(s: ServerStatus | undefined): string {
   lines.push(`Policy: ${typeof s.policy === 'string' ? s.policy : JSON.stringify(s.policy)}`);
   lines.push(`Cache: ${mib(s.cacheBytes)} of ${mib(s.cacheBudgetBytes)}`);
   lines.push(`Queue depth: ${s.queueDepth}`);
+  if (s.cursor) {
+    const p = s.cursor.position;
+    lines.push(`Cursor reported: ${s.cursor.textDocument.uri.split('/').pop()}:${p.line + 1}:${p.character + 1}`);
+  }
   if (s.lastLatenciesMs?.length) lines.push(`Last latencies: ${s.lastLatenciesMs.map((x) => Math.round(x)).join(', ')} ms`);
   for (const d of s.documents) {
     const name = d.uri.split('/').pop();
@@ -431,6 +472,8 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
     vscode.commands.registerCommand('anchorcoder.pullModel', () => pullModel(context)),
     vscode.commands.registerCommand('anchorcoder.restartServer', () => restart(context)),
     vscode.commands.registerCommand('anchorcoder.showLog', () => output.show(true)),
+    vscode.window.onDidChangeTextEditorSelection((e) => reportCursor(e.textEditor)),
+    vscode.window.onDidChangeActiveTextEditor((e) => reportCursor(e)),
     vscode.workspace.onDidChangeConfiguration(async (e) => {
       if (!e.affectsConfiguration('anchorcoder')) return;
       updateStatusItem();

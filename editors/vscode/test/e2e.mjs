@@ -63,6 +63,29 @@ try {
   await editor.locator('.view-lines').click();
   await page.keyboard.press('Control+End');
 
+  // 2b. the resting cursor reaches the server (anchorcoder/didMoveCursor): "Show Status" says so
+  await page.waitForTimeout(1500);
+  const lineCount = fs.readFileSync(path.join(workspace, testFile), 'utf8').split('\n').length;
+  await page.keyboard.press('F1');
+  await page.waitForSelector('.quick-input-widget .quick-input-box input', { timeout: 30000 });
+  await page.keyboard.type('AnchorCoder: Show Status', { delay: 20 });
+  await page.waitForTimeout(1000);
+  await page.keyboard.press('Enter');
+  let dialog = '';
+  const dDeadline = Date.now() + 30000;
+  while (Date.now() < dDeadline && !/Cursor reported/.test(dialog)) {
+    await page.waitForTimeout(500);
+    dialog = norm(await page.evaluate(() => document.querySelector('.monaco-dialog-box')?.textContent ?? ''));
+  }
+  const want = `Cursor reported: ${path.basename(testFile)}:${lineCount}:1`;
+  await page.screenshot({ path: path.join(outDir, 'status-dialog.png') });
+  record('Show Status opens and the server knows where the cursor rests', dialog.includes(want),
+    `want ${JSON.stringify(want)}; ${JSON.stringify(dialog.slice(0, 400))}`);
+  await page.keyboard.press('Escape');
+  await page.waitForTimeout(500);
+  await editor.locator('.view-lines').click();
+  await page.keyboard.press('Control+End');
+
   // 3. type, wait for ghost text from the real server
   const original = fs.readFileSync(path.join(workspace, testFile), 'utf8');
   const typed = '    if n';

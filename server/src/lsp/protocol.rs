@@ -10,8 +10,11 @@ use serde::de::{self, Deserializer};
 use serde::ser::Serializer;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use tower_lsp::lsp_types::notification::Notification;
 use tower_lsp::lsp_types::request::Request;
-use tower_lsp::lsp_types::{Command, Position, ProgressToken, Range, TextDocumentIdentifier, Url};
+use tower_lsp::lsp_types::{
+    Command, Position, ProgressToken, Range, TextDocumentIdentifier, TextDocumentPositionParams, Url,
+};
 
 /// Marker for the `textDocument/inlineCompletion` request.
 #[derive(Debug)]
@@ -183,6 +186,19 @@ pub fn set_inline_completion_provider(result: &mut Value, provider: InlineComple
             serde_json::to_value(provider).expect("capability serializes"),
         );
     }
+}
+
+/// The custom `anchorcoder/didMoveCursor` notification: where the user's
+/// cursor rests, sent by the editor (debounced) when the cursor moves or the
+/// user switches documents, so that the server warms that document's cache
+/// for that place before the first keystroke. The LSP itself never tells a
+/// server where the cursor is. Params: `TextDocumentPositionParams`.
+#[derive(Debug)]
+pub enum DidMoveCursor {}
+
+impl Notification for DidMoveCursor {
+    type Params = TextDocumentPositionParams;
+    const METHOD: &'static str = "anchorcoder/didMoveCursor";
 }
 
 /// Marker for the custom `anchorcoder/status` request (no params).
@@ -455,6 +471,7 @@ mod tests {
             "textDocument/inlineCompletion"
         );
         assert_eq!(StatusRequest::METHOD, "anchorcoder/status");
+        assert_eq!(DidMoveCursor::METHOD, "anchorcoder/didMoveCursor");
     }
 
     #[test]

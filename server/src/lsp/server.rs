@@ -12,7 +12,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tower::ServiceBuilder;
 use tower_lsp::jsonrpc::{Error, ErrorCode, Request, Response, Result};
-use tower_lsp::lsp_types::notification::Progress;
+use tower_lsp::lsp_types::notification::{Notification, Progress};
 use tower_lsp::lsp_types::request::WorkDoneProgressCreate;
 use tower_lsp::lsp_types::*;
 use tower_lsp::{Client, LanguageServer, LspService, Server};
@@ -20,7 +20,7 @@ use tower_lsp::{Client, LanguageServer, LspService, Server};
 use super::documents::{ChangeOutcome, Documents, PositionEncoding};
 use super::transport;
 use super::protocol::{
-    set_inline_completion_provider, DocumentCacheStatus, InlineCompletionItem, InlineCompletionList,
+    set_inline_completion_provider, DidMoveCursor, DocumentCacheStatus, InlineCompletionItem, InlineCompletionList,
     InlineCompletionOptions, InlineCompletionParams, InlineCompletionProvider, ModelSource, ModelState,
     ModelStatus, StatusResult,
 };
@@ -35,6 +35,7 @@ pub fn run_stdio() -> anyhow::Result<()> {
         let (service, socket) = LspService::build(Backend::new)
             .custom_method("textDocument/inlineCompletion", Backend::inline_completion)
             .custom_method("anchorcoder/status", Backend::status)
+            .custom_method(DidMoveCursor::METHOD, Backend::did_move_cursor)
             .finish();
         // lsp-types 0.94 has no `inlineCompletionProvider`: add it to the
         // initialize result on its way out.
@@ -104,6 +105,8 @@ pub struct Backend {
     /// Cancel flag of the completion in flight, per document.
     inflight: DashMap<Url, Arc<AtomicBool>>,
     log: Mutex<Option<std::fs::File>>,
+    /// The cursor the editor reported last (`anchorcoder/didMoveCursor`).
+    cursor: Mutex<Option<TextDocumentPositionParams>>,
 }
 
 /// Sets a completion's cancel flag when its request future is dropped (the
@@ -127,6 +130,7 @@ impl Backend {
             worker: OnceLock::new(),
             inflight: DashMap::new(),
             log: Mutex::new(None),
+            cursor: Mutex::new(None),
         }
     }
 
@@ -227,6 +231,9 @@ impl Backend {
         };
         let mut extra = serde_json::Map::new();
         extra.insert("openDocuments".into(), self.documents.len().into());
+        if let Some(c) = self.cursor.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            extra.insert("cursor".into(), serde_json::to_value(c).unwrap_or_default());
+        }
         extra.insert("cacheEnabled".into(), self.config.lock().unwrap_or_else(|e| e.into_inner()).cache.enabled.into());
         Ok(StatusResult {
             model: ModelStatus {
@@ -260,15 +267,37 @@ impl Backend {
         })
     }
 
+    /// `anchorcoder/didMoveCursor`: the editor says where the cursor rests;
+    /// warm that document there, before the others. A position that does
+    /// not fit the document is logged and ignored (a notification has no reply).
+    async fn did_move_cursor(&self, params: TextDocumentPositionParams) {
+        let uri = params.text_document.uri.clone();
+        let Some(doc) = self.documents.snapshot(&uri) else { return };
+        match doc.position_to_byte(params.position, self.encoding()) {
+            Ok(cursor) => {
+                let p = params.position;
+                self.log_line(&format!("cursor at {uri}:{}:{}: warming there first", p.line + 1, p.character + 1));
+                self.warm_at(&uri, Some(cursor), true);
+                *self.cursor.lock().unwrap_or_else(|e| e.into_inner()) = Some(params);
+            }
+            Err(e) => self.log_line(&format!("ignored anchorcoder/didMoveCursor for {uri}: {e}")),
+        }
+    }
+
     /// Warm the document's cache around `cursor` in idle time.
     fn warm(&self, uri: &Url, cursor: Option<usize>) {
+        self.warm_at(uri, cursor, false);
+    }
+
+    /// Warm the document's cache around `cursor`; `focus`: ahead of other documents.
+    fn warm_at(&self, uri: &Url, cursor: Option<usize>, focus: bool) {
         let (Some(doc), Ok(worker)) = (self.documents.snapshot(uri), self.worker()) else { return };
         if doc.is_probably_binary() || doc.is_desynced() {
             return;
         }
         let rope = doc.rope().clone();
         let cursor = cursor.unwrap_or(rope.len_bytes()).min(rope.len_bytes());
-        worker.send(Job::Warm { uri: uri.to_string(), rope, cursor });
+        worker.send(Job::Warm { uri: uri.to_string(), rope, cursor, focus });
     }
 
     /// Forward worker events to the client: progress, errors, logs.
@@ -432,6 +461,7 @@ impl LanguageServer for Backend {
     async fn did_close(&self, params: DidCloseTextDocumentParams) {
         let uri = params.text_document.uri;
         self.documents.close(&uri);
+        self.cursor.lock().unwrap_or_else(|e| e.into_inner()).take_if(|c| c.text_document.uri == uri);
         if let Some((_, c)) = self.inflight.remove(&uri) {
             c.store(true, Ordering::SeqCst);
         }

@@ -15,6 +15,9 @@ M.defaults = {
   root_markers = { '.git', '.hg', '.svn', 'Cargo.toml', 'package.json', 'pyproject.toml', 'go.mod' },
   -- Milliseconds to wait after the last keystroke before asking for a suggestion.
   debounce_ms = 75,
+  -- Milliseconds the cursor rests before the server is told where it is (so it
+  -- prepares that place before you type); false turns it off.
+  cursor_debounce_ms = 250,
   -- Highlight group of the ghost text (linked to Comment unless defined by the user).
   hl_group = 'AnchorCoderSuggestion',
   -- Hide the ghost text while the popup menu (completion menu) shows.

@@ -3,6 +3,7 @@
 local config = require('anchorcoder.config')
 local server = require('anchorcoder.server')
 local suggestion = require('anchorcoder.suggestion')
+local cursor = require('anchorcoder.cursor')
 
 local M = {}
 
@@ -69,6 +70,9 @@ function M.attach(buf)
     if native() then
       pcall(vim.lsp.inline_completion.enable, true, { bufnr = bufnr, client_id = client.id })
     end
+    if M.cfg.cursor_debounce_ms and suggestion.enabled then
+      cursor.schedule(bufnr, M.cfg.cursor_debounce_ms)
+    end
   end)
   if not id then
     if not warned then
@@ -79,6 +83,9 @@ function M.attach(buf)
   end
   if not native() then
     buffer_autocmds(buf)
+  end
+  if M.cfg.cursor_debounce_ms then
+    cursor.attach(buf, M.cfg.cursor_debounce_ms, function() return suggestion.enabled end)
   end
 end
 
