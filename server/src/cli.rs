@@ -16,7 +16,7 @@ use crate::models;
 /// its trained policy, that policy is used (as the server does).
 #[derive(Args, Clone, Debug)]
 pub struct PolicyArgs {
-    /// anchor, full or window [default: anchor, or the merged adapter's trained policy]
+    /// window, anchor or full [default: window, or the merged adapter's trained policy]
     #[arg(long)]
     pub policy: Option<String>,
     /// Lines before the current one whose tokens stay fully visible (anchor) [default: 8]
@@ -28,7 +28,7 @@ pub struct PolicyArgs {
     /// Every N-th layer dense (0 = none; anchor) [default: 0]
     #[arg(long)]
     pub dense_every: Option<u32>,
-    /// Tokens of the window (window) [default: 256]
+    /// Tokens of the window (window) [default: 560]
     #[arg(long)]
     pub window_tokens: Option<u32>,
 }
@@ -37,12 +37,14 @@ impl PolicyArgs {
     /// The policy these flags spell, defaults filled in (`full` without
     /// sinks, as the reference).
     pub fn policy(&self) -> Result<AttentionPolicy> {
+        // The server's defaults (`attention.*`), so that the tools run what users get.
+        let d = crate::config::AttentionConfig::default();
         let p = AttentionPolicy::from_parts(
-            self.policy.as_deref().unwrap_or("anchor"),
-            self.recent_lines.unwrap_or(8),
-            self.sink_tokens.unwrap_or(4),
-            self.dense_every.unwrap_or(0),
-            self.window_tokens.unwrap_or(256),
+            self.policy.as_deref().unwrap_or(d.policy.as_str()),
+            self.recent_lines.unwrap_or(d.recent_lines),
+            self.sink_tokens.unwrap_or(d.sink_tokens),
+            self.dense_every.unwrap_or(d.dense_every),
+            self.window_tokens.unwrap_or(d.window_tokens),
         )?;
         Ok(if p.kind == PolicyKind::Full { AttentionPolicy::full() } else { p })
     }

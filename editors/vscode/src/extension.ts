@@ -75,22 +75,59 @@ function config(scope?: vscode.ConfigurationScope): vscode.WorkspaceConfiguratio
   return vscode.workspace.getConfiguration('anchorcoder', scope);
 }
 
-/** The server's own settings (docs/configuration.md), built from `anchorcoder.*`. Only keys the
- * server knows are sent, so it warns about none. */
+/** The server settings (docs/configuration.md) this extension exposes as `anchorcoder.<key>`. */
+const SERVER_KEYS = [
+  'model.path',
+  'model.adapter',
+  'attention.policy',
+  'attention.recentLines',
+  'attention.sinkTokens',
+  'attention.denseEvery',
+  'attention.windowTokens',
+  'cache.enabled',
+  'cache.memoryBudgetMiB',
+  'completion.maxTokens',
+  'completion.maxLines',
+  'completion.prefixTokens',
+  'completion.suffixTokens',
+  'completion.debounceMs',
+  'completion.fim',
+  'threads',
+  'logFile',
+  'backend.kind',
+  'backend.url',
+  'backend.model',
+  'backend.apiKeyEnv',
+  'backend.timeoutMs',
+  'backend.fallbackToLocal',
+] as const;
+
+/** The server's own settings (docs/configuration.md), built from `anchorcoder.*`: the keys the
+ * user set, and null for the others (the server's own default then stands, so that a default it
+ * chooses by itself, like an adapter's trained policy, is not overridden); only keys the server
+ * knows, so it warns about none. */
 export function serverSettings(): Record<string, unknown> {
   const c = config();
-  const modelPath = c.get<string | null>('model.path', null);
-  return {
-    model: { path: modelPath && modelPath.trim() !== '' ? expandHome(modelPath) : null },
-    completion: {
-      maxLines: c.get<number>('completion.maxLines', 8),
-      maxTokens: c.get<number>('completion.maxTokens', 64),
-      debounceMs: c.get<number>('completion.debounceMs', 0),
-    },
-    cache: { memoryBudgetMiB: c.get<number>('cache.memoryBudgetMiB', 512) },
-    attention: { policy: c.get<string>('attention.policy', 'anchor') },
-    threads: c.get<number | null>('threads', null) ?? null,
-  };
+  const out: Record<string, Record<string, unknown> | unknown> = {};
+  for (const key of SERVER_KEYS) {
+    const i = c.inspect(key);
+    const set = [i?.workspaceFolderValue, i?.workspaceValue, i?.globalValue].find((v) => v !== undefined);
+    // null: the server's default (and, on a change, back to it when the user removes the key).
+    let value: unknown = set === undefined ? null : set;
+    if ((key === 'model.path' || key === 'logFile') && typeof set === 'string') {
+      value = set.trim() === '' ? null : expandHome(set);
+    }
+    const dot = key.indexOf('.');
+    if (dot < 0) {
+      out[key] = value;
+    } else {
+      const [group, name] = [key.slice(0, dot), key.slice(dot + 1)];
+      const g = (out[group] as Record<string, unknown> | undefined) ?? {};
+      g[name] = value;
+      out[group] = g;
+    }
+  }
+  return out;
 }
 
 function expandHome(p: string): string {
