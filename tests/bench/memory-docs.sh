@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The server's resident memory with 20 open 2,000-line documents, each one's
-# cache warmed: anchor against full, the cache budget lifted so that every
+# cache warmed: anchor and window against full, the cache budget lifted so that every
 # document stays cached (--default-budget adds full under the default 512 MiB
 # budget, where the LRU evicts). Prints a table and the ratios last.
 #

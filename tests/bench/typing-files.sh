@@ -4,7 +4,7 @@
 # uses it (one slot, /completion with cache_prompt, the same prefix window),
 # same GGUF, 2 threads each. Prints p50/p95 of both and the ratios last.
 #
-#   tests/bench/typing-files.sh [--rounds 2] [--policy anchor] [--pause-ms 30]
+#   tests/bench/typing-files.sh [--rounds 2] [--policy window|anchor|full] [--pause-ms 30] [--no-visit-warm]
 #
 # Builds both release binaries and llama.cpp (tests/bench/build-llamacpp.sh)
 # if missing; RT=1 runs everything under `chrt -r 1` as run-bench.sh does.

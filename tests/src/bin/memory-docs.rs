@@ -1,5 +1,5 @@
 //! The server's resident memory with many long documents open, each one's
-//! cache built: `anchor` against `full`.
+//! cache built: `anchor` and `window` against `full`.
 //!
 //! Opens `--docs` (20) real Python-stdlib files cut to `--lines` (2,000)
 //! lines each in one real `anchorcoder` server, waits until the server has
@@ -7,7 +7,7 @@
 //! the last 2,048 × 3 bytes), then reads the server's VmRSS and VmHWM and the
 //! KV bytes that `anchorcoder/status` reports (`cacheBytes`: allocated, with
 //! spare capacity; the documents' `kvBytes`: live rows). Runs once per configuration:
-//! `anchor` and `full` with the cache budget lifted (so that every document
+//! `anchor`, `window` and `full` with the cache budget lifted (so that every document
 //! stays cached), and with `--default-budget` also `full` under the default
 //! 512 MiB budget (what a user gets: the LRU evicts). Prints a table and,
 //! last, one JSON object with the ratios.
@@ -145,29 +145,39 @@ fn main() {
 
     let threads = 2;
     let unbounded = json!({"memoryBudgetMiB": 65536});
-    let anchor = measure("anchor (budget lifted)", json!({"threads": threads, "cache": unbounded}), &docs);
-    let full = measure(
-        "full (budget lifted)",
-        json!({"threads": threads, "attention": {"policy": "full"}, "cache": unbounded}),
-        &docs,
-    );
+    // Each policy named explicitly, with the server's default knobs.
+    let run = |policy: &str, cache: &Value| {
+        measure(
+            &format!("{policy} (budget lifted)"),
+            json!({"threads": threads, "attention": {"policy": policy}, "cache": cache}),
+            docs.as_slice(),
+        )
+    };
+    let anchor = run("anchor", &unbounded);
+    let window = run("window", &unbounded);
+    let full = run("full", &unbounded);
     let ratio = |a: &Value, b: &Value, k: &str| a[k].as_f64().unwrap() / b[k].as_f64().unwrap();
     let mut report = json!({
-        "documents": n, "lines": lines, "anchor": anchor, "full": full,
-        "rss_ratio_anchor_over_full": ratio(&anchor, &full, "rss_bytes"),
-        "kv_ratio_anchor_over_full": ratio(&anchor, &full, "kv_bytes"),
-        "kv_live_ratio_anchor_over_full": ratio(&anchor, &full, "kv_live_bytes"),
+        "documents": n, "lines": lines, "anchor": anchor, "window": window, "full": full,
     });
+    for (name, m) in [("anchor", &anchor), ("window", &window)] {
+        report[format!("rss_ratio_{name}_over_full")] = json!(ratio(m, &full, "rss_bytes"));
+        report[format!("kv_ratio_{name}_over_full")] = json!(ratio(m, &full, "kv_bytes"));
+        report[format!("kv_live_ratio_{name}_over_full")] = json!(ratio(m, &full, "kv_live_bytes"));
+    }
     if default_budget {
         let f = measure("full (512 MiB budget)", json!({"threads": threads, "attention": {"policy": "full"}}), &docs);
         report["rss_ratio_anchor_over_full_default_budget"] = json!(ratio(&anchor, &f, "rss_bytes"));
+        report["rss_ratio_window_over_full_default_budget"] = json!(ratio(&window, &f, "rss_bytes"));
         report["full_default_budget"] = f;
     }
-    println!(
-        "RSS anchor / full: {:.3} (KV allocated {:.3}, live {:.3})",
-        report["rss_ratio_anchor_over_full"].as_f64().unwrap(),
-        report["kv_ratio_anchor_over_full"].as_f64().unwrap(),
-        report["kv_live_ratio_anchor_over_full"].as_f64().unwrap()
-    );
+    for name in ["anchor", "window"] {
+        println!(
+            "RSS {name} / full: {:.3} (KV allocated {:.3}, live {:.3})",
+            report[format!("rss_ratio_{name}_over_full")].as_f64().unwrap(),
+            report[format!("kv_ratio_{name}_over_full")].as_f64().unwrap(),
+            report[format!("kv_live_ratio_{name}_over_full")].as_f64().unwrap()
+        );
+    }
     println!("{report}");
 }

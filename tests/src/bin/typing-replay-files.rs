@@ -5,10 +5,15 @@
 //! in turn (`--rounds` times each) and in each visit types one line of the
 //! file (removed from the document beforehand) a character at a time, with an
 //! inline-completion request after each keystroke, `--pause-ms` between
-//! keystrokes and a longer pause when moving to another file.
+//! keystrokes and a longer pause (30 × `--pause-ms`) when moving to another
+//! file. When the user arrives in a file, both sides get the same head start
+//! (unless `--no-visit-warm`): ours is told the resting cursor
+//! (`anchorcoder/didMoveCursor`, as the editors send it), llama-server gets
+//! the window up to that cursor with `n_predict` 0 in the background (as
+//! llama.vim warms it in idle time).
 //!
 //! - **ours**: the real `anchorcoder` over LSP (single-line suggestions,
-//!   `maxTokens` 24, `--policy`, `threads` 2); the files are opened first and
+//!   `maxTokens` 24, `--policy` (default: the server's), `threads` 2); the files are opened first and
 //!   the server warms their caches while the user reads.
 //! - **llama.cpp**: `llama-server -np 1` (one slot, as llama.vim runs it;
 //!   `--cache-reuse 256` as its README suggests) on the same GGUF and threads.
@@ -23,7 +28,7 @@
 //! Prints p50/p95 of both (all keystrokes, and the first keystroke of each
 //! visit) and, last, one JSON object with the ratios (llama.cpp over ours).
 //!
-//! `typing-replay-files --llama-server BIN --model GGUF [--rounds 2] [--policy anchor] [--pause-ms 30] [--only ours|llama]`
+//! `typing-replay-files --llama-server BIN --model GGUF [--rounds 2] [--policy window|anchor|full] [--pause-ms 30] [--only ours|llama] [--no-visit-warm]`
 //! (ANCHORCODER_BIN picks our binary; tests/bench/typing-files.sh runs it).
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -85,13 +90,17 @@ struct Sample {
     first: bool,
 }
 
-/// Replay against one of the two: `on_change(doc, line, col, char)` tells of
-/// an inserted character, `complete(doc, text, cursor, line, col)` returns the
-/// suggestion shown after a keystroke.
+/// Replay against one of the two: `on_visit(doc, text, cursor, line, col)`
+/// tells that the user moved to a document and rests the cursor at the end of
+/// the line above the one about to be opened (before the pause),
+/// `on_change(doc, line, col, char)` tells of an inserted character,
+/// `complete(doc, text, cursor, line, col)` returns the suggestion shown after
+/// a keystroke.
 fn replay(
     docs: &[Doc],
     rounds: usize,
     pause: Duration,
+    mut on_visit: impl FnMut(usize, &str, usize, u32, u32),
     mut on_change: impl FnMut(usize, u32, u32, char),
     mut complete: impl FnMut(usize, &str, usize, u32, u32) -> String,
 ) -> Vec<Sample> {
@@ -102,9 +111,11 @@ fn replay(
             // Moving to the file: a longer pause, then a new line opened where
             // the visit's line goes (after the lines typed before it), and
             // the line typed on it after its indentation.
-            std::thread::sleep(pause * 30);
             let line = (d.start + k) as u32;
             let mut cursor: usize = texts[i].split_inclusive('\n').take(d.start + k).map(str::len).sum();
+            let above = texts[i][..cursor - 1].rfind('\n').map_or(0, |n| n + 1);
+            on_visit(i, &texts[i], cursor - 1, line - 1, (cursor - 1 - above) as u32);
+            std::thread::sleep(pause * 30);
             texts[i].insert(cursor, '\n');
             on_change(i, line, 0, '\n');
             let mut col = 0u32;
@@ -155,7 +166,7 @@ fn stats(samples: &[Sample]) -> Value {
     })
 }
 
-fn ours(docs: &[Doc], rounds: usize, pause: Duration, policy: &str) -> Vec<Sample> {
+fn ours(docs: &[Doc], rounds: usize, pause: Duration, policy: Option<&str>, visit_warm: bool) -> Vec<Sample> {
     let mut s = Server::start(&[]);
     s.initialize(
         json!({"attention": {"policy": policy}, "threads": 2, "completion": {"maxLines": 1, "maxTokens": 24}}),
@@ -185,6 +196,15 @@ fn ours(docs: &[Doc], rounds: usize, pause: Duration, policy: &str) -> Vec<Sampl
             docs,
             rounds,
             pause,
+            |i, _text, _cursor, line, col| {
+                // What the editors do (anchorcoder/didMoveCursor, after the cursor rests).
+                if visit_warm {
+                    s.borrow_mut().notify(
+                        "anchorcoder/didMoveCursor",
+                        json!({"textDocument": {"uri": docs[i].uri}, "position": {"line": line, "character": col}}),
+                    );
+                }
+            },
             |i, line, col, c| {
                 version += 1;
                 s.borrow_mut().notify(
@@ -243,41 +263,7 @@ impl Llama {
     }
 
     fn http(&self, method: &str, path: &str, body: &str) -> (u16, String) {
-        let Ok(mut c) = TcpStream::connect(("127.0.0.1", self.port)) else { return (0, String::new()) };
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        if c.write_all(req.as_bytes()).is_err() {
-            return (0, String::new());
-        }
-        let mut r = BufReader::new(c);
-        let mut status = String::new();
-        let _ = r.read_line(&mut status);
-        let code = status.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let mut len = None;
-        loop {
-            let mut h = String::new();
-            if r.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                if k.eq_ignore_ascii_case("content-length") {
-                    len = v.trim().parse().ok();
-                }
-            }
-        }
-        let mut out = Vec::new();
-        match len {
-            Some(n) => {
-                out.resize(n, 0);
-                let _ = r.read_exact(&mut out);
-            }
-            None => {
-                let _ = r.read_to_end(&mut out);
-            }
-        }
-        (code, String::from_utf8_lossy(&out).into_owned())
+        http(self.port, method, path, body)
     }
 
     fn get(&self, path: &str) -> (u16, String) {
@@ -285,17 +271,68 @@ impl Llama {
     }
 }
 
-fn llama(docs: &[Doc], rounds: usize, pause: Duration, bin: &str, model: &str) -> Vec<Sample> {
+/// One HTTP/1.1 request to llama-server on `port`: status code and body.
+fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
+    let Ok(mut c) = TcpStream::connect(("127.0.0.1", port)) else { return (0, String::new()) };
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if c.write_all(req.as_bytes()).is_err() {
+        return (0, String::new());
+    }
+    let mut r = BufReader::new(c);
+    let mut status = String::new();
+    let _ = r.read_line(&mut status);
+    let code = status.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let mut len = None;
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                len = v.trim().parse().ok();
+            }
+        }
+    }
+    let mut out = Vec::new();
+    match len {
+        Some(n) => {
+            out.resize(n, 0);
+            let _ = r.read_exact(&mut out);
+        }
+        None => {
+            let _ = r.read_to_end(&mut out);
+        }
+    }
+    (code, String::from_utf8_lossy(&out).into_owned())
+}
+
+fn llama(docs: &[Doc], rounds: usize, pause: Duration, bin: &str, model: &str, visit_warm: bool) -> Vec<Sample> {
     let server = Llama::start(bin, model, 2);
     let (code, _) = server.http("POST", "/infill", &json!({"input_prefix": "def f(", "input_suffix": ""}).to_string());
     eprintln!("llama.cpp: /infill answers {code} for this model; using /completion with cache_prompt");
-    let mut starts: Vec<Option<usize>> = vec![None; docs.len()];
+    let starts: std::cell::RefCell<Vec<Option<usize>>> = std::cell::RefCell::new(vec![None; docs.len()]);
     // The suggestion on screen and the document it belongs to.
     let mut shown: Option<(usize, String)> = None;
     replay(
         docs,
         rounds,
         pause,
+        |i, text, cursor, _line, _col| {
+            // The same head start as ours: the window up to the cursor is sent
+            // with n_predict 0 (as llama.vim warms the server in idle time), in
+            // the background; the first keystroke's request queues behind it.
+            if visit_warm {
+                let start = window_start(text, cursor, starts.borrow()[i]);
+                starts.borrow_mut()[i] = Some(start);
+                let body = json!({"prompt": &text[start..cursor], "n_predict": 0, "cache_prompt": true}).to_string();
+                let port = server.port;
+                std::thread::spawn(move || http(port, "POST", "/completion", &body));
+            }
+        },
         |_, _, _, _| {},
         |i, text, cursor, _line, _col| {
             let c = text[..cursor].chars().next_back().unwrap();
@@ -307,8 +344,8 @@ fn llama(docs: &[Doc], rounds: usize, pause: Duration, bin: &str, model: &str) -
                     return rest;
                 }
             }
-            let start = window_start(text, cursor, starts[i]);
-            starts[i] = Some(start);
+            let start = window_start(text, cursor, starts.borrow()[i]);
+            starts.borrow_mut()[i] = Some(start);
             let body = json!({
                 "prompt": &text[start..cursor], "n_predict": 24, "cache_prompt": true,
                 "temperature": 0.0, "top_k": 1, "stop": ["\n"],
@@ -328,8 +365,12 @@ fn main() {
     let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
     let rounds: usize = flag("--rounds").and_then(|v| v.parse().ok()).unwrap_or(2);
     let pause = Duration::from_millis(flag("--pause-ms").and_then(|v| v.parse().ok()).unwrap_or(30));
-    let policy = flag("--policy").unwrap_or_else(|| "anchor".into());
+    // null: the server's default policy.
+    let policy = flag("--policy");
     let only = flag("--only");
+    // Off: no warm-up when the user moves to a file (the replay of before
+    // editors reported the cursor).
+    let visit_warm = !args.iter().any(|a| a == "--no-visit-warm");
     let stdlib = {
         let out = Command::new("python3")
             .args(["-c", "import sysconfig; print(sysconfig.get_paths()['stdlib'])"])
@@ -361,14 +402,14 @@ fn main() {
 
     let mut report = serde_json::Map::new();
     if only.as_deref() != Some("llama") {
-        let s = stats(&ours(&docs, rounds, pause, &policy));
-        println!("ours ({policy}):   {s}");
+        let s = stats(&ours(&docs, rounds, pause, policy.as_deref(), visit_warm));
+        println!("ours ({}):   {s}", policy.as_deref().unwrap_or("default policy"));
         report.insert("ours".into(), s);
     }
     if only.as_deref() != Some("ours") {
         let bin = flag("--llama-server").expect("--llama-server BIN");
         let model = flag("--model").expect("--model GGUF");
-        let s = stats(&llama(&docs, rounds, pause, &bin, &model));
+        let s = stats(&llama(&docs, rounds, pause, &bin, &model, visit_warm));
         println!("llama.cpp: {s}");
         report.insert("llama_cpp".into(), s);
     }
