@@ -125,7 +125,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         // Sinks mean nothing under full attention.
         speed_policy = AttentionPolicy::full();
     }
-    let anchor_default = AttentionPolicy::default();
+    let anchor_default = AttentionPolicy::standard_anchor();
 
     // --- inputs -----------------------------------------------------------
     let model_path = match &args.model {

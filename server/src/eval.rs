@@ -1051,7 +1051,7 @@ mod tests {
         };
         let ours = Summary::of(&[r(true, 1.0, 100), r(false, 0.5, 300)]);
         let full = Summary::of(&[r(true, 1.0, 400), r(true, 1.0, 400)]);
-        let v = summary_json(&ours, AttentionPolicy::default(), None);
+        let v = summary_json(&ours, AttentionPolicy::standard_anchor(), None);
         for k in ["tasks", "exact_match", "edit_similarity", "kv_bytes"] {
             assert!(v.get(k).is_some(), "{k}");
         }
@@ -1060,7 +1060,7 @@ mod tests {
         assert_eq!(v["exact_match"], 0.5);
         assert_eq!(v["edit_similarity"], 0.75);
         assert_eq!(v["kv_bytes"], 200.0);
-        let v = summary_json(&ours, AttentionPolicy::default(), Some(&full));
+        let v = summary_json(&ours, AttentionPolicy::standard_anchor(), Some(&full));
         for k in ["tasks", "exact_match", "edit_similarity", "kv_bytes"] {
             assert!(v["full"].get(k).is_some(), "full.{k}");
         }
@@ -1106,7 +1106,7 @@ mod tests {
         assert!(p("mystery(R=1)").is_err());
         assert!(GridPoint::from_summary(&serde_json::json!({"policy": "full"})).is_err());
         // Every real policy's description parses back.
-        for policy in [AttentionPolicy::default(), AttentionPolicy::full()] {
+        for policy in [AttentionPolicy::standard_anchor(), AttentionPolicy::full()] {
             p(&policy.describe()).unwrap();
         }
     }
@@ -1166,7 +1166,7 @@ mod tests {
             latency_ms: 3.0,
             stop: "Rule".into(),
         };
-        let policy = AttentionPolicy::default();
+        let policy = AttentionPolicy::standard_anchor();
         let mut line = r.to_json(&task, policy);
         let line_a = line.to_string();
         line["id"] = "b".into();

@@ -126,7 +126,7 @@ mod tests {
         let arm = rs.lines().next().unwrap_or("");
         assert!(arm.contains(") =>") && arm.trim_end().ends_with(','), "{rs:?}");
         // The default anchor policy agrees on these short prompts.
-        let anchor = greedy(&engine, AttentionPolicy::default(), PY, 8);
+        let anchor = greedy(&engine, AttentionPolicy::standard_anchor(), PY, 8);
         assert!(anchor.starts_with(" a + b"), "{anchor:?}");
     }
 
@@ -141,7 +141,7 @@ mod tests {
         assert_eq!(policy.kind, PolicyKind::Anchor { recent_lines: 2, dense_every: 0 });
         assert_eq!(policy.sink_tokens, 4);
         // Its policy replaces the configured one only while that is the default.
-        assert_eq!(engine.policy(AttentionPolicy::default(), true), policy);
+        assert_eq!(engine.policy(AttentionPolicy::standard_anchor(), true), policy);
         assert_eq!(engine.policy(AttentionPolicy::full(), false), AttentionPolicy::full());
         // None unless asked for.
         assert!(adapter::Adapter::choose(None).unwrap().is_none());

@@ -133,16 +133,17 @@ pub struct AttentionPolicy {
     pub sink_tokens: u32,
 }
 
-impl Default for AttentionPolicy {
-    fn default() -> Self {
+impl AttentionPolicy {
+    /// The anchor policy with its usual knobs: 8 recent lines, 4 sinks, no
+    /// dense layers (what the benchmarks and tests call "anchor"). Not the
+    /// server's default policy: that is `config::AttentionConfig::default()`.
+    pub fn standard_anchor() -> Self {
         AttentionPolicy {
             kind: PolicyKind::Anchor { recent_lines: 8, dense_every: 0 },
             sink_tokens: 4,
         }
     }
-}
 
-impl AttentionPolicy {
     /// Full causal attention (no sinks needed).
     pub fn full() -> Self {
         AttentionPolicy { kind: PolicyKind::Full, sink_tokens: 0 }
