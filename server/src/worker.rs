@@ -663,7 +663,12 @@ impl Worker {
         let engine = self.engine.as_ref().expect("checked above");
         let doc = self.docs.get_mut(uri).expect("prepared above");
         match doc.cache.prefill(&engine.model, WARM_CHUNK) {
-            Ok(_) => doc.cache.pending() > 0,
+            Ok(_) if doc.cache.pending() > 0 => true,
+            Ok(_) => {
+                // Warm and idle: keep only what the policy keeps.
+                doc.cache.settle();
+                false
+            }
             Err(e) => {
                 let _ = self.events.send(Event::Log(format!("warm-up of {uri} failed: {e:#}")));
                 false

@@ -207,6 +207,12 @@ impl DocumentCache {
         self.kv.compact(true);
     }
 
+    /// The document is idle: give back what its policy no longer keeps, when
+    /// that is worth a copy ([`KvCache::compact_idle`]).
+    pub fn settle(&mut self) {
+        self.kv.compact_idle();
+    }
+
     /// Mutable access to the KV cache for the generator's scratch extension.
     pub(crate) fn kv_mut(&mut self) -> &mut KvCache {
         &mut self.kv

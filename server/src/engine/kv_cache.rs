@@ -218,8 +218,21 @@ impl KvCache {
     }
 
     /// Evict entries that no later token can attend to. Unless `force`, a group
-    /// is compacted only once enough entries are dead to pay for the copy.
+    /// is compacted only once enough entries are dead to pay for the copy (64,
+    /// or a quarter of its entries while it grows).
     pub fn compact(&mut self, force: bool) {
+        self.compact_when(|entries| if force { 1 } else { 64.max(entries / 4) });
+    }
+
+    /// Compaction for a cache at rest (the document idle): every group with 64
+    /// or more dead entries, so that an idle cache holds what its policy keeps
+    /// (with the slack), not up to a quarter more; fewer are not worth the copy.
+    pub fn compact_idle(&mut self) {
+        self.compact_when(|_| 64);
+    }
+
+    /// Compact each sparse group whose dead entries reach `min_dead(entries)`.
+    fn compact_when(&mut self, min_dead: impl Fn(usize) -> usize) {
         let Some(last) = self.lines.last() else { return };
         let (next, next_line) = (self.lines.len(), last.next_line());
         let sinks = self.policy.sink_tokens;
@@ -236,7 +249,7 @@ impl KvCache {
                 .map(|&p| !rule.evictable(sinks, p as usize, self.lines[p as usize], next, next_line))
                 .collect();
             let n_dead = keep.iter().filter(|&&k| !k).count();
-            if n_dead == 0 || (!force && n_dead < 64.max(g.positions.len() / 4)) {
+            if n_dead == 0 || n_dead < min_dead(g.positions.len()) {
                 continue;
             }
             // Positions ascend, so the last dead one is the highest.
@@ -371,6 +384,30 @@ mod tests {
             let s = d.stats();
             assert!(s.allocated_bytes <= s.kv_bytes * 5 / 4 + 100 * 2 * 2 * 4, "{s:?}");
         }
+    }
+
+    #[test]
+    fn an_idle_window_cache_holds_its_window_not_the_lazy_surplus() {
+        let policy = AttentionPolicy { kind: PolicyKind::Window { window_tokens: 500 }, sink_tokens: 4 };
+        let mut c = KvCache::new(policy, 2, 2);
+        let anchors: Vec<bool> = (0..1200).map(|i| i % 16 == 15).collect();
+        let mut filled = 0;
+        for chunk in anchors.chunks(64) {
+            fill(&mut c, chunk, 2);
+            filled += chunk.len();
+            c.compact(false);
+        }
+        assert_eq!(filled, 1200);
+        // While prefilling, up to a quarter more than the window stays.
+        let lazy = c.stats().kept_entries / 2;
+        assert!(lazy > 504 + 64, "the lazy rule left {lazy} entries a layer");
+        c.compact_idle();
+        // Sinks + the window (the next token itself is its last position).
+        assert_eq!(c.stats().kept_entries / 2, 4 + 499, "sinks + window once idle");
+        // A few dead entries are not worth a copy.
+        fill(&mut c, &[false; 10], 2);
+        c.compact_idle();
+        assert_eq!(c.stats().kept_entries / 2, 4 + 499 + 10);
     }
 
     #[test]
