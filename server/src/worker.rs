@@ -38,6 +38,21 @@ use crate::engine::policy::AttentionPolicy;
 use crate::engine::Engine;
 use crate::models;
 
+/// Freed cache bytes worth handing back to the OS ([`release_free_memory`]).
+const RELEASE_MIN_BYTES: usize = 1 << 20;
+
+/// Hand memory the allocator holds free back to the OS. glibc keeps freed
+/// heap memory for reuse, so without this a cache that shrinks (idle
+/// compaction, a dropped document) leaves the server's resident memory at its
+/// peak. Called in idle time only; a no-op on other allocators.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages to the OS; it is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Tokens prefilled per warm-up step: the longest a completion waits for
 /// warm-up to yield.
 const WARM_CHUNK: usize = 64;
@@ -448,7 +463,9 @@ impl Worker {
                 if self.focused.as_deref() == Some(uri.as_str()) {
                     self.focused = None;
                 }
-                self.docs.remove(&uri);
+                if self.docs.remove(&uri).is_some_and(|d| d.cache.stats().kv.allocated_bytes >= RELEASE_MIN_BYTES) {
+                    release_free_memory();
+                }
             }
             Job::Configure(config) => self.configure(*config),
             Job::Status(reply) => {
@@ -666,7 +683,11 @@ impl Worker {
             Ok(_) if doc.cache.pending() > 0 => true,
             Ok(_) => {
                 // Warm and idle: keep only what the policy keeps.
+                let before = doc.cache.stats().kv.allocated_bytes;
                 doc.cache.settle();
+                if before - doc.cache.stats().kv.allocated_bytes >= RELEASE_MIN_BYTES {
+                    release_free_memory();
+                }
                 false
             }
             Err(e) => {
@@ -679,14 +700,19 @@ impl Worker {
     /// Drop least-recently-used document caches until all fit the budget.
     fn enforce_budget(&mut self) {
         let budget = self.config.cache.memory_budget_bytes() as usize;
+        let mut dropped = false;
         loop {
             let total: usize = self.docs.values().map(|d| d.cache.stats().kv.allocated_bytes).sum();
             if total <= budget || self.docs.len() <= 1 {
+                if dropped {
+                    release_free_memory();
+                }
                 return;
             }
             let oldest = self.docs.iter().min_by_key(|(_, d)| d.last_used).map(|(u, _)| u.clone());
             if let Some(uri) = oldest {
                 self.docs.remove(&uri);
+                dropped = true;
                 let _ = self.events.send(Event::Log(format!("cache budget: dropped the cache of {uri}")));
             }
         }

@@ -227,8 +227,18 @@ impl KvCache {
     /// Compaction for a cache at rest (the document idle): every group with 64
     /// or more dead entries, so that an idle cache holds what its policy keeps
     /// (with the slack), not up to a quarter more; fewer are not worth the copy.
+    /// Then every buffer keeps at most [`IDLE_HEADROOM_ROWS`] rows of spare
+    /// capacity (room to type into), not the growth headroom of a prefill.
     pub fn compact_idle(&mut self) {
         self.compact_when(|_| 64);
+        let headroom = IDLE_HEADROOM_ROWS * self.kv_dim;
+        for l in &mut self.layers {
+            for buf in [&mut l.k, &mut l.v] {
+                if buf.capacity() > buf.len() + 2 * headroom {
+                    buf.shrink_to(buf.len() + headroom);
+                }
+            }
+        }
     }
 
     /// Compact each sparse group whose dead entries reach `min_dead(entries)`.
@@ -282,14 +292,10 @@ impl KvCache {
         }
     }
 
-    /// Give spare buffer capacity back to the allocator.
-    pub fn shrink_to_fit(&mut self) {
-        for l in &mut self.layers {
-            l.k.shrink_to_fit();
-            l.v.shrink_to_fit();
-        }
-    }
 }
+
+/// Spare rows an idle cache keeps per buffer ([`KvCache::compact_idle`]).
+const IDLE_HEADROOM_ROWS: usize = 64;
 
 /// Make room for `extra` more floats, growing by a quarter rather than Vec's
 /// doubling: caches live long and their allocation counts against the
@@ -404,6 +410,9 @@ mod tests {
         c.compact_idle();
         // Sinks + the window (the next token itself is its last position).
         assert_eq!(c.stats().kept_entries / 2, 4 + 499, "sinks + window once idle");
+        // At rest, little spare capacity is left (2 layers, K and V, dim 2).
+        let s = c.stats();
+        assert!(s.allocated_bytes <= s.kv_bytes + 2 * 2 * 2 * 2 * 4 * IDLE_HEADROOM_ROWS, "{s:?}");
         // A few dead entries are not worth a copy.
         fill(&mut c, &[false; 10], 2);
         c.compact_idle();

@@ -12,7 +12,8 @@
 //! 512 MiB budget (what a user gets: the LRU evicts). Prints a table and,
 //! last, one JSON object with the ratios.
 //!
-//! `memory-docs [--docs 20] [--lines 2000] [--default-budget]` (ANCHORCODER_BIN picks the binary;
+//! `memory-docs [--docs 20] [--lines 2000] [--policies anchor,window,full] [--default-budget]`
+//! (the ratios need all three policies; with fewer, the measurements are printed as they are) (ANCHORCODER_BIN picks the binary;
 //! tests/bench/memory-docs.sh runs it on a release build).
 
 use std::time::{Duration, Instant};
@@ -153,9 +154,21 @@ fn main() {
             docs.as_slice(),
         )
     };
-    let anchor = run("anchor", &unbounded);
-    let window = run("window", &unbounded);
-    let full = run("full", &unbounded);
+    let policies = args
+        .iter()
+        .position(|a| a == "--policies")
+        .and_then(|i| args.get(i + 1))
+        .map_or("anchor,window,full", String::as_str);
+    let mut measured = serde_json::Map::new();
+    for policy in policies.split(',') {
+        measured.insert(policy.to_owned(), run(policy, &unbounded));
+    }
+    let (Some(anchor), Some(window), Some(full)) = (measured.get("anchor"), measured.get("window"), measured.get("full"))
+    else {
+        println!("{}", Value::Object(measured));
+        return;
+    };
+    let (anchor, window, full) = (anchor.clone(), window.clone(), full.clone());
     let ratio = |a: &Value, b: &Value, k: &str| a[k].as_f64().unwrap() / b[k].as_f64().unwrap();
     let mut report = json!({
         "documents": n, "lines": lines, "anchor": anchor, "window": window, "full": full,
