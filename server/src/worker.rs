@@ -685,7 +685,7 @@ impl Worker {
                 // Warm and idle: keep only what the policy keeps.
                 let before = doc.cache.stats().kv.allocated_bytes;
                 doc.cache.settle();
-                if before - doc.cache.stats().kv.allocated_bytes >= RELEASE_MIN_BYTES {
+                if before.saturating_sub(doc.cache.stats().kv.allocated_bytes) >= RELEASE_MIN_BYTES {
                     release_free_memory();
                 }
                 false
