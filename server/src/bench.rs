@@ -187,6 +187,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         ("anchor_R32".into(), anchor(32, 4, 0)),
         ("window_W256".into(), window(256, 4)),
     ];
+    // The server's default policy (a window), whatever it is set to.
+    let d = crate::config::AttentionConfig::default();
+    if d.policy == crate::config::PolicyName::Window {
+        kv_policies.push((format!("window_W{}_default", d.window_tokens), window(d.window_tokens, d.sink_tokens)));
+    }
     let t = Instant::now();
     let mut kv: Vec<(String, AttentionPolicy, KvFigures)> = kv_policies
         .drain(..)
