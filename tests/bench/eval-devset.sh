@@ -42,12 +42,14 @@ limit=()
 # (--compare-full); full attention is deterministic, so the others are
 # compared with that same full run rather than repeating it.
 declare -A CONF=(
+  [window-560]="--policy window --window-tokens 560"
   [anchor-R8]="--policy anchor --recent-lines 8"
   [anchor-R0]="--policy anchor --recent-lines 0"
   [anchor-R32]="--policy anchor --recent-lines 32"
   [window-160]="--policy window --window-tokens 160"
 )
-ORDER=${CONFIGS:-anchor-R8 anchor-R0 anchor-R32 window-160}
+# window-560 is the server's default policy.
+ORDER=${CONFIGS:-window-560 anchor-R8 anchor-R0 anchor-R32 window-160}
 
 summary=$OUT/summary-s$SEED.txt
 : >"$summary"
