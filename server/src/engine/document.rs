@@ -376,11 +376,17 @@ pub(crate) mod tests {
                 "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
                 "vocab": vocab_json, "merges": merges},
         });
-        let dir = std::env::temp_dir().join(format!("anchorcoder-test-tok-{}-{}", std::process::id(), specials.len()));
+        // One directory per call: tests run in parallel threads, and two of them writing the
+        // same file while a third reads it once made a reader see an empty file.
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("anchorcoder-test-tok-{}-{call}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("tokenizer.json");
         std::fs::write(&path, json.to_string()).unwrap();
-        Tokenizer::from_file(&path).unwrap()
+        let tokenizer = Tokenizer::from_file(&path).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        tokenizer
     }
 
     /// xorshift64*: a small deterministic generator for the property tests.
