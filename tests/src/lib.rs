@@ -3,7 +3,7 @@
 //! requests, and waits for responses with timeouts.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
@@ -227,18 +227,25 @@ pub struct LlamaServer {
 }
 
 impl LlamaServer {
-    /// Start one with extra arguments (e.g. `--api-key`) and wait until it is ready.
+    /// Start the tests' engine (the default model, 4 slots, 2 threads) with
+    /// extra arguments (e.g. `--api-key`) and wait until it is ready.
     pub fn start(extra: &[&str]) -> LlamaServer {
+        let mut args = vec!["-c", "8192", "-np", "4", "-t", "2", "--log-disable"];
+        args.extend_from_slice(extra);
+        LlamaServer::launch(&llama_server_binary(), &default_model(), &args)
+    }
+
+    /// Start `binary` serving `model` on a free loopback port with these
+    /// arguments, and wait (up to 120 s) until `/health` answers 200.
+    pub fn launch(binary: &Path, model: &Path, args: &[&str]) -> LlamaServer {
         let port = free_port();
-        let model = default_model();
-        let child = Command::new(llama_server_binary())
+        let child = Command::new(binary)
             .args(["-m", model.to_str().unwrap(), "--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["-c", "8192", "-np", "4", "-t", "2", "--log-disable"])
-            .args(extra)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("start llama-server");
+            .unwrap_or_else(|e| panic!("cannot start {}: {e} (tests/bench/build-llamacpp.sh builds it)", binary.display()));
         let mut s = LlamaServer { child, port };
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -277,18 +284,40 @@ impl Drop for LlamaServer {
     }
 }
 
-/// A plain HTTP GET on 127.0.0.1: status and body.
+/// A plain HTTP GET on 127.0.0.1 (10 s read timeout): status and body.
 pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
     http_get_auth(port, path, None)
 }
 
 fn http_get_auth(port: u16, path: &str, key: Option<&str>) -> std::io::Result<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Connection: close\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
+    http_request(port, &format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Connection: close\r\n\r\n"),
+        Some(Duration::from_secs(10)))
+}
+
+/// A JSON POST on 127.0.0.1 with no read timeout (a cold generation can take
+/// many seconds): status and body.
+pub fn http_post(port: u16, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+    http_request(
+        port,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+        None,
+    )
+}
+
+/// Send one whole HTTP/1.1 request (it asks for `Connection: close`) and read
+/// the answer to the end: status and body.
+fn http_request(port: u16, request: &str, timeout: Option<Duration>) -> std::io::Result<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(timeout)?;
+    s.write_all(request.as_bytes())?;
+    let mut bytes = Vec::new();
+    s.read_to_end(&mut bytes)?;
+    let out = String::from_utf8_lossy(&bytes);
     let code = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
     Ok((code, body))

@@ -31,12 +31,11 @@
 //! `typing-replay-files --llama-server BIN --model GGUF [--rounds 2] [--policy window|anchor|full] [--pause-ms 30] [--only ours|llama] [--no-visit-warm]`
 //! (ANCHORCODER_BIN picks our binary; tests/bench/typing-files.sh runs it).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anchorcoder_e2e::Server;
+use anchorcoder_e2e::{http_post, LlamaServer, Server};
 use serde_json::{json, Value};
 
 /// The server's prompt budget: 2,048 tokens at 3 bytes a token (completion.rs).
@@ -230,89 +229,15 @@ fn ours(docs: &[Doc], rounds: usize, pause: Duration, policy: Option<&str>, visi
     samples
 }
 
-/// A running llama-server on a local port.
-struct Llama {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Llama {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Llama {
-    fn start(bin: &str, model: &str, threads: usize) -> Llama {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new(bin)
-            .args(["-m", model, "--host", "127.0.0.1", "--port", &port.to_string(), "-np", "1", "-c", "4096"])
-            .args(["-t", &threads.to_string(), "-tb", &threads.to_string(), "--cache-reuse", "256"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {bin}: {e} (tests/bench/build-llamacpp.sh builds it)"));
-        let l = Llama { child, port };
-        let t = Instant::now();
-        while l.get("/health").0 != 200 {
-            assert!(t.elapsed() < Duration::from_secs(120), "llama-server did not become healthy");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        l
-    }
-
-    fn http(&self, method: &str, path: &str, body: &str) -> (u16, String) {
-        http(self.port, method, path, body)
-    }
-
-    fn get(&self, path: &str) -> (u16, String) {
-        self.http("GET", path, "")
-    }
-}
-
-/// One HTTP/1.1 request to llama-server on `port`: status code and body.
-fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
-    let Ok(mut c) = TcpStream::connect(("127.0.0.1", port)) else { return (0, String::new()) };
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    if c.write_all(req.as_bytes()).is_err() {
-        return (0, String::new());
-    }
-    let mut r = BufReader::new(c);
-    let mut status = String::new();
-    let _ = r.read_line(&mut status);
-    let code = status.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let mut len = None;
-    loop {
-        let mut h = String::new();
-        if r.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            if k.eq_ignore_ascii_case("content-length") {
-                len = v.trim().parse().ok();
-            }
-        }
-    }
-    let mut out = Vec::new();
-    match len {
-        Some(n) => {
-            out.resize(n, 0);
-            let _ = r.read_exact(&mut out);
-        }
-        None => {
-            let _ = r.read_to_end(&mut out);
-        }
-    }
-    (code, String::from_utf8_lossy(&out).into_owned())
-}
-
 fn llama(docs: &[Doc], rounds: usize, pause: Duration, bin: &str, model: &str, visit_warm: bool) -> Vec<Sample> {
-    let server = Llama::start(bin, model, 2);
-    let (code, _) = server.http("POST", "/infill", &json!({"input_prefix": "def f(", "input_suffix": ""}).to_string());
+    let threads = "2";
+    let server = LlamaServer::launch(
+        Path::new(bin),
+        Path::new(model),
+        &["-np", "1", "-c", "4096", "-t", threads, "-tb", threads, "--cache-reuse", "256"],
+    );
+    let post = |path: &str, body: &str| http_post(server.port, path, body).unwrap_or((0, String::new()));
+    let (code, _) = post("/infill", &json!({"input_prefix": "def f(", "input_suffix": ""}).to_string());
     eprintln!("llama.cpp: /infill answers {code} for this model; using /completion with cache_prompt");
     let starts: std::cell::RefCell<Vec<Option<usize>>> = std::cell::RefCell::new(vec![None; docs.len()]);
     // The suggestion on screen and the document it belongs to.
@@ -330,7 +255,7 @@ fn llama(docs: &[Doc], rounds: usize, pause: Duration, bin: &str, model: &str, v
                 starts.borrow_mut()[i] = Some(start);
                 let body = json!({"prompt": &text[start..cursor], "n_predict": 0, "cache_prompt": true}).to_string();
                 let port = server.port;
-                std::thread::spawn(move || http(port, "POST", "/completion", &body));
+                std::thread::spawn(move || http_post(port, "/completion", &body));
             }
         },
         |_, _, _, _| {},
@@ -350,7 +275,7 @@ fn llama(docs: &[Doc], rounds: usize, pause: Duration, bin: &str, model: &str, v
                 "prompt": &text[start..cursor], "n_predict": 24, "cache_prompt": true,
                 "temperature": 0.0, "top_k": 1, "stop": ["\n"],
             });
-            let (code, resp) = server.http("POST", "/completion", &body.to_string());
+            let (code, resp) = post("/completion", &body.to_string());
             assert_eq!(code, 200, "llama-server /completion failed: {resp}");
             let v: Value = serde_json::from_str(&resp).expect("llama-server sent JSON");
             let s = v["content"].as_str().unwrap_or("").to_string();
