@@ -38,6 +38,8 @@ pub struct Server {
     next_id: i64,
     /// Notifications received so far (method, params).
     pub notifications: Vec<(String, Value)>,
+    /// Responses that arrived while another one was awaited, by id.
+    unclaimed: std::collections::HashMap<i64, Value>,
 }
 
 fn frame(msg: &Value) -> Vec<u8> {
@@ -84,7 +86,7 @@ impl Server {
                 }
             }
         });
-        Server { child, stdin, incoming: rx, next_id: 1, notifications: Vec::new() }
+        Server { child, stdin, incoming: rx, next_id: 1, notifications: Vec::new(), unclaimed: Default::default() }
     }
 
     /// Write raw bytes (for malformed-input tests).
@@ -110,6 +112,9 @@ impl Server {
 
     /// Wait for the response to `id` (the whole message: `result` or `error`).
     pub fn response(&mut self, id: i64, timeout: Duration) -> Value {
+        if let Some(msg) = self.unclaimed.remove(&id) {
+            return msg;
+        }
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -140,6 +145,12 @@ impl Server {
                 self.send_raw(&frame(&reply));
             }
             (Some(m), None) => self.notifications.push((m.to_string(), msg["params"].clone())),
+            // A response to a request someone will wait for later.
+            (None, Some(id)) => {
+                if let Some(id) = id.as_i64() {
+                    self.unclaimed.insert(id, msg);
+                }
+            }
             _ => {}
         }
     }

@@ -235,6 +235,103 @@ fn bad_input_gets_clear_errors_and_documents_stay_right() {
     s.shutdown();
 }
 
+/// xorshift64*, for the fuzz test below (deterministic per seed).
+struct Rng(u64);
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as usize % n
+    }
+    fn pick<T: Clone>(&mut self, xs: &[T]) -> T {
+        xs[self.below(xs.len())].clone()
+    }
+}
+
+/// A random JSON value of the kinds clients get wrong.
+fn junk(rng: &mut Rng, depth: usize) -> Value {
+    let scalars = [
+        json!(null), json!(-1), json!(0), json!(2_147_483_648u64), json!(u64::MAX), json!(0.5), json!(1e300),
+        json!(""), json!("not a uri"), json!("file:///"), json!("\u{0}😀"), json!(true), json!(URI),
+    ];
+    let keys = ["uri", "line", "character", "textDocument", "position", "range", "text", "version",
+        "context", "triggerKind", "settings", "id", "contentChanges", "start", "end"];
+    match rng.below(if depth < 3 { 4 } else { 2 }) {
+        0 | 1 => rng.pick(&scalars),
+        2 => Value::Array((0..rng.below(4)).map(|_| junk(rng, depth + 1)).collect()),
+        _ => Value::Object((0..rng.below(5)).map(|_| (rng.pick(&keys).to_string(), junk(rng, depth + 1))).collect()),
+    }
+}
+
+#[test]
+fn random_malformed_messages_never_stop_the_server() {
+    let _ = default_model();
+    let mut s = Server::start(&[]);
+    s.initialize(json!({"completion": {"maxTokens": 4}}), json!({}));
+    s.open(URI, "python", source());
+    let fuzzed = "file:///tmp/anchorcoder-e2e/fuzzed.py";
+    s.open(fuzzed, "python", "def add(a, b):\n    return a + b\n");
+    let methods = [
+        "textDocument/inlineCompletion", "textDocument/completion", "anchorcoder/status", "anchorcoder/didMoveCursor",
+        "workspace/didChangeConfiguration", "textDocument/didChange", "textDocument/didOpen", "textDocument/didClose",
+        "textDocument/didSave", "$/cancelRequest", "anchorcoder/nope",
+    ];
+    // Messages that tower-lsp itself cannot decode (each once stopped the server).
+    let undecodable = [
+        r#"{"jsonrpc":"2.0","id":{},"method":"x"}"#, r#"{"jsonrpc":"2.0","id":1.5,"method":"x"}"#,
+        r#"{"jsonrpc":"2.0","id":[],"result":1}"#, r#"{"jsonrpc":"2.0","method":5}"#, r#"{"id":3,"method":"x"}"#, "{}",
+        "[]", "null", "{", "\u{1}\u{2}binary",
+    ];
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut requests = Vec::new();
+    for _ in 0..600 {
+        let method = rng.pick(&methods);
+        let pos = |rng: &mut Rng| json!({"line": rng.pick(&[json!(0), json!(1), json!(40), json!(-1), json!(u32::MAX)]),
+                                         "character": rng.pick(&[json!(0), json!(3), json!(500), json!("x")])});
+        let params = match (method, rng.below(3)) {
+            (_, 0) => junk(&mut rng, 0),
+            ("textDocument/didChange", _) => json!({
+                "textDocument": {"uri": rng.pick(&[URI, fuzzed]), "version": rng.below(100)},
+                // Every range of an edit to URI is impossible, so URI must stay as it was.
+                "contentChanges": [{"range": {"start": {"line": 90_000, "character": 0}, "end": pos(&mut rng)},
+                                    "text": rng.pick(&["x", "\n", "😀", "\r\n"])}]}),
+            (m, _) if m.starts_with("textDocument/") || m.starts_with("anchorcoder/did") => json!({
+                "textDocument": {"uri": rng.pick(&[json!(fuzzed), json!("file:///nowhere.py"), json!(5)])},
+                "position": pos(&mut rng), "context": {"triggerKind": rng.pick(&[json!(1), json!(2), json!(9)])}}),
+            ("workspace/didChangeConfiguration", _) => json!({"settings": {"anchorcoder": {
+                rng.pick(&["completion", "attention", "cache", "backend", "logFile"]).to_string(): junk(&mut rng, 1)}}}),
+            _ => junk(&mut rng, 0),
+        };
+        match rng.below(10) {
+            0 => {
+                let body = rng.pick(&undecodable);
+                s.send_raw(format!("Content-Length: {}\r\n\r\n{body}", body.len()).as_bytes());
+            }
+            1..=4 => requests.push(s.request_async(method, params)),
+            _ => s.notify(method, params),
+        }
+    }
+    // Every request got an answer (a result or an error), in time.
+    for id in requests {
+        let r = s.response(id, LONG);
+        assert!(r.get("result").is_some() || r["error"]["message"].is_string(), "{r}");
+    }
+    assert!(s.alive());
+    assert!(s.status()["documents"].is_array());
+    // Every edit sent to URI was impossible: the server kept its text and says
+    // that the editor's copy may differ, until the editor sends it again.
+    let (line, ch) = end_of(source());
+    let r = inline(&mut s, URI, line, ch);
+    assert!(r["error"]["message"].as_str().unwrap().contains("out of sync"), "{r}");
+    s.notify("textDocument/didClose", json!({"textDocument": {"uri": URI}}));
+    s.open(URI, "python", source());
+    let r = inline(&mut s, URI, line, ch);
+    assert!(r["result"]["items"].is_array(), "{r}");
+    assert!(s.alive());
+    s.shutdown();
+}
+
 #[test]
 fn a_missing_or_truncated_model_is_reported_and_the_server_stays_up() {
     let model = default_model();

@@ -3,8 +3,11 @@
 //! tower-lsp 0.20 stops reading after one undecodable message (its
 //! `FramedRead` ends on the first error), which would let a single malformed
 //! message kill the server. This layer reads the `Content-Length` frames
-//! itself, passes well-formed JSON on, and answers anything else with a
-//! JSON-RPC parse error (id `null`), keeping the server alive.
+//! itself and passes on only messages tower-lsp can decode: JSON that does
+//! not parse gets a JSON-RPC parse error, and JSON that is not a JSON-RPC 2.0
+//! message tower-lsp accepts (no `"jsonrpc": "2.0"`, a `method` that is not a
+//! string, an `id` that is not a string, a 64-bit integer or `null`) gets an
+//! "invalid request" error, keeping the server alive either way.
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
@@ -20,11 +23,33 @@ pub fn frame(body: &[u8]) -> Vec<u8> {
 }
 
 fn parse_error(message: &str) -> Vec<u8> {
-    let body = serde_json::json!({
-        "jsonrpc": "2.0", "id": null,
-        "error": {"code": -32700, "message": format!("parse error: {message}")},
-    });
+    error_reply(serde_json::Value::Null, -32700, &format!("parse error: {message}"))
+}
+
+fn error_reply(id: serde_json::Value, code: i64, message: &str) -> Vec<u8> {
+    let body = serde_json::json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}});
     frame(body.to_string().as_bytes())
+}
+
+/// An id tower-lsp can decode: a string, an integer that fits `i64`, or `null`.
+fn is_valid_id(id: &serde_json::Value) -> bool {
+    id.is_string() || id.is_null() || id.as_i64().is_some()
+}
+
+/// Why tower-lsp could not decode this JSON object as a JSON-RPC 2.0
+/// request, notification or response (it would stop reading its input),
+/// or `None` when it can.
+fn invalid_message(msg: &serde_json::Map<String, serde_json::Value>) -> Option<String> {
+    if msg.get("jsonrpc").and_then(|v| v.as_str()) != Some("2.0") {
+        return Some(r#"not a JSON-RPC 2.0 message ("jsonrpc": "2.0" missing)"#.into());
+    }
+    if let Some(id) = msg.get("id").filter(|id| !is_valid_id(id)) {
+        return Some(format!("id must be a string, an integer or null, not {id}"));
+    }
+    match msg.get("method") {
+        Some(m) if !m.is_string() => Some(format!("method must be a string, not {m}")),
+        _ => None,
+    }
 }
 
 /// Read one frame's body; `Ok(None)` at end of input, `Err(reason)` for a
@@ -71,12 +96,19 @@ where
     while let Ok(Some(frame_result)) = read_frame(&mut r).await {
         match frame_result {
             Ok(body) => match serde_json::from_slice::<serde_json::Value>(&body) {
-                Ok(v) if v.is_object() => {
-                    if to_server.write_all(&frame(&body)).await.is_err() {
-                        return;
+                Ok(serde_json::Value::Object(msg)) => match invalid_message(&msg) {
+                    None => {
+                        if to_server.write_all(&frame(&body)).await.is_err() {
+                            return;
+                        }
+                        let _ = to_server.flush().await;
                     }
-                    let _ = to_server.flush().await;
-                }
+                    Some(reason) => {
+                        // The spec: an id that cannot be read is answered with `null`.
+                        let id = msg.get("id").filter(|id| is_valid_id(id)).cloned().unwrap_or_default();
+                        let _ = replies.send(error_reply(id, -32600, &format!("invalid request: {reason}")));
+                    }
+                },
                 Ok(_) => {
                     let _ = replies.send(parse_error("a JSON-RPC message must be an object"));
                 }
@@ -142,5 +174,53 @@ mod tests {
             errors += 1;
         }
         assert_eq!(errors, 2);
+    }
+
+    #[tokio::test]
+    async fn messages_tower_lsp_cannot_decode_get_invalid_request_errors() {
+        // Each of these, passed on, made tower-lsp stop reading (found by fuzzing).
+        let bad = [
+            (r#"{"jsonrpc":"2.0","id":{},"method":"x"}"#, "null"),
+            (r#"{"jsonrpc":"2.0","id":1.5,"method":"x"}"#, "null"),
+            (r#"{"jsonrpc":"2.0","id":9223372036854775808,"method":"x"}"#, "null"),
+            (r#"{"jsonrpc":"2.0","id":true,"method":"x"}"#, "null"),
+            (r#"{"jsonrpc":"2.0","id":[],"method":"x"}"#, "null"),
+            (r#"{"jsonrpc":"2.0","id":4,"method":5}"#, "4"),
+            (r#"{"jsonrpc":"2.0","method":5}"#, "null"),
+            (r#"{"jsonrpc":"1.0","id":"a","method":"x"}"#, r#""a""#),
+            (r#"{"id":3,"method":"x"}"#, "3"),
+            (r#"{"jsonrpc":"2.0","id":{},"result":1}"#, "null"),
+            ("{}", "null"),
+        ];
+        let good = [
+            r#"{"jsonrpc":"2.0","id":-1,"method":"x"}"#,
+            r#"{"jsonrpc":"2.0","id":null,"method":"x"}"#,
+            r#"{"jsonrpc":"2.0","id":"s","method":"x","params":5}"#,
+            r#"{"jsonrpc":"2.0","id":7,"result":1}"#,
+            r#"{"jsonrpc":"2.0","method":"textDocument/didOpen","params":7}"#,
+        ];
+        let mut input = Vec::new();
+        for (m, _) in bad {
+            input.extend(frame(m.as_bytes()));
+        }
+        for m in good {
+            input.extend(frame(m.as_bytes()));
+        }
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut passed = Vec::new();
+        filter_input(&input[..], &mut passed, tx).await;
+        let passed = String::from_utf8(passed).unwrap();
+        for m in good {
+            assert!(passed.contains(m), "{m} was not passed on");
+        }
+        assert_eq!(passed.matches("Content-Length").count(), good.len(), "{passed}");
+        for (m, id) in bad {
+            let reply = String::from_utf8(rx.try_recv().expect("a reply")).unwrap();
+            let body: serde_json::Value = serde_json::from_str(reply.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+            assert_eq!(body["error"]["code"], -32600, "{m}: {body}");
+            assert_eq!(body["id"].to_string(), id, "{m}: {body}");
+            assert!(body["error"]["message"].as_str().unwrap().starts_with("invalid request: "), "{body}");
+        }
+        assert!(rx.try_recv().is_err());
     }
 }
