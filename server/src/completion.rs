@@ -151,12 +151,7 @@ fn heal_split(before: &str) -> &str {
         }
     };
     let k = class(last);
-    let start = before
-        .char_indices()
-        .rev()
-        .take_while(|&(_, c)| class(c) == k)
-        .last()
-        .map_or(before.len(), |(i, _)| i);
+    let start = before.char_indices().rev().take_while(|&(_, c)| class(c) == k).last().map_or(before.len(), |(i, _)| i);
     // An identifier keeps the space before it, as BPE tokens carry it (" foo").
     let start = if k == 0 && start > 0 && before[..start].ends_with(' ') { start - 1 } else { start };
     &before[start..]
@@ -293,7 +288,9 @@ fn repeats_following(text: &str, p: &Prompt, following: &str) -> bool {
     let next_lines: Vec<&str> =
         following.split('\n').skip(1).map(|l| l.trim()).filter(|l| !l.is_empty()).take(3).collect();
     let ours: Vec<&str> = text.split('\n').map(|l| l.trim()).filter(|l| !l.is_empty()).collect();
-    !ours.is_empty() && !next_lines.is_empty() && ours.iter().zip(&next_lines).all(|(a, b)| a == b)
+    !ours.is_empty()
+        && !next_lines.is_empty()
+        && ours.iter().zip(&next_lines).all(|(a, b)| a == b)
         && ours.len() <= next_lines.len()
 }
 
@@ -312,8 +309,8 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::document::tests::{test_tokenizer, test_tokenizer_with_specials};
     use crate::engine::document::is_anchor;
+    use crate::engine::document::tests::{test_tokenizer, test_tokenizer_with_specials};
     use crate::engine::llama::tests::tiny_config;
     use crate::engine::llama::{Llama, Logits};
     use crate::engine::policy::{AttentionPolicy, PolicyKind};

@@ -183,13 +183,7 @@ pub struct AttentionConfig {
 /// its KV bytes, while training-free anchors lost 10-22% at every budget.
 impl Default for AttentionConfig {
     fn default() -> Self {
-        Self {
-            policy: PolicyName::Window,
-            recent_lines: 8,
-            sink_tokens: 4,
-            dense_every: 0,
-            window_tokens: 560,
-        }
+        Self { policy: PolicyName::Window, recent_lines: 8, sink_tokens: 4, dense_every: 0, window_tokens: 560 }
     }
 }
 
@@ -251,10 +245,7 @@ impl CacheConfig {
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        Self {
-            enabled: true,
-            memory_budget_mib: 512,
-        }
+        Self { enabled: true, memory_budget_mib: 512 }
     }
 }
 
@@ -278,14 +269,7 @@ pub struct CompletionConfig {
 
 impl Default for CompletionConfig {
     fn default() -> Self {
-        Self {
-            max_tokens: 64,
-            max_lines: 8,
-            prefix_tokens: 2048,
-            suffix_tokens: 256,
-            debounce_ms: 0,
-            fim: true,
-        }
+        Self { max_tokens: 64, max_lines: 8, prefix_tokens: 2048, suffix_tokens: 256, debounce_ms: 0, fim: true }
     }
 }
 
@@ -343,23 +327,14 @@ impl Config {
             Value::Null => {}
             Value::Array(a) if a.is_empty() => {}
             Value::Object(root) => self.apply_root(&mut u, root),
-            other => u.reject(
-                "",
-                other,
-                "an object of settings",
-                "keeping all current settings",
-            ),
+            other => u.reject("", other, "an object of settings", "keeping all current settings"),
         }
         u.messages
     }
 
     /// Inference threads to use: `threads`, or the number of cores.
     pub fn effective_threads(&self) -> usize {
-        self.threads.unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        })
+        self.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
     }
 
     fn apply_root(&mut self, u: &mut Updater, root: &Map<String, Value>) {
@@ -422,19 +397,12 @@ impl BackendConfig {
                 "url" => u.url("backend.url", value, &mut self.url),
                 "model" => u.optional_string("backend.model", value, &mut self.model),
                 "apiKeyEnv" => u.env_name("backend.apiKeyEnv", value, &mut self.api_key_env),
-                "timeoutMs" => u.uint(
-                    "backend.timeoutMs",
-                    value,
-                    limits::TIMEOUT_MS,
-                    &mut self.timeout_ms,
-                    default.timeout_ms,
-                ),
-                "fallbackToLocal" => u.boolean(
-                    "backend.fallbackToLocal",
-                    value,
-                    &mut self.fallback_to_local,
-                    default.fallback_to_local,
-                ),
+                "timeoutMs" => {
+                    u.uint("backend.timeoutMs", value, limits::TIMEOUT_MS, &mut self.timeout_ms, default.timeout_ms)
+                }
+                "fallbackToLocal" => {
+                    u.boolean("backend.fallbackToLocal", value, &mut self.fallback_to_local, default.fallback_to_local)
+                }
                 _ => u.unknown(&format!("backend.{key}")),
             }
         }
@@ -518,20 +486,12 @@ impl CompletionConfig {
         let default = Self::default();
         for (key, value) in map {
             match key.as_str() {
-                "maxTokens" => u.uint(
-                    "completion.maxTokens",
-                    value,
-                    limits::MAX_TOKENS,
-                    &mut self.max_tokens,
-                    default.max_tokens,
-                ),
-                "maxLines" => u.uint(
-                    "completion.maxLines",
-                    value,
-                    limits::MAX_LINES,
-                    &mut self.max_lines,
-                    default.max_lines,
-                ),
+                "maxTokens" => {
+                    u.uint("completion.maxTokens", value, limits::MAX_TOKENS, &mut self.max_tokens, default.max_tokens)
+                }
+                "maxLines" => {
+                    u.uint("completion.maxLines", value, limits::MAX_LINES, &mut self.max_lines, default.max_lines)
+                }
                 "prefixTokens" => u.uint(
                     "completion.prefixTokens",
                     value,
@@ -568,17 +528,11 @@ struct Updater {
 
 impl Updater {
     fn unknown(&mut self, path: &str) {
-        self.messages.push(ConfigMessage::Warning(format!(
-            "unknown setting `{path}` ignored"
-        )));
+        self.messages.push(ConfigMessage::Warning(format!("unknown setting `{path}` ignored")));
     }
 
     fn reject(&mut self, path: &str, value: &Value, expected: &str, kept: &str) {
-        let what = if path.is_empty() {
-            "settings".to_owned()
-        } else {
-            format!("`{path}`")
-        };
+        let what = if path.is_empty() { "settings".to_owned() } else { format!("`{path}`") };
         self.messages.push(ConfigMessage::Error(format!(
             "invalid value {} for {what}: expected {expected}; {kept}",
             show(value)
@@ -606,14 +560,8 @@ impl Updater {
         }
     }
 
-    fn uint<T>(
-        &mut self,
-        path: &str,
-        value: &Value,
-        range: RangeInclusive<u64>,
-        slot: &mut T,
-        default: T,
-    ) where
+    fn uint<T>(&mut self, path: &str, value: &Value, range: RangeInclusive<u64>, slot: &mut T, default: T)
+    where
         T: Copy + TryFrom<u64> + fmt::Display,
     {
         if value.is_null() {
@@ -631,13 +579,8 @@ impl Updater {
         }
     }
 
-    fn optional_uint<T>(
-        &mut self,
-        path: &str,
-        value: &Value,
-        range: RangeInclusive<u64>,
-        slot: &mut Option<T>,
-    ) where
+    fn optional_uint<T>(&mut self, path: &str, value: &Value, range: RangeInclusive<u64>, slot: &mut Option<T>)
+    where
         T: Copy + TryFrom<u64> + fmt::Display,
     {
         if value.is_null() {
@@ -649,11 +592,7 @@ impl Updater {
             None => self.reject(
                 path,
                 value,
-                &format!(
-                    "an integer from {} to {}, or null",
-                    range.start(),
-                    range.end()
-                ),
+                &format!("an integer from {} to {}, or null", range.start(), range.end()),
                 &match slot {
                     Some(old) => format!("keeping {old}"),
                     None => "keeping null".to_owned(),
@@ -756,12 +695,9 @@ impl Updater {
             Value::String(s) if BackendKind::parse(s).is_some() => {
                 *slot = BackendKind::parse(s).expect("checked above");
             }
-            other => self.reject(
-                path,
-                other,
-                "one of \"local\", \"openai\", \"llamacpp\"",
-                &format!("keeping \"{slot}\""),
-            ),
+            other => {
+                self.reject(path, other, "one of \"local\", \"openai\", \"llamacpp\"", &format!("keeping \"{slot}\""))
+            }
         }
     }
 
@@ -771,12 +707,9 @@ impl Updater {
             Value::String(s) if PolicyName::parse(s).is_some() => {
                 *slot = PolicyName::parse(s).expect("checked above");
             }
-            other => self.reject(
-                path,
-                other,
-                "one of \"anchor\", \"full\", \"window\"",
-                &format!("keeping \"{slot}\""),
-            ),
+            other => {
+                self.reject(path, other, "one of \"anchor\", \"full\", \"window\"", &format!("keeping \"{slot}\""))
+            }
         }
     }
 }
@@ -793,9 +726,7 @@ fn keeping_string(slot: &Option<String>) -> String {
 fn integer_in(value: &Value, range: &RangeInclusive<u64>) -> Option<u64> {
     let n = match value {
         Value::Number(n) => n.as_u64().or_else(|| {
-            n.as_f64()
-                .filter(|f| f.fract() == 0.0 && (0.0..=u64::MAX as f64).contains(f))
-                .map(|f| f as u64)
+            n.as_f64().filter(|f| f.fract() == 0.0 && (0.0..=u64::MAX as f64).contains(f)).map(|f| f as u64)
         })?,
         _ => return None,
     };
@@ -818,19 +749,11 @@ mod tests {
     use serde_json::json;
 
     fn errors(messages: &[ConfigMessage]) -> Vec<&str> {
-        messages
-            .iter()
-            .filter(|m| m.is_error())
-            .map(ConfigMessage::text)
-            .collect()
+        messages.iter().filter(|m| m.is_error()).map(ConfigMessage::text).collect()
     }
 
     fn warnings(messages: &[ConfigMessage]) -> Vec<&str> {
-        messages
-            .iter()
-            .filter(|m| !m.is_error())
-            .map(ConfigMessage::text)
-            .collect()
+        messages.iter().filter(|m| !m.is_error()).map(ConfigMessage::text).collect()
     }
 
     #[test]
@@ -962,10 +885,7 @@ mod tests {
         assert_eq!(
             config,
             Config {
-                model: ModelConfig {
-                    path: Some("/m/coder.safetensors".into()),
-                    adapter: Some("/m/lora".into()),
-                },
+                model: ModelConfig { path: Some("/m/coder.safetensors".into()), adapter: Some("/m/lora".into()) },
                 attention: AttentionConfig {
                     policy: PolicyName::Window,
                     recent_lines: 0,
@@ -973,10 +893,7 @@ mod tests {
                     dense_every: 4,
                     window_tokens: 65536,
                 },
-                cache: CacheConfig {
-                    enabled: false,
-                    memory_budget_mib: 65536,
-                },
+                cache: CacheConfig { enabled: false, memory_budget_mib: 65536 },
                 completion: CompletionConfig {
                     max_tokens: 1024,
                     max_lines: 100,
@@ -1003,12 +920,8 @@ mod tests {
     #[test]
     fn partial_update_keeps_other_keys() {
         let mut config = Config::default();
-        assert!(config
-            .apply(&json!({ "completion": { "maxLines": 3 } }))
-            .is_empty());
-        assert!(config
-            .apply(&json!({ "completion": { "maxTokens": 10 } }))
-            .is_empty());
+        assert!(config.apply(&json!({ "completion": { "maxLines": 3 } })).is_empty());
+        assert!(config.apply(&json!({ "completion": { "maxTokens": 10 } })).is_empty());
         assert_eq!(config.completion.max_lines, 3);
         assert_eq!(config.completion.max_tokens, 10);
         assert_eq!(config.attention, AttentionConfig::default());
@@ -1024,8 +937,7 @@ mod tests {
         assert_eq!(messages, [], "keys of other tools are not ours to judge");
         assert_eq!(config.attention.policy, PolicyName::Full);
 
-        let (config, messages) =
-            Config::from_initialization_options(Some(&json!({ "anchorcoder": { "threads": 2 } })));
+        let (config, messages) = Config::from_initialization_options(Some(&json!({ "anchorcoder": { "threads": 2 } })));
         assert_eq!((config.threads, messages.len()), (Some(2), 0));
     }
 
@@ -1037,9 +949,7 @@ mod tests {
         assert!(config.apply(&json!({ "anchorcoder": null })).is_empty());
         assert_eq!(config.threads, Some(3));
 
-        assert!(config
-            .apply(&json!({ "threads": null, "completion": { "maxTokens": null } }))
-            .is_empty());
+        assert!(config.apply(&json!({ "threads": null, "completion": { "maxTokens": null } })).is_empty());
         assert_eq!(config.threads, None);
         assert_eq!(config.completion.max_tokens, 64);
         assert!(!config.completion.fim);
@@ -1073,13 +983,8 @@ mod tests {
             ]
         );
         assert!(errors(&messages).is_empty());
-        assert_eq!(
-            config.completion.max_tokens, 5,
-            "valid sibling still applies"
-        );
-        assert!(messages
-            .iter()
-            .all(|m| m.message_type() == MessageType::WARNING));
+        assert_eq!(config.completion.max_tokens, 5, "valid sibling still applies");
+        assert!(messages.iter().all(|m| m.message_type() == MessageType::WARNING));
     }
 
     /// Each rejected value names the key, the value and the allowed range, and
@@ -1099,18 +1004,8 @@ mod tests {
             ("completion", "maxLines", json!(0), "from 1 to 100"),
             ("completion", "maxLines", json!(101), "from 1 to 100"),
             ("completion", "prefixTokens", json!(63), "from 64 to 32768"),
-            (
-                "completion",
-                "prefixTokens",
-                json!(32769),
-                "from 64 to 32768",
-            ),
-            (
-                "completion",
-                "suffixTokens",
-                json!(32769),
-                "from 0 to 32768",
-            ),
+            ("completion", "prefixTokens", json!(32769), "from 64 to 32768"),
+            ("completion", "suffixTokens", json!(32769), "from 0 to 32768"),
             ("completion", "debounceMs", json!(10_001), "from 0 to 10000"),
             ("backend", "timeoutMs", json!(99), "from 100 to 600000"),
             ("completion", "maxTokens", json!(-3), "from 1 to 1024"),
@@ -1158,9 +1053,7 @@ mod tests {
     fn policy_must_be_one_of_three() {
         let mut config = Config::default();
         for name in ["anchor", "full", "window"] {
-            assert!(config
-                .apply(&json!({ "attention": { "policy": name } }))
-                .is_empty());
+            assert!(config.apply(&json!({ "attention": { "policy": name } })).is_empty());
             assert_eq!(config.attention.policy.as_str(), name);
         }
         for bad in [json!("Anchor"), json!("sparse"), json!(1)] {
@@ -1222,9 +1115,7 @@ mod tests {
         assert_eq!(config.completion.max_tokens, 64);
         assert_eq!(config.completion.max_lines, 2);
         assert_eq!(config.threads, Some(4));
-        assert!(messages
-            .iter()
-            .all(|m| m.message_type() == MessageType::ERROR));
+        assert!(messages.iter().all(|m| m.message_type() == MessageType::ERROR));
     }
 
     #[test]
@@ -1288,7 +1179,9 @@ mod tests {
         );
         assert!(!config.backend.is_remote());
         // Kind and URL together, in either order, apply; the URL is normalized.
-        assert!(config.apply(&json!({ "backend": { "url": "http://127.0.0.1:8080/", "kind": "llamacpp" } })).is_empty());
+        assert!(config
+            .apply(&json!({ "backend": { "url": "http://127.0.0.1:8080/", "kind": "llamacpp" } }))
+            .is_empty());
         assert_eq!(config.backend.kind, BackendKind::LlamaCpp);
         assert_eq!(config.backend.url.as_deref(), Some("http://127.0.0.1:8080"));
         assert!(config.apply(&json!({ "backend": { "url": "https://h.example/llm/" } })).is_empty());

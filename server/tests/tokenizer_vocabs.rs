@@ -48,20 +48,14 @@ fn vocab_dir() -> Option<PathBuf> {
 
 fn read(path: &PathBuf) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| {
-        panic!(
-            "cannot read {} ({e}); get the files with tests/bench/vocab-fixtures.sh",
-            path.display()
-        )
+        panic!("cannot read {} ({e}); get the files with tests/bench/vocab-fixtures.sh", path.display())
     })
 }
 
 fn content(dir: &std::path::Path, name: &str) -> Content {
     let path = dir.join(format!("ggml-vocab-{name}.gguf"));
     let mut f = std::fs::File::open(&path).unwrap_or_else(|e| {
-        panic!(
-            "cannot open {} ({e}); get the files with tests/bench/vocab-fixtures.sh",
-            path.display()
-        )
+        panic!("cannot open {} ({e}); get the files with tests/bench/vocab-fixtures.sh", path.display())
     });
     Content::read(&mut f).unwrap_or_else(|e| panic!("cannot read GGUF {}: {e}", path.display()))
 }
@@ -75,14 +69,8 @@ fn samples(dir: &std::path::Path, name: &str) -> Vec<(String, Vec<u32>)> {
     if inputs.last() == Some(&"") {
         inputs.pop(); // a separator at the very end starts no input
     }
-    let outputs: Vec<Vec<u32>> = out
-        .lines()
-        .map(|l| {
-            l.split_whitespace()
-                .map(|t| t.parse().expect("token id"))
-                .collect()
-        })
-        .collect();
+    let outputs: Vec<Vec<u32>> =
+        out.lines().map(|l| l.split_whitespace().map(|t| t.parse().expect("token id")).collect()).collect();
     assert_eq!(inputs.len(), outputs.len(), "{name}: inputs vs outputs");
     assert!(inputs.len() >= 20, "{name}: only {} samples", inputs.len());
     inputs.into_iter().map(String::from).zip(outputs).collect()
@@ -97,31 +85,16 @@ fn check(name: &str) {
     let mut failures = Vec::new();
     let mut tokens = 0;
     for (text, want) in &samples {
-        let got = tok
-            .encode(text)
-            .unwrap_or_else(|e| panic!("{name}: {text:?}: {e:#}"));
+        let got = tok.encode(text).unwrap_or_else(|e| panic!("{name}: {text:?}: {e:#}"));
         if &got != want {
-            failures.push(format!(
-                "  {text:?}\n    ours      {got:?}\n    llama.cpp {want:?}"
-            ));
+            failures.push(format!("  {text:?}\n    ours      {got:?}\n    llama.cpp {want:?}"));
             continue;
         }
         tokens += got.len();
         // Token bytes spell the text (SentencePiece: after the `▁` put in front of it).
-        let spelled: Vec<u8> = got
-            .iter()
-            .flat_map(|&id| tok.token_bytes(id).to_vec())
-            .collect();
-        let lead = if tok.space_prefix() && !text.is_empty() {
-            " "
-        } else {
-            ""
-        };
-        assert_eq!(
-            String::from_utf8_lossy(&spelled),
-            format!("{lead}{text}"),
-            "{name}: token bytes of {got:?}"
-        );
+        let spelled: Vec<u8> = got.iter().flat_map(|&id| tok.token_bytes(id).to_vec()).collect();
+        let lead = if tok.space_prefix() && !text.is_empty() { " " } else { "" };
+        assert_eq!(String::from_utf8_lossy(&spelled), format!("{lead}{text}"), "{name}: token bytes of {got:?}");
     }
     eprintln!(
         "{name}: {}/{} samples identical to llama.cpp ({tokens} tokens), encoding {:?}",
@@ -143,10 +116,7 @@ fn check_unsupported(name: &str, what: &str) {
     let Some(dir) = vocab_dir() else { return };
     let err = Tokenizer::from_gguf(&content(&dir, name)).expect_err(name);
     let msg = format!("{err:#}");
-    assert!(
-        msg.contains(what) && msg.contains("tokenizer.json"),
-        "{name}: {msg}"
-    );
+    assert!(msg.contains(what) && msg.contains("tokenizer.json"), "{name}: {msg}");
 }
 
 macro_rules! vocab_tests {
@@ -189,21 +159,14 @@ fn llama_spm_metadata_and_bytes() {
     assert!((0..3).all(|id| tok.is_special(id) && tok.token_bytes(id).is_empty()));
     // Byte tokens <0x00>..<0xFF> are ids 3..=258.
     assert!((0..=255u8).all(|b| tok.token_bytes(3 + u32::from(b)) == [b]));
-    assert_eq!(
-        tok.token_bytes(tok.token_to_id("▁hello").unwrap()),
-        b" hello"
-    );
+    assert_eq!(tok.token_bytes(tok.token_to_id("▁hello").unwrap()), b" hello");
     // Characters without a token fall back to their UTF-8 bytes.
     let ids = tok.encode("🦙").unwrap();
     assert_eq!(ids.len(), 5, "▁ + 4 byte tokens: {ids:?}");
     assert!(ids[1..].iter().all(|&id| (3..259).contains(&id)));
     assert_eq!(tok.decode(&ids), " 🦙");
     // Special-token text in a document is text.
-    assert!(tok
-        .encode("x </s> <s> <unk>")
-        .unwrap()
-        .iter()
-        .all(|&id| id > 2));
+    assert!(tok.encode("x </s> <s> <unk>").unwrap().iter().all(|&id| id > 2));
     assert!(tok.encode("").unwrap().is_empty());
 }
 
@@ -214,11 +177,11 @@ fn vocab_dir_complete_when_required() {
         return;
     };
     let missing: Vec<String> = VOCABS
-    .iter()
-    .flat_map(|n| ["", ".inp", ".out"].map(|ext| format!("ggml-vocab-{n}.gguf{ext}")))
-    .chain(["ggml-vocab-bert-bge.gguf".to_string()])
-    .filter(|f| !dir.join(f).is_file())
-    .collect();
+        .iter()
+        .flat_map(|n| ["", ".inp", ".out"].map(|ext| format!("ggml-vocab-{n}.gguf{ext}")))
+        .chain(["ggml-vocab-bert-bge.gguf".to_string()])
+        .filter(|f| !dir.join(f).is_file())
+        .collect();
     assert!(
         missing.is_empty(),
         "ANCHORCODER_VOCAB_DIR={} lacks {missing:?}; run tests/bench/vocab-fixtures.sh",
@@ -256,24 +219,17 @@ fn real_sources_match_llama_tokenize() {
         }
     }
     for py in ["argparse.py", "textwrap.py", "json/decoder.py"] {
-        let found = std::fs::read_dir("/usr/lib").ok().and_then(|rd| {
-            rd.filter_map(|e| e.ok().map(|e| e.path().join(py)))
-                .find(|p| p.is_file())
-        });
+        let found = std::fs::read_dir("/usr/lib")
+            .ok()
+            .and_then(|rd| rd.filter_map(|e| e.ok().map(|e| e.path().join(py))).find(|p| p.is_file()));
         if let Some(text) = found.and_then(|p| std::fs::read_to_string(p).ok()) {
             texts.push((py.to_string(), text));
         }
     }
     assert!(texts.len() >= 6, "only {} source files found", texts.len());
-    let crlf: Vec<_> = texts
-        .iter()
-        .map(|(n, t)| (format!("{n} (CRLF)"), t.replace('\n', "\r\n")))
-        .collect();
+    let crlf: Vec<_> = texts.iter().map(|(n, t)| (format!("{n} (CRLF)"), t.replace('\n', "\r\n"))).collect();
     texts.extend(crlf);
-    texts.push((
-        "mixed".into(),
-        "\n\n  \tx=1 \u{a0}é—“q” 日本語 🦀👩‍💻 ١٢٣ 1234567 <s></s><unk> \r\n   \n".into(),
-    ));
+    texts.push(("mixed".into(), "\n\n  \tx=1 \u{a0}é—“q” 日本語 🦀👩‍💻 ١٢٣ 1234567 <s></s><unk> \r\n   \n".into()));
 
     let tmp = std::env::temp_dir().join(format!("anchorcoder-vocab-{}.txt", std::process::id()));
     let mut report = Vec::new();

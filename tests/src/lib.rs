@@ -217,9 +217,9 @@ pub fn llama_server_binary() -> PathBuf {
     if let Ok(p) = std::env::var("LLAMA_SERVER") {
         return PathBuf::from(p);
     }
-    let tools = std::env::var("ANCHORCODER_TOOLS").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/anchorcoder/tools")
-    });
+    let tools = std::env::var("ANCHORCODER_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/anchorcoder/tools"));
     let bin = tools.join("llama.cpp/bin/llama-server");
     assert!(bin.exists(), "{} is missing: run tests/bench/build-llamacpp.sh (scripts/test does)", bin.display());
     bin
@@ -256,7 +256,9 @@ impl LlamaServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e} (tests/bench/build-llamacpp.sh builds it)", binary.display()));
+            .unwrap_or_else(|e| {
+                panic!("cannot start {}: {e} (tests/bench/build-llamacpp.sh builds it)", binary.display())
+            });
         let mut s = LlamaServer { child, port };
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -302,8 +304,11 @@ pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
 
 fn http_get_auth(port: u16, path: &str, key: Option<&str>) -> std::io::Result<(u16, String)> {
     let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
-    http_request(port, &format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Connection: close\r\n\r\n"),
-        Some(Duration::from_secs(10)))
+    http_request(
+        port,
+        &format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Connection: close\r\n\r\n"),
+        Some(Duration::from_secs(10)),
+    )
 }
 
 /// A JSON POST on 127.0.0.1 with no read timeout (a cold generation can take

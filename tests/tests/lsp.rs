@@ -139,7 +139,10 @@ fn the_cursor_the_editor_reports_is_warmed_before_the_first_keystroke() {
     s.open(uri, "python", &text);
     wait_idle(&mut s);
     let (line, ch) = (2401, "    return x".len() as u32);
-    s.notify("anchorcoder/didMoveCursor", json!({"textDocument": {"uri": uri}, "position": {"line": line, "character": ch}}));
+    s.notify(
+        "anchorcoder/didMoveCursor",
+        json!({"textDocument": {"uri": uri}, "position": {"line": line, "character": ch}}),
+    );
     std::thread::sleep(Duration::from_millis(500));
     wait_idle(&mut s);
     let r = inline(&mut s, uri, line, ch);
@@ -149,11 +152,21 @@ fn the_cursor_the_editor_reports_is_warmed_before_the_first_keystroke() {
     let (tokens, reused) = (doc["tokens"].as_u64().unwrap(), doc["reusedTokens"].as_u64().unwrap());
     assert!(tokens > 1000, "the prompt window is full: {st}");
     assert!(reused + 16 >= tokens, "the first request found its prompt warmed: {st}");
-    assert_eq!(st["cursor"], json!({"textDocument": {"uri": uri}, "position": {"line": line, "character": ch}}), "{st}");
+    assert_eq!(
+        st["cursor"],
+        json!({"textDocument": {"uri": uri}, "position": {"line": line, "character": ch}}),
+        "{st}"
+    );
 
     // A cursor off the document, or in a document not open, is ignored.
-    s.notify("anchorcoder/didMoveCursor", json!({"textDocument": {"uri": uri}, "position": {"line": 99999, "character": 0}}));
-    s.notify("anchorcoder/didMoveCursor", json!({"textDocument": {"uri": "file:///nowhere.py"}, "position": {"line": 0, "character": 0}}));
+    s.notify(
+        "anchorcoder/didMoveCursor",
+        json!({"textDocument": {"uri": uri}, "position": {"line": 99999, "character": 0}}),
+    );
+    s.notify(
+        "anchorcoder/didMoveCursor",
+        json!({"textDocument": {"uri": "file:///nowhere.py"}, "position": {"line": 0, "character": 0}}),
+    );
     s.notify("anchorcoder/didMoveCursor", json!({"textDocument": {"uri": uri}}));
     let st = s.status();
     assert_eq!(st["documents"][0]["tokens"], doc["tokens"], "the cache is untouched: {st}");
@@ -252,11 +265,37 @@ impl Rng {
 /// A random JSON value of the kinds clients get wrong.
 fn junk(rng: &mut Rng, depth: usize) -> Value {
     let scalars = [
-        json!(null), json!(-1), json!(0), json!(2_147_483_648u64), json!(u64::MAX), json!(0.5), json!(1e300),
-        json!(""), json!("not a uri"), json!("file:///"), json!("\u{0}😀"), json!(true), json!(URI),
+        json!(null),
+        json!(-1),
+        json!(0),
+        json!(2_147_483_648u64),
+        json!(u64::MAX),
+        json!(0.5),
+        json!(1e300),
+        json!(""),
+        json!("not a uri"),
+        json!("file:///"),
+        json!("\u{0}😀"),
+        json!(true),
+        json!(URI),
     ];
-    let keys = ["uri", "line", "character", "textDocument", "position", "range", "text", "version",
-        "context", "triggerKind", "settings", "id", "contentChanges", "start", "end"];
+    let keys = [
+        "uri",
+        "line",
+        "character",
+        "textDocument",
+        "position",
+        "range",
+        "text",
+        "version",
+        "context",
+        "triggerKind",
+        "settings",
+        "id",
+        "contentChanges",
+        "start",
+        "end",
+    ];
     match rng.below(if depth < 3 { 4 } else { 2 }) {
         0 | 1 => rng.pick(&scalars),
         2 => Value::Array((0..rng.below(4)).map(|_| junk(rng, depth + 1)).collect()),
@@ -273,22 +312,39 @@ fn random_malformed_messages_never_stop_the_server() {
     let fuzzed = "file:///tmp/anchorcoder-e2e/fuzzed.py";
     s.open(fuzzed, "python", "def add(a, b):\n    return a + b\n");
     let methods = [
-        "textDocument/inlineCompletion", "textDocument/completion", "anchorcoder/status", "anchorcoder/didMoveCursor",
-        "workspace/didChangeConfiguration", "textDocument/didChange", "textDocument/didOpen", "textDocument/didClose",
-        "textDocument/didSave", "$/cancelRequest", "anchorcoder/nope",
+        "textDocument/inlineCompletion",
+        "textDocument/completion",
+        "anchorcoder/status",
+        "anchorcoder/didMoveCursor",
+        "workspace/didChangeConfiguration",
+        "textDocument/didChange",
+        "textDocument/didOpen",
+        "textDocument/didClose",
+        "textDocument/didSave",
+        "$/cancelRequest",
+        "anchorcoder/nope",
     ];
     // Messages that tower-lsp itself cannot decode (each once stopped the server).
     let undecodable = [
-        r#"{"jsonrpc":"2.0","id":{},"method":"x"}"#, r#"{"jsonrpc":"2.0","id":1.5,"method":"x"}"#,
-        r#"{"jsonrpc":"2.0","id":[],"result":1}"#, r#"{"jsonrpc":"2.0","method":5}"#, r#"{"id":3,"method":"x"}"#, "{}",
-        "[]", "null", "{", "\u{1}\u{2}binary",
+        r#"{"jsonrpc":"2.0","id":{},"method":"x"}"#,
+        r#"{"jsonrpc":"2.0","id":1.5,"method":"x"}"#,
+        r#"{"jsonrpc":"2.0","id":[],"result":1}"#,
+        r#"{"jsonrpc":"2.0","method":5}"#,
+        r#"{"id":3,"method":"x"}"#,
+        "{}",
+        "[]",
+        "null",
+        "{",
+        "\u{1}\u{2}binary",
     ];
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let mut requests = Vec::new();
     for _ in 0..600 {
         let method = rng.pick(&methods);
-        let pos = |rng: &mut Rng| json!({"line": rng.pick(&[json!(0), json!(1), json!(40), json!(-1), json!(u32::MAX)]),
-                                         "character": rng.pick(&[json!(0), json!(3), json!(500), json!("x")])});
+        let pos = |rng: &mut Rng| {
+            json!({"line": rng.pick(&[json!(0), json!(1), json!(40), json!(-1), json!(u32::MAX)]),
+                                         "character": rng.pick(&[json!(0), json!(3), json!(500), json!("x")])})
+        };
         let params = match (method, rng.below(3)) {
             (_, 0) => junk(&mut rng, 0),
             ("textDocument/didChange", _) => json!({

@@ -60,10 +60,7 @@ impl EventStream {
 pub fn error_text(e: &Value) -> String {
     match e {
         Value::String(s) => s.clone(),
-        _ => e
-            .get("message")
-            .and_then(Value::as_str)
-            .map_or_else(|| shorten(&e.to_string()), str::to_string),
+        _ => e.get("message").and_then(Value::as_str).map_or_else(|| shorten(&e.to_string()), str::to_string),
     }
 }
 
@@ -116,7 +113,10 @@ mod tests {
 
     #[test]
     fn error_bodies_give_their_message() {
-        assert_eq!(body_message(r#"{"error":{"message":"Invalid API Key","type":"authentication_error","code":401}}"#), "Invalid API Key");
+        assert_eq!(
+            body_message(r#"{"error":{"message":"Invalid API Key","type":"authentication_error","code":401}}"#),
+            "Invalid API Key"
+        );
         assert_eq!(body_message(r#"{"error":"model not found"}"#), "model not found");
         assert_eq!(body_message(r#"{"detail":"Not Found"}"#), "Not Found");
         assert_eq!(body_message("Bad Gateway\n"), "Bad Gateway");

@@ -274,13 +274,15 @@ impl Remote {
         stop: &mut (dyn FnMut(&str) -> bool + Send),
     ) -> Result<String, RemoteError> {
         self.health().last_endpoint = Some(path);
-        let mut resp = self.request(Method::POST, path)?.json(body).send().await.map_err(|e| self.transport(e, path))?;
+        let mut resp =
+            self.request(Method::POST, path)?.json(body).send().await.map_err(|e| self.transport(e, path))?;
         let code = resp.status().as_u16();
         if !(200..300).contains(&code) {
             let body = resp.text().await.unwrap_or_default();
             return Err(self.http_error(path, code, &body));
         }
-        let failed = |m: String| RemoteError::refused(format!("the remote engine at {} failed on {path}: {m}", self.base()));
+        let failed =
+            |m: String| RemoteError::refused(format!("the remote engine at {} failed on {path}: {m}", self.base()));
         let streamed = resp
             .headers()
             .get(CONTENT_TYPE)
@@ -344,8 +346,12 @@ impl Remote {
             404 => RemoteError::refused(format!(
                 "the remote engine at {base} has no {path} (HTTP 404: {msg}); check `backend.url` and `backend.kind`"
             )),
-            501 => RemoteError::refused(format!("the remote engine at {base} does not support {path} (HTTP 501: {msg})")),
-            500..=599 => RemoteError::down(format!("the remote engine at {base} failed on {path} (HTTP {code}: {msg})")),
+            501 => {
+                RemoteError::refused(format!("the remote engine at {base} does not support {path} (HTTP 501: {msg})"))
+            }
+            500..=599 => {
+                RemoteError::down(format!("the remote engine at {base} failed on {path} (HTTP {code}: {msg})"))
+            }
             _ => RemoteError::refused(format!("the remote engine at {base} refused {path} (HTTP {code}: {msg})")),
         };
         e.status = Some(code);

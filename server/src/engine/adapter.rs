@@ -87,8 +87,12 @@ impl Adapter {
             if info.get("dtype").and_then(|d| d.as_str()) != Some("F32") {
                 bail!("{name}: tensor {t} is not F32");
             }
-            let shape: Vec<usize> = info["shape"].as_array().ok_or_else(|| bad("shape"))?.iter()
-                .map(|d| d.as_u64().unwrap_or(0) as usize).collect();
+            let shape: Vec<usize> = info["shape"]
+                .as_array()
+                .ok_or_else(|| bad("shape"))?
+                .iter()
+                .map(|d| d.as_u64().unwrap_or(0) as usize)
+                .collect();
             let off = info["data_offsets"].as_array().ok_or_else(|| bad("offsets"))?;
             let (s, e) = (off[0].as_u64().unwrap_or(0) as usize, off[1].as_u64().unwrap_or(0) as usize);
             let raw = data.get(s..e).ok_or_else(|| bad("tensor data out of bounds"))?;
@@ -112,11 +116,18 @@ impl Adapter {
         if pairs.is_empty() {
             return Err(bad("no lora_a/lora_b pairs"));
         }
-        let policy = metadata.get("policy_json").and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok()).and_then(|v| {
-            let u = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0) as u32;
-            AttentionPolicy::from_parts(v.get("policy")?.as_str()?, u("recentLines"), u("sinkTokens"), u("denseEvery"), u("windowTokens"))
+        let policy =
+            metadata.get("policy_json").and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok()).and_then(|v| {
+                let u = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0) as u32;
+                AttentionPolicy::from_parts(
+                    v.get("policy")?.as_str()?,
+                    u("recentLines"),
+                    u("sinkTokens"),
+                    u("denseEvery"),
+                    u("windowTokens"),
+                )
                 .ok()
-        });
+            });
         Ok(Adapter { pairs, scale, policy, metadata })
     }
 
@@ -136,11 +147,25 @@ impl Adapter {
         // SAFETY: slices sized as checked above; row-major strides.
         unsafe {
             gemm::gemm(
-                n_out, n_in, p.rank,
-                w.as_mut_ptr(), 1, n_in as isize, true,
-                p.b.as_ptr(), 1, p.rank as isize,
-                p.a.as_ptr(), 1, n_in as isize,
-                1.0, self.scale, false, false, false, gemm::Parallelism::None,
+                n_out,
+                n_in,
+                p.rank,
+                w.as_mut_ptr(),
+                1,
+                n_in as isize,
+                true,
+                p.b.as_ptr(),
+                1,
+                p.rank as isize,
+                p.a.as_ptr(),
+                1,
+                n_in as isize,
+                1.0,
+                self.scale,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
             );
         }
         Ok(true)

@@ -182,9 +182,7 @@ mod tests {
                 let kvh = head / (h.n_heads / h.n_kv_heads);
                 let s: Vec<f32> = (0..n_kv)
                     .map(|j| {
-                        let dot: f32 = (0..hd)
-                            .map(|d| q[i * qd + head * hd + d] * k[j * kd + kvh * hd + d])
-                            .sum();
+                        let dot: f32 = (0..hd).map(|d| q[i * qd + head * hd + d] * k[j * kd + kvh * hd + d]).sum();
                         dot / (hd as f32).sqrt() + bias[i * n_kv + j]
                     })
                     .collect();
@@ -192,8 +190,7 @@ mod tests {
                 let e: Vec<f32> = s.iter().map(|x| (x - m).exp()).collect();
                 let z: f32 = e.iter().sum();
                 for d in 0..hd {
-                    out[i * qd + head * hd + d] =
-                        (0..n_kv).map(|j| e[j] / z * v[j * kd + kvh * hd + d]).sum();
+                    out[i * qd + head * hd + d] = (0..n_kv).map(|j| e[j] / z * v[j * kd + kvh * hd + d]).sum();
                 }
             }
         }
@@ -215,9 +212,8 @@ mod tests {
         let q: Vec<f32> = (0..n_q * qd).map(f).collect();
         let k: Vec<f32> = (0..n_kv * kd).map(|i| f(i + 3)).collect();
         let v: Vec<f32> = (0..n_kv * kd).map(|i| f(i + 11)).collect();
-        let bias: Vec<f32> = (0..n_q * n_kv)
-            .map(|i| if (i * 31) % 7 == 3 && i % n_kv != 0 { f32::NEG_INFINITY } else { 0.0 })
-            .collect();
+        let bias: Vec<f32> =
+            (0..n_q * n_kv).map(|i| if (i * 31) % 7 == 3 && i % n_kv != 0 { f32::NEG_INFINITY } else { 0.0 }).collect();
         let mut out = vec![0f32; n_q * qd];
         attend(h, &q, &k, &v, &bias, &mut out);
         let want = naive(h, &q, &k, &v, &bias);

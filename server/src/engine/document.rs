@@ -338,10 +338,29 @@ pub(crate) mod tests {
         let mut vocab: Vec<String> = vec!["<|endoftext|>".into()];
         vocab.extend((0..=255u8).map(|b| byte_char(b).to_string()));
         let pairs = [
-            ("  ", " "), ("   ", " "), ("\n", " "), ("\n ", " "), ("\n  ", " "), ("\n   ", " "),
-            ("d", "e"), ("de", "f"), (" ", "x"), ("r", "e"), ("re", "t"), ("ret", "urn"), ("u", "r"),
-            ("ur", "n"), ("f", "o"), ("fo", "o"), (")", ":"), ("\n", "\n"), ("\r", "\n"), (" ", "="),
-            ("i", "f"), (" ", "foo"), ("é", "é"),
+            ("  ", " "),
+            ("   ", " "),
+            ("\n", " "),
+            ("\n ", " "),
+            ("\n  ", " "),
+            ("\n   ", " "),
+            ("d", "e"),
+            ("de", "f"),
+            (" ", "x"),
+            ("r", "e"),
+            ("re", "t"),
+            ("ret", "urn"),
+            ("u", "r"),
+            ("ur", "n"),
+            ("f", "o"),
+            ("fo", "o"),
+            (")", ":"),
+            ("\n", "\n"),
+            ("\r", "\n"),
+            (" ", "="),
+            ("i", "f"),
+            (" ", "foo"),
+            ("é", "é"),
         ];
         let mut merges = Vec::new();
         for (a, b) in pairs {
@@ -404,8 +423,8 @@ pub(crate) mod tests {
     }
 
     const PIECES: &[&str] = &[
-        "def ", "foo", "(x)", ":", "\n", "\n    ", "    ", " ", "x", "return", " = ", "1", "42", "é", "😀",
-        "\r\n", "\t", "if ", "# note", "\n\n", "日本", "  ", "ret", ")", "\"s\"",
+        "def ", "foo", "(x)", ":", "\n", "\n    ", "    ", " ", "x", "return", " = ", "1", "42", "é", "😀", "\r\n",
+        "\t", "if ", "# note", "\n\n", "日本", "  ", "ret", ")", "\"s\"",
     ];
 
     fn random_text(rng: &mut Rng, pieces: usize) -> String {
@@ -428,9 +447,9 @@ pub(crate) mod tests {
             random_text(rng, n)
         };
         match rng.below(3) {
-            0 => text.insert_str(a, &insert),         // insertion
-            1 => text.replace_range(a..b, ""),        // deletion
-            _ => text.replace_range(a..b, &insert),   // replacement
+            0 => text.insert_str(a, &insert),       // insertion
+            1 => text.replace_range(a..b, ""),      // deletion
+            _ => text.replace_range(a..b, &insert), // replacement
         }
     }
 
@@ -474,12 +493,18 @@ pub(crate) mod tests {
                 assert_eq!(doc.tokens(), expect(&text).as_slice(), "seed {seed}: tokens");
                 assert_eq!(doc.text(), text);
                 if before > 0 {
-                    if upd.reused == 0 { full_recomputes += 1 } else { local_updates += 1 }
+                    if upd.reused == 0 {
+                        full_recomputes += 1
+                    } else {
+                        local_updates += 1
+                    }
                 }
                 // Random chunking: sometimes nothing, sometimes a bit, sometimes all.
                 match rng.below(3) {
                     0 => {}
-                    1 => { doc.prefill(&model, 1 + rng.below(9)).unwrap(); }
+                    1 => {
+                        doc.prefill(&model, 1 + rng.below(9)).unwrap();
+                    }
                     _ => while doc.prefill(&model, 1 + rng.below(30)).unwrap() > 0 {},
                 }
                 random_edit(&mut text, &mut rng);
@@ -536,23 +561,56 @@ pub(crate) mod tests {
         };
         let stats = live(&doc);
         let mut stop = |_: &str| false;
-        let g = generate(&model, &tok, &mut doc, GenerateParams {
-            max_tokens: 12, forced_prefix: b"", extra_prompt: &[], chunk: 8, stop: &mut stop, cancelled: &|| false,
-        }).unwrap();
+        let g = generate(
+            &model,
+            &tok,
+            &mut doc,
+            GenerateParams {
+                max_tokens: 12,
+                forced_prefix: b"",
+                extra_prompt: &[],
+                chunk: 8,
+                stop: &mut stop,
+                cancelled: &|| false,
+            },
+        )
+        .unwrap();
         assert_eq!(g.tokens, 12);
         assert_eq!(live(&doc), stats);
         let after = doc.logits(&model, 8, &|| false).unwrap().unwrap();
         assert_eq!(before, after);
         // Healing: the output must start with the forced bytes, which are stripped.
         let mut stop = |_: &str| false;
-        let g = generate(&model, &tok, &mut doc, GenerateParams {
-            max_tokens: 6, forced_prefix: b"fo", extra_prompt: &[], chunk: 8, stop: &mut stop, cancelled: &|| false,
-        }).unwrap();
+        let g = generate(
+            &model,
+            &tok,
+            &mut doc,
+            GenerateParams {
+                max_tokens: 6,
+                forced_prefix: b"fo",
+                extra_prompt: &[],
+                chunk: 8,
+                stop: &mut stop,
+                cancelled: &|| false,
+            },
+        )
+        .unwrap();
         assert!(g.stop == crate::engine::generate::StopReason::MaxTokens);
         let mut again = |_: &str| false;
-        let plain = generate(&model, &tok, &mut doc, GenerateParams {
-            max_tokens: 0, forced_prefix: b"", extra_prompt: &[], chunk: 8, stop: &mut again, cancelled: &|| false,
-        }).unwrap();
+        let plain = generate(
+            &model,
+            &tok,
+            &mut doc,
+            GenerateParams {
+                max_tokens: 0,
+                forced_prefix: b"",
+                extra_prompt: &[],
+                chunk: 8,
+                stop: &mut again,
+                cancelled: &|| false,
+            },
+        )
+        .unwrap();
         assert_eq!(plain.tokens, 0);
         assert_eq!(live(&doc), stats);
         let _ = g;

@@ -85,14 +85,7 @@ pub fn generate(model: &Llama, tok: &Tokenizer, doc: &mut DocumentCache, p: Gene
     doc.kv_mut().truncate(doc_len);
     let (bytes, tokens, stop) = result?;
     let text = String::from_utf8_lossy(valid_utf8_prefix(&bytes)).into_owned();
-    Ok(Generation {
-        text,
-        tokens,
-        stop,
-        prefilled: pending,
-        prefill_time,
-        decode_time: t0.elapsed() - prefill_time,
-    })
+    Ok(Generation { text, tokens, stop, prefilled: pending, prefill_time, decode_time: t0.elapsed() - prefill_time })
 }
 
 fn decode(

@@ -96,12 +96,12 @@ impl KvCache {
     /// The rule compaction evicts by: the group's own, widened by the slack.
     fn eviction_rule(&self, rule: LayerAttention) -> LayerAttention {
         match rule {
-            LayerAttention::Anchor { recent_lines } if recent_lines > 0 => LayerAttention::Anchor {
-                recent_lines: recent_lines + self.slack_lines,
-            },
-            LayerAttention::Window { window_tokens } => LayerAttention::Window {
-                window_tokens: window_tokens + 16 * self.slack_lines,
-            },
+            LayerAttention::Anchor { recent_lines } if recent_lines > 0 => {
+                LayerAttention::Anchor { recent_lines: recent_lines + self.slack_lines }
+            }
+            LayerAttention::Window { window_tokens } => {
+                LayerAttention::Window { window_tokens: window_tokens + 16 * self.slack_lines }
+            }
             other => other,
         }
     }
@@ -207,9 +207,10 @@ impl KvCache {
             return pos.min(self.lines.len());
         }
         let sinks = self.policy.sink_tokens;
-        let ok = self.groups.iter().all(|g| {
-            g.evicted_upto == 0 || g.rule.needs_from(sinks, pos, &self.lines) >= g.evicted_upto
-        });
+        let ok = self
+            .groups
+            .iter()
+            .all(|g| g.evicted_upto == 0 || g.rule.needs_from(sinks, pos, &self.lines) >= g.evicted_upto);
         if ok {
             pos
         } else {
@@ -246,8 +247,7 @@ impl KvCache {
         let Some(last) = self.lines.last() else { return };
         let (next, next_line) = (self.lines.len(), last.next_line());
         let sinks = self.policy.sink_tokens;
-        let rules: Vec<LayerAttention> =
-            self.groups.iter().map(|g| self.eviction_rule(g.rule)).collect();
+        let rules: Vec<LayerAttention> = self.groups.iter().map(|g| self.eviction_rule(g.rule)).collect();
         for (gi, g) in self.groups.iter_mut().enumerate() {
             if !g.rule.is_sparse() {
                 continue;
@@ -281,8 +281,7 @@ impl KvCache {
     /// Memory and size figures.
     pub fn stats(&self) -> KvStats {
         let f = std::mem::size_of::<f32>();
-        let kept_entries: usize =
-            self.layers.iter().map(|l| self.groups[l.group].positions.len()).sum();
+        let kept_entries: usize = self.layers.iter().map(|l| self.groups[l.group].positions.len()).sum();
         KvStats {
             tokens: self.lines.len(),
             anchors: self.lines.iter().filter(|t| t.anchor).count(),
@@ -291,7 +290,6 @@ impl KvCache {
             allocated_bytes: self.layers.iter().map(|l| (l.k.capacity() + l.v.capacity()) * f).sum(),
         }
     }
-
 }
 
 /// Spare rows an idle cache keeps per buffer ([`KvCache::compact_idle`]).
@@ -337,19 +335,14 @@ mod tests {
     fn fill(cache: &mut KvCache, anchors: &[bool], n_layers: usize) {
         let start = cache.begin_chunk(anchors);
         for l in 0..n_layers {
-            let rows: Vec<f32> = (0..anchors.len())
-                .flat_map(|i| [(start + i) as f32, l as f32])
-                .collect();
+            let rows: Vec<f32> = (0..anchors.len()).flat_map(|i| [(start + i) as f32, l as f32]).collect();
             cache.append(l, &rows, &rows);
         }
     }
 
     #[test]
     fn compaction_keeps_rows_aligned_with_positions() {
-        let policy = AttentionPolicy {
-            kind: PolicyKind::Anchor { recent_lines: 0, dense_every: 2 },
-            sink_tokens: 1,
-        };
+        let policy = AttentionPolicy { kind: PolicyKind::Anchor { recent_lines: 0, dense_every: 2 }, sink_tokens: 1 };
         let mut c = KvCache::new(policy, 4, 2);
         let anchors: Vec<bool> = (0..200).map(|i| i % 5 == 4).collect();
         fill(&mut c, &anchors, 4);
@@ -421,10 +414,7 @@ mod tests {
 
     #[test]
     fn truncate_and_reusable_prefix() {
-        let policy = AttentionPolicy {
-            kind: PolicyKind::Anchor { recent_lines: 1, dense_every: 0 },
-            sink_tokens: 1,
-        };
+        let policy = AttentionPolicy { kind: PolicyKind::Anchor { recent_lines: 1, dense_every: 0 }, sink_tokens: 1 };
         let mut c = KvCache::new(policy, 2, 2);
         let anchors: Vec<bool> = (0..100).map(|i| i % 10 == 9).collect();
         fill(&mut c, &anchors, 2);

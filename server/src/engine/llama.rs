@@ -213,9 +213,7 @@ impl Llama {
         let lin: usize = self
             .blocks
             .iter()
-            .map(|b| {
-                [&b.wq, &b.wk, &b.wv, &b.wo, &b.gate, &b.up, &b.down].iter().map(|l| l.bytes()).sum::<usize>()
-            })
+            .map(|b| [&b.wq, &b.wk, &b.wv, &b.wo, &b.gate, &b.up, &b.down].iter().map(|l| l.bytes()).sum::<usize>())
             .sum();
         lin + self.embed.bytes() + self.output.as_ref().map_or(0, |o| o.bytes())
     }
@@ -233,8 +231,8 @@ impl Llama {
 
     /// Load a GGUF file with a LoRA adapter merged into its weights.
     pub fn from_gguf_with(path: &Path, adapter: Option<&Adapter>) -> Result<(Llama, gguf_file::Content)> {
-        let mut file = std::fs::File::open(path)
-            .with_context(|| format!("cannot open model file {}", path.display()))?;
+        let mut file =
+            std::fs::File::open(path).with_context(|| format!("cannot open model file {}", path.display()))?;
         let content = gguf_file::Content::read(&mut file).map_err(|e| {
             anyhow!("{} is not a valid GGUF file ({e}); re-download it or pass another --model", path.display())
         })?;
@@ -322,15 +320,15 @@ impl Llama {
         };
         if let Some(a) = adapter {
             if let Some(missing) = a.targets().find(|t| !content.tensor_infos.contains_key(&format!("{t}.weight"))) {
-                bail!("the adapter changes `{missing}`, which {} does not have: it was trained for another model", path.display());
+                bail!(
+                    "the adapter changes `{missing}`, which {} does not have: it was trained for another model",
+                    path.display()
+                );
             }
         }
         let embed = linear("token_embd", &mut file)?;
-        let output = if content.tensor_infos.contains_key("output.weight") {
-            Some(linear("output", &mut file)?)
-        } else {
-            None
-        };
+        let output =
+            if content.tensor_infos.contains_key("output.weight") { Some(linear("output", &mut file)?) } else { None };
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for l in 0..cfg.n_layers {
             let p = format!("blk.{l}");
@@ -418,9 +416,8 @@ impl Llama {
             bail!("{}: no *.safetensors files", dir.display());
         }
         // SAFETY: the files are mapped read-only and not modified while loaded.
-        let vb = unsafe {
-            candle_nn::VarBuilder::from_mmaped_safetensors(&files, candle_core::DType::F32, &Device::Cpu)?
-        };
+        let vb =
+            unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&files, candle_core::DType::F32, &Device::Cpu)? };
         let tensor = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
             let t = vb.get(shape, name).with_context(|| format!("{}: tensor `{name}`", dir.display()))?;
             Ok(t.flatten_all()?.to_vec1::<f32>()?)
@@ -497,7 +494,13 @@ impl Llama {
         Llama::assemble(cfg, embed, blocks, vec![1.0; h], None)
     }
 
-    fn assemble(cfg: LlamaConfig, embed: Linear, blocks: Vec<Block>, norm: Vec<f32>, output: Option<Linear>) -> Result<Llama> {
+    fn assemble(
+        cfg: LlamaConfig,
+        embed: Linear,
+        blocks: Vec<Block>,
+        norm: Vec<f32>,
+        output: Option<Linear>,
+    ) -> Result<Llama> {
         let (qd, kvd) = (cfg.n_heads * cfg.head_dim, cfg.kv_dim());
         for (l, b) in blocks.iter().enumerate() {
             let shapes = [
@@ -780,10 +783,12 @@ pub(crate) mod tests {
         for text in prompts {
             let tokens = tok.encode(text).unwrap();
             let anchors = vec![false; tokens.len()];
-            let logits =
-                |m: &Llama| m.forward(&tokens, &anchors, &mut m.new_cache(AttentionPolicy::full()), Logits::Last).unwrap();
+            let logits = |m: &Llama| {
+                m.forward(&tokens, &anchors, &mut m.new_cache(AttentionPolicy::full()), Logits::Last).unwrap()
+            };
             let (want, got, old) = (logits(&exact), logits(&native), logits(&requant));
-            let rms = |a: &[f32]| (a.iter().zip(&want).map(|(x, y)| (x - y) * (x - y)).sum::<f32>() / a.len() as f32).sqrt();
+            let rms =
+                |a: &[f32]| (a.iter().zip(&want).map(|(x, y)| (x - y) * (x - y)).sum::<f32>() / a.len() as f32).sqrt();
             let argmax = |a: &[f32]| a.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).unwrap().0;
             eprintln!(
                 "logits vs f32 weights: native rms {:.4} max {:.4}; Q8_0 requant rms {:.4} max {:.4} ({text:?})",

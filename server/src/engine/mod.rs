@@ -93,9 +93,8 @@ mod tests {
     use crate::engine::policy::{AttentionPolicy, PolicyKind};
 
     fn default_model() -> PathBuf {
-        let p = std::env::var_os("ANCHORCODER_MODEL")
-            .map(PathBuf::from)
-            .unwrap_or_else(crate::models::default_model_path);
+        let p =
+            std::env::var_os("ANCHORCODER_MODEL").map(PathBuf::from).unwrap_or_else(crate::models::default_model_path);
         assert!(p.exists(), "{} is missing: run `anchorcoder model pull` (or set ANCHORCODER_MODEL)", p.display());
         p
     }
@@ -104,9 +103,19 @@ mod tests {
         let mut doc = DocumentCache::new(&engine.model, policy);
         doc.set_text(&engine.tokenizer, prompt).unwrap();
         let mut stop = |t: &str| t.contains("\n\n");
-        generate(&engine.model, &engine.tokenizer, &mut doc, GenerateParams {
-            max_tokens, forced_prefix: b"", extra_prompt: &[], chunk: 256, stop: &mut stop, cancelled: &|| false,
-        })
+        generate(
+            &engine.model,
+            &engine.tokenizer,
+            &mut doc,
+            GenerateParams {
+                max_tokens,
+                forced_prefix: b"",
+                extra_prompt: &[],
+                chunk: 256,
+                stop: &mut stop,
+                cancelled: &|| false,
+            },
+        )
         .unwrap()
         .text
     }

@@ -66,9 +66,7 @@ impl LayerAttention {
             LayerAttention::Anchor { recent_lines } => {
                 k < sinks as usize || kl.anchor || ql.line - kl.line <= recent_lines
             }
-            LayerAttention::Window { window_tokens } => {
-                k < sinks as usize || q - k < window_tokens as usize
-            }
+            LayerAttention::Window { window_tokens } => k < sinks as usize || q - k < window_tokens as usize,
         }
     }
 
@@ -81,9 +79,7 @@ impl LayerAttention {
         }
         match self {
             LayerAttention::Dense => false,
-            LayerAttention::Anchor { recent_lines } => {
-                !kl.anchor && next_line - kl.line > recent_lines
-            }
+            LayerAttention::Anchor { recent_lines } => !kl.anchor && next_line - kl.line > recent_lines,
             LayerAttention::Window { window_tokens } => next - k >= window_tokens as usize,
         }
     }
@@ -98,9 +94,7 @@ impl LayerAttention {
                 // Lines are non-decreasing: find the first token of `first_line`.
                 lines[..=q].partition_point(|t| t.line < first_line)
             }
-            LayerAttention::Window { window_tokens } => {
-                (q + 1).saturating_sub(window_tokens as usize)
-            }
+            LayerAttention::Window { window_tokens } => (q + 1).saturating_sub(window_tokens as usize),
         }
         .max(sinks as usize)
         .min(q)
@@ -138,10 +132,7 @@ impl AttentionPolicy {
     /// dense layers (what the benchmarks and tests call "anchor"). Not the
     /// server's default policy: that is `config::AttentionConfig::default()`.
     pub fn standard_anchor() -> Self {
-        AttentionPolicy {
-            kind: PolicyKind::Anchor { recent_lines: 8, dense_every: 0 },
-            sink_tokens: 4,
-        }
+        AttentionPolicy { kind: PolicyKind::Anchor { recent_lines: 8, dense_every: 0 }, sink_tokens: 4 }
     }
 
     /// Full causal attention (no sinks needed).
@@ -192,11 +183,7 @@ impl AttentionPolicy {
     pub fn mask(&self, layer: usize, lines: &[TokenLine]) -> Vec<Vec<bool>> {
         let rule = self.layer(layer);
         (0..lines.len())
-            .map(|q| {
-                (0..lines.len())
-                    .map(|k| rule.allows(self.sink_tokens, q, lines[q], k, lines[k]))
-                    .collect()
-            })
+            .map(|q| (0..lines.len()).map(|k| rule.allows(self.sink_tokens, q, lines[q], k, lines[k])).collect())
             .collect()
     }
 
@@ -204,10 +191,9 @@ impl AttentionPolicy {
     pub fn describe(&self) -> String {
         match self.kind {
             PolicyKind::Full => "full".to_string(),
-            PolicyKind::Anchor { recent_lines, dense_every } => format!(
-                "anchor(R={recent_lines}, S={}, dense_every={dense_every})",
-                self.sink_tokens
-            ),
+            PolicyKind::Anchor { recent_lines, dense_every } => {
+                format!("anchor(R={recent_lines}, S={}, dense_every={dense_every})", self.sink_tokens)
+            }
             PolicyKind::Window { window_tokens } => {
                 format!("window(W={window_tokens}, S={})", self.sink_tokens)
             }
@@ -218,9 +204,7 @@ impl AttentionPolicy {
     pub fn to_json(&self) -> serde_json::Value {
         let (name, r, d, w) = match self.kind {
             PolicyKind::Full => ("full", None, None, None),
-            PolicyKind::Anchor { recent_lines, dense_every } => {
-                ("anchor", Some(recent_lines), Some(dense_every), None)
-            }
+            PolicyKind::Anchor { recent_lines, dense_every } => ("anchor", Some(recent_lines), Some(dense_every), None),
             PolicyKind::Window { window_tokens } => ("window", None, None, Some(window_tokens)),
         };
         serde_json::json!({
@@ -250,10 +234,7 @@ mod tests {
     fn anchor_mask_r0_sees_sinks_anchors_and_own_line() {
         // Tokens: 0 1 | 2 3 4\n | 5 6\n | 7 8
         let l = lines(&[0, 0, 0, 0, 1, 0, 1, 0, 0]);
-        let p = AttentionPolicy {
-            kind: PolicyKind::Anchor { recent_lines: 0, dense_every: 0 },
-            sink_tokens: 1,
-        };
+        let p = AttentionPolicy { kind: PolicyKind::Anchor { recent_lines: 0, dense_every: 0 }, sink_tokens: 1 };
         let m = p.mask(1, &l);
         let row: Vec<usize> = (0..9).filter(|&k| m[8][k]).collect();
         // sink 0, anchors 4 and 6, own line 7 8.
@@ -266,10 +247,7 @@ mod tests {
     #[test]
     fn recent_lines_widen_the_view() {
         let l = lines(&[0, 1, 0, 1, 0, 1, 0]);
-        let p = AttentionPolicy {
-            kind: PolicyKind::Anchor { recent_lines: 1, dense_every: 0 },
-            sink_tokens: 0,
-        };
+        let p = AttentionPolicy { kind: PolicyKind::Anchor { recent_lines: 1, dense_every: 0 }, sink_tokens: 0 };
         let m = p.mask(0, &l);
         let row: Vec<usize> = (0..7).filter(|&k| m[6][k]).collect();
         assert_eq!(row, vec![1, 3, 4, 5, 6]);
@@ -277,12 +255,8 @@ mod tests {
 
     #[test]
     fn dense_every_makes_layers_dense() {
-        let p = AttentionPolicy {
-            kind: PolicyKind::Anchor { recent_lines: 0, dense_every: 4 },
-            sink_tokens: 4,
-        };
-        let dense: Vec<usize> =
-            (0..10).filter(|&l| p.layer(l) == LayerAttention::Dense).collect();
+        let p = AttentionPolicy { kind: PolicyKind::Anchor { recent_lines: 0, dense_every: 4 }, sink_tokens: 4 };
+        let dense: Vec<usize> = (0..10).filter(|&l| p.layer(l) == LayerAttention::Dense).collect();
         assert_eq!(dense, vec![0, 4, 8]);
     }
 
@@ -310,10 +284,7 @@ mod tests {
     fn anchor_eviction_never_drops_what_a_later_token_needs() {
         let l = lines(&[0, 1, 0, 0, 1, 0, 1, 1, 0, 0, 0, 1, 0, 0]);
         for r in 0..3 {
-            let p = AttentionPolicy {
-                kind: PolicyKind::Anchor { recent_lines: r, dense_every: 0 },
-                sink_tokens: 1,
-            };
+            let p = AttentionPolicy { kind: PolicyKind::Anchor { recent_lines: r, dense_every: 0 }, sink_tokens: 1 };
             let m = p.mask(0, &l);
             let rule = p.layer(0);
             for next in 1..l.len() {

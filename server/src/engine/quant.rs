@@ -85,7 +85,11 @@ impl QMatrix {
         }
         let nb = k / QK;
         if raw.len() != n * nb * format.block_bytes() {
-            bail!("{format:?} data of {} bytes for a {n}×{k} matrix (expected {})", raw.len(), n * nb * format.block_bytes());
+            bail!(
+                "{format:?} data of {} bytes for a {n}×{k} matrix (expected {})",
+                raw.len(),
+                n * nb * format.block_bytes()
+            );
         }
         let half = |b: &[u8], o: usize| f16::from_le_bytes([b[o], b[o + 1]]);
         let mut w = QMatrix::zeros(format, n, k);
@@ -257,7 +261,11 @@ impl QActs {
     /// Quantize `x` (`rows × k`, row-major; `k` a multiple of 32), rows split
     /// over the worker pool when there are many.
     pub fn quantize(x: &[f32], k: usize) -> QActs {
-        assert!(k > 0 && k.is_multiple_of(QK) && x.len().is_multiple_of(k), "activations of {} values in rows of {k}", x.len());
+        assert!(
+            k > 0 && k.is_multiple_of(QK) && x.len().is_multiple_of(k),
+            "activations of {} values in rows of {k}",
+            x.len()
+        );
         let (rows, nb) = (x.len() / k, k / QK);
         let mut a = QActs { rows, k, nb, qs: vec![0; rows * k], d: vec![0.0; rows * nb], s: vec![0.0; rows * nb] };
         let ptrs = (a.qs.as_mut_ptr() as usize, a.d.as_mut_ptr() as usize, a.s.as_mut_ptr() as usize);
@@ -320,7 +328,8 @@ impl Kernel {
     pub fn available(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
-            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
+            let avx2 =
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
             match self {
                 Kernel::Scalar => true,
                 Kernel::Avx2 => avx2,
@@ -754,7 +763,10 @@ mod tests {
                     let got = matmul_with(kernel, &[&w, &w], &a);
                     assert_eq!(got.len(), 2);
                     for (i, (g, r)) in got[0].iter().zip(&reference).enumerate() {
-                        assert!((g - r).abs() <= 1e-4 * (1.0 + r.abs()), "{kernel:?} {format:?} ({m},{n},{k}) [{i}]: {g} vs {r}");
+                        assert!(
+                            (g - r).abs() <= 1e-4 * (1.0 + r.abs()),
+                            "{kernel:?} {format:?} ({m},{n},{k}) [{i}]: {g} vs {r}"
+                        );
                     }
                     assert_eq!(got[0], got[1]);
                 }
@@ -768,7 +780,10 @@ mod tests {
                         let mag: f32 = (0..k).map(|j| (wf[r * k + j] * xf[i * k + j]).abs()).sum();
                         let bound: f32 = (0..k).map(|j| wf[r * k + j].abs()).sum::<f32>() / 254.0;
                         let got = reference[i * n + r];
-                        assert!((got - same).abs() <= 1e-5 * mag + 1e-6, "{format:?} ({m},{n},{k}) [{i},{r}]: {got} vs {same}");
+                        assert!(
+                            (got - same).abs() <= 1e-5 * mag + 1e-6,
+                            "{format:?} ({m},{n},{k}) [{i},{r}]: {got} vs {same}"
+                        );
                         assert!((got - exact).abs() <= bound, "{format:?} ({m},{n},{k}) [{i},{r}]: {got} vs {exact}");
                     }
                 }

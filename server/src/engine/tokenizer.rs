@@ -149,13 +149,7 @@ const REGEX_QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'
 const REGEX_QWEN35: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const REGEX_GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
 /// Applied one after the other, each splitting the pieces of the one before.
-const REGEXES_DEEPSEEK_CODER: &[&str] = &[
-    r"[\r\n]",
-    r"\s?\p{L}+",
-    r"\s?\p{P}+",
-    r"[一-龥ࠀ-一가-퟿]+",
-    r"\p{N}",
-];
+const REGEXES_DEEPSEEK_CODER: &[&str] = &[r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", r"[一-龥ࠀ-一가-퟿]+", r"\p{N}"];
 /// Letters that Unicode normalization would change (e.g. U+1F7D → U+03CE) are written as
 /// `\x{…}` so that no editor can turn a range of llama.cpp's into an empty one.
 const REGEXES_DEEPSEEK_LLM: &[&str] = &[
@@ -169,16 +163,8 @@ const REGEXES_DEEPSEEK_LLM: &[&str] = &[
 const REGEXES_FALCON: &[&str] = &[r"[\p{P}\$\+<=>\^~\|`]+", REGEX_GPT2, r"[0-9][0-9][0-9]"];
 
 /// `tokenizer.ggml.pre` values grouped by llama.cpp's pre-tokenizer type.
-const PRE_SMOLLM: &[&str] = &[
-    "smollm",
-    "starcoder",
-    "refact",
-    "command-r",
-    "codeshell",
-    "exaone",
-    "minerva-7b",
-    "mellum2",
-];
+const PRE_SMOLLM: &[&str] =
+    &["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b", "mellum2"];
 const PRE_GPT2: &[&str] = &[
     "gpt-2",
     "phi-2",
@@ -200,29 +186,12 @@ const PRE_GPT2: &[&str] = &[
     "granite-docling",
     "exaone4",
 ];
-const PRE_LLAMA3: &[&str] = &[
-    "llama3",
-    "llama-v3",
-    "llama-bpe",
-    "falcon3",
-    "falcon-h1",
-    "pixtral",
-    "midm-2.0",
-    "lfm2",
-    "jina-v5-nano",
-];
+const PRE_LLAMA3: &[&str] =
+    &["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano"];
 const PRE_LLAMA3_KEEP_MERGES: &[&str] = &["dbrx", "smaug-bpe", "chatglm-bpe"];
 const PRE_GLM4: &[&str] = &["glm4", "glm5"];
-const PRE_QWEN2: &[&str] = &[
-    "qwen2",
-    "deepseek-r1-qwen",
-    "kormo",
-    "f2llmv2",
-    "megrez",
-    "stablelm2",
-    "hunyuan",
-    "solar-open",
-];
+const PRE_QWEN2: &[&str] =
+    &["qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2", "hunyuan", "solar-open"];
 const PRE_QWEN35: &[&str] = &["qwen35"];
 const PRE_DEEPSEEK_CODER: &[&str] = &["deepseek-coder"];
 const PRE_DEEPSEEK_LLM: &[&str] = &["deepseek-llm"];
@@ -245,13 +214,9 @@ fn splits_then_bytes(regexes: &[&str]) -> Result<PreTokenizerWrapper> {
     let mut steps: Vec<PreTokenizerWrapper> = regexes
         .iter()
         .map(|regex| {
-            Split::new(
-                SplitPattern::Regex(regex.to_string()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )
-            .map(Into::into)
-            .map_err(|e| anyhow!("cannot compile pre-tokenizer regex {regex}: {e}"))
+            Split::new(SplitPattern::Regex(regex.to_string()), SplitDelimiterBehavior::Isolated, false)
+                .map(Into::into)
+                .map_err(|e| anyhow!("cannot compile pre-tokenizer regex {regex}: {e}"))
         })
         .collect::<Result<_>>()?;
     steps.push(ByteLevel::new(false, false, false).into());
@@ -264,50 +229,23 @@ fn pre_spec(pre: &str) -> Result<PreSpec> {
     let spec = if is(PRE_SMOLLM) {
         // llama.cpp: "\p{N}" then the GPT-2 regex.
         PreSpec {
-            pre_tokenizer: Sequence::new(vec![
-                Digits::new(true).into(),
-                ByteLevel::new(false, false, true).into(),
-            ])
-            .into(),
+            pre_tokenizer: Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, false, true).into()])
+                .into(),
             ignore_merges: false,
             add_bos: false,
         }
     } else if is(PRE_GPT2) {
-        PreSpec {
-            pre_tokenizer: ByteLevel::new(false, false, true).into(),
-            ignore_merges: false,
-            add_bos: false,
-        }
+        PreSpec { pre_tokenizer: ByteLevel::new(false, false, true).into(), ignore_merges: false, add_bos: false }
     } else if is(PRE_LLAMA3) {
-        PreSpec {
-            pre_tokenizer: split_then_bytes(REGEX_LLAMA3)?,
-            ignore_merges: true,
-            add_bos: true,
-        }
+        PreSpec { pre_tokenizer: split_then_bytes(REGEX_LLAMA3)?, ignore_merges: true, add_bos: true }
     } else if is(PRE_LLAMA3_KEEP_MERGES) {
-        PreSpec {
-            pre_tokenizer: split_then_bytes(REGEX_LLAMA3)?,
-            ignore_merges: false,
-            add_bos: false,
-        }
+        PreSpec { pre_tokenizer: split_then_bytes(REGEX_LLAMA3)?, ignore_merges: false, add_bos: false }
     } else if is(PRE_GLM4) {
-        PreSpec {
-            pre_tokenizer: split_then_bytes(REGEX_LLAMA3)?,
-            ignore_merges: true,
-            add_bos: false,
-        }
+        PreSpec { pre_tokenizer: split_then_bytes(REGEX_LLAMA3)?, ignore_merges: true, add_bos: false }
     } else if is(PRE_QWEN2) {
-        PreSpec {
-            pre_tokenizer: split_then_bytes(REGEX_QWEN2)?,
-            ignore_merges: false,
-            add_bos: false,
-        }
+        PreSpec { pre_tokenizer: split_then_bytes(REGEX_QWEN2)?, ignore_merges: false, add_bos: false }
     } else if is(PRE_QWEN35) {
-        PreSpec {
-            pre_tokenizer: split_then_bytes(REGEX_QWEN35)?,
-            ignore_merges: false,
-            add_bos: false,
-        }
+        PreSpec { pre_tokenizer: split_then_bytes(REGEX_QWEN35)?, ignore_merges: false, add_bos: false }
     } else if is(PRE_DEEPSEEK_CODER) || is(PRE_DEEPSEEK_LLM) || is(PRE_FALCON) {
         let regexes = if is(PRE_DEEPSEEK_CODER) {
             REGEXES_DEEPSEEK_CODER
@@ -316,11 +254,7 @@ fn pre_spec(pre: &str) -> Result<PreSpec> {
         } else {
             REGEXES_FALCON
         };
-        PreSpec {
-            pre_tokenizer: splits_then_bytes(regexes)?,
-            ignore_merges: false,
-            add_bos: false,
-        }
+        PreSpec { pre_tokenizer: splits_then_bytes(regexes)?, ignore_merges: false, add_bos: false }
     } else {
         bail!(
             "unsupported GGUF pre-tokenizer `tokenizer.ggml.pre` = `{pre}`; AnchorCoder can \
@@ -351,10 +285,7 @@ pub fn supported_pre_values() -> Vec<&'static str> {
 
 /// GPT-2's byte → printable char table, inverted (char → byte).
 fn byte_level_char_to_byte() -> HashMap<char, u8> {
-    let mut printable: Vec<u32> = (u32::from(b'!')..=u32::from(b'~'))
-        .chain(0xA1..=0xAC)
-        .chain(0xAE..=0xFF)
-        .collect();
+    let mut printable: Vec<u32> = (u32::from(b'!')..=u32::from(b'~')).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
     let mut chars: Vec<u32> = printable.clone();
     let mut n = 0;
     for b in 0..=255u32 {
@@ -364,11 +295,7 @@ fn byte_level_char_to_byte() -> HashMap<char, u8> {
             n += 1;
         }
     }
-    printable
-        .into_iter()
-        .zip(chars)
-        .map(|(b, c)| (char::from_u32(c).expect("valid char"), b as u8))
-        .collect()
+    printable.into_iter().zip(chars).map(|(b, c)| (char::from_u32(c).expect("valid char"), b as u8)).collect()
 }
 
 /// Bytes of a byte-level token string (chars outside the table keep their UTF-8 bytes).
@@ -474,43 +401,22 @@ struct Symbol {
 }
 
 impl Spm {
-    fn new(
-        tokens: Vec<String>,
-        scores: Vec<f32>,
-        mut user: Vec<u32>,
-        add_space_prefix: bool,
-    ) -> Spm {
-        let ids: HashMap<String, u32> = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
+    fn new(tokens: Vec<String>, scores: Vec<f32>, mut user: Vec<u32>, add_space_prefix: bool) -> Spm {
+        let ids: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let byte_ids = (0..=255u8)
             .map(|b| {
-                ids.get(format!("<0x{b:02X}>").as_str())
-                    .or_else(|| ids.get(std::str::from_utf8(&[b]).ok()?))
-                    .copied()
+                ids.get(format!("<0x{b:02X}>").as_str()).or_else(|| ids.get(std::str::from_utf8(&[b]).ok()?)).copied()
             })
             .collect();
         user.sort_by_key(|&id| std::cmp::Reverse(tokens[id as usize].len()));
-        Spm {
-            ids,
-            tokens,
-            scores,
-            byte_ids,
-            user,
-            add_space_prefix,
-        }
+        Spm { ids, tokens, scores, byte_ids, user, add_space_prefix }
     }
 
     /// llama.cpp's `tokenize(text, add_special = false, parse_special = false)`.
     fn encode(&self, text: &str) -> Result<Vec<u32>> {
         // Split out user-defined tokens: `Err(range)` is text, `Ok(id)` a token.
-        let mut parts: Vec<std::result::Result<u32, std::ops::Range<usize>>> = if text.is_empty() {
-            vec![]
-        } else {
-            vec![Err(0..text.len())]
-        };
+        let mut parts: Vec<std::result::Result<u32, std::ops::Range<usize>>> =
+            if text.is_empty() { vec![] } else { vec![Err(0..text.len())] };
         for &id in &self.user {
             let needle = self.tokens[id as usize].as_str();
             if !text.contains(needle) {
@@ -564,15 +470,8 @@ impl Spm {
 
     /// The merge loop over one escaped piece of text, appending its ids.
     fn merge(&self, text: &str, out: &mut Vec<u32>) -> Result<()> {
-        let mut symbols: Vec<Symbol> = text
-            .char_indices()
-            .map(|(start, c)| Symbol {
-                start,
-                len: c.len_utf8(),
-                prev: None,
-                next: None,
-            })
-            .collect();
+        let mut symbols: Vec<Symbol> =
+            text.char_indices().map(|(start, c)| Symbol { start, len: c.len_utf8(), prev: None, next: None }).collect();
         let n = symbols.len();
         for (i, s) in symbols.iter_mut().enumerate() {
             s.prev = i.checked_sub(1);
@@ -582,12 +481,7 @@ impl Spm {
         let bigram = |symbols: &[Symbol], left: Option<usize>, right: Option<usize>| {
             let (l, r) = (symbols[left?], symbols[right?]);
             let id = *self.ids.get(&text[l.start..r.start + r.len])?;
-            Some(Bigram {
-                score: self.scores[id as usize],
-                left: left?,
-                right: right?,
-                len: l.len + r.len,
-            })
+            Some(Bigram { score: self.scores[id as usize], left: left?, right: right?, len: l.len + r.len })
         };
         for i in 1..n {
             queue.extend(bigram(&symbols, Some(i - 1), Some(i)));
@@ -615,9 +509,7 @@ impl Spm {
                 None => {
                     for &b in piece.as_bytes() {
                         out.push(self.byte_ids[b as usize].with_context(|| {
-                            format!(
-                                "the vocabulary has no token for byte 0x{b:02X} (no <0x{b:02X}>)"
-                            )
+                            format!("the vocabulary has no token for byte 0x{b:02X} (no <0x{b:02X}>)")
                         })?);
                     }
                 }
@@ -683,10 +575,7 @@ fn meta_types(ct: &Content, n: usize) -> Result<Vec<u32>> {
         bail!("GGUF `tokenizer.ggml.token_type` is not an array");
     };
     if arr.len() != n {
-        bail!(
-            "GGUF `tokenizer.ggml.token_type` has {} entries but there are {n} tokens",
-            arr.len()
-        );
+        bail!("GGUF `tokenizer.ggml.token_type` has {} entries but there are {n} tokens", arr.len());
     }
     arr.iter()
         .map(|v| match v {
@@ -708,10 +597,7 @@ fn meta_scores(ct: &Content, n: usize) -> Result<Vec<f32>> {
         bail!("GGUF `tokenizer.ggml.scores` is not an array");
     };
     if arr.len() < n {
-        bail!(
-            "GGUF `tokenizer.ggml.scores` has {} entries but there are {n} tokens",
-            arr.len()
-        );
+        bail!("GGUF `tokenizer.ggml.scores` has {} entries but there are {n} tokens", arr.len());
     }
     arr[..n]
         .iter()
@@ -745,9 +631,7 @@ impl Tokenizer {
         };
         // Checked before the vocabulary is read, so an unknown pre-tokenizer fails fast.
         let spec = match encoding {
-            TokenEncoding::ByteLevel => Some(pre_spec(
-                meta_str(content, "tokenizer.ggml.pre").unwrap_or("default"),
-            )?),
+            TokenEncoding::ByteLevel => Some(pre_spec(meta_str(content, "tokenizer.ggml.pre").unwrap_or("default"))?),
             _ => None,
         };
 
@@ -772,49 +656,30 @@ impl Tokenizer {
             meta_u32(content, "tokenizer.ggml.fim_mid_token_id")
                 .or_else(|| meta_u32(content, "tokenizer.ggml.middle_token_id")),
         ) {
-            (Some(prefix), Some(suffix), Some(middle)) => Some(FimIds {
-                prefix,
-                suffix,
-                middle,
-            }),
+            (Some(prefix), Some(suffix), Some(middle)) => Some(FimIds { prefix, suffix, middle }),
             _ => match (
                 find_named(&lookup, FIM_PRE_NAMES),
                 find_named(&lookup, FIM_SUF_NAMES),
                 find_named(&lookup, FIM_MID_NAMES),
             ) {
-                (Some(prefix), Some(suffix), Some(middle)) => Some(FimIds {
-                    prefix,
-                    suffix,
-                    middle,
-                }),
+                (Some(prefix), Some(suffix), Some(middle)) => Some(FimIds { prefix, suffix, middle }),
                 _ => None,
             },
         }
-        .filter(|f| {
-            [f.prefix, f.suffix, f.middle]
-                .iter()
-                .all(|&id| (id as usize) < n)
-        });
+        .filter(|f| [f.prefix, f.suffix, f.middle].iter().all(|&id| (id as usize) < n));
 
         // llama.cpp's defaults when the keys are absent: SentencePiece BOS 1, EOS 2.
         let spm = encoding == TokenEncoding::SentencePiece;
         let eos_default = spm.then_some(2);
-        let mut eos: Vec<u32> = [
-            "tokenizer.ggml.eos_token_id",
-            "tokenizer.ggml.eot_token_id",
-            "tokenizer.ggml.eom_token_id",
-        ]
-        .iter()
-        .filter_map(|k| meta_u32(content, k))
-        .collect();
+        let mut eos: Vec<u32> =
+            ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"]
+                .iter()
+                .filter_map(|k| meta_u32(content, k))
+                .collect();
         if !content.metadata.contains_key("tokenizer.ggml.eos_token_id") {
             eos.extend(eos_default);
         }
-        eos.extend(
-            EOG_NAMES
-                .iter()
-                .filter_map(|name| lookup.get(name).copied()),
-        );
+        eos.extend(EOG_NAMES.iter().filter_map(|name| lookup.get(name).copied()));
         // `</s>` ends generation and is a control token even where the GGUF calls it
         // user-defined (Phi-3), except in vocabularies where it is normal text (Gemma 4, PLaMo),
         // as in llama.cpp.
@@ -846,8 +711,7 @@ impl Tokenizer {
         let mut offsets = Vec::with_capacity(n + 1);
         offsets.push(0u32);
         for (i, (tok, &ty)) in tokens.iter().zip(&types).enumerate() {
-            let control =
-                forced_control[i] || matches!(ty, TYPE_CONTROL | TYPE_UNKNOWN | TYPE_UNUSED);
+            let control = forced_control[i] || matches!(ty, TYPE_CONTROL | TYPE_UNKNOWN | TYPE_UNUSED);
             if control {
                 special[i] = true;
                 if ty != TYPE_UNUSED {
@@ -875,12 +739,9 @@ impl Tokenizer {
             offsets.push(u32::try_from(bytes.len()).context("token byte table exceeds 4 GiB")?);
         }
 
-        let bos = meta_u32(content, "tokenizer.ggml.bos_token_id")
-            .or(spm.then_some(1))
-            .filter(|&id| (id as usize) < n);
+        let bos = meta_u32(content, "tokenizer.ggml.bos_token_id").or(spm.then_some(1)).filter(|&id| (id as usize) < n);
         let add_bos_default = spec.as_ref().is_none_or(|s| s.add_bos);
-        let add_bos = meta_bool(content, "tokenizer.ggml.add_bos_token").unwrap_or(add_bos_default)
-            && bos.is_some();
+        let add_bos = meta_bool(content, "tokenizer.ggml.add_bos_token").unwrap_or(add_bos_default) && bos.is_some();
 
         let model = match spec {
             Some(spec) => {
@@ -893,11 +754,7 @@ impl Tokenizer {
                             .with_context(|| format!("GGUF merge {i} `{m}` has no space"))
                     })
                     .collect::<Result<_>>()?;
-                let vocab: Vocab = tokens
-                    .iter()
-                    .enumerate()
-                    .map(|(i, t)| (t.clone(), i as u32))
-                    .collect();
+                let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
                 let bpe = BPE::builder()
                     .vocab_and_merges(vocab, merges)
                     .ignore_merges(spec.ignore_merges)
@@ -915,27 +772,14 @@ impl Tokenizer {
             }
             None => {
                 let scores = meta_scores(content, n)?;
-                let user: Vec<u32> = user_tokens
-                    .iter()
-                    .filter_map(|t| lookup.get(t.content.as_str()).copied())
-                    .collect();
-                let add_space_prefix =
-                    meta_bool(content, "tokenizer.ggml.add_space_prefix").unwrap_or(true);
+                let user: Vec<u32> =
+                    user_tokens.iter().filter_map(|t| lookup.get(t.content.as_str()).copied()).collect();
+                let add_space_prefix = meta_bool(content, "tokenizer.ggml.add_space_prefix").unwrap_or(true);
                 Model::Spm(Spm::new(tokens, scores, user, add_space_prefix))
             }
         };
 
-        Ok(Tokenizer {
-            model,
-            encoding,
-            bytes,
-            offsets,
-            special,
-            eos,
-            bos,
-            add_bos,
-            fim,
-        })
+        Ok(Tokenizer { model, encoding, bytes, offsets, special, eos, bos, add_bos, fim })
     }
 
     /// Load a Hugging Face `tokenizer.json`; `tokenizer_config.json` and `config.json` next to it,
@@ -945,18 +789,15 @@ impl Tokenizer {
     /// reproduce the document exactly, as llama.cpp does. SentencePiece-style tokenizers usually
     /// prepend a space to the text: the first token's bytes then start with that extra space.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read tokenizer file {}", path.display()))?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not JSON", path.display()))?;
-        let mut inner: tokenizers::Tokenizer = text
-            .parse()
-            .map_err(|e| anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read tokenizer file {}", path.display()))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+        let mut inner: tokenizers::Tokenizer =
+            text.parse().map_err(|e| anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
 
         let has_type = |v: &serde_json::Value, ty: &str| json_has_type(v, ty);
-        let encoding = if has_type(&json["pre_tokenizer"], "ByteLevel")
-            || has_type(&json["decoder"], "ByteLevel")
-        {
+        let encoding = if has_type(&json["pre_tokenizer"], "ByteLevel") || has_type(&json["decoder"], "ByteLevel") {
             TokenEncoding::ByteLevel
         } else if json["model"]["byte_fallback"].as_bool() == Some(true)
             || has_type(&json["pre_tokenizer"], "Metaspace")
@@ -973,11 +814,7 @@ impl Tokenizer {
         inner.set_encode_special_tokens(true);
 
         let full_vocab = inner.get_vocab(true);
-        let n = full_vocab
-            .values()
-            .map(|&id| id as usize + 1)
-            .max()
-            .unwrap_or(0);
+        let n = full_vocab.values().map(|&id| id as usize + 1).max().unwrap_or(0);
         if n == 0 {
             bail!("tokenizer {} has an empty vocabulary", path.display());
         }
@@ -1019,22 +856,13 @@ impl Tokenizer {
         };
         let config_ids = |key: &str| -> Vec<u32> {
             match model_config.as_ref().map(|c| &c[key]) {
-                Some(serde_json::Value::Number(x)) => {
-                    x.as_u64().map(|x| x as u32).into_iter().collect()
-                }
-                Some(serde_json::Value::Array(a)) => a
-                    .iter()
-                    .filter_map(|x| x.as_u64())
-                    .map(|x| x as u32)
-                    .collect(),
+                Some(serde_json::Value::Number(x)) => x.as_u64().map(|x| x as u32).into_iter().collect(),
+                Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
                 _ => Vec::new(),
             }
         };
 
-        let mut eos: Vec<u32> = EOG_NAMES
-            .iter()
-            .filter_map(|n| lookup.get(n).copied())
-            .collect();
+        let mut eos: Vec<u32> = EOG_NAMES.iter().filter_map(|n| lookup.get(n).copied()).collect();
         eos.extend(config_token("eos_token"));
         eos.extend(config_ids("eos_token_id"));
         eos.retain(|&id| (id as usize) < n);
@@ -1043,44 +871,24 @@ impl Tokenizer {
         let bos = config_token("bos_token")
             .or_else(|| config_ids("bos_token_id").first().copied())
             .filter(|&id| (id as usize) < n);
-        let add_bos = tok_config
-            .as_ref()
-            .and_then(|c| c["add_bos_token"].as_bool())
-            .unwrap_or(false)
-            && bos.is_some();
+        let add_bos = tok_config.as_ref().and_then(|c| c["add_bos_token"].as_bool()).unwrap_or(false) && bos.is_some();
         let fim = match (
             find_named(&lookup, FIM_PRE_NAMES),
             find_named(&lookup, FIM_SUF_NAMES),
             find_named(&lookup, FIM_MID_NAMES),
         ) {
-            (Some(prefix), Some(suffix), Some(middle)) => Some(FimIds {
-                prefix,
-                suffix,
-                middle,
-            }),
+            (Some(prefix), Some(suffix), Some(middle)) => Some(FimIds { prefix, suffix, middle }),
             _ => None,
         };
 
-        Ok(Tokenizer {
-            model: Model::Hf(Box::new(inner)),
-            encoding,
-            bytes,
-            offsets,
-            special,
-            eos,
-            bos,
-            add_bos,
-            fim,
-        })
+        Ok(Tokenizer { model: Model::Hf(Box::new(inner)), encoding, bytes, offsets, special, eos, bos, add_bos, fim })
     }
 
     /// Document text → ids: no BOS, special-token strings tokenized as plain text.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         match &self.model {
             Model::Hf(inner) => {
-                let enc = inner
-                    .encode_fast(text, false)
-                    .map_err(|e| anyhow!("tokenization failed: {e}"))?;
+                let enc = inner.encode_fast(text, false).map_err(|e| anyhow!("tokenization failed: {e}"))?;
                 Ok(enc.get_ids().to_vec())
             }
             Model::Spm(spm) => spm.encode(text),
@@ -1183,8 +991,7 @@ impl Tokenizer {
 fn json_has_type(v: &serde_json::Value, ty: &str) -> bool {
     match v {
         serde_json::Value::Object(m) => {
-            m.get("type").and_then(|t| t.as_str()) == Some(ty)
-                || m.values().any(|x| json_has_type(x, ty))
+            m.get("type").and_then(|t| t.as_str()) == Some(ty) || m.values().any(|x| json_has_type(x, ty))
         }
         serde_json::Value::Array(a) => a.iter().any(|x| json_has_type(x, ty)),
         _ => false,
@@ -1199,9 +1006,7 @@ mod tests {
 
     /// The model the tests use: `$ANCHORCODER_MODEL`, else the default model in the cache.
     fn model_path() -> PathBuf {
-        std::env::var_os("ANCHORCODER_MODEL")
-            .map(PathBuf::from)
-            .unwrap_or_else(crate::models::default_model_path)
+        std::env::var_os("ANCHORCODER_MODEL").map(PathBuf::from).unwrap_or_else(crate::models::default_model_path)
     }
 
     fn default_content() -> &'static Content {
@@ -1217,8 +1022,7 @@ mod tests {
                     crate::models::DEFAULT_MODEL_FILE
                 )
             });
-            Content::read(&mut f)
-                .unwrap_or_else(|e| panic!("cannot read GGUF {}: {e}", path.display()))
+            Content::read(&mut f).unwrap_or_else(|e| panic!("cannot read GGUF {}: {e}", path.display()))
         })
     }
 
@@ -1240,20 +1044,14 @@ mod tests {
     }
 
     fn concat_bytes(tok: &Tokenizer, ids: &[u32]) -> Vec<u8> {
-        ids.iter()
-            .flat_map(|&id| tok.token_bytes(id).to_vec())
-            .collect()
+        ids.iter().flat_map(|&id| tok.token_bytes(id).to_vec()).collect()
     }
 
     fn assert_round_trip(tok: &Tokenizer, name: &str, text: &str) -> usize {
         let ids = tok.encode(text).unwrap();
         let back = concat_bytes(tok, &ids);
         if back != text.as_bytes() {
-            let at = back
-                .iter()
-                .zip(text.as_bytes())
-                .position(|(a, b)| a != b)
-                .unwrap_or(back.len().min(text.len()));
+            let at = back.iter().zip(text.as_bytes()).position(|(a, b)| a != b).unwrap_or(back.len().min(text.len()));
             panic!(
                 "{name}: token bytes differ from the text at byte {at} (text {} bytes, tokens {} \
                  bytes)",
@@ -1262,10 +1060,7 @@ mod tests {
             );
         }
         assert_eq!(tok.decode(&ids), text, "{name}: decode");
-        assert!(
-            ids.iter().all(|&id| !tok.is_special(id)),
-            "{name}: special id"
-        );
+        assert!(ids.iter().all(|&id| !tok.is_special(id)), "{name}: special id");
         ids.len()
     }
 
@@ -1276,10 +1071,7 @@ mod tests {
             if let Ok(rd) = std::fs::read_dir(&dir) {
                 let mut v: Vec<PathBuf> = rd
                     .filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| {
-                        p.file_name()
-                            .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
-                    })
+                    .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(prefix)))
                     .collect();
                 v.sort();
                 roots.extend(v);
@@ -1295,12 +1087,7 @@ mod tests {
         }
         let mut files = Vec::new();
         for root in &roots {
-            for rel in [
-                "argparse.py",
-                "textwrap.py",
-                "json/decoder.py",
-                "difflib.py",
-            ] {
+            for rel in ["argparse.py", "textwrap.py", "json/decoder.py", "difflib.py"] {
                 let p = root.join(rel);
                 if p.is_file() {
                     files.push(p);
@@ -1319,10 +1106,7 @@ mod tests {
                     crates.sort();
                     for c in crates {
                         let name = c.file_name().unwrap().to_string_lossy().into_owned();
-                        if ["anyhow-", "serde_json-", "sha2-", "half-"]
-                            .iter()
-                            .any(|p| name.starts_with(p))
-                        {
+                        if ["anyhow-", "serde_json-", "sha2-", "half-"].iter().any(|p| name.starts_with(p)) {
                             let p = c.join("src/lib.rs");
                             if p.is_file() {
                                 files.push(p);
@@ -1433,13 +1217,9 @@ mod tests {
             #[serde(default)]
             pre: Option<String>,
         }
-        let path =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer_llamacpp.json");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer_llamacpp.json");
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-            panic!(
-                "cannot read {} ({e}); regenerate it with tests/bench/make-tokenizer-fixture.py",
-                path.display()
-            )
+            panic!("cannot read {} ({e}); regenerate it with tests/bench/make-tokenizer-fixture.py", path.display())
         });
         let samples: Vec<Sample> = serde_json::from_str(&text).expect("fixture JSON");
         assert!(samples.len() >= 10, "fixture too small");
@@ -1458,11 +1238,7 @@ mod tests {
                 matched += 1;
                 tokens += ids.len();
             } else {
-                let at = ids
-                    .iter()
-                    .zip(&s.ids)
-                    .position(|(a, b)| a != b)
-                    .unwrap_or(ids.len().min(s.ids.len()));
+                let at = ids.iter().zip(&s.ids).position(|(a, b)| a != b).unwrap_or(ids.len().min(s.ids.len()));
                 failures.push(format!(
                     "{} [pre {pre}]: first difference at token {at}: ours {:?} llama.cpp {:?} ({} vs {} tokens)",
                     s.name,
@@ -1473,12 +1249,7 @@ mod tests {
                 ));
             }
             if pre == "smollm" || tok.encoding() == TokenEncoding::ByteLevel {
-                assert_eq!(
-                    concat_bytes(tok, &s.ids),
-                    s.text.as_bytes(),
-                    "{}: llama.cpp ids' bytes",
-                    s.name
-                );
+                assert_eq!(concat_bytes(tok, &s.ids), s.text.as_bytes(), "{}: llama.cpp ids' bytes", s.name);
             }
         }
         eprintln!(
@@ -1490,57 +1261,28 @@ mod tests {
                 k
             }
         );
-        assert!(
-            failures.is_empty(),
-            "{} mismatches:\n{}",
-            failures.len(),
-            failures.join("\n")
-        );
+        assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
     }
 
     #[test]
     fn unsupported_tokenizers_give_clear_errors() {
-        let err = Tokenizer::from_gguf(&with_meta(
-            "tokenizer.ggml.model",
-            Value::String("bert".into()),
-        ))
-        .unwrap_err();
+        let err = Tokenizer::from_gguf(&with_meta("tokenizer.ggml.model", Value::String("bert".into()))).unwrap_err();
         let msg = format!("{err:#}");
-        assert!(
-            msg.contains("`bert`")
-                && msg.contains("SentencePiece")
-                && msg.contains("tokenizer.json"),
-            "{msg}"
-        );
-        let err = Tokenizer::from_gguf(&with_meta(
-            "tokenizer.ggml.pre",
-            Value::String("no-such-pre".into()),
-        ))
-        .unwrap_err();
+        assert!(msg.contains("`bert`") && msg.contains("SentencePiece") && msg.contains("tokenizer.json"), "{msg}");
+        let err =
+            Tokenizer::from_gguf(&with_meta("tokenizer.ggml.pre", Value::String("no-such-pre".into()))).unwrap_err();
         let msg = format!("{err:#}");
-        assert!(
-            msg.contains("`no-such-pre`") && msg.contains("smollm"),
-            "{msg}"
-        );
-        let err = Tokenizer::from_gguf(&with_meta(
-            "tokenizer.ggml.model",
-            Value::String("t5".into()),
-        ))
-        .unwrap_err();
+        assert!(msg.contains("`no-such-pre`") && msg.contains("smollm"), "{msg}");
+        let err = Tokenizer::from_gguf(&with_meta("tokenizer.ggml.model", Value::String("t5".into()))).unwrap_err();
         assert!(format!("{err:#}").contains("`t5`"));
     }
 
     #[test]
     fn other_pre_types_build_and_round_trip() {
         for pre in supported_pre_values() {
-            let tok =
-                Tokenizer::from_gguf(&with_meta("tokenizer.ggml.pre", Value::String(pre.into())))
-                    .unwrap_or_else(|e| panic!("{pre}: {e:#}"));
-            assert_round_trip(
-                &tok,
-                pre,
-                "def f(x):\r\n    return x*1234 # émoji 🦀\n\n   ",
-            );
+            let tok = Tokenizer::from_gguf(&with_meta("tokenizer.ggml.pre", Value::String(pre.into())))
+                .unwrap_or_else(|e| panic!("{pre}: {e:#}"));
+            assert_round_trip(&tok, pre, "def f(x):\r\n    return x*1234 # émoji 🦀\n\n   ");
         }
     }
 
@@ -1555,16 +1297,8 @@ mod tests {
         tokens[11] = Value::String("<fim_prefix>".into());
         tokens[12] = Value::String("<fim_middle>".into());
         tokens[13] = Value::String("<fim_suffix>".into());
-        let tok = Tokenizer::from_gguf(&with_meta("tokenizer.ggml.tokens", Value::Array(tokens)))
-            .unwrap();
-        assert_eq!(
-            tok.fim_ids(),
-            Some(FimIds {
-                prefix: 11,
-                suffix: 13,
-                middle: 12
-            })
-        );
+        let tok = Tokenizer::from_gguf(&with_meta("tokenizer.ggml.tokens", Value::Array(tokens))).unwrap();
+        assert_eq!(tok.fim_ids(), Some(FimIds { prefix: 11, suffix: 13, middle: 12 }));
         let ids = tok.encode("<fim_prefix>x").unwrap();
         assert!(ids.iter().all(|&id| id > 16), "{ids:?}");
     }
@@ -1576,9 +1310,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("anchorcoder-tok-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("tokenizer.json");
-        let Model::Hf(inner) = &tok.model else {
-            unreachable!("the default model is byte-level BPE")
-        };
+        let Model::Hf(inner) = &tok.model else { unreachable!("the default model is byte-level BPE") };
         inner.save(&path, false).unwrap();
         std::fs::write(
             dir.join("tokenizer_config.json"),
@@ -1607,19 +1339,12 @@ mod tests {
         ];
         tokens.extend((0..=255u8).map(|b| (format!("<0x{b:02X}>"), 0.0, TYPE_BYTE)));
         tokens.extend(extra.iter().map(|&(t, s, ty)| (t.to_string(), s, ty)));
-        let array =
-            |f: &dyn Fn(&(String, f32, u32)) -> Value| Value::Array(tokens.iter().map(f).collect());
+        let array = |f: &dyn Fn(&(String, f32, u32)) -> Value| Value::Array(tokens.iter().map(f).collect());
         let mut metadata: HashMap<String, Value> = [
             ("tokenizer.ggml.model", Value::String("llama".into())),
-            (
-                "tokenizer.ggml.tokens",
-                array(&|t| Value::String(t.0.clone())),
-            ),
+            ("tokenizer.ggml.tokens", array(&|t| Value::String(t.0.clone()))),
             ("tokenizer.ggml.scores", array(&|t| Value::F32(t.1))),
-            (
-                "tokenizer.ggml.token_type",
-                array(&|t| Value::I32(t.2 as i32)),
-            ),
+            ("tokenizer.ggml.token_type", array(&|t| Value::I32(t.2 as i32))),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -1685,10 +1410,7 @@ mod tests {
         assert_eq!(tok.token_bytes(3 + 0x0A), b"\n");
         assert!(tok.token_bytes(1).is_empty() && tok.is_special(1) && tok.is_special(0));
         // llama.cpp's defaults: BOS 1 (added), EOS 2.
-        assert_eq!(
-            (tok.bos_id(), tok.add_bos(), tok.eos_ids()),
-            (Some(1), true, &[2u32][..])
-        );
+        assert_eq!((tok.bos_id(), tok.add_bos(), tok.eos_ids()), (Some(1), true, &[2u32][..]));
 
         let plain = Tokenizer::from_gguf(&spm_content(
             SPM_VOCAB,
@@ -1711,11 +1433,7 @@ mod tests {
             Value::Array(a) => Value::Array([&a[..3], &a[259..]].concat()),
             other => other.clone(),
         };
-        for key in [
-            "tokenizer.ggml.tokens",
-            "tokenizer.ggml.scores",
-            "tokenizer.ggml.token_type",
-        ] {
+        for key in ["tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"] {
             let v = keep(&content.metadata[key]);
             content.metadata.insert(key.to_string(), v);
         }
@@ -1723,10 +1441,7 @@ mod tests {
         let err = tok.encode("aé").unwrap_err();
         assert!(format!("{err:#}").contains("0xC3"), "{err:#}");
         // Scores that do not cover the vocabulary.
-        let content = spm_content(
-            SPM_VOCAB,
-            &[("tokenizer.ggml.scores", Value::Array(vec![]))],
-        );
+        let content = spm_content(SPM_VOCAB, &[("tokenizer.ggml.scores", Value::Array(vec![]))]);
         let err = Tokenizer::from_gguf(&content).unwrap_err();
         assert!(format!("{err:#}").contains("scores"), "{err:#}");
     }

@@ -55,12 +55,7 @@ impl PositionEncoding {
 
     /// [`negotiate`](Self::negotiate) applied to a client's capabilities.
     pub fn from_client_capabilities(capabilities: &ClientCapabilities) -> Self {
-        Self::negotiate(
-            capabilities
-                .general
-                .as_ref()
-                .and_then(|general| general.position_encodings.as_deref()),
-        )
+        Self::negotiate(capabilities.general.as_ref().and_then(|general| general.position_encodings.as_deref()))
     }
 
     /// The value to announce as `ServerCapabilities::position_encoding`.
@@ -123,10 +118,7 @@ pub enum DocError {
 impl fmt::Display for DocError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::PositionOutOfRange {
-                position,
-                line_count,
-            } => write!(
+            Self::PositionOutOfRange { position, line_count } => write!(
                 f,
                 "position {}:{} is out of range: line {} is past the end of the document ({line_count} lines)",
                 position.line, position.character, position.line
@@ -146,14 +138,12 @@ impl fmt::Display for DocError {
                 "range {}:{}-{}:{} is invalid: its start comes after its end",
                 range.start.line, range.start.character, range.end.line, range.end.character
             ),
-            Self::ByteOffsetOutOfRange { offset, len } => write!(
-                f,
-                "byte offset {offset} is past the end of the document ({len} bytes)"
-            ),
-            Self::CharIndexOutOfRange { index, len_chars } => write!(
-                f,
-                "char index {index} is past the end of the document ({len_chars} chars)"
-            ),
+            Self::ByteOffsetOutOfRange { offset, len } => {
+                write!(f, "byte offset {offset} is past the end of the document ({len} bytes)")
+            }
+            Self::CharIndexOutOfRange { index, len_chars } => {
+                write!(f, "char index {index} is past the end of the document ({len_chars} chars)")
+            }
             Self::NotCharBoundary { offset } => {
                 write!(f, "byte offset {offset} falls inside a multi-byte character")
             }
@@ -208,13 +198,7 @@ impl Document {
     pub fn new(text: &str, version: i32, language_id: impl Into<String>) -> Self {
         let mut foreign_breaks = Vec::new();
         scan_foreign_breaks(text, 0, &mut foreign_breaks);
-        Self {
-            rope: Rope::from_str(text),
-            version,
-            language_id: language_id.into(),
-            foreign_breaks,
-            desynced: false,
-        }
+        Self { rope: Rope::from_str(text), version, language_id: language_id.into(), foreign_breaks, desynced: false }
     }
 
     /// The version last reported by the editor.
@@ -266,9 +250,7 @@ impl Document {
                 line_count: self.line_count(),
             });
         }
-        Ok(self
-            .rope
-            .byte_slice(self.line_start_byte(line)..self.line_end_byte(line)))
+        Ok(self.rope.byte_slice(self.line_start_byte(line)..self.line_end_byte(line)))
     }
 
     /// The text between two byte offsets, or `None` when out of bounds, reversed
@@ -283,18 +265,11 @@ impl Document {
     }
 
     /// Converts an LSP position to a byte offset (see the module docs for the rules).
-    pub fn position_to_byte(
-        &self,
-        position: Position,
-        encoding: PositionEncoding,
-    ) -> Result<usize, DocError> {
+    pub fn position_to_byte(&self, position: Position, encoding: PositionEncoding) -> Result<usize, DocError> {
         let line = position.line as usize;
         let line_count = self.line_count();
         if line >= line_count {
-            return Err(DocError::PositionOutOfRange {
-                position,
-                line_count,
-            });
+            return Err(DocError::PositionOutOfRange { position, line_count });
         }
         let start = self.line_start_byte(line);
         let end = self.line_end_byte(line);
@@ -327,23 +302,13 @@ impl Document {
     }
 
     /// Converts an LSP position to a char (Unicode scalar value) index.
-    pub fn position_to_char(
-        &self,
-        position: Position,
-        encoding: PositionEncoding,
-    ) -> Result<usize, DocError> {
-        Ok(self
-            .rope
-            .byte_to_char(self.position_to_byte(position, encoding)?))
+    pub fn position_to_char(&self, position: Position, encoding: PositionEncoding) -> Result<usize, DocError> {
+        Ok(self.rope.byte_to_char(self.position_to_byte(position, encoding)?))
     }
 
     /// Converts a byte offset to an LSP position; an offset between `\r` and
     /// `\n` maps to the end of its line.
-    pub fn byte_to_position(
-        &self,
-        offset: usize,
-        encoding: PositionEncoding,
-    ) -> Result<Position, DocError> {
+    pub fn byte_to_position(&self, offset: usize, encoding: PositionEncoding) -> Result<Position, DocError> {
         let len = self.len_bytes();
         if offset > len {
             return Err(DocError::ByteOffsetOutOfRange { offset, len });
@@ -352,11 +317,7 @@ impl Document {
             return Err(DocError::NotCharBoundary { offset });
         }
         let mut offset = offset;
-        if offset > 0
-            && offset < len
-            && self.rope.byte(offset - 1) == b'\r'
-            && self.rope.byte(offset) == b'\n'
-        {
+        if offset > 0 && offset < len && self.rope.byte(offset - 1) == b'\r' && self.rope.byte(offset) == b'\n' {
             offset -= 1;
         }
         let line = self.line_of_byte(offset);
@@ -373,25 +334,17 @@ impl Document {
     }
 
     /// Converts a char index to an LSP position (see [`byte_to_position`](Self::byte_to_position)).
-    pub fn char_to_position(
-        &self,
-        char_idx: usize,
-        encoding: PositionEncoding,
-    ) -> Result<Position, DocError> {
-        let offset =
-            self.rope
-                .try_char_to_byte(char_idx)
-                .map_err(|_| DocError::CharIndexOutOfRange {
-                    index: char_idx,
-                    len_chars: self.rope.len_chars(),
-                })?;
+    pub fn char_to_position(&self, char_idx: usize, encoding: PositionEncoding) -> Result<Position, DocError> {
+        let offset = self
+            .rope
+            .try_char_to_byte(char_idx)
+            .map_err(|_| DocError::CharIndexOutOfRange { index: char_idx, len_chars: self.rope.len_chars() })?;
         self.byte_to_position(offset, encoding)
     }
 
     /// The position just past the last character.
     pub fn end_position(&self, encoding: PositionEncoding) -> Position {
-        self.byte_to_position(self.len_bytes(), encoding)
-            .expect("the end of the text is a valid offset")
+        self.byte_to_position(self.len_bytes(), encoding).expect("the end of the text is a valid offset")
     }
 
     /// Replaces `range` (or, when `None`, the whole text) with `text`.
@@ -524,8 +477,7 @@ impl Documents {
 
     /// Stores a newly opened document, replacing any previous one with that URI.
     pub fn open(&self, uri: Url, text: &str, version: i32, language_id: impl Into<String>) {
-        self.map
-            .insert(uri, Document::new(text, version, language_id));
+        self.map.insert(uri, Document::new(text, version, language_id));
     }
 
     /// Applies one `didChange` notification atomically: either every change
@@ -541,15 +493,9 @@ impl Documents {
         changes: &[TextDocumentContentChangeEvent],
         encoding: PositionEncoding,
     ) -> Result<ChangeOutcome, DocError> {
-        let mut entry = self
-            .map
-            .get_mut(uri)
-            .ok_or_else(|| DocError::NotOpen(uri.clone()))?;
+        let mut entry = self.map.get_mut(uri).ok_or_else(|| DocError::NotOpen(uri.clone()))?;
         if version <= entry.version {
-            return Ok(ChangeOutcome::Stale {
-                stored: entry.version,
-                received: version,
-            });
+            return Ok(ChangeOutcome::Stale { stored: entry.version, received: version });
         }
         let mut updated = entry.clone();
         for change in changes {
@@ -615,9 +561,7 @@ fn scan_foreign_breaks(text: &str, base: usize, out: &mut Vec<usize>) {
     }
     for (i, byte) in text.bytes().enumerate() {
         // Lead bytes of VT, FF, NEL (C2 85), LS and PS (E2 80 A8/A9).
-        if matches!(byte, 0x0B | 0x0C | 0xC2 | 0xE2)
-            && text[i..].chars().next().is_some_and(|c| chars.contains(&c))
-        {
+        if matches!(byte, 0x0B | 0x0C | 0xC2 | 0xE2) && text[i..].chars().next().is_some_and(|c| chars.contains(&c)) {
             out.push(base + i);
         }
     }
@@ -645,11 +589,7 @@ mod tests {
     }
 
     fn change(r: Option<Range>, text: &str) -> TextDocumentContentChangeEvent {
-        TextDocumentContentChangeEvent {
-            range: r,
-            range_length: None,
-            text: text.to_owned(),
-        }
+        TextDocumentContentChangeEvent { range: r, range_length: None, text: text.to_owned() }
     }
 
     #[test]
@@ -659,10 +599,7 @@ mod tests {
         assert_eq!(PositionEncoding::negotiate(Some(&[])), Utf16);
         assert_eq!(PositionEncoding::negotiate(Some(&[K::UTF16])), Utf16);
         assert_eq!(PositionEncoding::negotiate(Some(&[K::UTF32])), Utf16);
-        assert_eq!(
-            PositionEncoding::negotiate(Some(&[K::UTF16, K::UTF8])),
-            Utf8
-        );
+        assert_eq!(PositionEncoding::negotiate(Some(&[K::UTF16, K::UTF8])), Utf8);
         assert_eq!(PositionEncoding::negotiate(Some(&[K::UTF8])), Utf8);
 
         let caps: ClientCapabilities = serde_json::from_value(serde_json::json!({
@@ -670,10 +607,7 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(PositionEncoding::from_client_capabilities(&caps), Utf8);
-        assert_eq!(
-            PositionEncoding::from_client_capabilities(&ClientCapabilities::default()),
-            Utf16
-        );
+        assert_eq!(PositionEncoding::from_client_capabilities(&ClientCapabilities::default()), Utf16);
         assert_eq!(Utf8.kind().as_str(), "utf-8");
         assert_eq!(Utf16.kind().as_str(), "utf-16");
     }
@@ -686,14 +620,9 @@ mod tests {
         assert_eq!(Document::new("a\r\nb\rc\nd", 0, "x").line_count(), 4);
         assert_eq!(Document::new("\r\r\n\n", 0, "x").line_count(), 4);
         let doc = Document::new("a\r\nb\rc\n", 0, "x");
-        let lines: Vec<String> = (0..doc.line_count())
-            .map(|n| doc.line(n).unwrap().to_string())
-            .collect();
+        let lines: Vec<String> = (0..doc.line_count()).map(|n| doc.line(n).unwrap().to_string()).collect();
         assert_eq!(lines, ["a", "b", "c", ""]);
-        assert!(matches!(
-            doc.line(4),
-            Err(DocError::PositionOutOfRange { line_count: 4, .. })
-        ));
+        assert!(matches!(doc.line(4), Err(DocError::PositionOutOfRange { line_count: 4, .. })));
     }
 
     #[test]
@@ -702,18 +631,14 @@ mod tests {
         let text = "a\u{0B}b\u{0C}c\u{85}d\u{2028}e\u{2029}f\ng\u{0C}\nh";
         let mut doc = Document::new(text, 0, "x");
         assert_eq!(doc.line_count(), 3);
-        assert_eq!(
-            doc.line(0).unwrap(),
-            "a\u{0B}b\u{0C}c\u{85}d\u{2028}e\u{2029}f"
-        );
+        assert_eq!(doc.line(0).unwrap(), "a\u{0B}b\u{0C}c\u{85}d\u{2028}e\u{2029}f");
         assert_eq!(doc.line(1).unwrap(), "g\u{0C}");
         assert_eq!(doc.line(2).unwrap(), "h");
         // 'f' ends at UTF-16 offset 11 on line 0.
         let f = doc.position_to_byte(pos(0, 11), Utf16).unwrap();
         assert_eq!(&text[f - 1..f], "f");
         assert_eq!(doc.byte_to_position(text.len(), Utf16).unwrap(), pos(2, 1));
-        doc.apply_change(range(1, 1, 2, 0), "\u{2028}", Utf16)
-            .unwrap();
+        doc.apply_change(range(1, 1, 2, 0), "\u{2028}", Utf16).unwrap();
         assert_eq!(doc.line_count(), 2);
         assert_eq!(doc.line(1).unwrap(), "g\u{2028}h");
         doc.apply_change(range(0, 0, 0, 10), "", Utf16).unwrap();
@@ -742,13 +667,7 @@ mod tests {
     fn line_past_end_is_an_error() {
         let doc = Document::new("a\nb", 0, "x");
         let err = doc.position_to_byte(pos(2, 0), Utf16).unwrap_err();
-        assert_eq!(
-            err,
-            DocError::PositionOutOfRange {
-                position: pos(2, 0),
-                line_count: 2
-            }
-        );
+        assert_eq!(err, DocError::PositionOutOfRange { position: pos(2, 0), line_count: 2 });
         assert!(err.to_string().contains("line 2 is past the end"), "{err}");
         let jsonrpc: tower_lsp::jsonrpc::Error = err.into();
         assert_eq!(jsonrpc.code, tower_lsp::jsonrpc::ErrorCode::InvalidParams);
@@ -761,9 +680,7 @@ mod tests {
         assert_eq!(doc.position_to_byte(pos(0, 1), Utf16).unwrap(), 1);
         assert_eq!(
             doc.position_to_byte(pos(0, 2), Utf16).unwrap_err(),
-            DocError::InvalidUtf16Offset {
-                position: pos(0, 2)
-            }
+            DocError::InvalidUtf16Offset { position: pos(0, 2) }
         );
         assert_eq!(doc.position_to_byte(pos(0, 3), Utf16).unwrap(), 5);
         assert_eq!(doc.position_to_byte(pos(0, 4), Utf16).unwrap(), 8);
@@ -772,9 +689,7 @@ mod tests {
         for bad in [2, 3, 4, 6, 7] {
             assert_eq!(
                 doc.position_to_byte(pos(0, bad), Utf8).unwrap_err(),
-                DocError::InvalidUtf8Offset {
-                    position: pos(0, bad)
-                }
+                DocError::InvalidUtf8Offset { position: pos(0, bad) }
             );
         }
         assert_eq!(doc.byte_to_position(5, Utf16).unwrap(), pos(0, 3));
@@ -783,23 +698,11 @@ mod tests {
         assert_eq!(doc.char_to_position(2, Utf16).unwrap(), pos(0, 3));
         assert_eq!(
             doc.char_to_position(5, Utf16).unwrap_err(),
-            DocError::CharIndexOutOfRange {
-                index: 5,
-                len_chars: 4
-            }
+            DocError::CharIndexOutOfRange { index: 5, len_chars: 4 }
         );
-        assert_eq!(
-            doc.byte_to_position(2, Utf16).unwrap_err(),
-            DocError::NotCharBoundary { offset: 2 }
-        );
-        assert_eq!(
-            doc.byte_to_position(10, Utf16).unwrap_err(),
-            DocError::ByteOffsetOutOfRange { offset: 10, len: 9 }
-        );
-        let msg = DocError::InvalidUtf16Offset {
-            position: pos(0, 2),
-        }
-        .to_string();
+        assert_eq!(doc.byte_to_position(2, Utf16).unwrap_err(), DocError::NotCharBoundary { offset: 2 });
+        assert_eq!(doc.byte_to_position(10, Utf16).unwrap_err(), DocError::ByteOffsetOutOfRange { offset: 10, len: 9 });
+        let msg = DocError::InvalidUtf16Offset { position: pos(0, 2) }.to_string();
         assert!(msg.contains("surrogate pair"), "{msg}");
     }
 
@@ -864,10 +767,7 @@ mod tests {
         assert_eq!(b, 77_777 * line.len() + 16);
         assert!(doc.position_to_byte(pos(77_777, 11), Utf16).is_err());
         assert_eq!(doc.byte_to_position(b, Utf16).unwrap(), p);
-        assert_eq!(
-            doc.position_to_byte(pos(99_999, 99), Utf16).unwrap(),
-            100_000 * line.len() - 2
-        );
+        assert_eq!(doc.position_to_byte(pos(99_999, 99), Utf16).unwrap(), 100_000 * line.len() - 2);
     }
 
     #[test]
@@ -875,19 +775,14 @@ mod tests {
         let docs = Documents::new();
         let u = uri("a.rs");
         assert!(docs.is_empty());
-        assert_eq!(
-            docs.change(&u, 1, &[], Utf16).unwrap_err(),
-            DocError::NotOpen(u.clone())
-        );
+        assert_eq!(docs.change(&u, 1, &[], Utf16).unwrap_err(), DocError::NotOpen(u.clone()));
         docs.open(u.clone(), "hello\n", 1, "rust");
         assert!(docs.contains(&u));
         assert_eq!(docs.len(), 1);
         assert_eq!(docs.uris(), vec![u.clone()]);
 
         let snapshot = docs.snapshot(&u).unwrap();
-        let outcome = docs
-            .change(&u, 2, &[change(range(0, 5, 0, 5), " world")], Utf16)
-            .unwrap();
+        let outcome = docs.change(&u, 2, &[change(range(0, 5, 0, 5), " world")], Utf16).unwrap();
         assert_eq!(outcome, ChangeOutcome::Applied { version: 2 });
         // The earlier snapshot is unaffected.
         assert_eq!(snapshot.text(), "hello\n");
@@ -898,12 +793,8 @@ mod tests {
 
         for stale in [2, 1, -5] {
             assert_eq!(
-                docs.change(&u, stale, &[change(None, "nope")], Utf16)
-                    .unwrap(),
-                ChangeOutcome::Stale {
-                    stored: 2,
-                    received: stale
-                }
+                docs.change(&u, stale, &[change(None, "nope")], Utf16).unwrap(),
+                ChangeOutcome::Stale { stored: 2, received: stale }
             );
         }
         assert_eq!(docs.snapshot(&u).unwrap().text(), "hello world\n");
@@ -918,11 +809,7 @@ mod tests {
         let docs = Documents::new();
         let u = uri("b.py");
         docs.open(u.clone(), "ab\ncd", 1, "python");
-        let batch = [
-            change(range(0, 0, 0, 0), "1"),
-            change(range(0, 0, 0, 0), "2"),
-            change(range(9, 0, 9, 0), "boom"),
-        ];
+        let batch = [change(range(0, 0, 0, 0), "1"), change(range(0, 0, 0, 0), "2"), change(range(9, 0, 9, 0), "boom")];
         let err = docs.change(&u, 2, &batch, Utf8).unwrap_err();
         assert!(matches!(err, DocError::PositionOutOfRange { .. }));
         let doc = docs.snapshot(&u).unwrap();
@@ -930,11 +817,7 @@ mod tests {
         assert!(doc.is_desynced());
 
         // Sequential application: each change sees the previous one's result.
-        let ok = [
-            change(range(0, 0, 0, 0), "1"),
-            change(range(0, 0, 0, 1), "2"),
-            change(range(1, 2, 1, 2), "!"),
-        ];
+        let ok = [change(range(0, 0, 0, 0), "1"), change(range(0, 0, 0, 1), "2"), change(range(1, 2, 1, 2), "!")];
         docs.change(&u, 3, &ok, Utf8).unwrap();
         let doc = docs.snapshot(&u).unwrap();
         assert_eq!(doc.text(), "2ab\ncd!");
@@ -1033,23 +916,18 @@ mod tests {
             let starts = Self::line_starts(text);
             let line = starts.partition_point(|&s| s <= byte) - 1;
             let byte = byte.min(Self::line_end(text, &starts, line));
-            let character = text[starts[line]..byte]
-                .chars()
-                .map(|c| Self::units(c, enc))
-                .sum::<usize>();
+            let character = text[starts[line]..byte].chars().map(|c| Self::units(c, enc)).sum::<usize>();
             Position::new(line as u32, character as u32)
         }
     }
 
     const PIECES: &[&str] = &[
-        "a", "b", "xyz", " ", "\t", "\n", "\n", "\r", "\r\n", "\r\n", "😀", "🦀", "中", "文字",
-        "é", "\u{0C}", "\u{2028}", "\u{85}", "", "\n\n",
+        "a", "b", "xyz", " ", "\t", "\n", "\n", "\r", "\r\n", "\r\n", "😀", "🦀", "中", "文字", "é", "\u{0C}",
+        "\u{2028}", "\u{85}", "", "\n\n",
     ];
 
     fn random_text(rng: &mut XorShift, max_pieces: usize) -> String {
-        (0..rng.below(max_pieces + 1))
-            .map(|_| PIECES[rng.below(PIECES.len())])
-            .collect()
+        (0..rng.below(max_pieces + 1)).map(|_| PIECES[rng.below(PIECES.len())]).collect()
     }
 
     fn random_boundary(rng: &mut XorShift, text: &str) -> usize {
@@ -1093,11 +971,7 @@ mod tests {
                     "{p:?} in {reference:?}: {ours:?}"
                 ),
                 Err(RefError::InsideChar) => assert!(
-                    matches!(
-                        ours,
-                        Err(DocError::InvalidUtf16Offset { .. }
-                            | DocError::InvalidUtf8Offset { .. })
-                    ),
+                    matches!(ours, Err(DocError::InvalidUtf16Offset { .. } | DocError::InvalidUtf8Offset { .. })),
                     "{p:?} in {reference:?}: {ours:?}"
                 ),
             }
@@ -1118,15 +992,12 @@ mod tests {
                 doc.apply_change(None, &reference, enc).unwrap();
                 continue;
             }
-            let (mut start, mut end) = (
-                random_position(&mut rng, &reference, enc),
-                random_position(&mut rng, &reference, enc),
-            );
+            let (mut start, mut end) =
+                (random_position(&mut rng, &reference, enc), random_position(&mut rng, &reference, enc));
             // Mostly well-ordered ranges; a few reversed ones must be rejected.
-            if let (Ok(a), Ok(b)) = (
-                Reference::to_byte(&reference, start, enc),
-                Reference::to_byte(&reference, end, enc),
-            ) {
+            if let (Ok(a), Ok(b)) =
+                (Reference::to_byte(&reference, start, enc), Reference::to_byte(&reference, end, enc))
+            {
                 if a > b && !rng.chance(5) {
                     std::mem::swap(&mut start, &mut end);
                 }
@@ -1138,29 +1009,20 @@ mod tests {
                 let max_pieces = if rng.chance(5) { 400 } else { 6 };
                 random_text(&mut rng, max_pieces)
             };
-            let expected = match (
-                Reference::to_byte(&reference, start, enc),
-                Reference::to_byte(&reference, end, enc),
-            ) {
+            let expected = match (Reference::to_byte(&reference, start, enc), Reference::to_byte(&reference, end, enc))
+            {
                 (Ok(a), Ok(b)) if a <= b => Some(a..b),
                 _ => None,
             };
             let result = doc.apply_change(Some(Range::new(start, end)), &insert, enc);
             match expected {
                 Some(bytes) => {
-                    assert_eq!(
-                        result,
-                        Ok(()),
-                        "step {step}: {start:?}-{end:?} in {reference:?}"
-                    );
+                    assert_eq!(result, Ok(()), "step {step}: {start:?}-{end:?} in {reference:?}");
                     reference.replace_range(bytes, &insert);
                     applied += 1;
                 }
                 None => {
-                    assert!(
-                        result.is_err(),
-                        "step {step}: {start:?}-{end:?} in {reference:?}"
-                    );
+                    assert!(result.is_err(), "step {step}: {start:?}-{end:?} in {reference:?}");
                     rejected += 1;
                 }
             }

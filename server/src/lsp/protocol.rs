@@ -122,12 +122,7 @@ pub struct InlineCompletionItem {
 impl InlineCompletionItem {
     /// An item inserting `text` at the request position.
     pub fn new(text: impl Into<String>) -> Self {
-        Self {
-            insert_text: text.into(),
-            filter_text: None,
-            range: None,
-            command: None,
-        }
+        Self { insert_text: text.into(), filter_text: None, range: None, command: None }
     }
 }
 
@@ -177,10 +172,7 @@ pub const INLINE_COMPLETION_PROVIDER: &str = "inlineCompletionProvider";
 /// field, so it must be added to the JSON. Does nothing when `result` has no
 /// `capabilities` object.
 pub fn set_inline_completion_provider(result: &mut Value, provider: InlineCompletionProvider) {
-    if let Some(capabilities) = result
-        .get_mut("capabilities")
-        .and_then(Value::as_object_mut)
-    {
+    if let Some(capabilities) = result.get_mut("capabilities").and_then(Value::as_object_mut) {
         capabilities.insert(
             INLINE_COMPLETION_PROVIDER.to_owned(),
             serde_json::to_value(provider).expect("capability serializes"),
@@ -338,46 +330,28 @@ mod tests {
         }));
         assert_eq!(params.text_document.uri.as_str(), "file:///src/main.rs");
         assert_eq!(params.position, Position::new(3, 14));
-        assert_eq!(
-            params.context.trigger_kind,
-            InlineCompletionTriggerKind::Automatic
-        );
+        assert_eq!(params.context.trigger_kind, InlineCompletionTriggerKind::Automatic);
         let selected = params.context.selected_completion_info.unwrap();
         assert_eq!(selected.text, ".log");
         assert_eq!(selected.range.start, Position::new(3, 7));
-        assert_eq!(
-            params.work_done_token,
-            Some(ProgressToken::String("tok-1".into()))
-        );
+        assert_eq!(params.work_done_token, Some(ProgressToken::String("tok-1".into())));
 
         let minimal: InlineCompletionParams = round_trip(json!({
             "textDocument": { "uri": "file:///a.py" },
             "position": { "line": 0, "character": 0 },
             "context": { "triggerKind": 1 }
         }));
-        assert_eq!(
-            minimal.context.trigger_kind,
-            InlineCompletionTriggerKind::Invoked
-        );
+        assert_eq!(minimal.context.trigger_kind, InlineCompletionTriggerKind::Invoked);
         assert!(minimal.context.selected_completion_info.is_none());
         assert!(minimal.work_done_token.is_none());
     }
 
     #[test]
     fn trigger_kind_is_a_number() {
-        assert_eq!(
-            serde_json::to_string(&InlineCompletionTriggerKind::Invoked).unwrap(),
-            "1"
-        );
-        assert_eq!(
-            serde_json::to_string(&InlineCompletionTriggerKind::Automatic).unwrap(),
-            "2"
-        );
+        assert_eq!(serde_json::to_string(&InlineCompletionTriggerKind::Invoked).unwrap(), "1");
+        assert_eq!(serde_json::to_string(&InlineCompletionTriggerKind::Automatic).unwrap(), "2");
         for bad in [json!(0), json!(3), json!("1"), json!(-1)] {
-            assert!(
-                serde_json::from_value::<InlineCompletionTriggerKind>(bad.clone()).is_err(),
-                "{bad}"
-            );
+            assert!(serde_json::from_value::<InlineCompletionTriggerKind>(bad.clone()).is_err(), "{bad}");
         }
     }
 
@@ -399,10 +373,7 @@ mod tests {
         }));
         assert_eq!(list.items.len(), 2);
         assert_eq!(list.items[1], InlineCompletionItem::new("x"));
-        assert_eq!(
-            list.items[0].command.as_ref().unwrap().command,
-            "anchorcoder.accepted"
-        );
+        assert_eq!(list.items[0].command.as_ref().unwrap().command, "anchorcoder.accepted");
 
         // Optional fields are omitted, not null.
         assert_eq!(
@@ -411,19 +382,9 @@ mod tests {
         );
 
         let as_list: Option<InlineCompletionResponse> = round_trip(json!({ "items": [] }));
-        assert_eq!(
-            as_list,
-            Some(InlineCompletionResponse::List(
-                InlineCompletionList::default()
-            ))
-        );
+        assert_eq!(as_list, Some(InlineCompletionResponse::List(InlineCompletionList::default())));
         let as_array: Option<InlineCompletionResponse> = round_trip(json!([{ "insertText": "y" }]));
-        assert_eq!(
-            as_array,
-            Some(InlineCompletionResponse::Array(vec![
-                InlineCompletionItem::new("y")
-            ]))
-        );
+        assert_eq!(as_array, Some(InlineCompletionResponse::Array(vec![InlineCompletionItem::new("y")])));
         let none: Option<InlineCompletionResponse> = round_trip(Value::Null);
         assert_eq!(none, None);
     }
@@ -431,17 +392,9 @@ mod tests {
     #[test]
     fn capability_shapes() {
         let options: InlineCompletionProvider = round_trip(json!({ "workDoneProgress": false }));
-        assert_eq!(
-            options,
-            InlineCompletionProvider::Options(InlineCompletionOptions::default())
-        );
+        assert_eq!(options, InlineCompletionProvider::Options(InlineCompletionOptions::default()));
         let on: InlineCompletionProvider = round_trip(json!({ "workDoneProgress": true }));
-        assert_eq!(
-            on,
-            InlineCompletionProvider::Options(InlineCompletionOptions {
-                work_done_progress: true
-            })
-        );
+        assert_eq!(on, InlineCompletionProvider::Options(InlineCompletionOptions { work_done_progress: true }));
         let simple: InlineCompletionProvider = round_trip(json!(true));
         assert_eq!(simple, InlineCompletionProvider::Simple(true));
         // `{}` is valid per spec (workDoneProgress is optional).
@@ -466,10 +419,7 @@ mod tests {
 
     #[test]
     fn request_methods() {
-        assert_eq!(
-            InlineCompletionRequest::METHOD,
-            "textDocument/inlineCompletion"
-        );
+        assert_eq!(InlineCompletionRequest::METHOD, "textDocument/inlineCompletion");
         assert_eq!(StatusRequest::METHOD, "anchorcoder/status");
         assert_eq!(DidMoveCursor::METHOD, "anchorcoder/didMoveCursor");
     }
@@ -506,12 +456,7 @@ mod tests {
         assert_eq!(status.extra["uptimeS"], json!(31));
 
         let ready = serde_json::to_value(StatusResult {
-            model: ModelStatus {
-                path: None,
-                source: ModelSource::Default,
-                state: ModelState::Pulling,
-                error: None,
-            },
+            model: ModelStatus { path: None, source: ModelSource::Default, state: ModelState::Pulling, error: None },
             ..StatusResult::default()
         })
         .unwrap();

@@ -18,12 +18,12 @@ use tower_lsp::lsp_types::*;
 use tower_lsp::{Client, LanguageServer, LspService, Server};
 
 use super::documents::{ChangeOutcome, Documents, PositionEncoding};
-use super::transport;
 use super::protocol::{
     set_inline_completion_provider, DidMoveCursor, DocumentCacheStatus, InlineCompletionItem, InlineCompletionList,
-    InlineCompletionOptions, InlineCompletionParams, InlineCompletionProvider, ModelSource, ModelState,
-    ModelStatus, StatusResult,
+    InlineCompletionOptions, InlineCompletionParams, InlineCompletionProvider, ModelSource, ModelState, ModelStatus,
+    StatusResult,
 };
+use super::transport;
 use crate::config::{Config, ConfigMessage};
 use crate::models;
 use crate::worker::{self, CompleteJob, Completed, Event, Job, WorkerHandle};
@@ -195,13 +195,13 @@ impl Backend {
                 ));
                 Ok(done)
             }
-            Ok(Err(e)) if e == "cancelled" || e.starts_with("superseded") => Err(Error {
-                code: ErrorCode::RequestCancelled,
-                message: e.into(),
-                data: None,
-            }),
+            Ok(Err(e)) if e == "cancelled" || e.starts_with("superseded") => {
+                Err(Error { code: ErrorCode::RequestCancelled, message: e.into(), data: None })
+            }
             Ok(Err(e)) => Err(Error { code: ErrorCode::InternalError, message: e.into(), data: None }),
-            Err(_) => Err(Error { code: ErrorCode::InternalError, message: "the model worker stopped".into(), data: None }),
+            Err(_) => {
+                Err(Error { code: ErrorCode::InternalError, message: "the model worker stopped".into(), data: None })
+            }
         }
     }
 
@@ -301,7 +301,12 @@ impl Backend {
     }
 
     /// Forward worker events to the client: progress, errors, logs.
-    async fn forward_events(client: Client, mut events: mpsc::UnboundedReceiver<Event>, progress: bool, log: Option<PathBuf>) {
+    async fn forward_events(
+        client: Client,
+        mut events: mpsc::UnboundedReceiver<Event>,
+        progress: bool,
+        log: Option<PathBuf>,
+    ) {
         let token = NumberOrString::String("anchorcoder/model".into());
         let mut began = false;
         let mut log = log.and_then(|p| std::fs::OpenOptions::new().create(true).append(true).open(p).ok());
@@ -317,7 +322,9 @@ impl Backend {
                     }
                     if !began {
                         let created = client
-                            .send_request::<WorkDoneProgressCreate>(WorkDoneProgressCreateParams { token: token.clone() })
+                            .send_request::<WorkDoneProgressCreate>(WorkDoneProgressCreateParams {
+                                token: token.clone(),
+                            })
                             .await;
                         if created.is_err() {
                             continue;
@@ -340,10 +347,17 @@ impl Backend {
                         began = false;
                         WorkDoneProgress::End(WorkDoneProgressEnd { message: Some(message) })
                     } else {
-                        WorkDoneProgress::Report(WorkDoneProgressReport { cancellable: Some(false), message: Some(message), percentage })
+                        WorkDoneProgress::Report(WorkDoneProgressReport {
+                            cancellable: Some(false),
+                            message: Some(message),
+                            percentage,
+                        })
                     };
                     client
-                        .send_notification::<Progress>(ProgressParams { token: token.clone(), value: ProgressParamsValue::WorkDone(value) })
+                        .send_notification::<Progress>(ProgressParams {
+                            token: token.clone(),
+                            value: ProgressParamsValue::WorkDone(value),
+                        })
                         .await;
                 }
                 Event::Error(message) => {
@@ -412,7 +426,10 @@ impl LanguageServer for Backend {
                 completion_provider: Some(CompletionOptions { resolve_provider: Some(false), ..Default::default() }),
                 ..Default::default()
             },
-            server_info: Some(ServerInfo { name: "anchorcoder".into(), version: Some(env!("CARGO_PKG_VERSION").into()) }),
+            server_info: Some(ServerInfo {
+                name: "anchorcoder".into(),
+                version: Some(env!("CARGO_PKG_VERSION").into()),
+            }),
         })
     }
 
@@ -449,7 +466,8 @@ impl LanguageServer for Backend {
                 self.log_line(&format!("ignored stale change to {uri}: version {received} <= {stored}"));
             }
             Err(e) => {
-                let msg = format!("could not apply a change to {uri}: {e}; the document is unchanged, reopen it to resync");
+                let msg =
+                    format!("could not apply a change to {uri}: {e}; the document is unchanged, reopen it to resync");
                 self.log_line(&msg);
                 self.client.show_message(MessageType::ERROR, format!("AnchorCoder: {msg}")).await;
             }

@@ -23,11 +23,32 @@ use serde_json::{json, Value};
 
 /// Long stdlib modules (data-only ones left out), in order of preference.
 const FILES: [&str; 26] = [
-    "_pydecimal.py", "_pyio.py", "argparse.py", "datetime.py", "difflib.py", "doctest.py",
-    "email/_header_value_parser.py", "enum.py", "http/cookiejar.py", "idlelib/configdialog.py", "inspect.py",
-    "ipaddress.py", "logging/__init__.py", "mailbox.py", "pickletools.py", "pydoc.py", "subprocess.py",
-    "tarfile.py", "tkinter/__init__.py", "turtle.py", "typing.py", "unittest/mock.py", "urllib/request.py",
-    "xml/dom/minidom.py", "xml/etree/ElementTree.py", "zipfile.py",
+    "_pydecimal.py",
+    "_pyio.py",
+    "argparse.py",
+    "datetime.py",
+    "difflib.py",
+    "doctest.py",
+    "email/_header_value_parser.py",
+    "enum.py",
+    "http/cookiejar.py",
+    "idlelib/configdialog.py",
+    "inspect.py",
+    "ipaddress.py",
+    "logging/__init__.py",
+    "mailbox.py",
+    "pickletools.py",
+    "pydoc.py",
+    "subprocess.py",
+    "tarfile.py",
+    "tkinter/__init__.py",
+    "turtle.py",
+    "typing.py",
+    "unittest/mock.py",
+    "urllib/request.py",
+    "xml/dom/minidom.py",
+    "xml/etree/ElementTree.py",
+    "zipfile.py",
 ];
 
 /// The `anchorcoder` server started by this process (its only live child of that name).
@@ -87,9 +108,7 @@ fn measure(name: &str, options: Value, docs: &[(String, String)]) -> Value {
         std::thread::sleep(Duration::from_secs(1));
         let st = status(&mut s);
         let ready = st["queueDepth"] == 0
-            && st["documents"]
-                .as_array()
-                .is_some_and(|a| !a.is_empty() && a.iter().all(|d| d["pendingTokens"] == 0));
+            && st["documents"].as_array().is_some_and(|a| !a.is_empty() && a.iter().all(|d| d["pendingTokens"] == 0));
         quiet = if ready { quiet + 1 } else { 0 };
         if quiet >= 2 {
             break st;
@@ -163,7 +182,8 @@ fn main() {
     for policy in policies.split(',') {
         measured.insert(policy.to_owned(), run(policy));
     }
-    let [Some(anchor), Some(window), Some(full)] = ["anchor", "window", "full"].map(|p| measured.get(p).cloned()) else {
+    let [Some(anchor), Some(window), Some(full)] = ["anchor", "window", "full"].map(|p| measured.get(p).cloned())
+    else {
         println!("{}", Value::Object(measured));
         return;
     };

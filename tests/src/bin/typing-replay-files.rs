@@ -182,7 +182,8 @@ fn ours(docs: &[Doc], rounds: usize, pause: Duration, policy: Option<&str>, visi
         let warm = st["documents"].as_array().is_some_and(|a| {
             a.len() == docs.len() && a.iter().all(|d| d["pendingTokens"] == 0 && d["tokens"].as_u64() > Some(0))
         });
-        if (st["model"]["state"] == "ready" && warm && st["queueDepth"] == 0) || t.elapsed() > Duration::from_secs(600) {
+        if (st["model"]["state"] == "ready" && warm && st["queueDepth"] == 0) || t.elapsed() > Duration::from_secs(600)
+        {
             break;
         }
         std::thread::sleep(Duration::from_millis(500));

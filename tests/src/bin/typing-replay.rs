@@ -73,15 +73,20 @@ fn replay(context: &str, typed: &str, cache: bool, pause_ms: u64) -> Vec<f64> {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let flag = |name: &str, default: usize| {
-        args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
     };
-    let file = args.iter().find(|a| !a.starts_with("--") && a.parse::<usize>().is_err()).cloned().unwrap_or_else(|| {
-        let out = std::process::Command::new("python3")
-            .args(["-c", "import json.decoder as m; print(m.__file__)"])
-            .output()
-            .expect("python3");
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    });
+    let file =
+        args.iter().find(|a| !a.starts_with("--") && a.parse::<usize>().is_err()).cloned().unwrap_or_else(|| {
+            let out = std::process::Command::new("python3")
+                .args(["-c", "import json.decoder as m; print(m.__file__)"])
+                .output()
+                .expect("python3");
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        });
     let (context_lines, typed_lines) = (flag("--context-lines", 60), flag("--typed-lines", 2));
     let text = std::fs::read_to_string(&file).expect("read the source file");
     let lines: Vec<&str> = text.split_inclusive('\n').collect();
