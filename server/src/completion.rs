@@ -105,7 +105,7 @@ pub struct Suggestion {
 /// Plan the prompt for a cursor at byte `cursor` of `text`. `previous_start`
 /// is the window start used last time for this document, kept if still good.
 pub fn plan(text: &str, cursor: usize, previous_start: Option<usize>, s: &Settings) -> Prompt {
-    let cursor = floor_char_boundary(text, cursor.min(text.len()));
+    let cursor = text.floor_char_boundary(cursor);
     let line_begin = line_start(text, cursor);
     let line_end = text[cursor..].find('\n').map_or(text.len(), |i| cursor + i);
     let line_suffix = text[cursor..line_end].trim_end_matches('\r').to_string();
@@ -120,7 +120,7 @@ pub fn plan(text: &str, cursor: usize, previous_start: Option<usize>, s: &Settin
             0
         } else {
             // The first line start at or after `cursor - budget`.
-            let from = floor_char_boundary(text, cursor - budget);
+            let from = text.floor_char_boundary(cursor - budget);
             text[from..line_begin].find('\n').map_or(line_begin, |i| from + i + 1)
         }
     });
@@ -179,7 +179,7 @@ pub fn set_prompt(engine: &Engine, doc: &mut DocumentCache, window: &str, s: &Se
 pub fn fim_tail(engine: &Engine, following: &str, s: &Settings) -> Result<Vec<u32>> {
     let Some(f) = engine.tokenizer.fim_ids().filter(|_| s.fim) else { return Ok(Vec::new()) };
     let budget = s.suffix_tokens * 4;
-    let mut text = &following[..floor_char_boundary(following, budget.min(following.len()))];
+    let mut text = &following[..following.floor_char_boundary(budget)];
     if text.len() < following.len() {
         text = &text[..text.rfind('\n').map_or(text.len(), |i| i + 1)];
     }
@@ -297,13 +297,6 @@ fn repeats_following(text: &str, p: &Prompt, following: &str) -> bool {
 /// Width of the leading whitespace (a tab counts 4).
 fn indent_width(line: &str) -> usize {
     line.chars().take_while(|c| *c == ' ' || *c == '\t').map(|c| if c == '\t' { 4 } else { 1 }).sum()
-}
-
-fn floor_char_boundary(s: &str, mut i: usize) -> usize {
-    while i > 0 && !s.is_char_boundary(i) {
-        i -= 1;
-    }
-    i
 }
 
 #[cfg(test)]

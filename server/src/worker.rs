@@ -759,7 +759,9 @@ fn region(rope: &Rope, cursor: usize, prefix_tokens: usize) -> (String, usize) {
     let back = prefix_tokens * 3 * 3;
     let lo_line = rope.byte_to_line(cursor.saturating_sub(back));
     let lo = rope.line_to_byte(lo_line);
-    let hi = (cursor + 8192).min(rope.len_bytes());
+    // 8 KiB after the cursor, snapped back to the start of the character it
+    // may split (`byte_slice` panics off a character boundary).
+    let hi = rope.char_to_byte(rope.byte_to_char((cursor + 8192).min(rope.len_bytes())));
     (rope.byte_slice(lo..hi).to_string(), lo)
 }
 
@@ -974,10 +976,7 @@ fn remote_request(region: &str, at: usize, p: &Prompt, c: &CompletionConfig, hea
     let line_end = at - heal.map_or(0, str::len);
     let suffix = (c.fim && c.suffix_tokens > 0).then(|| {
         let following = &region[at..];
-        let mut end = following.len().min(c.suffix_tokens * 3);
-        while !following.is_char_boundary(end) {
-            end -= 1;
-        }
+        let end = following.floor_char_boundary(c.suffix_tokens * 3);
         match following[..end].rfind('\n') {
             Some(i) if end < following.len() => following[..=i].to_string(),
             _ => following[..end].to_string(),
@@ -1012,6 +1011,20 @@ fn type_through(shown: &Shown, before: &str, line_suffix: &str) -> Option<String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn regions_end_on_character_boundaries() {
+        // Two- and four-byte characters put 8 KiB past the cursor inside one,
+        // at every cursor parity.
+        for text in [format!("x\n{}", "é".repeat(10_000)), format!("ab\n{}", "😀".repeat(5_000))] {
+            let rope = Rope::from_str(&text);
+            for cursor in (0..16).filter(|&c| text.is_char_boundary(c)) {
+                let (region, lo) = region(&rope, cursor, 2048);
+                assert_eq!(lo, 0);
+                assert!(text.starts_with(&region) && region.len() > 8192 - 4, "{cursor}: {}", region.len());
+            }
+        }
+    }
 
     #[test]
     fn typing_through_returns_the_rest_of_the_suggestion() {

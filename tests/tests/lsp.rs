@@ -225,6 +225,12 @@ fn bad_input_gets_clear_errors_and_documents_stay_right() {
         json!({"textDocument": {"uri": emoji, "version": 2},
                "contentChanges": [{"range": {"start": {"line": 0, "character": 6}, "end": {"line": 0, "character": 6}}, "text": "x"}]}),
     );
+    // Over 8 KiB with byte 8,192 (and 8 KiB past the cursor) inside a
+    // character: opening it once crashed the server, completing in it the worker.
+    let accents = "file:///tmp/anchorcoder-e2e/accents.py";
+    s.open(accents, "python", &format!("x = 1\n#  {}\n", "é".repeat(6_000)));
+    let r = inline(&mut s, accents, 0, 2);
+    assert!(r["result"]["items"].is_array(), "{r}");
     // Binary content.
     let bin = "file:///tmp/anchorcoder-e2e/blob.bin";
     s.open(bin, "plaintext", "ELF\u{0}\u{0}\u{1}binary");

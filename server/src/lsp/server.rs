@@ -444,9 +444,10 @@ impl LanguageServer for Backend {
     async fn did_open(&self, params: DidOpenTextDocumentParams) {
         let d = params.text_document;
         self.documents.open(d.uri.clone(), &d.text, d.version, d.language_id);
-        // Where the cursor is, the server cannot know yet: warm the top.
-        let cursor = d.text.len().min(8192);
-        self.warm(&d.uri, Some(d.text[..cursor].rfind('\n').map_or(0, |i| i + 1)));
+        // Where the cursor is, the server cannot know yet: warm the top (the
+        // start of the last line that begins in the first 8 KiB).
+        let head = &d.text[..d.text.floor_char_boundary(8192)];
+        self.warm(&d.uri, Some(head.rfind('\n').map_or(0, |i| i + 1)));
     }
 
     async fn did_change(&self, params: DidChangeTextDocumentParams) {
