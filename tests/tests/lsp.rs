@@ -231,6 +231,9 @@ fn bad_input_gets_clear_errors_and_documents_stay_right() {
     s.open(accents, "python", &format!("x = 1\n#  {}\n", "é".repeat(6_000)));
     let r = inline(&mut s, accents, 0, 2);
     assert!(r["result"]["items"].is_array(), "{r}");
+    // The very start of a document: nothing to continue, no suggestion, no error.
+    let r = inline(&mut s, accents, 0, 0);
+    assert_eq!(r["result"]["items"], json!([]), "{r}");
     // Binary content.
     let bin = "file:///tmp/anchorcoder-e2e/blob.bin";
     s.open(bin, "plaintext", "ELF\u{0}\u{0}\u{1}binary");

@@ -546,6 +546,34 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn an_empty_document_generates_nothing_or_from_the_extra_prompt() {
+        let tok = test_tokenizer();
+        let model = Llama::random(tiny_config(tok.vocab_size()), 5).unwrap();
+        let mut doc = DocumentCache::new(&model, policies()[0]);
+        doc.set_text(&tok, "").unwrap();
+        let mut run = |extra: &[u32]| {
+            let mut stop = |_: &str| false;
+            let params = GenerateParams {
+                max_tokens: 3,
+                forced_prefix: b"",
+                extra_prompt: extra,
+                chunk: 8,
+                stop: &mut stop,
+                cancelled: &|| false,
+            };
+            generate(&model, &tok, &mut doc, params).unwrap()
+        };
+        // The start of a document: nothing to continue, and no error.
+        let g = run(&[]);
+        assert!(g.stop == crate::engine::generate::StopReason::EmptyPrompt && g.text.is_empty() && g.tokens == 0);
+        // With an extra prompt (a fill-in-the-middle tail) it generates from that.
+        let extra = tok.encode("def f").unwrap();
+        let g = run(&extra);
+        assert_eq!(g.tokens, 3);
+        assert_eq!(doc.kv().len(), 0, "the scratch extension is dropped");
+    }
+
+    #[test]
     fn generation_leaves_the_document_cache_as_it_was() {
         let tok = test_tokenizer();
         let model = Llama::random(tiny_config(tok.vocab_size()), 5).unwrap();

@@ -27,6 +27,9 @@ pub enum StopReason {
     Cancelled,
     /// No token can continue the forced prefix.
     NoContinuation,
+    /// Nothing to continue: no text before the cursor and no extra prompt
+    /// (the start of a document, for a model without a start token).
+    EmptyPrompt,
 }
 
 /// What to generate.
@@ -68,8 +71,20 @@ pub struct Generation {
 /// as before (plus any pending tokens now processed).
 pub fn generate(model: &Llama, tok: &Tokenizer, doc: &mut DocumentCache, p: GenerateParams<'_>) -> Result<Generation> {
     let t0 = Instant::now();
+    if doc.tokens().is_empty() && p.extra_prompt.is_empty() {
+        return Ok(Generation {
+            text: String::new(),
+            tokens: 0,
+            stop: StopReason::EmptyPrompt,
+            prefilled: 0,
+            prefill_time: Duration::ZERO,
+            decode_time: Duration::ZERO,
+        });
+    }
     let pending = doc.pending();
-    let Some(mut logits) = doc.logits(model, p.chunk, p.cancelled)? else {
+    // With an empty document the extra prompt alone gives the first logits.
+    let logits = if doc.tokens().is_empty() { Some(Vec::new()) } else { doc.logits(model, p.chunk, p.cancelled)? };
+    let Some(mut logits) = logits else {
         return Ok(Generation {
             text: String::new(),
             tokens: 0,
