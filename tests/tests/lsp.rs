@@ -397,6 +397,108 @@ fn random_malformed_messages_never_stop_the_server() {
     s.shutdown();
 }
 
+/// The LSP position (UTF-16) of byte `at` in `text`; lines end at `\n`,
+/// `\r\n` or `\r`.
+fn position_of(text: &str, at: usize) -> Value {
+    let before = &text[..at];
+    let line_start = before.rfind(['\n', '\r']).map_or(0, |i| i + 1);
+    let line = before.matches('\n').count() + before.matches('\r').count() - before.matches("\r\n").count();
+    json!({"line": line, "character": before[line_start..].encode_utf16().count()})
+}
+
+/// The nearest place at or before byte `at` that is a character boundary of
+/// `text` and does not split a `\r\n`.
+fn snap(text: &str, mut at: usize) -> usize {
+    at = at.min(text.len());
+    while !text.is_char_boundary(at) || (at > 0 && text[..at].ends_with('\r') && text[at..].starts_with('\n')) {
+        at -= 1;
+    }
+    at
+}
+
+#[test]
+fn random_unicode_edits_and_completions_keep_working() {
+    let _ = default_model();
+    let mut s = Server::start(&[]);
+    // A short prompt keeps this quick on the debug build: what is tested is
+    // where text is cut and sliced, which does not depend on its length.
+    s.initialize(json!({"completion": {"maxTokens": 4, "prefixTokens": 128}}), json!({}));
+    let pieces = [
+        "def f(x):",
+        " ",
+        "    ",
+        "\t",
+        "\n",
+        "\r\n",
+        "x = 1",
+        "é",
+        "😀",
+        "日本語",
+        "🇯🇵",
+        "e\u{301}",
+        "\u{200b}",
+        "# ",
+        "ß",
+    ];
+    let mut rng = Rng(0x2545_F491_4F6C_DD1D);
+    let random_text = |rng: &mut Rng, n: usize| (0..n).map(|_| rng.pick(&pieces)).collect::<String>();
+    let uris = ["file:///tmp/anchorcoder-e2e/u0.py", "file:///tmp/anchorcoder-e2e/u1.py"];
+    // One short document and one whose 8 KiB marks fall among multi-byte characters.
+    let mut texts = vec![random_text(&mut rng, 40), random_text(&mut rng, 3_000)];
+    for (uri, text) in uris.iter().zip(&texts) {
+        s.open(uri, "python", text);
+    }
+    let mut versions = [1; 2];
+    let mut requests = Vec::new();
+    for _ in 0..300 {
+        let d = rng.below(2);
+        let text = &texts[d];
+        match rng.below(10) {
+            0..=5 => {
+                let a = snap(text, rng.below(text.len() + 1));
+                let b = snap(text, a + rng.below(13)).max(a);
+                let n = rng.below(3);
+                let insert = random_text(&mut rng, n);
+                versions[d] += 1;
+                s.notify(
+                    "textDocument/didChange",
+                    json!({"textDocument": {"uri": uris[d], "version": versions[d]},
+                           "contentChanges": [{"range": {"start": position_of(text, a), "end": position_of(text, b)},
+                                               "text": insert}]}),
+                );
+                texts[d] = format!("{}{insert}{}", &text[..a], &text[b..]);
+            }
+            6..=8 => {
+                let at = snap(text, rng.below(text.len() + 1));
+                requests.push(s.request_async(
+                    "textDocument/inlineCompletion",
+                    json!({"textDocument": {"uri": uris[d]}, "position": position_of(text, at),
+                           "context": {"triggerKind": 2}}),
+                ));
+            }
+            _ => {
+                let at = snap(text, rng.below(text.len() + 1));
+                s.notify(
+                    "anchorcoder/didMoveCursor",
+                    json!({"textDocument": {"uri": uris[d]}, "position": position_of(text, at)}),
+                );
+            }
+        }
+    }
+    // Every completion is a suggestion (or was replaced by a newer request):
+    // no position error (the server's text is the test's), no internal error.
+    for id in requests {
+        let r = s.response(id, LONG);
+        let error = r["error"]["message"].as_str().unwrap_or("");
+        assert!(error.is_empty() || error.contains("superseded") || error.contains("cancelled"), "{r}");
+    }
+    s.pump(Duration::from_millis(500));
+    let internal: Vec<_> = s.notifications.iter().filter(|(_, p)| p.to_string().contains("internal error")).collect();
+    assert!(internal.is_empty(), "{internal:?}");
+    assert!(s.alive());
+    s.shutdown();
+}
+
 #[test]
 fn a_missing_or_truncated_model_is_reported_and_the_server_stays_up() {
     let model = default_model();

@@ -574,6 +574,31 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_generation_cancelled_while_recomputing_the_last_token_reports_nothing_prefilled() {
+        let tok = test_tokenizer();
+        let model = Llama::random(tiny_config(tok.vocab_size()), 5).unwrap();
+        let mut doc = DocumentCache::new(&model, policies()[0]);
+        doc.set_text(&tok, "def foo(x):\n    return x\n").unwrap();
+        doc.logits(&model, 8, &|| false).unwrap().unwrap();
+        // A shorter text that the cache already holds: nothing is pending, but
+        // the logits after its last token were not kept and must be recomputed.
+        doc.set_text(&tok, "def foo(x):\n    return x").unwrap();
+        assert_eq!(doc.pending(), 0);
+        let mut stop = |_: &str| false;
+        let params = GenerateParams {
+            max_tokens: 3,
+            forced_prefix: b"",
+            extra_prompt: &[],
+            chunk: 8,
+            stop: &mut stop,
+            cancelled: &|| true,
+        };
+        let g = generate(&model, &tok, &mut doc, params).unwrap();
+        assert!(g.stop == crate::engine::generate::StopReason::Cancelled);
+        assert_eq!(g.prefilled, 0);
+    }
+
+    #[test]
     fn generation_leaves_the_document_cache_as_it_was() {
         let tok = test_tokenizer();
         let model = Llama::random(tiny_config(tok.vocab_size()), 5).unwrap();

@@ -89,7 +89,9 @@ pub fn generate(model: &Llama, tok: &Tokenizer, doc: &mut DocumentCache, p: Gene
             text: String::new(),
             tokens: 0,
             stop: StopReason::Cancelled,
-            prefilled: pending - doc.pending(),
+            // `logits` may have re-queued the last token to recompute its
+            // logits before it was cancelled: then nothing was prefilled.
+            prefilled: pending.saturating_sub(doc.pending()),
             prefill_time: t0.elapsed(),
             decode_time: Duration::ZERO,
         });
