@@ -71,30 +71,28 @@ pub struct Generation {
 /// as before (plus any pending tokens now processed).
 pub fn generate(model: &Llama, tok: &Tokenizer, doc: &mut DocumentCache, p: GenerateParams<'_>) -> Result<Generation> {
     let t0 = Instant::now();
-    if doc.tokens().is_empty() && p.extra_prompt.is_empty() {
-        return Ok(Generation {
-            text: String::new(),
-            tokens: 0,
-            stop: StopReason::EmptyPrompt,
-            prefilled: 0,
-            prefill_time: Duration::ZERO,
-            decode_time: Duration::ZERO,
-        });
-    }
+    let nothing = |stop, prefilled| Generation {
+        text: String::new(),
+        tokens: 0,
+        stop,
+        prefilled,
+        prefill_time: t0.elapsed(),
+        decode_time: Duration::ZERO,
+    };
     let pending = doc.pending();
-    // With an empty document the extra prompt alone gives the first logits.
-    let logits = if doc.tokens().is_empty() { Some(Vec::new()) } else { doc.logits(model, p.chunk, p.cancelled)? };
+    let logits = if doc.tokens().is_empty() {
+        if p.extra_prompt.is_empty() {
+            return Ok(nothing(StopReason::EmptyPrompt, 0));
+        }
+        // The extra prompt alone gives the first logits.
+        Some(Vec::new())
+    } else {
+        doc.logits(model, p.chunk, p.cancelled)?
+    };
     let Some(mut logits) = logits else {
-        return Ok(Generation {
-            text: String::new(),
-            tokens: 0,
-            stop: StopReason::Cancelled,
-            // `logits` may have re-queued the last token to recompute its
-            // logits before it was cancelled: then nothing was prefilled.
-            prefilled: pending.saturating_sub(doc.pending()),
-            prefill_time: t0.elapsed(),
-            decode_time: Duration::ZERO,
-        });
+        // `logits` may have re-queued the last token to recompute its logits
+        // before it was cancelled: then nothing was prefilled.
+        return Ok(nothing(StopReason::Cancelled, pending.saturating_sub(doc.pending())));
     };
     let prefill_time = t0.elapsed();
     let doc_len = doc.kv().len();
