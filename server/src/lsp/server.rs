@@ -199,9 +199,13 @@ impl Backend {
                 Err(Error { code: ErrorCode::RequestCancelled, message: e.into(), data: None })
             }
             Ok(Err(e)) => Err(Error { code: ErrorCode::InternalError, message: e.into(), data: None }),
-            Err(_) => {
-                Err(Error { code: ErrorCode::InternalError, message: "the model worker stopped".into(), data: None })
-            }
+            // The job was dropped unanswered: it panicked (the worker logged
+            // the internal error and goes on) or the worker thread is gone.
+            Err(_) => Err(Error {
+                code: ErrorCode::InternalError,
+                message: "the model worker failed on this request (the server log has the error)".into(),
+                data: None,
+            }),
         }
     }
 
