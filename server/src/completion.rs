@@ -69,7 +69,9 @@ const BYTES_PER_TOKEN: usize = 3;
 /// Where the prompt of a cursor starts and what it heals.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Prompt {
-    /// Byte offset where the window starts (a line start).
+    /// Byte offset where the window starts: a line start, or, when the
+    /// cursor's line alone is longer than the budget, a step of half the
+    /// budget into that line.
     pub window_start: usize,
     /// Byte offset where the cached prompt text ends (before healed bytes).
     pub cut: usize,
@@ -113,16 +115,25 @@ pub fn plan(text: &str, cursor: usize, previous_start: Option<usize>, s: &Settin
 
     let budget = s.prefix_tokens * BYTES_PER_TOKEN;
     let keep = previous_start.filter(|&p| {
-        p <= line_begin && (p == 0 || text.as_bytes().get(p - 1) == Some(&b'\n')) && cursor - p <= 2 * budget
+        let line_start = p <= line_begin && (p == 0 || text.as_bytes().get(p - 1) == Some(&b'\n'));
+        let in_this_line = p > line_begin && p <= cursor && text.is_char_boundary(p);
+        (line_start || in_this_line) && cursor - p <= 2 * budget
     });
     let window_start = keep.unwrap_or_else(|| {
         if cursor <= budget {
-            0
-        } else {
-            // The first line start at or after `cursor - budget`.
-            let from = text.floor_char_boundary(cursor - budget);
-            text[from..line_begin].find('\n').map_or(line_begin, |i| from + i + 1)
+            return 0;
         }
+        let from = cursor - budget;
+        if from < line_begin {
+            // The first line start at or after `cursor - budget`.
+            let from = text.floor_char_boundary(from);
+            return text[from..line_begin].find('\n').map_or(line_begin, |i| from + i + 1);
+        }
+        // The cursor's line alone is over the budget (minified code, data):
+        // start inside it, at a step of half the budget from its start, so the
+        // window stays put while typing.
+        let step = (budget / 2).max(1);
+        text.floor_char_boundary(line_begin + (from - line_begin).div_ceil(step) * step)
     });
 
     let healed = heal_split(before);
@@ -437,6 +448,27 @@ mod tests {
         let far: String = format!("{text}{}", "x = 1\n".repeat(20));
         let r = plan(&far, far.len(), Some(p.window_start), &s);
         assert!(r.window_start > p.window_start);
+    }
+
+    #[test]
+    fn a_line_longer_than_the_budget_starts_the_window_inside_it_and_keeps_it() {
+        let s = Settings { prefix_tokens: 10, ..Settings::default() };
+        let budget = 10 * BYTES_PER_TOKEN;
+        for head in ["", "x = 1\n"] {
+            // Multi-byte characters so that steps can fall inside one.
+            let text = format!("{head}var a=[{}", "é,1,".repeat(200));
+            let p = plan(&text, text.len(), None, &s);
+            assert!(p.window_start > head.len() && text.is_char_boundary(p.window_start), "{}", p.window_start);
+            assert!(text.len() - p.window_start <= budget + 4, "{}", text.len() - p.window_start);
+            // Typing on keeps it; far past twice the budget it moves on.
+            let more = format!("{text}2,3");
+            assert_eq!(plan(&more, more.len(), Some(p.window_start), &s).window_start, p.window_start);
+            let far = format!("{text}{}", "4,".repeat(budget));
+            let q = plan(&far, far.len(), Some(p.window_start), &s);
+            assert!(q.window_start > p.window_start && far.len() - q.window_start <= budget + 4);
+            // Without the previous start, one more character keeps the step.
+            assert_eq!(plan(&more, more.len() - 1, None, &s).window_start, p.window_start);
+        }
     }
 
     #[test]

@@ -485,6 +485,16 @@ fn random_unicode_edits_and_completions_keep_working() {
             }
         }
     }
+    // One line longer than the prompt budget (minified code): the window
+    // starts inside it (this once panicked the worker).
+    let minified = "file:///tmp/anchorcoder-e2e/minified.js";
+    let line = "f(a,b);g(c);".repeat(4_000);
+    s.open(minified, "javascript", &format!("var x = 1;\n{line}"));
+    requests.push(s.request_async(
+        "textDocument/inlineCompletion",
+        json!({"textDocument": {"uri": minified}, "position": {"line": 1, "character": line.len()},
+               "context": {"triggerKind": 1}}),
+    ));
     // Every completion is a suggestion (or was replaced by a newer request):
     // no position error (the server's text is the test's), no internal error.
     for id in requests {
