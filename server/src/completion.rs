@@ -64,7 +64,7 @@ impl From<&crate::config::CompletionConfig> for Settings {
 /// Bytes per token assumed when sizing a window before tokenizing it (code
 /// runs 3–4 bytes a token with these vocabularies; erring low keeps windows
 /// inside their budget).
-const BYTES_PER_TOKEN: usize = 3;
+pub const BYTES_PER_TOKEN: usize = 3;
 
 /// Where the prompt of a cursor starts and what it heals.
 #[derive(Clone, Debug, PartialEq, Eq)]

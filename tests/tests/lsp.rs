@@ -502,6 +502,15 @@ fn random_unicode_edits_and_completions_keep_working() {
         let error = r["error"]["message"].as_str().unwrap_or("");
         assert!(error.is_empty() || error.contains("superseded") || error.contains("cancelled"), "{r}");
     }
+    // Digits are a token each: the prompt is planned again to stay near its
+    // 128-token budget instead of taking the ~400 tokens its bytes would give.
+    let digits = "file:///tmp/anchorcoder-e2e/digits.txt";
+    s.open(digits, "plaintext", &"1234567890\n".repeat(300));
+    let r = inline(&mut s, digits, 300, 0);
+    assert!(r["result"]["items"].is_array(), "{r}");
+    let st = s.status();
+    let doc = st["documents"].as_array().unwrap().iter().find(|d| d["uri"] == digits).cloned().unwrap();
+    assert!(doc["tokens"].as_u64().unwrap() <= 2 * 128, "{doc}");
     s.pump(Duration::from_millis(500));
     let internal: Vec<_> = s.notifications.iter().filter(|(_, p)| p.to_string().contains("internal error")).collect();
     assert!(internal.is_empty(), "{internal:?}");
