@@ -610,7 +610,7 @@ impl Worker {
         let cap = if previous == Some(prompt.window_start) { 2 * p } else { p + p / 4 };
         if tokens > cap {
             let bytes = prompt.cut - prompt.window_start;
-            let scaled = settings.prefix_tokens * bytes / (tokens * completion::BYTES_PER_TOKEN);
+            let scaled = p * bytes / (tokens * completion::BYTES_PER_TOKEN);
             let denser = Settings { prefix_tokens: scaled.max(1), ..settings };
             prompt = completion::plan(&region, cursor - lo, None, &denser);
             update = set(doc, &prompt)?;

@@ -27,10 +27,18 @@ fn inline(server: &mut Server, uri: &str, line: u32, character: u32) -> Value {
     )
 }
 
+/// The LSP position (line, UTF-16 character) of byte `at` in `text`; lines
+/// end at `\n`, `\r\n` or `\r`.
+fn position_of(text: &str, at: usize) -> (u32, u32) {
+    let before = &text[..at];
+    let line_start = before.rfind(['\n', '\r']).map_or(0, |i| i + 1);
+    let line = before.matches('\n').count() + before.matches('\r').count() - before.matches("\r\n").count();
+    (line as u32, before[line_start..].encode_utf16().count() as u32)
+}
+
+/// The position of the end of `text`.
 fn end_of(text: &str) -> (u32, u32) {
-    let line = text.matches('\n').count() as u32;
-    let last = text.rsplit('\n').next().unwrap();
-    (line, last.encode_utf16().count() as u32)
+    position_of(text, text.len())
 }
 
 fn started() -> Server {
@@ -397,23 +405,21 @@ fn random_malformed_messages_never_stop_the_server() {
     s.shutdown();
 }
 
-/// The LSP position (UTF-16) of byte `at` in `text`; lines end at `\n`,
-/// `\r\n` or `\r`.
-fn position_of(text: &str, at: usize) -> Value {
-    let before = &text[..at];
-    let line_start = before.rfind(['\n', '\r']).map_or(0, |i| i + 1);
-    let line = before.matches('\n').count() + before.matches('\r').count() - before.matches("\r\n").count();
-    json!({"line": line, "character": before[line_start..].encode_utf16().count()})
+/// [`position_of`] as an LSP `Position`.
+fn lsp_position(text: &str, at: usize) -> Value {
+    let (line, character) = position_of(text, at);
+    json!({"line": line, "character": character})
 }
 
 /// The nearest place at or before byte `at` that is a character boundary of
 /// `text` and does not split a `\r\n`.
-fn snap(text: &str, mut at: usize) -> usize {
-    at = at.min(text.len());
-    while !text.is_char_boundary(at) || (at > 0 && text[..at].ends_with('\r') && text[at..].starts_with('\n')) {
-        at -= 1;
+fn snap(text: &str, at: usize) -> usize {
+    let at = text.floor_char_boundary(at);
+    if at > 0 && text[..at].ends_with('\r') && text[at..].starts_with('\n') {
+        at - 1
+    } else {
+        at
     }
-    at
 }
 
 #[test]
@@ -463,7 +469,7 @@ fn random_unicode_edits_and_completions_keep_working() {
                 s.notify(
                     "textDocument/didChange",
                     json!({"textDocument": {"uri": uris[d], "version": versions[d]},
-                           "contentChanges": [{"range": {"start": position_of(text, a), "end": position_of(text, b)},
+                           "contentChanges": [{"range": {"start": lsp_position(text, a), "end": lsp_position(text, b)},
                                                "text": insert}]}),
                 );
                 texts[d] = format!("{}{insert}{}", &text[..a], &text[b..]);
@@ -472,7 +478,7 @@ fn random_unicode_edits_and_completions_keep_working() {
                 let at = snap(text, rng.below(text.len() + 1));
                 requests.push(s.request_async(
                     "textDocument/inlineCompletion",
-                    json!({"textDocument": {"uri": uris[d]}, "position": position_of(text, at),
+                    json!({"textDocument": {"uri": uris[d]}, "position": lsp_position(text, at),
                            "context": {"triggerKind": 2}}),
                 ));
             }
@@ -480,7 +486,7 @@ fn random_unicode_edits_and_completions_keep_working() {
                 let at = snap(text, rng.below(text.len() + 1));
                 s.notify(
                     "anchorcoder/didMoveCursor",
-                    json!({"textDocument": {"uri": uris[d]}, "position": position_of(text, at)}),
+                    json!({"textDocument": {"uri": uris[d]}, "position": lsp_position(text, at)}),
                 );
             }
         }
