@@ -66,6 +66,9 @@ impl From<&crate::config::CompletionConfig> for Settings {
 /// inside their budget).
 pub const BYTES_PER_TOKEN: usize = 3;
 
+/// Most bytes token healing cuts: more than any token spells.
+const MAX_HEAL: usize = 64;
+
 /// Where the prompt of a cursor starts and what it heals.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Prompt {
@@ -136,7 +139,11 @@ pub fn plan(text: &str, cursor: usize, previous_start: Option<usize>, s: &Settin
         text.floor_char_boundary(line_begin + (from - line_begin).div_ceil(step) * step)
     });
 
-    let healed = heal_split(before);
+    // Healing never reaches before the window (a line of one long word, or
+    // of spaces, longer than the budget) nor further back than any token.
+    let healable =
+        &text[text.floor_char_boundary(window_start.max(line_begin).max(cursor.saturating_sub(MAX_HEAL)))..cursor];
+    let healed = heal_split(healable);
     let block_indent = indent_width(before);
     Prompt {
         window_start,
@@ -468,6 +475,60 @@ mod tests {
             assert!(q.window_start > p.window_start && far.len() - q.window_start <= budget + 4);
             // Without the previous start, one more character keeps the step.
             assert_eq!(plan(&more, more.len() - 1, None, &s).window_start, p.window_start);
+        }
+    }
+
+    /// The worker slices `window_start..cut` (and the remote path
+    /// `max(line start, window_start)..cut`): a cursor at the end of a line
+    /// longer than the budget whose last word (or run of spaces) is longer
+    /// than the window once put the cut before the window (a panic).
+    #[test]
+    fn a_long_line_of_one_word_heals_inside_the_window() {
+        let text = "x".repeat(7000);
+        let p = plan(&text, text.len(), None, &Settings::default());
+        assert!(p.window_start <= p.cut && p.cut < text.len(), "{} > {}", p.window_start, p.cut);
+        assert_eq!(format!("{}{}", &text[p.window_start..p.cut], p.healed), text[p.window_start..]);
+        assert!(p.healed.len() <= MAX_HEAL);
+    }
+
+    /// Plan invariants over line lengths and cursors at and around the
+    /// budget, one long line or after others, at the document's end with and
+    /// without a newline, words, spaces, punctuation and multi-byte text.
+    #[test]
+    fn plans_hold_their_invariants_around_the_budget() {
+        for prefix_tokens in [1, 2, 10, 2048] {
+            let s = Settings { prefix_tokens, ..Settings::default() };
+            let budget = prefix_tokens * BYTES_PER_TOKEN;
+            for unit in ["x", " ", ".", "é", "ab ", "😀x"] {
+                for head in ["", "def f():\n", "a\n\n"] {
+                    for tail in ["", "\n", "\r\n", "\nmore\n"] {
+                        let mut lens: Vec<usize> = (0..8).collect();
+                        for b in [budget / 2, budget, 2 * budget, 3 * budget, 7000] {
+                            lens.extend(b.saturating_sub(3)..b + 4);
+                        }
+                        for n in lens {
+                            let line = unit.repeat(n.div_ceil(unit.len()));
+                            let text = format!("{head}{line}{tail}");
+                            let end = head.len() + line.len();
+                            let cursors = [head.len(), end.saturating_sub(1), end, text.len()];
+                            let mut previous = None;
+                            for cursor in cursors.into_iter().chain(cursors.into_iter().rev()) {
+                                let p = plan(&text, cursor, previous, &s);
+                                let at = text.floor_char_boundary(cursor);
+                                let from = line_start(&text, at).max(p.window_start);
+                                let ok = p.window_start <= p.cut
+                                    && from <= p.cut
+                                    && text.is_char_boundary(p.window_start)
+                                    && text.is_char_boundary(p.cut)
+                                    && text[p.cut..at] == p.healed
+                                    && p.healed.len() <= MAX_HEAL + 3;
+                                assert!(ok, "{prefix_tokens} {unit:?} {head:?} {tail:?} {n} {cursor}: {p:?}");
+                                previous = Some(p.window_start);
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 
