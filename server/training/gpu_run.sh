@@ -1,24 +1,39 @@
 #!/usr/bin/env bash
-# The GPU run, in two device calls on the same warm machine (see README.md):
+# The GPU run, in device calls on the same warm machine, one per carry that
+# pack_carry.py made (three today; see README.md), each within 30 s of the last:
 #
-#   call 1:  bash server/training/gpu_run.sh stash     carry: ["server/training/carry/a"]
-#   call 2:  bash server/training/gpu_run.sh train     carry: ["server/training/carry/b"]
+#   call 1:  bash server/training/gpu_run.sh stash     carry: ["server/training/carry/a"]   timeout_s 120
+#   call 2:  bash server/training/gpu_run.sh stash     carry: ["server/training/carry/b"]   timeout_s 120
+#   call 3:  bash server/training/gpu_run.sh train     carry: ["server/training/carry/c"]   timeout_s 300
 #
-# `stash` copies the first part of the GGUF to $STASH (default /tmp/anchorcoder-stash)
-# and checks its SHA-256; `train` joins it with the second part, checks the
-# SHA-256 of the whole GGUF, then trains the anchor-mask LoRA and the dense
-# (full-mask) control LoRA on the same data for the same number of steps,
-# evaluates base + both adapters on the held-out files and writes to $OUT:
-#   adapter_anchor.safetensors  adapter_full.safetensors  log.json  train.log
-# `all` does both in one call (only if everything fits one carry; it does not
-# for the default model: see README.md).
+# `stash` copies the GGUF part it carries to $STASH (default /tmp/anchorcoder-stash)
+# and checks its SHA-256; `train` joins all parts, checks the SHA-256 of the
+# whole GGUF, then trains the issue-17 adapters, one after the
+# other from the same base on the same prebuilt rows (fim.py: 2,048-token rows
+# in the server's layout, half of them fill-in-the-middle, the FIM markers'
+# embedding rows trained with the LoRA):
+#   adapter_anchor_r2.safetensors   anchor(R=2, S=4, dense_every=0)
+#   adapter_anchor_r0.safetensors   anchor(R=0, S=4, dense_every=0)
+# evaluates base + both adapters on the held-out rows under both policies and
+# full attention (loss, accuracy, FIM-middle loss/accuracy, KV fraction), and
+# writes to $OUT: the two adapters, log.json, train.log (4 files; each adapter
+# 14.1 MiB at rank 32, under the tool's 16 MiB per returned file).
 #
-# Knobs (environment): DENSE_EVERY (4), RECENT_LINES (0), SINK_TOKENS (4),
-# TRAIN_S (190: seconds of training for the anchor run; the control reuses its
-# step count), MAX_TOTAL_S (450: hard stop for training, measured from the
-# program's start; evaluation and export still run), LR (1e-3), RANK (16),
-# SEQ_LEN (1024), BATCH (16), EXTRA_ARGS (appended to train.py's arguments:
-# later flags win).
+# Timing rule (README.md): device time 15 min in all >= machine start (<= 3 min)
+# + the stash calls (<= 40 s each) + the train call + one rerun of the train
+# call. So the train call gets timeout_s 300 and this script stays well inside
+# it: each variant trains for TRAIN_S (90 s, its step count calibrated on steps
+# 5-15, hard stop at 1.1 x TRAIN_S), all training stops at MAX_TOTAL_S (230 s of
+# program time), and the evaluations and exports after it take ~30 s: worst
+# case ~260 s. Keep MAX_TOTAL_S >= 2.2 x TRAIN_S + 30 and MAX_TOTAL_S + 50 <=
+# the call's timeout_s.
+#
+# Knobs (environment): VARIANTS (anchor:R=2:D=0,anchor:R=0:D=0), SINK_TOKENS (4),
+# TRAIN_S (90), MAX_TOTAL_S (230), LR (1e-3), RANK (32), MLP_RANK (0: attention
+# only; RANK=16 MLP_RANK=8 is 12.8 MiB), BATCH (8), EVAL_TOKENS (262144),
+# EXTRA_EVAL (more eval policies, e.g. anchor:R=8:D=0), EXTRA_ARGS (appended to
+# train.py's arguments: later flags win). `legacy` trains the old way (token
+# streams in carry/b, anchor + full control; see git history of this file).
 set -uo pipefail
 cd "$(dirname "$0")"
 MODE=${1:-train}
@@ -36,35 +51,69 @@ info() {
   "$PY" -c 'import tokenizers; print("tokenizers", tokenizers.__version__)' 2>&1 || echo "tokenizers missing: no samples"
 }
 
+# A manifest of the carries (all alike; on the machine, the carried dir is there,
+# and ignored dirs of earlier calls may be too).
+a_manifest() { for d in carry/*/; do [ -f "$d/manifest.json" ] && { echo "$d/manifest.json"; return; }; done; }
+
+# part NAME -> "bytes sha256" from a manifest
+part_get() {
+  "$PY" -c "import json,sys; p=[p for p in json.load(open(sys.argv[1]))['parts'] if p['name']==sys.argv[2]][0]; print(p['bytes'], p['sha256'])" "$1" "$2"
+}
+
 stash() {
-  local m=carry/a/manifest.json
-  [ -f carry/a/gguf.part0 ] || { echo "FAIL: carry/a/gguf.part0 missing (carry server/training/carry/a)"; exit 2; }
+  local m f n want got
+  m=$(a_manifest)
+  [ -n "$m" ] || { echo "FAIL: no carry/*/manifest.json: carry one of server/training/carry/<x>"; exit 2; }
   mkdir -p "$STASH"
-  cp carry/a/gguf.part0 carry/a/manifest.json "$STASH/"
-  local want got
-  want=$(manifest_get $m part0_sha256)
-  got=$(sha256sum "$STASH/gguf.part0" | cut -d' ' -f1)
-  [ "$want" = "$got" ] || { echo "FAIL: part0 sha256 $got != $want"; exit 3; }
-  echo "STASHED part0 ($(stat -c %s "$STASH/gguf.part0") bytes, sha256 ok) in $STASH"
+  for f in carry/*/gguf.part*; do
+    [ -f "$f" ] || continue
+    n=$(basename "$f")
+    read -r _ want < <(part_get "$m" "$n")
+    cp "$f" "$STASH/$n"
+    got=$(sha256sum "$STASH/$n" | cut -d' ' -f1)
+    [ "$want" = "$got" ] || { echo "FAIL: $n sha256 $got != $want"; exit 3; }
+    echo "STASHED $n ($(stat -c %s "$STASH/$n") bytes, sha256 ok) in $STASH"
+  done
+  echo "stash now holds: $(ls "$STASH" | tr '\n' ' ')"
 }
 
 assemble() {
-  local m=carry/b/manifest.json p0=""
-  [ -f carry/b/gguf.part1 ] || { echo "FAIL: carry/b/gguf.part1 missing (carry server/training/carry/b)"; exit 2; }
-  for c in "$STASH/gguf.part0" carry/a/gguf.part0; do [ -f "$c" ] && { p0=$c; break; }; done
-  [ -n "$p0" ] || { echo "FAIL: no gguf.part0 on this machine: call 1 (stash) did not run on this machine (it was given back in between?)"; exit 4; }
+  local m parts n p c
+  m=$(a_manifest)
+  [ -n "$m" ] || { echo "FAIL: no carry/*/manifest.json: carry server/training/carry/<last>"; exit 2; }
+  DATA=carry/$(manifest_get "$m" data_carry)
+  parts=$("$PY" -c "import json,sys; print(' '.join(p['name'] for p in json.load(open(sys.argv[1]))['parts']))" "$m")
   mkdir -p /tmp/anchorcoder-gguf
-  GGUF=/tmp/anchorcoder-gguf/$(manifest_get $m gguf_name)
-  cat "$p0" carry/b/gguf.part1 > "$GGUF"
+  GGUF=/tmp/anchorcoder-gguf/$(manifest_get "$m" gguf_name)
+  : > "$GGUF"
+  for n in $parts; do
+    p=""
+    for c in carry/*/"$n" "$STASH/$n"; do [ -f "$c" ] && { p=$c; break; }; done
+    [ -n "$p" ] || { echo "FAIL: no $n on this machine: its stash call did not run on this machine (given back in between?); stashed: $(ls "$STASH" 2>/dev/null | tr '\n' ' ')"; exit 4; }
+    cat "$p" >> "$GGUF"
+  done
   local want got
-  want=$(manifest_get $m gguf_sha256)
+  want=$(manifest_get "$m" gguf_sha256)
   got=$(sha256sum "$GGUF" | cut -d' ' -f1)
   [ "$want" = "$got" ] || { echo "FAIL: GGUF sha256 $got != $want"; exit 5; }
-  echo "GGUF assembled: $GGUF $(stat -c %s "$GGUF") bytes, sha256 ok"
+  echo "GGUF assembled from $parts: $GGUF $(stat -c %s "$GGUF") bytes, sha256 ok; data in $DATA"
 }
 
 train() {
-  PYTHONUNBUFFERED=1 "$PY" train.py --gguf "$GGUF" --data carry/b --out "$OUT" \
+  [ -f "$DATA/rows_meta.json" ] || { echo "FAIL: $DATA has no rows_meta.json: pack fim.py's rows (README.md)"; exit 6; }
+  PYTHONUNBUFFERED=1 "$PY" train.py --gguf "$GGUF" --data "$DATA" --out "$OUT" \
+    --policy "${VARIANTS:-anchor:R=2:D=0,anchor:R=0:D=0}" --steps-from each --sink-tokens "${SINK_TOKENS:-4}" \
+    --extra-eval "${EXTRA_EVAL:-}" --time-budget "${TRAIN_S:-90}" --max-total-s "${MAX_TOTAL_S:-230}" \
+    --steps 100000 --batch "${BATCH:-8}" --lr "${LR:-1e-3}" --warmup 40 --rank "${RANK:-32}" \
+    --mlp-rank "${MLP_RANK:-0}" --eval-tokens "${EVAL_TOKENS:-262144}" --eval-batch 8 --samples 24 \
+    --log-every 25 ${EXTRA_ARGS:-} 2>&1 | tee "$OUT/train.log"
+  local rc=${PIPESTATUS[0]}
+  ls -la "$OUT"
+  return "$rc"
+}
+
+legacy() {
+  PYTHONUNBUFFERED=1 "$PY" train.py --gguf "$GGUF" --data "$DATA" --out "$OUT" \
     --policy anchor,full --recent-lines "${RECENT_LINES:-0}" --dense-every "${DENSE_EVERY:-4}" \
     --sink-tokens "${SINK_TOKENS:-4}" --extra-eval "${EXTRA_EVAL:-anchor:R=0:D=0,anchor:R=0:D=4}" \
     --time-budget "${TRAIN_S:-190}" --max-total-s "${MAX_TOTAL_S:-450}" --steps 100000 \
@@ -76,8 +125,9 @@ train() {
 }
 
 case "$MODE" in
-  stash) info; stash ;;
-  train) info; assemble && train ;;
-  all)   info; stash && assemble && train ;;
-  *) echo "usage: $0 stash|train|all"; exit 1 ;;
+  stash)  info; stash ;;
+  train)  info; assemble && train ;;
+  legacy) info; assemble && legacy ;;
+  all)    info; stash && assemble && train ;;  # one call: only where everything fits one carry
+  *) echo "usage: $0 stash|train|legacy|all"; exit 1 ;;
 esac

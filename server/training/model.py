@@ -84,8 +84,12 @@ def apply_rope_interleaved(x, cos, sin):
     return torch.stack((o0, o1), dim=-1).flatten(-2).to(x.dtype)
 
 
+ATTN = ("attn_q", "attn_k", "attn_v", "attn_output")
+MLP = ("ffn_gate", "ffn_up", "ffn_down")
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: LlamaConfig, w: dict, rank: int, alpha: float):
+    def __init__(self, cfg: LlamaConfig, w: dict, rank: int, alpha: float, mlp_rank: int = 0):
         super().__init__()
         self.cfg = cfg
         self.register_buffer("attn_norm", w["attn_norm"], persistent=False)
@@ -94,9 +98,11 @@ class Block(nn.Module):
         self.attn_k = LoRALinear(w["attn_k"], rank, alpha)
         self.attn_v = LoRALinear(w["attn_v"], rank, alpha)
         self.attn_output = LoRALinear(w["attn_output"], rank, alpha)
-        self.register_buffer("ffn_gate", w["ffn_gate"], persistent=False)
-        self.register_buffer("ffn_up", w["ffn_up"], persistent=False)
-        self.register_buffer("ffn_down", w["ffn_down"], persistent=False)
+        # MLP LoRA (mlp_rank > 0) at the same scale alpha / rank as the attention's
+        mlp_alpha = alpha / rank * mlp_rank if rank > 0 else 2.0 * mlp_rank
+        self.ffn_gate = LoRALinear(w["ffn_gate"], mlp_rank, mlp_alpha)
+        self.ffn_up = LoRALinear(w["ffn_up"], mlp_rank, mlp_alpha)
+        self.ffn_down = LoRALinear(w["ffn_down"], mlp_rank, mlp_alpha)
 
     def forward(self, h, cos, sin, mask):
         cfg = self.cfg
@@ -119,21 +125,34 @@ class Block(nn.Module):
         a = a.transpose(1, 2).reshape(b, t, cfg.n_heads * hd)
         h = h + self.attn_output(a).float()
         x = rms_norm(h, self.ffn_norm, cfg.rms_eps)
-        f = F.linear(F.silu(F.linear(x, self.ffn_gate)) * F.linear(x, self.ffn_up), self.ffn_down)
+        f = self.ffn_down(F.silu(self.ffn_gate(x)) * self.ffn_up(x))
         return h + f.float()
 
 
 class Llama(nn.Module):
-    def __init__(self, cfg: LlamaConfig, weights: dict, rank: int = 0, alpha: float = 1.0):
+    def __init__(self, cfg: LlamaConfig, weights: dict, rank: int = 0, alpha: float = 1.0, mlp_rank: int = 0,
+                 embd_ids=None):
+        """embd_ids: token ids whose embedding rows (input and tied output) are
+        trained with the LoRA and stored in the adapter (the FIM tokens)."""
         super().__init__()
         self.cfg = cfg
         self.register_buffer("tok_embd", weights["token_embd"], persistent=False)
         self.register_buffer("out_norm", weights["output_norm"], persistent=False)
         self.blocks = nn.ModuleList(
-            Block(cfg, {k.split(".", 2)[2]: v for k, v in weights.items() if k.startswith(f"blk.{l}.")}, rank, alpha)
+            Block(cfg, {k.split(".", 2)[2]: v for k, v in weights.items() if k.startswith(f"blk.{l}.")}, rank, alpha,
+                  mlp_rank)
             for l in range(cfg.n_layers))
         self.rank = rank
         self.alpha = alpha
+        self.mlp_rank = mlp_rank
+        self.embd_ids = [int(i) for i in (embd_ids or [])]
+        self.lora_on = True
+        if self.embd_ids:
+            e = self.tok_embd
+            self.register_buffer("embd_index", torch.tensor(self.embd_ids, dtype=torch.long, device=e.device),
+                                 persistent=False)
+            self.register_buffer("embd_init", embd_init_rows(e, len(self.embd_ids)), persistent=False)
+            self.embd_rows = nn.Parameter(self.embd_init.clone())
         self._rope = None
 
     def rope(self, t, device):
@@ -141,22 +160,31 @@ class Llama(nn.Module):
             self._rope = rope_tables(max(t, 1024), self.cfg.head_dim, self.cfg.rope_base, device)
         return self._rope[0][:t], self._rope[1][:t]
 
-    def hidden(self, tokens, masks, n_layers=None):
+    def embedding(self):
+        """The token embedding (also the tied output matrix), with the trained rows."""
+        if not self.embd_ids or not self.lora_on:
+            return self.tok_embd
+        return torch.index_put(self.tok_embd, (self.embd_index,), self.embd_rows.to(self.tok_embd.dtype))
+
+    def hidden(self, tokens, masks, n_layers=None, embd=None):
         """Final normed hidden states [B, T, dim]. masks: list (per layer) of bool
         [B,1,T,T] or None (dense causal)."""
-        h = F.embedding(tokens, self.tok_embd).float()
+        h = F.embedding(tokens, self.embedding() if embd is None else embd).float()
         cos, sin = self.rope(tokens.shape[1], tokens.device)
         for l, blk in enumerate(self.blocks[:n_layers]):
             h = blk(h, cos, sin, masks[l])
         return rms_norm(h, self.out_norm, self.cfg.rms_eps)
 
     def forward(self, tokens, masks, n_layers=None):
-        return F.linear(self.hidden(tokens, masks, n_layers), self.tok_embd)  # tied output
+        e = self.embedding()
+        return F.linear(self.hidden(tokens, masks, n_layers, e), e)  # tied output
 
     def lora_parameters(self):
-        return [p for n, p in self.named_parameters() if "lora_" in n]
+        """Everything the adapter trains: LoRA pairs and the embedding rows."""
+        return [p for n, p in self.named_parameters() if "lora_" in n or n == "embd_rows"]
 
     def set_lora_enabled(self, on: bool):
+        self.lora_on = on
         for m in self.modules():
             if isinstance(m, LoRALinear):
                 m.lora_enabled = on
@@ -169,24 +197,57 @@ class Llama(nn.Module):
                     bound = 1.0 / math.sqrt(m.lora_a.shape[1])  # kaiming_uniform(a=sqrt(5)) bound
                     m.lora_a.copy_((torch.rand(m.lora_a.shape, generator=g) * 2 - 1) * bound)
                     m.lora_b.zero_()
+        if self.embd_ids:
+            with torch.no_grad():
+                self.embd_rows.copy_(self.embd_init)
+
+    def lora_modules(self):
+        """(name, LoRALinear) of every adapted weight, e.g. ("blk.0.attn_q", m)."""
+        for l, blk in enumerate(self.blocks):
+            for name in ATTN + MLP:
+                m = getattr(blk, name)
+                if m.rank > 0:
+                    yield f"blk.{l}.{name}", m
 
     def lora_state(self) -> dict:
-        """Adapter tensors named as the Rust engine expects (GGUF layout)."""
+        """Adapter tensors named as the Rust engine expects (GGUF layout), and the
+        trained embedding rows as `token_embd.rows` [len(embd_ids), dim] (their
+        ids go in the metadata, `token_embd_rows`)."""
         out = {}
-        for l, blk in enumerate(self.blocks):
-            for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
-                m = getattr(blk, name)
-                out[f"blk.{l}.{name}.lora_a"] = m.lora_a.detach().float().cpu().contiguous()
-                out[f"blk.{l}.{name}.lora_b"] = m.lora_b.detach().float().cpu().contiguous()
+        for name, m in self.lora_modules():
+            out[f"{name}.lora_a"] = m.lora_a.detach().float().cpu().contiguous()
+            out[f"{name}.lora_b"] = m.lora_b.detach().float().cpu().contiguous()
+        if self.embd_ids:
+            out["token_embd.rows"] = self.embd_rows.detach().float().cpu().contiguous()
         return out
 
     def load_lora_state(self, state: dict):
-        for l, blk in enumerate(self.blocks):
-            for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
-                m = getattr(blk, name)
-                with torch.no_grad():
-                    m.lora_a.copy_(state[f"blk.{l}.{name}.lora_a"])
-                    m.lora_b.copy_(state[f"blk.{l}.{name}.lora_b"])
+        with torch.no_grad():
+            for name, m in self.lora_modules():
+                m.lora_a.copy_(state[f"{name}.lora_a"])
+                m.lora_b.copy_(state[f"{name}.lora_b"])
+            if self.embd_ids and "token_embd.rows" in state:
+                self.embd_rows.copy_(state["token_embd.rows"])
+
+
+def embd_init_rows(e: torch.Tensor, k: int) -> torch.Tensor:
+    """Start values of k new token rows: the mean embedding plus a small, fixed,
+    different perturbation per row (SmolLM2's issue-marker rows are untrained and
+    identical to each other, so the roles must be told apart from the start)."""
+    g = np.random.default_rng(1234)
+    mean = e.float().mean(0)
+    std = float(e.float().std())
+    noise = torch.from_numpy(g.standard_normal((k, e.shape[1])).astype(np.float32)).to(e.device)
+    return (mean[None, :] + 0.5 * std * noise).to(torch.float32)
+
+
+def adapter_bytes(cfg: LlamaConfig, rank: int, mlp_rank: int = 0, n_embd_rows: int = 0, n_layers=None) -> int:
+    """Size of the adapter's tensor data (float32), without the safetensors header."""
+    d, hd = cfg.dim, cfg.head_dim
+    q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
+    attn = rank * ((d + q) + (d + kv) * 2 + (q + d))
+    mlp = mlp_rank * ((d + cfg.ffn) * 2 + (cfg.ffn + d))
+    return 4 * ((attn + mlp) * (n_layers or cfg.n_layers) + n_embd_rows * d)
 
 
 def load_weights(g: GGUFFile, device="cpu", dtype=torch.float32, n_layers=None) -> tuple:
@@ -210,10 +271,11 @@ def load_weights(g: GGUFFile, device="cpu", dtype=torch.float32, n_layers=None) 
     return cfg, w
 
 
-def build_model(gguf_path: str, device="cpu", dtype=torch.float32, rank=0, alpha=1.0, n_layers=None):
+def build_model(gguf_path: str, device="cpu", dtype=torch.float32, rank=0, alpha=1.0, n_layers=None, mlp_rank=0,
+                embd_ids=None):
     g = GGUFFile(gguf_path)
     cfg, w = load_weights(g, device, dtype, n_layers)
-    model = Llama(cfg, w, rank, alpha).to(device)
+    model = Llama(cfg, w, rank, alpha, mlp_rank, embd_ids).to(device)
     model.requires_grad_(False)
     for p in model.lora_parameters():
         p.requires_grad_(True)

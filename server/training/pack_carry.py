@@ -1,20 +1,27 @@
 #!/usr/bin/env python3
-"""Lay out what travels to the GPU machine, in two carries that each fit.
+"""Lay out what travels to the GPU machine, in carries that each fit one call.
 
-The device tool copies at most 64 MiB per call (the whole working tree: tracked
-files, untracked-not-ignored files and the carried paths together). The base
-model alone is 93.8 MiB (98,362,432 bytes) and does not compress (xz -6: 86.3 MiB),
-and a lossy copy would train the adapter against a different base than the one
-the engine loads. So the GGUF travels byte-exact, split in two:
+The device tool copies at most 64 MiB per call: the whole working tree (tracked
+files, untracked-not-ignored files; 16.6 MiB today, most of it the two adapters
+in server/assets) travels with EVERY call, plus the carried paths. The base
+model alone is 93.8 MiB (98,362,432 bytes) and does not compress (xz -6: 86.3
+MiB), and a lossy copy would train the adapter against a different base than
+the one the engine loads. So the GGUF travels byte-exact, in parts:
 
-  carry/a/   gguf.part0 + manifest.json                    -> call 1: `gpu_run.sh stash`
-  carry/b/   gguf.part1 + train/val tokens + manifest.json -> call 2: `gpu_run.sh train`
+  carry/a/   gguf.part0 + manifest.json                  -> `gpu_run.sh stash`
+  carry/b/   gguf.part1 + manifest.json                  -> `gpu_run.sh stash`   (when 3 calls)
+  carry/c/   last part + training data + manifest.json   -> `gpu_run.sh train`
 
-Call 1 copies part0 to /tmp/anchorcoder-stash on the (warm) machine; call 2
-concatenates the parts, checks the SHA-256 of the whole GGUF, and trains. Both
-calls must land on the same warm machine (it is given back after 30 s idle).
+with as few calls as fit (3 with today's tree and ~6 MiB of rows; 2 when the
+tree is small). Each `stash` call copies its part to /tmp/anchorcoder-stash on
+the (warm) machine; `train` joins the parts, checks the SHA-256 of the whole
+GGUF, and trains. All calls must land on the same warm machine (it is given
+back after 30 s idle). The parts are balanced so that every call has the same
+headroom.
 
-The split point is chosen so that both calls have the same amount of headroom.
+The training data is fim.py's prebuilt rows (--data data/rows2048: train_rows,
+train_info, val_rows, val_info, rows_meta.json) or prepare_data.py's streams
+(--data data: train, val, meta.json).
 """
 from __future__ import annotations
 
@@ -65,7 +72,7 @@ def tree_bytes(repo: str) -> int:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", default=DEFAULT_GGUF)
-    ap.add_argument("--data", default=os.path.join(HERE, "data"))
+    ap.add_argument("--data", default=os.path.join(HERE, "data", "rows2048"))
     ap.add_argument("--out", default=os.path.join(HERE, "carry"))
     ap.add_argument("--repo", default=os.path.abspath(os.path.join(HERE, "..", "..")))
     ap.add_argument("--margin-mib", type=float, default=2.0, help="headroom left in each call for the repo growing")
@@ -73,59 +80,73 @@ def main(argv=None):
 
     gsize = os.path.getsize(args.gguf)
     data_files = []
-    for stem in ("train", "val"):
+    rows = os.path.exists(os.path.join(args.data, "rows_meta.json"))  # fim.py's prebuilt rows
+    for stem in (("train_rows", "val_rows") if rows else ("train", "val")):
         for ext in (".npy.xz", ".npy"):
             p = os.path.join(args.data, stem + ext)
             if os.path.exists(p):
                 data_files.append(p)
                 break
         else:
-            sys.exit(f"no {stem}.npy[.xz] in {args.data}: run prepare_data.py --xz first")
-    meta = os.path.join(args.data, "meta.json")
-    if os.path.exists(meta):
-        data_files.append(meta)
+            sys.exit(f"no {stem}.npy[.xz] in {args.data}: run " + ("fim.py --xz" if rows else "prepare_data.py --xz")
+                     + " first")
+    for extra in (("train_info.npy", "val_info.npy", "rows_meta.json") if rows else ("meta.json",)):
+        meta = os.path.join(args.data, extra)
+        if os.path.exists(meta):
+            data_files.append(meta)
+        elif rows:
+            sys.exit(f"{meta} missing: run fim.py again")
     dsize = sum(os.path.getsize(p) for p in data_files)
     tree = tree_bytes(args.repo)
-    code = 4096  # the two manifests
+    code = 8192  # the manifests
 
     print(f"GGUF {gsize:,} B ({gsize / MIB:.2f} MiB); data {dsize:,} B ({dsize / MIB:.2f} MiB); "
           f"working tree besides carries {tree:,} B ({tree / MIB:.2f} MiB); limit per call {LIMIT / MIB:.0f} MiB")
-    single = gsize + dsize + tree + code
-    print(f"one call would need {single / MIB:.2f} MiB: {'fits' if single <= LIMIT else 'does NOT fit'}")
-    # balance: part0 (+tree) == part1 + data (+tree)
-    part0 = (gsize + dsize) // 2
-    part1 = gsize - part0
-    call_a = tree + part0 + code
-    call_b = tree + part1 + dsize + code
     margin = args.margin_mib * MIB
-    print(f"call 1 (stash): {call_a / MIB:.2f} MiB; call 2 (train): {call_b / MIB:.2f} MiB")
-    if max(call_a, call_b) + margin > LIMIT:
-        sys.exit("does not fit in two calls either: lower --max-tokens in prepare_data.py")
+    # The fewest calls whose carries, balanced, each fit with the margin: the
+    # GGUF in n byte-exact parts, the last call with the last part and the data.
+    n = 1
+    while tree + code + -(-(gsize + dsize) // n) + margin > LIMIT:
+        n += 1
+        if n > 6 or tree + code + margin + dsize > LIMIT:
+            sys.exit("does not fit: lower --train-rows in fim.py (or shrink the working tree)")
+    if n > 26:
+        sys.exit("too many calls")
+    share = (gsize + dsize) // n
+    sizes = [share] * (n - 1) + [gsize - share * (n - 1)]
+    if sizes[-1] < 0:
+        sys.exit("the data alone is larger than one call's share: lower --train-rows in fim.py")
+    names = [chr(ord("a") + k) for k in range(n)]
+    calls = [tree + code + s + (dsize if k == n - 1 else 0) for k, s in enumerate(sizes)]
+    print(f"{n} calls: " + ", ".join(f"{nm} {c / MIB:.2f} MiB" for nm, c in zip(names, calls)))
 
     whole = sha256(args.gguf)
+    parts, off = [], 0
+    for k, s in enumerate(sizes):
+        parts.append({"name": f"gguf.part{k}", "carry": names[k], "offset": off, "bytes": s,
+                      "sha256": sha256(args.gguf, off, s)})
+        off += s
     manifest = {"gguf_name": os.path.basename(args.gguf), "gguf_bytes": gsize, "gguf_sha256": whole,
-                "part0_bytes": part0, "part0_sha256": sha256(args.gguf, 0, part0),
-                "part1_bytes": part1, "part1_sha256": sha256(args.gguf, part0, part1)}
-    a_dir, b_dir = os.path.join(args.out, "a"), os.path.join(args.out, "b")
-    for d in (a_dir, b_dir):
-        shutil.rmtree(d, ignore_errors=True)
+                "parts": parts, "data_carry": names[-1]}
+    shutil.rmtree(args.out, ignore_errors=True)
+    dirs = [os.path.join(args.out, nm) for nm in names]
+    for d in dirs:
         os.makedirs(d)
     with open(args.gguf, "rb") as src:
-        with open(os.path.join(a_dir, "gguf.part0"), "wb") as f:
-            left = part0
-            while left:
-                b = src.read(min(left, 8 * MIB))
-                f.write(b)
-                left -= len(b)
-        with open(os.path.join(b_dir, "gguf.part1"), "wb") as f:
-            shutil.copyfileobj(src, f)
+        for d, p in zip(dirs, parts):
+            with open(os.path.join(d, p["name"]), "wb") as f:
+                left = p["bytes"]
+                while left:
+                    b = src.read(min(left, 8 * MIB))
+                    f.write(b)
+                    left -= len(b)
     for p in data_files:
-        shutil.copy(p, b_dir)
-    for d in (a_dir, b_dir):
+        shutil.copy(p, dirs[-1])
+    for d in dirs:
         with open(os.path.join(d, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1)
-    for d in (a_dir, b_dir):
-        tot = sum(os.path.getsize(os.path.join(d, n)) for n in os.listdir(d))
+    for d in dirs:
+        tot = sum(os.path.getsize(os.path.join(d, x)) for x in os.listdir(d))
         print(f"{os.path.relpath(d, args.repo)}: {tot:,} B ({tot / MIB:.2f} MiB) + tree {tree / MIB:.2f} MiB = "
               f"{(tot + tree) / MIB:.2f} MiB")
     print(json.dumps(manifest, indent=1))

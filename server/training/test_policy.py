@@ -189,7 +189,8 @@ SAMPLES = [
     "x = 1",  # no newline at all
     "\n\n\n    a\n",  # leading anchors inside the sinks
 ]
-POLICIES = [Policy("anchor", 0, 4, 0), Policy("anchor", 0, 4, 4), Policy("anchor", 2, 1, 3),
+# anchor R=0 and R=2 without dense layers: the two variants of issue 17 (FIM rows: test_fim.py)
+POLICIES = [Policy("anchor", 0, 4, 0), Policy("anchor", 2, 4, 0), Policy("anchor", 0, 4, 4), Policy("anchor", 2, 1, 3),
             Policy("window", 0, 2, 0, 5), Policy("full", 0, 0, 0)]
 
 
