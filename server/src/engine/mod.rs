@@ -44,7 +44,7 @@ impl Engine {
         if !path.exists() {
             bail!("model not found: {} (run `anchorcoder model pull` for the default model)", path.display());
         }
-        let (model, tokenizer) = if path.is_dir() {
+        let (model, mut tokenizer) = if path.is_dir() {
             if adapter.is_some() {
                 bail!("adapters apply to GGUF models; {} is a Hugging Face folder", path.display());
             }
@@ -69,6 +69,10 @@ impl Engine {
                 tokenizer.vocab_size(),
                 model.config().vocab
             );
+        }
+        if let Some(a) = &adapter {
+            // An adapter trained with its own FIM tokens: the server's FIM detection uses them.
+            a.apply_fim(&mut tokenizer).with_context(|| format!("the adapter for {}", path.display()))?;
         }
         let policy = adapter.as_ref().and_then(|a| a.policy);
         Ok(Engine { model, tokenizer, path: path.to_path_buf(), adapter_policy: policy })

@@ -969,6 +969,19 @@ impl Tokenizer {
         self.fim
     }
 
+    /// Use `fim` as the fill-in-the-middle tokens (an adapter trained with its
+    /// own, see `Adapter::apply_fim`); they become control tokens, as the
+    /// model's own FIM tokens are. Ids past the vocabulary are ignored.
+    pub fn set_fim(&mut self, fim: FimIds) {
+        let ids = [fim.prefix, fim.suffix, fim.middle];
+        if ids.iter().all(|&id| (id as usize) < self.special.len()) {
+            for id in ids {
+                self.special[id as usize] = true;
+            }
+            self.fim = Some(fim);
+        }
+    }
+
     /// True for control, unknown and unused tokens (never produced by [`Tokenizer::encode`]).
     pub fn is_special(&self, id: u32) -> bool {
         self.special.get(id as usize).copied().unwrap_or(false)
