@@ -32,8 +32,9 @@
 # TRAIN_S (90), MAX_TOTAL_S (230), LR (1e-3), RANK (32), MLP_RANK (0: attention
 # only; RANK=16 MLP_RANK=8 is 12.8 MiB), BATCH (8), EVAL_TOKENS (262144),
 # EXTRA_EVAL (more eval policies, e.g. anchor:R=8:D=0), EXTRA_ARGS (appended to
-# train.py's arguments: later flags win). `legacy` trains the old way (token
-# streams in carry/b, anchor + full control; see git history of this file).
+# train.py's arguments: later flags win). `legacy` trains the issue-7 way
+# (prepare_data.py's streams packed instead of rows: `pack_carry.py --data data`;
+# anchor + full control on 1,024-token rows; RECENT_LINES, DENSE_EVERY, SEQ_LEN).
 set -uo pipefail
 cd "$(dirname "$0")"
 MODE=${1:-train}
