@@ -43,6 +43,9 @@ enum Command {
     /// Print the attention masks the engine uses for a file's tokens (JSON),
     /// to cross-check the training code.
     DebugMask(DebugMaskArgs),
+    /// Print the CPU features the engine detects, the kernel it uses, and
+    /// whether this machine advertises and grants AMX (which the engine never uses).
+    Cpu,
 }
 
 #[derive(Subcommand)]
@@ -117,6 +120,10 @@ fn main() {
         Command::Bench(a) => anchorcoder::bench::run(a),
         Command::Eval(a) => anchorcoder::eval::run(a),
         Command::DebugMask(a) => debug_mask(a),
+        Command::Cpu => {
+            print!("{}", anchorcoder::engine::cpu::report());
+            Ok(())
+        }
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -3,6 +3,7 @@
 
 pub mod adapter;
 pub mod attention;
+pub mod cpu;
 pub mod document;
 pub mod generate;
 pub mod kv_cache;
