@@ -2,20 +2,31 @@
 //! cursor tasks, and `anchorcoder eval build-tasks`, which makes such a set
 //! from real source files.
 //!
-//! A task is one JSON line `{"id", "language", "prefix", "suffix", "target"}`:
-//! the document is `prefix + suffix`, the cursor sits between them, and
-//! `target` is the rest of the cursor's line that was cut out. Each task runs
-//! exactly the path users get ([`completion::plan`], a fresh
-//! [`DocumentCache`], [`completion::complete`]); the suggestion is cut to its
-//! first line and scored against `target` by exact match (after trimming
-//! trailing whitespace) and edit similarity (1 − Levenshtein distance over
-//! characters / length of the longer string).
+//! A task is one JSON line `{"id", "language", "kind", "prefix", "suffix",
+//! "target"}`: the document is `prefix + suffix`, the cursor sits between
+//! them, and `target` is the text that was cut out there. Kinds
+//! ([`TaskKind`]): `mid-line` (the cursor at a character inside a line, the
+//! target the rest of that line), `fresh-line` (the cursor after a line's
+//! indentation, its code removed, the target that code) and `block` (the
+//! cursor after the indentation of a block's first line, the whole block
+//! removed, the target the block). Each task runs exactly the path users get
+//! ([`completion::plan`], a fresh [`DocumentCache`], [`completion::complete`]).
+//! Line kinds score the suggestion's first line, blocks the whole text (each
+//! line's trailing whitespace trimmed): exact match, edit similarity
+//! (1 − Levenshtein distance over characters / length of the longer string)
+//! and the share of the target's lines exactly right; empty suggestions and
+//! suggestions whose first line is empty are counted apart.
 //!
 //! Output: one JSON line per task (to `--out`, else stdout), then, as the
 //! last line on stdout, the summary `{"tasks", "exact_match",
-//! "edit_similarity", "kv_bytes", ...}` (means); with `--compare-full` also
-//! `"full"` (the same for the full policy), `"edit_similarity_ratio"` and
-//! `"kv_ratio"` (the policy's over full's).
+//! "edit_similarity", "lines_right", "empty", "empty_first_line",
+//! "kv_bytes", ...}` (means); with `--compare-full` also `"full"` (the same
+//! for the full policy), `"edit_similarity_ratio"` and `"kv_ratio"` (the
+//! policy's over full's); with `--fresh-line-compare` `"variants"` (the
+//! other [`FreshLine`] rules on the same prompt cache); with
+//! `--llama-server URL` `"llama_cpp"` (that server's `/completion` on the
+//! same prompt tokens, greedy, its raw first line or block) and
+//! `"llama_cpp_rules"` (its text through [`completion::finish`]).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -25,7 +36,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
 
-use crate::completion::{self, Settings};
+use crate::completion::{self, FreshLine, Settings};
 use crate::engine::document::DocumentCache;
 use crate::engine::policy::AttentionPolicy;
 use crate::engine::Engine;
@@ -57,9 +68,22 @@ pub struct EvalArgs {
     /// Run only the first N tasks.
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Most tokens to generate.
-    #[arg(long, default_value_t = 48)]
-    pub max_tokens: usize,
+    /// Most tokens to generate (default: 48 for line tasks, 64 for blocks).
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    /// Most lines of a block task's suggestion (`completion.maxLines`).
+    #[arg(long, default_value_t = 8)]
+    pub max_lines: usize,
+    /// The fresh-line rule to score.
+    #[arg(long, value_enum, default_value_t = FreshLineArg::Constrain)]
+    pub fresh_line: FreshLineArg,
+    /// Also score the other fresh-line rules on the same prompt cache.
+    #[arg(long)]
+    pub fresh_line_compare: bool,
+    /// Also answer every task with this llama.cpp server's `/completion`
+    /// (e.g. http://127.0.0.1:8080): the same prompt tokens, greedy.
+    #[arg(long)]
+    pub llama_server: Option<String>,
     /// Token budget of the text before the cursor.
     #[arg(long, default_value_t = 2048)]
     pub prefix_tokens: usize,
@@ -67,6 +91,47 @@ pub struct EvalArgs {
     /// (a long run that was stopped goes on where it was).
     #[arg(long, requires = "out")]
     pub resume: bool,
+}
+
+/// [`FreshLine`] on the command line.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FreshLineArg {
+    Constrain,
+    Continue,
+    Off,
+}
+
+impl From<FreshLineArg> for FreshLine {
+    fn from(a: FreshLineArg) -> FreshLine {
+        match a {
+            FreshLineArg::Constrain => FreshLine::Constrain,
+            FreshLineArg::Continue => FreshLine::Continue,
+            FreshLineArg::Off => FreshLine::Off,
+        }
+    }
+}
+
+/// The name of a fresh-line rule in results.
+fn fresh_line_name(f: FreshLine) -> &'static str {
+    match f {
+        FreshLine::Constrain => "constrain",
+        FreshLine::Continue => "continue",
+        FreshLine::Off => "off",
+    }
+}
+
+/// What a task cuts out at its cursor.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TaskKind {
+    /// The rest of a line, from a character inside it.
+    #[default]
+    MidLine,
+    /// A line's code; the line is left indented and empty, as after Enter.
+    FreshLine,
+    /// A block (to the end of its indentation level) from its first line's
+    /// code; that line is left indented and empty.
+    Block,
 }
 
 #[derive(Subcommand, Debug)]
@@ -105,6 +170,12 @@ pub struct BuildTasksArgs {
     /// Only files of at least this many lines.
     #[arg(long, default_value_t = 0)]
     pub min_file_lines: usize,
+    /// What each task cuts out.
+    #[arg(long, value_enum, default_value_t = TaskKind::MidLine)]
+    pub kind: TaskKind,
+    /// Most lines of a block task's target (`completion.maxLines`).
+    #[arg(long, default_value_t = 8)]
+    pub max_lines: usize,
     /// Where to write the tasks (JSON lines).
     #[arg(long)]
     pub out: PathBuf,
@@ -115,6 +186,9 @@ pub struct BuildTasksArgs {
 pub struct Task {
     pub id: String,
     pub language: String,
+    /// Absent in older task files: mid-line.
+    #[serde(default)]
+    pub kind: TaskKind,
     pub prefix: String,
     pub suffix: String,
     pub target: String,
@@ -139,12 +213,14 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let policy = args.policy.policy_for(&engine)?;
     let full = AttentionPolicy::full();
     let compare = args.compare_full && policy != full;
-    let settings = Settings {
-        max_tokens: args.max_tokens,
-        max_lines: 1,
-        prefix_tokens: args.prefix_tokens,
-        ..Settings::default()
-    };
+    let main_rule = FreshLine::from(args.fresh_line);
+    let mut rules = vec![main_rule];
+    if args.fresh_line_compare {
+        rules.extend(
+            [FreshLine::Constrain, FreshLine::Continue, FreshLine::Off].into_iter().filter(|&r| r != main_rule),
+        );
+    }
+    let llama = args.llama_server.as_deref().map(LlamaServer::parse).transpose()?;
 
     // With --resume, the lines of tasks already run are kept (same policy;
     // with --compare-full only those that carry the full run too).
@@ -164,7 +240,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             );
             // Rewrite the kept lines in task order (a partial last line is dropped).
             for t in &tasks {
-                if let Some((line, _, _)) = done.get(&t.id) {
+                if let Some(line) = done.get(&t.id) {
                     writeln!(w, "{line}")?;
                 }
             }
@@ -176,52 +252,120 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if !done.is_empty() {
         eprintln!("eval: resuming, {} of {} tasks already done", done.len(), tasks.len());
     }
-    let mut ours = Vec::with_capacity(tasks.len());
-    let mut theirs = Vec::new();
+    // Results by what produced them: "" (the policy), "full", "variants.NAME",
+    // "llama_cpp", "llama_cpp_rules".
+    let mut results: std::collections::BTreeMap<String, Vec<TaskResult>> = Default::default();
     let t0 = Instant::now();
     for (i, task) in tasks.iter().enumerate() {
-        if let Some((_, r, f)) = done.remove(&task.id) {
-            ours.push(r);
-            theirs.extend(f);
-            continue;
+        let line = match done.remove(&task.id) {
+            Some(l) => l,
+            None => {
+                let settings = task_settings(&args, task.kind, main_rule);
+                let rs = eval_task_rules(&engine, policy, task, &settings, &rules);
+                let mut line = rs[0].to_json(task, policy);
+                for (r, rule) in rs.iter().zip(&rules).skip(1) {
+                    line["variants"][fresh_line_name(*rule)] = r.to_json(task, policy);
+                }
+                if args.compare_full {
+                    // Under `full` itself, the comparison is the run itself.
+                    let f = if compare { eval_task(&engine, full, task, &settings) } else { rs[0].clone() };
+                    line["full"] = f.to_json(task, full);
+                }
+                if let Some(server) = &llama {
+                    match llama_task(&engine, server, task, &settings) {
+                        Ok((raw, rules)) => {
+                            line["llama_cpp"] = raw.to_json(task, full);
+                            line["llama_cpp_rules"] = rules.to_json(task, full);
+                        }
+                        Err(e) => line["llama_cpp_error"] = format!("{e:#}").into(),
+                    }
+                }
+                let line = line.to_string();
+                writeln!(out, "{line}")?;
+                out.flush()?;
+                line
+            }
+        };
+        let v: serde_json::Value = serde_json::from_str(&line)?;
+        let mut keys = vec![String::new(), "full".into(), "llama_cpp".into(), "llama_cpp_rules".into()];
+        if let Some(m) = v["variants"].as_object() {
+            keys.extend(m.keys().map(|k| format!("variants.{k}")));
         }
-        let r = eval_task(&engine, policy, task, &settings);
-        let mut line = r.to_json(task, policy);
-        if args.compare_full {
-            // Under `full` itself, the comparison is the run itself.
-            let f = if compare { eval_task(&engine, full, task, &settings) } else { r.clone() };
-            line["full"] = f.to_json(task, full);
-            theirs.push(f);
+        for k in keys {
+            let part = k.split('.').filter(|p| !p.is_empty()).fold(&v, |v, p| &v[p]);
+            if let Some(r) = TaskResult::from_json(part) {
+                results.entry(k).or_default().push(r);
+            }
         }
-        writeln!(out, "{line}")?;
-        out.flush()?;
-        ours.push(r);
         if (i + 1) % 10 == 0 || i + 1 == tasks.len() {
-            let s = Summary::of(&ours);
+            let s = Summary::of(results.get("").map_or(&[][..], |v| v));
             eprintln!(
-                "eval: {}/{} tasks, exact {:.3}, edit similarity {:.3}, {:.0}s",
+                "eval: {}/{} tasks, exact {:.3}, edit similarity {:.3}, empty first line {:.3}, {:.0}s",
                 i + 1,
                 tasks.len(),
                 s.exact_match,
                 s.edit_similarity,
+                s.empty_first_line,
                 t0.elapsed().as_secs_f64()
             );
         }
     }
     out.flush()?;
     drop(out);
-    let full_summary = args.compare_full.then(|| Summary::of(&theirs));
-    println!("{}", summary_json(&Summary::of(&ours), policy, full_summary.as_ref()));
+    let of = |k: &str| results.get(k).map(|r| Summary::of(r));
+    let full_summary = if args.compare_full { Some(of("full").unwrap_or_else(|| Summary::of(&[]))) } else { None };
+    let mut summary = summary_json(&of("").unwrap_or_else(|| Summary::of(&[])), policy, full_summary.as_ref());
+    let kinds: std::collections::BTreeSet<&str> = tasks
+        .iter()
+        .map(|t| match t.kind {
+            TaskKind::MidLine => "mid-line",
+            TaskKind::FreshLine => "fresh-line",
+            TaskKind::Block => "block",
+        })
+        .collect();
+    summary["kind"] = kinds.into_iter().collect::<Vec<_>>().join(",").into();
+    summary["fresh_line"] = fresh_line_name(main_rule).into();
+    for (k, r) in &results {
+        if let Some(name) = k.strip_prefix("variants.") {
+            summary["variants"][name] = Summary::of(r).to_json();
+        } else if k.starts_with("llama_cpp") {
+            summary[k.as_str()] = Summary::of(r).to_json();
+        }
+    }
+    println!("{summary}");
     Ok(())
+}
+
+/// The completion settings of a task: mid-line tasks stop at the end of the
+/// line (as the first eval did); fresh-line and block tasks generate up to
+/// `--max-lines` lines as the server does (so that a suggestion whose first
+/// line is empty shows as such; fresh lines then score the first line).
+fn task_settings(args: &EvalArgs, kind: TaskKind, rule: FreshLine) -> Settings {
+    let block = kind == TaskKind::Block;
+    Settings {
+        max_tokens: args.max_tokens.unwrap_or(if block { 64 } else { 48 }),
+        max_lines: if kind == TaskKind::MidLine { 1 } else { args.max_lines },
+        prefix_tokens: args.prefix_tokens,
+        fresh_line: rule,
+        ..Settings::default()
+    }
 }
 
 /// The outcome of one task under one policy.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TaskResult {
-    /// The suggestion's first line, trailing whitespace trimmed.
+    /// What was scored: the suggestion's first line (line tasks) or the
+    /// whole suggestion (blocks), trailing whitespace trimmed.
     pub suggestion: String,
     pub exact_match: bool,
     pub edit_similarity: f64,
+    /// Share of the target's lines that the suggestion has exactly right.
+    pub lines_right: f64,
+    /// The suggestion was empty (nothing shown).
+    pub empty: bool,
+    /// The suggestion was not empty but its first line was (the ghost text
+    /// on the cursor's line is empty).
+    pub empty_first_line: bool,
     /// K/V bytes of the document cache at the cursor (after compaction).
     pub kv_bytes: usize,
     /// Tokens of the prompt.
@@ -235,10 +379,15 @@ pub struct TaskResult {
 impl TaskResult {
     /// Read back a task line's result (`None` if a field is missing).
     fn from_json(v: &serde_json::Value) -> Option<TaskResult> {
+        let exact_match = v["exact_match"].as_bool()?;
         Some(TaskResult {
             suggestion: v["suggestion"].as_str()?.to_string(),
-            exact_match: v["exact_match"].as_bool()?,
+            exact_match,
             edit_similarity: v["edit_similarity"].as_f64()?,
+            // Lines of older runs (line tasks only) lack the newer fields.
+            lines_right: v["lines_right"].as_f64().unwrap_or(f64::from(u8::from(exact_match))),
+            empty: v["empty"].as_bool().unwrap_or(false),
+            empty_first_line: v["empty_first_line"].as_bool().unwrap_or(false),
             kv_bytes: v["kv_bytes"].as_u64()? as usize,
             prompt_tokens: v["prompt_tokens"].as_u64()? as usize,
             latency_ms: v["latency_ms"].as_f64()?,
@@ -251,15 +400,29 @@ impl TaskResult {
             "id": task.id, "language": task.language, "policy": policy.describe(),
             "target": task.target.trim_end(), "suggestion": self.suggestion,
             "exact_match": self.exact_match, "edit_similarity": self.edit_similarity,
+            "lines_right": self.lines_right, "empty": self.empty, "empty_first_line": self.empty_first_line,
             "kv_bytes": self.kv_bytes, "prompt_tokens": self.prompt_tokens,
             "latency_ms": self.latency_ms, "stop": self.stop,
         })
     }
-}
 
-/// A finished task line of an earlier run: the line, its result, and the full
-/// policy's if it carries one.
-type DoneTask = (String, TaskResult, Option<TaskResult>);
+    /// Score a suggestion's text for `task`.
+    fn scored(task: &Task, text: &str, kv_bytes: usize, prompt_tokens: usize, latency_ms: f64, stop: String) -> Self {
+        let s = score_kind(task.kind, text, &task.target);
+        TaskResult {
+            suggestion: s.text,
+            exact_match: s.exact_match,
+            edit_similarity: s.edit_similarity,
+            lines_right: s.lines_right,
+            empty: s.empty,
+            empty_first_line: s.empty_first_line,
+            kv_bytes,
+            prompt_tokens,
+            latency_ms,
+            stop,
+        }
+    }
+}
 
 /// The task lines of an earlier run (`--out` of `--resume`), by task id.
 /// Lines of another policy are an error (the file belongs to another run).
@@ -267,7 +430,7 @@ fn read_done(
     path: &Path,
     policy: AttentionPolicy,
     need_full: bool,
-) -> Result<std::collections::HashMap<String, DoneTask>> {
+) -> Result<std::collections::HashMap<String, String>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut done = std::collections::HashMap::new();
     for l in text.lines() {
@@ -276,45 +439,129 @@ fn read_done(
         if v["policy"] != serde_json::Value::String(policy.describe()) {
             bail!("{} holds results of {} , not {}: use another --out", path.display(), v["policy"], policy.describe());
         }
-        let (Some(id), Some(r)) = (v["id"].as_str(), TaskResult::from_json(&v)) else { continue };
-        let f = TaskResult::from_json(&v["full"]);
-        if need_full && f.is_none() {
+        let (Some(id), Some(_)) = (v["id"].as_str(), TaskResult::from_json(&v)) else { continue };
+        if need_full && TaskResult::from_json(&v["full"]).is_none() {
             continue;
         }
-        done.insert(id.to_string(), (l.to_string(), r, f));
+        done.insert(id.to_string(), l.to_string());
     }
     Ok(done)
 }
 
 /// Run one task under `policy` exactly as a user's completion runs.
 pub fn eval_task(engine: &Engine, policy: AttentionPolicy, task: &Task, settings: &Settings) -> TaskResult {
-    let t0 = Instant::now();
+    eval_task_rules(engine, policy, task, settings, &[settings.fresh_line]).remove(0)
+}
+
+/// [`eval_task`] once per fresh-line rule, on one prompt cache (prefilled
+/// once; generation leaves it as it was).
+pub fn eval_task_rules(
+    engine: &Engine,
+    policy: AttentionPolicy,
+    task: &Task,
+    settings: &Settings,
+    rules: &[FreshLine],
+) -> Vec<TaskResult> {
     let text = format!("{}{}", task.prefix, task.suffix);
     let cursor = task.prefix.len();
     let prompt = completion::plan(&text, cursor, None, settings);
     let mut doc = DocumentCache::new(&engine.model, policy);
-    let run = (|| -> Result<completion::Suggestion> {
-        completion::set_prompt(engine, &mut doc, &text[prompt.window_start..prompt.cut], settings)?;
-        completion::complete(engine, &mut doc, &prompt, &text[cursor..], settings, 0, &|| false)
-    })();
-    let latency_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let set = completion::set_prompt(engine, &mut doc, &text[prompt.window_start..prompt.cut], settings);
+    let mut runs = Vec::new();
+    for &rule in rules {
+        let t0 = Instant::now();
+        let s = Settings { fresh_line: rule, ..settings.clone() };
+        let run = match &set {
+            Ok(_) => completion::complete(engine, &mut doc, &prompt, &text[cursor..], &s, 0, &|| false),
+            Err(e) => Err(anyhow::anyhow!("{e:#}")),
+        };
+        runs.push((run, t0.elapsed().as_secs_f64() * 1000.0));
+    }
     doc.compact();
     let stats = doc.stats();
-    let (text, stop) = match run {
-        Ok(s) => (s.text, format!("{:?}", s.stop)),
-        Err(e) => (String::new(), format!("error: {e:#}")),
-    };
-    let suggestion = first_line(&text).to_string();
-    let (exact_match, edit_similarity) = score(&suggestion, &task.target);
-    TaskResult {
-        suggestion,
-        exact_match,
-        edit_similarity,
-        kv_bytes: stats.kv.kv_bytes,
-        prompt_tokens: stats.tokens,
-        latency_ms,
-        stop,
+    runs.into_iter()
+        .map(|(run, latency_ms)| {
+            let (text, stop) = match run {
+                Ok(s) => (s.text, format!("{:?}", s.stop)),
+                Err(e) => (String::new(), format!("error: {e:#}")),
+            };
+            TaskResult::scored(task, &text, stats.kv.kv_bytes, stats.tokens, latency_ms, stop)
+        })
+        .collect()
+}
+
+/// A llama.cpp server to compare with (`--llama-server`).
+pub struct LlamaServer {
+    host: String,
+    port: u16,
+}
+
+impl LlamaServer {
+    /// From `http://HOST:PORT` (a trailing slash allowed).
+    pub fn parse(url: &str) -> Result<LlamaServer> {
+        let rest = url.strip_prefix("http://").context("--llama-server takes http://HOST:PORT")?;
+        let (host, port) = rest.trim_end_matches('/').rsplit_once(':').context("--llama-server needs a port")?;
+        Ok(LlamaServer { host: host.to_string(), port: port.parse().context("--llama-server: bad port")? })
     }
+
+    /// POST `body` (JSON) to `path`; the JSON answer.
+    fn post(&self, path: &str, body: &serde_json::Value) -> Result<serde_json::Value> {
+        use std::io::Read;
+        let body = body.to_string();
+        let mut s = std::net::TcpStream::connect((self.host.as_str(), self.port))
+            .with_context(|| format!("cannot reach llama.cpp's server at {}:{}", self.host, self.port))?;
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            self.host,
+            body.len()
+        )?;
+        let mut bytes = Vec::new();
+        s.read_to_end(&mut bytes)?;
+        let answer = String::from_utf8_lossy(&bytes);
+        let (head, body) = answer.split_once("\r\n\r\n").context("no HTTP answer")?;
+        if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+            bail!("{}: {body}", head.lines().next().unwrap_or(""));
+        }
+        Ok(serde_json::from_str(body)?)
+    }
+}
+
+/// One task answered by llama.cpp's `/completion` on the same prompt tokens
+/// as ours (lead tokens, the window up to the cursor — not cut for healing —
+/// and the fill-in-the-middle tail), greedy: scored raw (its first line, or
+/// its first `max_lines` lines for blocks) and through our clean-up rules.
+fn llama_task(
+    engine: &Engine,
+    server: &LlamaServer,
+    task: &Task,
+    settings: &Settings,
+) -> Result<(TaskResult, TaskResult)> {
+    let t0 = Instant::now();
+    let text = format!("{}{}", task.prefix, task.suffix);
+    let cursor = task.prefix.len();
+    let p = completion::plan(&text, cursor, None, settings);
+    let following = &text[cursor..];
+    let mut prompt = completion::lead_tokens(engine, settings);
+    prompt.extend(engine.tokenizer.encode(&text[p.window_start..cursor])?);
+    prompt.extend(completion::fim_tail(engine, following, settings)?);
+    let answer = server.post(
+        "/completion",
+        &serde_json::json!({
+            "prompt": prompt, "n_predict": settings.max_tokens, "temperature": 0.0, "top_k": 1,
+            "cache_prompt": false, "stream": false,
+        }),
+    )?;
+    let content = answer["content"].as_str().context("no \"content\" in llama.cpp's answer")?;
+    let latency_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let stop = answer["stop_type"].as_str().unwrap_or("?").to_string();
+    let raw: String = content.split('\n').take(settings.max_lines).collect::<Vec<_>>().join("\n");
+    let ruled = completion::finish(content, &p, following, settings);
+    Ok((
+        TaskResult::scored(task, &raw, 0, prompt.len(), latency_ms, stop.clone()),
+        TaskResult::scored(task, &ruled, 0, prompt.len(), latency_ms, stop),
+    ))
 }
 
 /// The first line of a suggestion, trailing whitespace trimmed.
@@ -327,6 +574,48 @@ pub fn first_line(s: &str) -> &str {
 pub fn score(suggestion: &str, target: &str) -> (bool, f64) {
     let (a, b) = (first_line(suggestion), target.trim_end());
     (a == b, edit_similarity(a, b))
+}
+
+/// How a suggestion scored against a task's target.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scored {
+    /// What was compared (first line, or the block with each line's
+    /// trailing whitespace and trailing blank lines trimmed).
+    pub text: String,
+    pub exact_match: bool,
+    pub edit_similarity: f64,
+    pub lines_right: f64,
+    pub empty: bool,
+    pub empty_first_line: bool,
+}
+
+/// Score `suggestion` against `target` as `kind` asks: line kinds by the
+/// first line, blocks by the whole text and line by line.
+pub fn score_kind(kind: TaskKind, suggestion: &str, target: &str) -> Scored {
+    let empty = suggestion.trim().is_empty();
+    let empty_first_line = !empty && first_line(suggestion).trim().is_empty();
+    let (text, want) = match kind {
+        TaskKind::Block => (block_text(suggestion), block_text(target)),
+        _ => (first_line(suggestion).to_string(), target.trim_end().to_string()),
+    };
+    let ours: Vec<&str> = text.split('\n').collect();
+    let wanted: Vec<&str> = want.split('\n').collect();
+    let right = wanted.iter().enumerate().filter(|(i, l)| ours.get(*i) == Some(*l)).count();
+    Scored {
+        exact_match: text == want,
+        edit_similarity: edit_similarity(&text, &want),
+        lines_right: right as f64 / wanted.len() as f64,
+        text,
+        empty,
+        empty_first_line,
+    }
+}
+
+/// A block as compared: each line's trailing whitespace and the trailing
+/// blank lines trimmed (`\r\n` read as `\n`).
+fn block_text(s: &str) -> String {
+    let lines: Vec<&str> = s.split('\n').map(str::trim_end).collect();
+    lines.join("\n").trim_end().to_string()
 }
 
 /// 1 − Levenshtein distance / length of the longer string, over characters
@@ -362,6 +651,11 @@ pub struct Summary {
     pub tasks: usize,
     pub exact_match: f64,
     pub edit_similarity: f64,
+    pub lines_right: f64,
+    /// Share of empty suggestions.
+    pub empty: f64,
+    /// Share of non-empty suggestions with an empty first line.
+    pub empty_first_line: f64,
     pub kv_bytes: f64,
     pub latency_ms: f64,
 }
@@ -376,10 +670,14 @@ impl Summary {
                 results.iter().map(f).sum::<f64>() / n as f64
             }
         };
+        let share = |f: &dyn Fn(&TaskResult) -> bool| mean(&|r| f64::from(u8::from(f(r))));
         Summary {
             tasks: n,
-            exact_match: mean(&|r| f64::from(u8::from(r.exact_match))),
+            exact_match: share(&|r| r.exact_match),
             edit_similarity: mean(&|r| r.edit_similarity),
+            lines_right: mean(&|r| r.lines_right),
+            empty: share(&|r| r.empty),
+            empty_first_line: share(&|r| r.empty_first_line),
             kv_bytes: mean(&|r| r.kv_bytes as f64),
             latency_ms: mean(&|r| r.latency_ms),
         }
@@ -388,8 +686,9 @@ impl Summary {
     fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "tasks": self.tasks, "exact_match": self.exact_match,
-            "edit_similarity": self.edit_similarity, "kv_bytes": self.kv_bytes,
-            "latency_ms": self.latency_ms,
+            "edit_similarity": self.edit_similarity, "lines_right": self.lines_right,
+            "empty": self.empty, "empty_first_line": self.empty_first_line,
+            "kv_bytes": self.kv_bytes, "latency_ms": self.latency_ms,
         })
     }
 }
@@ -479,7 +778,7 @@ pub fn is_code_line(line: &str, language: &str) -> bool {
     !comment
 }
 
-/// Pick up to `k` tasks in one file's `text`. `id` prefixes the task ids.
+/// Pick up to `k` mid-line tasks in one file's `text`. `id` prefixes the task ids.
 #[allow(clippy::too_many_arguments)]
 pub fn tasks_in_file(
     text: &str,
@@ -491,6 +790,48 @@ pub fn tasks_in_file(
     min_prefix: usize,
     rng: &mut Rng,
 ) -> Vec<Task> {
+    let caps = Caps { max_prefix, max_suffix, min_prefix, max_lines: 8 };
+    tasks_of_kind(TaskKind::MidLine, text, language, id, k, &caps, rng)
+}
+
+/// Limits of a task's document and target.
+#[derive(Clone, Copy, Debug)]
+pub struct Caps {
+    /// Most bytes of document before the cursor's line (whole lines).
+    pub max_prefix: usize,
+    /// Most bytes of document after the removed text (whole lines).
+    pub max_suffix: usize,
+    /// Only cursors with at least this many bytes of the file before their line.
+    pub min_prefix: usize,
+    /// Most lines of a block.
+    pub max_lines: usize,
+}
+
+/// Leading spaces and tabs of a line, in bytes.
+fn indent_len(line: &str) -> usize {
+    line.len() - line.trim_start_matches([' ', '\t']).len()
+}
+
+/// Whether a line opens a block: it ends with `:` (Python) or `{`.
+fn opens_block(line: &str, language: &str) -> bool {
+    let t = line.trim_end();
+    if language == "python" {
+        t.ends_with(':')
+    } else {
+        t.ends_with('{')
+    }
+}
+
+/// Pick up to `k` tasks of `kind` in one file's `text`. `id` prefixes the task ids.
+pub fn tasks_of_kind(
+    kind: TaskKind,
+    text: &str,
+    language: &str,
+    id: &str,
+    k: usize,
+    caps: &Caps,
+    rng: &mut Rng,
+) -> Vec<Task> {
     if text.contains('\r') {
         return Vec::new();
     }
@@ -498,13 +839,38 @@ pub fn tasks_in_file(
     let mut starts = vec![0];
     starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
     let line_end = |i: usize| text[starts[i]..].find('\n').map_or(text.len(), |e| starts[i] + e);
+    let line = |i: usize| &text[starts[i]..line_end(i)];
+    // A block task's last line: its first line's indentation level ends at
+    // the next non-blank line indented less; trailing blank lines are not
+    // part of it. `None`: not a block's first line, or too long.
+    let block_last = |i: usize| -> Option<usize> {
+        let prev = (0..i).rev().find(|&j| !line(j).trim().is_empty())?;
+        let indent = indent_len(line(i));
+        if !opens_block(line(prev), language) || indent_len(line(prev)) >= indent {
+            return None;
+        }
+        let mut last = i;
+        for j in i + 1..starts.len() {
+            let l = line(j);
+            if l.trim().is_empty() {
+                continue;
+            }
+            if indent_len(l) < indent {
+                break;
+            }
+            last = j;
+        }
+        let n = last - i + 1;
+        (2..=caps.max_lines).contains(&n).then_some(last)
+    };
     // Candidates: code lines after the first (the prompt must not be empty),
     // of reasonable length, with at least `min_prefix` bytes before them.
     let mut candidates: Vec<usize> = (1..starts.len())
-        .filter(|&i| starts[i] >= min_prefix)
-        .filter(|&i| {
-            let line = &text[starts[i]..line_end(i)];
-            line.len() <= 200 && is_code_line(line, language)
+        .filter(|&i| starts[i] >= caps.min_prefix)
+        .filter(|&i| line(i).len() <= 200 && is_code_line(line(i), language))
+        .filter(|&i| match kind {
+            TaskKind::Block => block_last(i).is_some_and(|last| (i..=last).all(|j| line(j).len() <= 200)),
+            _ => true,
         })
         .collect();
     rng.shuffle(&mut candidates);
@@ -513,20 +879,30 @@ pub fn tasks_in_file(
     let mut tasks = Vec::new();
     for i in candidates {
         let (ls, le) = (starts[i], line_end(i));
-        let line = &text[ls..le];
-        let indent = line.len() - line.trim_start().len();
-        let content: Vec<(usize, char)> = line[indent..].trim_end().char_indices().collect();
-        // Cursor at a character of the content, so that the target is never empty.
-        let (off, _) = content[rng.below(content.len())];
-        let cursor = ls + indent + off;
-        let target = text[cursor..le].trim_end().to_string();
+        let indent = line(i).len() - line(i).trim_start().len();
+        // The cursor, and the last line of the text removed after it.
+        let (cursor, last) = match kind {
+            TaskKind::MidLine => {
+                let content: Vec<(usize, char)> = line(i)[indent..].trim_end().char_indices().collect();
+                // Cursor at a character of the content, so that the target is never empty.
+                let (off, _) = content[rng.below(content.len())];
+                (ls + indent + off, i)
+            }
+            TaskKind::FreshLine => (ls + indent, i),
+            TaskKind::Block => (ls + indent, block_last(i).expect("a candidate")),
+        };
+        let removed_end = line_end(last);
+        let target = match kind {
+            TaskKind::Block => block_text(&text[cursor..removed_end]),
+            _ => text[cursor..le].trim_end().to_string(),
+        };
         // Whole lines around the cursor, within the caps.
-        let first = starts[..=i].partition_point(|&s| s + max_prefix < ls);
+        let first = starts[..=i].partition_point(|&s| s + caps.max_prefix < ls);
         let doc_start = starts[first.min(i)];
-        let mut doc_end = le;
-        for j in i + 1..starts.len() {
+        let mut doc_end = removed_end;
+        for j in last + 1..starts.len() {
             let e = line_end(j);
-            if e - le > max_suffix {
+            if e - removed_end > caps.max_suffix {
                 break;
             }
             doc_end = e;
@@ -535,8 +911,9 @@ pub fn tasks_in_file(
         tasks.push(Task {
             id: format!("{id}:{}:{col}", i + 1),
             language: language.to_string(),
+            kind,
             prefix: text[doc_start..cursor].to_string(),
-            suffix: text[le..doc_end].to_string(),
+            suffix: text[removed_end..doc_end].to_string(),
             target,
         });
     }
@@ -605,16 +982,13 @@ pub fn build_tasks(a: &BuildTasksArgs) -> Result<Vec<Task>> {
                 let lang = language_of(f).unwrap_or("text");
                 let rel = f.strip_prefix(root).unwrap_or(f);
                 let id = format!("{label}/{}", rel.display());
-                let t = tasks_in_file(
-                    &text,
-                    lang,
-                    &id,
-                    a.per_file,
-                    a.max_prefix_bytes,
-                    a.max_suffix_bytes,
-                    a.min_prefix_bytes,
-                    &mut rng,
-                );
+                let caps = Caps {
+                    max_prefix: a.max_prefix_bytes,
+                    max_suffix: a.max_suffix_bytes,
+                    min_prefix: a.min_prefix_bytes,
+                    max_lines: a.max_lines,
+                };
+                let t = tasks_of_kind(a.kind, &text, lang, &id, a.per_file, &caps, &mut rng);
                 if !t.is_empty() {
                     tasks.extend(t);
                     used += 1;
@@ -1000,6 +1374,86 @@ mod tests {
         }
     }
 
+    const BLOCKS: &str = "import os\n\ndef f(x):\n    y = x + 1\n    for i in y:\n        print(i)\n\n        z = i\n    return y\n\n\nclass A:\n    pass\n\nif x:\n    a = 1\n    b = 2\n";
+
+    #[test]
+    fn fresh_line_tasks_leave_the_line_indented_and_empty() {
+        let caps = Caps { max_prefix: 10_000, max_suffix: 10_000, min_prefix: 0, max_lines: 8 };
+        let tasks = tasks_of_kind(TaskKind::FreshLine, PY, "python", "t.py", 10, &caps, &mut Rng::new(1));
+        assert_eq!(tasks.len(), 3);
+        for t in &tasks {
+            assert_eq!(t.kind, TaskKind::FreshLine);
+            let before = &t.prefix[t.prefix.rfind('\n').map_or(0, |i| i + 1)..];
+            assert!(before.chars().all(|c| c == ' '), "{before:?}");
+            assert!(t.suffix.starts_with('\n'));
+            assert_eq!(format!("{}{}{}", t.prefix, t.target, t.suffix), PY);
+            assert!(!t.target.is_empty() && !t.target.starts_with(' '));
+        }
+        assert!(tasks.iter().any(|t| t.prefix.ends_with("\n    ") && t.target == "y = x + 1"));
+    }
+
+    #[test]
+    fn block_tasks_remove_a_whole_indentation_level() {
+        let caps = Caps { max_prefix: 10_000, max_suffix: 10_000, min_prefix: 0, max_lines: 8 };
+        let mut tasks = tasks_of_kind(TaskKind::Block, BLOCKS, "python", "t.py", 10, &caps, &mut Rng::new(1));
+        tasks.sort_by_key(|t| t.prefix.len());
+        // `def f` (6 lines, the blank one inside kept), `for` (3 lines), `if x` (2);
+        // `class A` has a one-line block.
+        let targets: Vec<&str> = tasks.iter().map(|t| t.target.as_str()).collect();
+        assert_eq!(
+            targets,
+            [
+                "y = x + 1\n    for i in y:\n        print(i)\n\n        z = i\n    return y",
+                "print(i)\n\n        z = i",
+                "a = 1\n    b = 2"
+            ]
+        );
+        for t in &tasks {
+            assert_eq!(t.kind, TaskKind::Block);
+            assert!(t.prefix.ends_with("\n    ") || t.prefix.ends_with("\n        "));
+            assert!(t.suffix.is_empty() || t.suffix.starts_with('\n'));
+            assert_eq!(format!("{}{}{}", t.prefix, t.target, t.suffix), BLOCKS);
+        }
+        // At most max_lines lines: the 6-line block goes at 4.
+        let caps = Caps { max_lines: 4, ..caps };
+        let tasks = tasks_of_kind(TaskKind::Block, BLOCKS, "python", "t.py", 10, &caps, &mut Rng::new(1));
+        assert_eq!(tasks.len(), 2);
+        // Braces open blocks in other languages.
+        let rs = "fn main() {\n    let x = 1;\n    if x > 0 {\n        y();\n    }\n}\n";
+        let tasks = tasks_of_kind(TaskKind::Block, rs, "rust", "m.rs", 10, &caps, &mut Rng::new(1));
+        let targets: Vec<&str> = tasks.iter().map(|t| t.target.as_str()).collect();
+        assert_eq!(targets, ["let x = 1;\n    if x > 0 {\n        y();\n    }"]);
+    }
+
+    #[test]
+    fn mid_line_is_the_default_kind_of_older_task_files() {
+        let t: Task =
+            serde_json::from_str(r#"{"id":"a","language":"python","prefix":"x","suffix":"","target":"y"}"#).unwrap();
+        assert_eq!(t.kind, TaskKind::MidLine);
+        let line = serde_json::to_string(&Task { kind: TaskKind::FreshLine, ..t }).unwrap();
+        assert!(line.contains(r#""kind":"fresh-line""#), "{line}");
+    }
+
+    #[test]
+    fn blocks_are_scored_whole_and_line_by_line() {
+        let target = "if x:\n        y = 1\n    z = 2";
+        let s = score_kind(TaskKind::Block, "if x:  \n        y = 1\n    z = 2\n\n", target);
+        assert!(s.exact_match && s.edit_similarity == 1.0 && s.lines_right == 1.0 && !s.empty);
+        let s = score_kind(TaskKind::Block, "if x:\n        y = 2\n    z = 2\n    w = 3", target);
+        assert!(!s.exact_match && (s.lines_right - 2.0 / 3.0).abs() < 1e-12);
+        assert!(s.edit_similarity > 0.5 && s.edit_similarity < 1.0);
+        // Empty suggestions and empty first lines are counted apart.
+        let s = score_kind(TaskKind::Block, "\n    if x:", target);
+        assert!(!s.empty && s.empty_first_line && s.lines_right == 0.0);
+        let s = score_kind(TaskKind::FreshLine, "", "return x");
+        assert!(s.empty && !s.empty_first_line && s.edit_similarity == 0.0);
+        // Line kinds score the first line only.
+        let s = score_kind(TaskKind::FreshLine, "return x \n    more", "return x");
+        assert!(s.exact_match && s.text == "return x" && s.lines_right == 1.0);
+        let s = score_kind(TaskKind::FreshLine, "\n    return x", "return x");
+        assert!(s.empty_first_line && !s.exact_match && s.edit_similarity == 0.0);
+    }
+
     #[test]
     fn tasks_are_deterministic_for_a_seed() {
         let run = |seed| tasks_in_file(PY, "python", "t.py", 2, 10_000, 10_000, 0, &mut Rng::new(seed));
@@ -1043,6 +1497,8 @@ mod tests {
             max_suffix_bytes: 1500,
             min_prefix_bytes: 0,
             min_file_lines: 0,
+            kind: TaskKind::MidLine,
+            max_lines: 8,
             out: dir.join("out.jsonl"),
         };
         let t1 = build_tasks(&args).unwrap();
@@ -1062,6 +1518,9 @@ mod tests {
             suggestion: String::new(),
             exact_match: exact,
             edit_similarity: es,
+            lines_right: es,
+            empty: false,
+            empty_first_line: !exact,
             kv_bytes: kv,
             prompt_tokens: 10,
             latency_ms: 1.0,
@@ -1070,9 +1529,10 @@ mod tests {
         let ours = Summary::of(&[r(true, 1.0, 100), r(false, 0.5, 300)]);
         let full = Summary::of(&[r(true, 1.0, 400), r(true, 1.0, 400)]);
         let v = summary_json(&ours, AttentionPolicy::standard_anchor(), None);
-        for k in ["tasks", "exact_match", "edit_similarity", "kv_bytes"] {
+        for k in ["tasks", "exact_match", "edit_similarity", "lines_right", "empty", "empty_first_line", "kv_bytes"] {
             assert!(v.get(k).is_some(), "{k}");
         }
+        assert_eq!(v["empty_first_line"], 0.5);
         assert!(v.get("full").is_none());
         assert_eq!(v["tasks"], 2);
         assert_eq!(v["exact_match"], 0.5);
@@ -1188,6 +1648,7 @@ mod tests {
         let task = Task {
             id: "a".into(),
             language: "python".into(),
+            kind: TaskKind::MidLine,
             prefix: "x".into(),
             suffix: String::new(),
             target: "y".into(),
@@ -1196,6 +1657,9 @@ mod tests {
             suggestion: "y".into(),
             exact_match: true,
             edit_similarity: 1.0,
+            lines_right: 1.0,
+            empty: false,
+            empty_first_line: false,
             kv_bytes: 10,
             prompt_tokens: 2,
             latency_ms: 3.0,
@@ -1209,7 +1673,7 @@ mod tests {
         std::fs::write(&path, format!("{line_a}\n{line_b}\n{{\"id\": \"c\", \"trunc")).unwrap();
         let done = read_done(&path, policy, false).unwrap();
         assert_eq!(done.len(), 2, "the cut-off line is dropped");
-        assert_eq!(done["a"].1, r);
+        assert_eq!(TaskResult::from_json(&serde_json::from_str(&done["a"]).unwrap()), Some(r));
         assert!(read_done(&path, policy, true).unwrap().is_empty(), "lines without the full run don't count");
         assert!(read_done(&path, AttentionPolicy::full(), false).is_err(), "another policy's file");
         std::fs::remove_dir_all(&dir).unwrap();

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Completion quality per cursor kind (issue 14): mid-line (a character inside
+# a line, target the rest of it), fresh-line (after a line's indentation, the
+# line's code removed, as after Enter) and block (a block's first line, the
+# whole block removed). Each kind is built from the same real code as
+# eval-devset.sh (Python's standard library, the cargo registry, npm), run
+# under the server's default policy with --compare-full (full attention),
+# --fresh-line-compare (the constrain / continue / off rules on the same
+# prompt cache) and, when llama.cpp's server is built, --llama-server (the
+# same prompt tokens through its /completion, greedy).
+#
+#   tests/bench/eval-kinds.sh [FILES [PER_FILE [SEED]]]
+#
+# Environment: ANCHORCODER (binary, default target/release/anchorcoder),
+# MODEL (default: the default model), KINDS (default "mid-line fresh-line
+# block"), MAX_PREFIX_BYTES (document cap before the cursor, default 2000 —
+# smaller than eval-devset.sh's 6000 so three kinds fit in a bounded run on
+# two cores), LLAMA_SERVER_BIN (default
+# ~/.cache/anchorcoder/tools/llama.cpp/bin/llama-server; NO_LLAMA=1 skips it),
+# OUT (default target/eval/kinds).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+FILES=${1:-33}
+PER_FILE=${2:-2}
+SEED=${3:-1}
+BIN=${ANCHORCODER:-target/release/anchorcoder}
+OUT=${OUT:-target/eval/kinds}
+PREFIX=${MAX_PREFIX_BYTES:-2000}
+mkdir -p "$OUT"
+
+if [[ ! -x $BIN ]]; then
+  cargo build --release -p anchorcoder
+fi
+source tests/bench/devset-sources.sh
+echo "sources: ${sources[*]}" >&2
+
+model=()
+[[ -n ${MODEL:-} ]] && model=(--model "$MODEL")
+MODEL_PATH=${MODEL:-$HOME/.cache/anchorcoder/models/SmolLM2-135M-Instruct.Q4_1.gguf}
+
+llama=()
+LLAMA_BIN=${LLAMA_SERVER_BIN:-${ANCHORCODER_TOOLS:-$HOME/.cache/anchorcoder/tools}/llama.cpp/bin/llama-server}
+server_pid=
+if [[ -z ${NO_LLAMA:-} && -x $LLAMA_BIN ]]; then
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  "$LLAMA_BIN" -m "$MODEL_PATH" -c 4096 -np 1 -t 2 --host 127.0.0.1 --port "$port" \
+    >"$OUT/llama-server.log" 2>&1 &
+  server_pid=$!
+  trap '[[ -n $server_pid ]] && kill "$server_pid" 2>/dev/null' EXIT
+  for _ in $(seq 1 300); do
+    curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  llama=(--llama-server "http://127.0.0.1:$port")
+  echo "llama.cpp: $LLAMA_BIN on port $port" >&2
+else
+  echo "llama.cpp's server not found ($LLAMA_BIN) or NO_LLAMA set: no comparison" >&2
+fi
+
+for kind in ${KINDS:-mid-line fresh-line block}; do
+  TASKS=$OUT/$kind-f$FILES-k$PER_FILE-s$SEED-p$PREFIX.jsonl
+  "$BIN" eval build-tasks --kind "$kind" --from "${sources[@]}" --files "$FILES" --per-file "$PER_FILE" \
+    --seed "$SEED" --max-prefix-bytes "$PREFIX" --out "$TASKS"
+  echo "== $kind" >&2
+  "$BIN" eval --tasks "$TASKS" "${model[@]}" --compare-full --fresh-line-compare "${llama[@]}" \
+    --out "$OUT/results-$kind-s$SEED.jsonl" --resume | tail -n 1 >"$OUT/summary-$kind-s$SEED.json"
+done
+
+python3 - "$OUT" "$SEED" ${KINDS:-mid-line fresh-line block} <<'PY'
+import json, sys
+out, seed, kinds = sys.argv[1], sys.argv[2], sys.argv[3:]
+print(f'{"kind":<11} {"run":<22} {"tasks":>5} {"EM":>6} {"ES":>6} {"lines":>6} {"empty":>6} {"empty 1st":>9}')
+for k in kinds:
+    s = json.load(open(f'{out}/summary-{k}-s{seed}.json'))
+    rows = [(f'default ({s["fresh_line"]})', s), ('full', s.get('full'))]
+    rows += [(f'default ({n})', v) for n, v in s.get('variants', {}).items()]
+    rows += [('llama.cpp raw', s.get('llama_cpp')), ('llama.cpp + rules', s.get('llama_cpp_rules'))]
+    for name, r in rows:
+        if r:
+            print(f'{k:<11} {name:<22} {r["tasks"]:5d} {r["exact_match"]:6.3f} {r["edit_similarity"]:6.3f} '
+                  f'{r["lines_right"]:6.3f} {r["empty"]:6.3f} {r["empty_first_line"]:9.3f}')
+PY
