@@ -653,9 +653,14 @@ impl Updater {
             Some(u) => *slot = Some(u.as_str().trim_end_matches('/').to_owned()),
             None => {
                 let kept = keeping_string(slot);
+                // Quoted without the credentials it may hold.
+                let shown = match value {
+                    Value::String(s) => Value::String(crate::redact::redact(s)),
+                    other => other.clone(),
+                };
                 self.reject(
                     path,
-                    value,
+                    &shown,
                     "an http:// or https:// URL without user, password, query or fragment, or null",
                     &kept,
                 );
@@ -1166,6 +1171,10 @@ mod tests {
             let messages = config.apply(&json!({ "backend": { "url": bad } }));
             assert_eq!(errors(&messages).len(), 1, "{bad}: {messages:?}");
         }
+        // A refused URL's credentials are not quoted back.
+        let messages = config.apply(&json!({ "backend": { "url": "http://alice:s3cret-pw@gpu:8080" } }));
+        assert!(messages[0].text().contains("\"http://[redacted]@gpu:8080\""), "{messages:?}");
+        assert!(!messages[0].text().contains("s3cret"), "{messages:?}");
         assert_eq!(config.backend.url, None);
     }
 

@@ -14,4 +14,5 @@ pub mod engine;
 pub mod eval;
 pub mod lsp;
 pub mod models;
+pub mod redact;
 pub mod worker;

@@ -337,3 +337,145 @@ fn fallback_to_local_serves_while_the_remote_is_down() {
     assert!(proxy.requests().iter().any(|r| r == "POST /completion"));
     s.shutdown();
 }
+
+/// A fake engine on loopback: each connection's request head (request line
+/// and headers) goes to `answer`, which writes the whole response.
+fn fake_engine(answer: fn(&str, &mut std::net::TcpStream)) -> String {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { return };
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && c.read(&mut byte).is_ok_and(|n| n == 1) {
+                    head.push(byte[0]);
+                }
+                answer(&String::from_utf8_lossy(&head), &mut c);
+            });
+        }
+    });
+    url
+}
+
+/// An error whose message echoes the request's headers, the authorization
+/// line first (as a careless engine or proxy does).
+fn echo_headers(code: u16, head: &str, c: &mut std::net::TcpStream) {
+    use std::io::Write;
+    let mut lines: Vec<&str> = head.lines().skip(1).filter(|l| !l.is_empty()).collect();
+    lines.sort_by_key(|l| !l.to_ascii_lowercase().starts_with("authorization"));
+    let body = json!({"error": {"message": format!("denied; you sent {}", lines.join("; "))}}).to_string();
+    let _ = write!(
+        c,
+        "HTTP/1.1 {code} Oops\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+/// The server process this test started last (a child of this process).
+fn children() -> Vec<u32> {
+    let me = std::process::id().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // pid (comm) state ppid ...
+            let after = stat.rsplit_once(") ").map_or("", |(_, a)| a);
+            stat.contains("(anchorcoder)") && after.split(' ').nth(1) == Some(me.as_str())
+        })
+        .collect()
+}
+
+/// Peak resident memory of a process, in MiB.
+fn peak_rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap().trim().trim_end_matches(" kB");
+    kb.trim().parse::<u64>().unwrap() / 1024
+}
+
+#[test]
+fn an_engine_that_echoes_the_headers_never_brings_the_key_out() {
+    const KEY: &str = "sk-e2e-echo-4711-zyxw";
+    let log = std::env::temp_dir().join(format!("anchorcoder-e2e-redact-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let url401 = fake_engine(|h, c| echo_headers(401, h, c));
+    let url500 = fake_engine(|h, c| echo_headers(500, h, c));
+    for (kind, url) in [("openai", &url401), ("llamacpp", &url500)] {
+        let mut settings =
+            backend(kind, url, json!({"apiKeyEnv": "ANCHORCODER_E2E_ECHO_KEY", "model": "m", "timeoutMs": 5000}));
+        settings["logFile"] = json!(log);
+        let mut s = started(settings, &[("ANCHORCODER_E2E_ECHO_KEY", KEY)], source());
+        let err = suggest(&mut s, end_of(source())).expect_err("the engine refuses");
+        assert!(err.contains("denied; you sent"), "the engine's message is kept: {err}");
+        assert!(shown(&mut s, "denied").is_some(), "{:?}", s.notifications);
+        // A URL with credentials is refused without quoting them.
+        s.notify(
+            "workspace/didChangeConfiguration",
+            json!({"settings": {"backend": {"url": "http://alice:pw-4711-secret@gpu.example:8000"}}}),
+        );
+        assert!(shown(&mut s, "backend.url").is_some(), "{:?}", s.notifications);
+        let st = s.status();
+        assert!(st["backend"]["lastError"].as_str().unwrap().contains("denied"), "{st}");
+        let everything = format!("{err} {st} {:?}", s.notifications);
+        let logged = std::fs::read_to_string(&log).unwrap();
+        assert!(logged.contains("denied") && logged.contains("backend.url"), "{logged}");
+        for secret in [KEY, "4711-zyxw", "pw-4711-secret"] {
+            assert!(!everything.contains(secret), "{secret} leaked: {everything}");
+            assert!(!logged.contains(secret), "{secret} leaked into the log: {logged}");
+        }
+        assert!(everything.contains("[redacted]"), "{everything}");
+        s.shutdown();
+    }
+    let _ = std::fs::remove_file(&log);
+}
+
+/// Headers, then one endless server-sent-events line.
+fn endless_line(_: &str, c: &mut std::net::TcpStream) {
+    use std::io::Write;
+    let _ = c.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\ndata: ");
+    let x = vec![b'x'; 1 << 16];
+    while c.write_all(&x).is_ok() {}
+}
+
+/// Headers and one event, then nothing.
+fn stall(head: &str, c: &mut std::net::TcpStream) {
+    use std::io::Write;
+    let event = if head.starts_with("POST /v1/") {
+        "data: {\"choices\":[{\"text\":\" \",\"finish_reason\":null}]}\n\n"
+    } else {
+        "data: {\"content\":\" \",\"stop\":false}\n\n"
+    };
+    let _ = write!(c, "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n{event}");
+    std::thread::sleep(Duration::from_secs(60));
+}
+
+#[test]
+fn an_endless_event_line_or_a_stalled_stream_fails_within_bounds() {
+    let (line_url, stall_url) = (fake_engine(endless_line), fake_engine(stall));
+    for kind in ["openai", "llamacpp"] {
+        let before = children();
+        let mut s = started(backend(kind, &line_url, json!({"model": "m", "timeoutMs": 20000})), &[], source());
+        let pid = *children().iter().find(|p| !before.contains(p)).expect("the server's pid");
+        let t0 = Instant::now();
+        let err = suggest(&mut s, end_of(source())).expect_err("an endless line");
+        assert!(err.contains("an event line longer than 8 MiB"), "{kind}: {err}");
+        assert!(t0.elapsed() < Duration::from_secs(20), "{kind}: {:?}", t0.elapsed());
+        let peak = peak_rss_mib(pid);
+        assert!(peak < 200, "{kind}: the server peaked at {peak} MiB");
+        assert!(s.status()["backend"]["lastError"].as_str().unwrap().contains("8 MiB"));
+        s.shutdown();
+
+        // The timeout bounds the streaming too, not only the wait for headers.
+        let mut s = started(backend(kind, &stall_url, json!({"model": "m", "timeoutMs": 1500})), &[], source());
+        let t0 = Instant::now();
+        let err = suggest(&mut s, end_of(source())).expect_err("a stalled stream");
+        assert!(err.contains("did not answer within 1500 ms"), "{kind}: {err}");
+        let took = t0.elapsed();
+        assert!(took >= Duration::from_millis(1400) && took < Duration::from_secs(5), "{kind}: {took:?}");
+        assert!(s.alive());
+        s.shutdown();
+    }
+}

@@ -12,7 +12,13 @@
 //! Health: every request and probe updates [`Reachability`]; failures are
 //! announced once per distinct message (typing must not flood the editor),
 //! recovery once. The API key is read from the environment variable named by
-//! `backend.apiKeyEnv` and only ever put in the `Authorization` header.
+//! `backend.apiKeyEnv` and only ever put in the `Authorization` header; it is
+//! registered with [`crate::redact`] when read, and every message, status
+//! and log line made here is redacted.
+//!
+//! `backend.timeoutMs` bounds a whole request: connecting, the headers and
+//! every byte of the answer (a deadline checked between reads, not only a
+//! timer around the future). What is read is bounded too (see [`http`]).
 
 pub mod http;
 pub mod llamacpp;
@@ -28,7 +34,8 @@ use serde_json::{json, Value};
 pub use http::RemoteError;
 
 use crate::config::{BackendConfig, BackendKind};
-use http::{body_message, root_cause, EventStream};
+use crate::redact::redact;
+use http::{body_message, read_capped, root_cause, EventStream, MAX_BODY, MAX_ERROR_BODY, MAX_TEXT};
 
 /// Time between health probes while the engine is down.
 pub const PROBE_EVERY: Duration = Duration::from_secs(2);
@@ -125,6 +132,12 @@ impl Remote {
                 .map_err(|e| format!("cannot set up the HTTP client: {}", root_cause(&e)))?;
             Ok((client, key))
         });
+        let notify: Arc<dyn Fn(Notice) + Send + Sync> = Arc::new(move |n| {
+            notify(match n {
+                Notice::Error(m) => Notice::Error(redact(&m)),
+                Notice::Log(m) => Notice::Log(redact(&m)),
+            })
+        });
         Remote { config: config.clone(), ready, health: Mutex::default(), notify }
     }
 
@@ -175,7 +188,8 @@ impl Remote {
         stop: &mut (dyn FnMut(&str) -> bool + Send),
     ) -> Result<String, RemoteError> {
         let t0 = Instant::now();
-        let r = match tokio::time::timeout(self.timeout(), self.generate_inner(req, stop)).await {
+        let deadline = tokio::time::Instant::now() + self.timeout();
+        let r = match tokio::time::timeout_at(deadline, self.generate_inner(req, stop, deadline)).await {
             Ok(r) => r,
             Err(_) => Err(self.timed_out()),
         };
@@ -187,15 +201,17 @@ impl Remote {
         &self,
         req: &RemoteRequest,
         stop: &mut (dyn FnMut(&str) -> bool + Send),
+        deadline: tokio::time::Instant,
     ) -> Result<String, RemoteError> {
         match self.config.kind {
             BackendKind::OpenAi => {
-                let model = self.model_name().await?;
-                self.post(openai::PATH, &openai::body(&model, req), openai::parse, stop).await
+                let model = self.model_name(deadline).await?;
+                self.post(openai::PATH, &openai::body(&model, req), openai::parse, stop, deadline).await
             }
             BackendKind::LlamaCpp => {
                 if req.suffix.is_some() && self.health().no_infill.is_none() {
-                    match self.post(llamacpp::INFILL, &llamacpp::infill_body(req), llamacpp::parse, stop).await {
+                    let body = llamacpp::infill_body(req);
+                    match self.post(llamacpp::INFILL, &body, llamacpp::parse, stop, deadline).await {
                         Err(e) if e.status == Some(501) => {
                             let why = format!(
                                 "the model on {} has no fill-in-the-middle tokens (/infill answered 501): \
@@ -208,18 +224,19 @@ impl Remote {
                         r => return r,
                     }
                 }
-                self.post(llamacpp::COMPLETION, &llamacpp::completion_body(req), llamacpp::parse, stop).await
+                let body = llamacpp::completion_body(req);
+                self.post(llamacpp::COMPLETION, &body, llamacpp::parse, stop, deadline).await
             }
             BackendKind::Local => Err(RemoteError::refused("`backend.kind` is \"local\": no remote engine".into())),
         }
     }
 
     /// `backend.model`, else the engine's first served model.
-    async fn model_name(&self) -> Result<String, RemoteError> {
+    async fn model_name(&self, deadline: tokio::time::Instant) -> Result<String, RemoteError> {
         if let Some(m) = self.config.model.clone().or_else(|| self.health().discovered_model.clone()) {
             return Ok(m);
         }
-        self.list_models().await?;
+        self.list_models(deadline).await?;
         self.health().discovered_model.clone().ok_or_else(|| {
             RemoteError::refused(format!(
                 "the remote engine at {} lists no model at {}; set `backend.model`",
@@ -234,34 +251,97 @@ impl Remote {
     pub async fn probe(&self) {
         self.health().last_probe = Some(Instant::now());
         let t0 = Instant::now();
-        let r = match tokio::time::timeout(self.timeout(), self.list_models()).await {
+        let deadline = tokio::time::Instant::now() + self.timeout();
+        let r = match tokio::time::timeout_at(deadline, self.list_models(deadline)).await {
             Ok(r) => r.map(|_| String::new()),
             Err(_) => Err(self.timed_out()),
         };
         self.record(&r, t0.elapsed());
     }
 
-    async fn list_models(&self) -> Result<(), RemoteError> {
+    async fn list_models(&self, deadline: tokio::time::Instant) -> Result<(), RemoteError> {
         let path = openai::MODELS_PATH;
-        let resp = self.request(Method::GET, path)?.send().await.map_err(|e| self.transport(e, path))?;
+        let mut resp = self.send(self.request(Method::GET, path, deadline)?, path, deadline).await?;
         let code = resp.status().as_u16();
-        let body = resp.text().await.map_err(|e| self.transport(e, path))?;
         if !(200..300).contains(&code) {
-            return Err(self.http_error(path, code, &body));
+            return Err(self.error_answer(path, code, &mut resp, deadline).await);
         }
-        if let Some(m) = serde_json::from_str::<Value>(&body).ok().and_then(|v| openai::first_model(&v)) {
+        let (body, more) = self.read_body(&mut resp, MAX_BODY, path, deadline).await?;
+        if more {
+            return Err(self.too_big(path));
+        }
+        if let Some(m) = serde_json::from_slice::<Value>(&body).ok().and_then(|v| openai::first_model(&v)) {
             self.health().discovered_model = Some(m);
         }
         Ok(())
     }
 
-    fn request(&self, method: Method, path: &str) -> Result<reqwest::RequestBuilder, RemoteError> {
+    /// A request with the API key and the time left before `deadline` as
+    /// reqwest's own timeout (connect, headers and body together).
+    fn request(
+        &self,
+        method: Method,
+        path: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<reqwest::RequestBuilder, RemoteError> {
         let (client, key) = self.ready.as_ref().map_err(|e| RemoteError::refused(e.clone()))?;
-        let rb = client.request(method, format!("{}{path}", self.base()));
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let rb = client.request(method, format!("{}{path}", self.base())).timeout(left.max(Duration::from_millis(1)));
         Ok(match key {
             Some(k) => rb.bearer_auth(k),
             None => rb,
         })
+    }
+
+    /// Send, until the headers arrive or `deadline` passes.
+    async fn send(
+        &self,
+        rb: reqwest::RequestBuilder,
+        path: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<reqwest::Response, RemoteError> {
+        match tokio::time::timeout_at(deadline, rb.send()).await {
+            Ok(r) => r.map_err(|e| self.transport(e, path)),
+            Err(_) => Err(self.timed_out()),
+        }
+    }
+
+    /// At most `cap` bytes of the body, before `deadline`.
+    async fn read_body(
+        &self,
+        resp: &mut reqwest::Response,
+        cap: usize,
+        path: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<(Vec<u8>, bool), RemoteError> {
+        match tokio::time::timeout_at(deadline, read_capped(resp, cap)).await {
+            Ok(r) => r.map_err(|e| self.transport(e, path)),
+            Err(_) => Err(self.timed_out()),
+        }
+    }
+
+    /// The error for a non-2xx answer, from at most [`MAX_ERROR_BODY`] bytes
+    /// of its body (an unreadable or late body leaves the message empty).
+    async fn error_answer(
+        &self,
+        path: &str,
+        code: u16,
+        resp: &mut reqwest::Response,
+        deadline: tokio::time::Instant,
+    ) -> RemoteError {
+        let body = match self.read_body(resp, MAX_ERROR_BODY, path, deadline).await {
+            Ok((b, _)) => String::from_utf8_lossy(&b).into_owned(),
+            Err(_) => String::new(),
+        };
+        self.http_error(path, code, &body)
+    }
+
+    fn too_big(&self, path: &str) -> RemoteError {
+        RemoteError::refused(format!(
+            "the remote engine at {} sent an answer on {path} larger than {} MiB; is `backend.url` an inference server?",
+            self.base(),
+            MAX_BODY >> 20
+        ))
     }
 
     /// POST `body`, then read the answer: a stream of events (fed to `stop`)
@@ -272,14 +352,13 @@ impl Remote {
         body: &Value,
         parse: fn(&Value) -> Result<(String, bool), String>,
         stop: &mut (dyn FnMut(&str) -> bool + Send),
+        deadline: tokio::time::Instant,
     ) -> Result<String, RemoteError> {
         self.health().last_endpoint = Some(path);
-        let mut resp =
-            self.request(Method::POST, path)?.json(body).send().await.map_err(|e| self.transport(e, path))?;
+        let mut resp = self.send(self.request(Method::POST, path, deadline)?.json(body), path, deadline).await?;
         let code = resp.status().as_u16();
         if !(200..300).contains(&code) {
-            let body = resp.text().await.unwrap_or_default();
-            return Err(self.http_error(path, code, &body));
+            return Err(self.error_answer(path, code, &mut resp, deadline).await);
         }
         let failed =
             |m: String| RemoteError::refused(format!("the remote engine at {} failed on {path}: {m}", self.base()));
@@ -289,25 +368,42 @@ impl Remote {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
         if !streamed {
-            let v: Value = resp.json().await.map_err(|e| self.transport(e, path))?;
+            let (body, more) = self.read_body(&mut resp, MAX_BODY, path, deadline).await?;
+            if more {
+                return Err(self.too_big(path));
+            }
+            let v: Value =
+                serde_json::from_slice(&body).map_err(|e| failed(format!("the answer is not JSON ({e})")))?;
             return parse(&v).map(|(text, _)| text).map_err(failed);
         }
         let mut events = EventStream::default();
         let mut text = String::new();
-        while let Some(bytes) = resp.chunk().await.map_err(|e| self.transport(e, path))? {
-            for data in events.push(&bytes) {
+        loop {
+            // The deadline is checked between reads too: an engine that
+            // streams without pause never lets a timer around this future
+            // fire on its own.
+            if tokio::time::Instant::now() >= deadline {
+                return Err(self.timed_out());
+            }
+            let bytes = match tokio::time::timeout_at(deadline, resp.chunk()).await {
+                Ok(Ok(Some(b))) => b,
+                Ok(Ok(None)) => return Ok(text),
+                Ok(Err(e)) => return Err(self.transport(e, path)),
+                Err(_) => return Err(self.timed_out()),
+            };
+            for data in events.push(&bytes).map_err(|e| failed(e.to_string()))? {
                 if data == "[DONE]" {
                     return Ok(text);
                 }
                 let v: Value = serde_json::from_str(&data).map_err(|e| failed(format!("malformed event ({e})")))?;
                 let (piece, last) = parse(&v).map_err(failed)?;
                 text.push_str(&piece);
-                if last || stop(&text) {
+                if last || text.len() >= MAX_TEXT || stop(&text) {
                     return Ok(text);
                 }
             }
+            tokio::task::yield_now().await;
         }
-        Ok(text)
     }
 
     fn timed_out(&self) -> RemoteError {
@@ -319,12 +415,14 @@ impl Remote {
     }
 
     fn transport(&self, e: reqwest::Error, path: &str) -> RemoteError {
+        if e.is_timeout() {
+            // reqwest's own timeout is the time left to the same deadline.
+            return self.timed_out();
+        }
         let base = self.base();
         let cause = root_cause(&e);
         RemoteError::down(if e.is_connect() {
             format!("cannot connect to the remote engine at {base}: {cause}")
-        } else if e.is_timeout() {
-            format!("the remote engine at {base} timed out on {path}: {cause}")
         } else {
             format!("the connection to the remote engine at {base} broke during {path}: {cause}")
         })
@@ -333,6 +431,7 @@ impl Remote {
     fn http_error(&self, path: &str, code: u16, body: &str) -> RemoteError {
         let (base, msg) = (self.base(), body_message(body));
         let mut e = match code {
+            // (the constructors redact the engine's message)
             401 | 403 => RemoteError::refused(match &self.config.api_key_env {
                 Some(env) => format!(
                     "the remote engine at {base} refused the API key from ${env} (HTTP {code}: {msg}); \
@@ -388,7 +487,7 @@ impl Remote {
         }
     }
 
-    /// The status object (`backend` in `anchorcoder/status`).
+    /// The status object (`backend` in `anchorcoder/status`), redacted.
     pub fn status(&self) -> Value {
         let h = self.health();
         let key = match (&self.ready, &self.config.api_key_env) {
@@ -396,7 +495,7 @@ impl Remote {
             (Ok(_), Some(env)) => format!("from ${env}"),
             (Ok(_), None) => "none".into(),
         };
-        json!({
+        let mut status = json!({
             "kind": self.config.kind,
             "url": self.base(),
             "model": self.config.model.clone().or_else(|| h.discovered_model.clone()),
@@ -408,7 +507,9 @@ impl Remote {
             "apiKey": key,
             "timeoutMs": self.config.timeout_ms,
             "fallbackToLocal": self.config.fallback_to_local,
-        })
+        });
+        crate::redact::redact_json(&mut status);
+        status
     }
 }
 
@@ -421,7 +522,10 @@ fn api_key(config: &BackendConfig) -> Result<Option<String>, String> {
         Ok(k) if !k.trim().bytes().all(|b| b.is_ascii_graphic()) => {
             Err(format!("{env} holds characters an API key cannot have (spaces or non-ASCII)"))
         }
-        Ok(k) => Ok(Some(k.trim().to_string())),
+        Ok(k) => {
+            crate::redact::register_secret(k.trim());
+            Ok(Some(k.trim().to_string()))
+        }
         Err(_) => Err(format!(
             "`backend.apiKeyEnv` names {env}, which is not set in the server's environment; \
              set it where the editor starts the server"
@@ -459,7 +563,7 @@ mod tests {
 
         let (r, _) = remote(BackendKind::OpenAi, "http://127.0.0.1:9", Some("ANCHORCODER_UNIT_UNSET"));
         assert!(r.status()["apiKey"].as_str().unwrap().contains("ANCHORCODER_UNIT_UNSET, which is not set"));
-        let e = r.request(Method::GET, "/").err().unwrap();
+        let e = r.request(Method::GET, "/", tokio::time::Instant::now()).err().unwrap();
         assert!(e.message.contains("not set in the server's environment"), "{e:?}");
     }
 
@@ -473,6 +577,127 @@ mod tests {
         assert!(e.message.contains("set `backend.apiKeyEnv`"), "{e:?}");
         assert!(r.http_error("/nope", 404, "").message.contains("check `backend.url`"));
         assert!(!r.http_error("/completion", 400, r#"{"error":"context too long"}"#).down);
+    }
+
+    /// A fake engine on loopback: `answer` gets each request's head (request
+    /// line and headers) and writes the whole response.
+    fn fake_engine(answer: fn(&str, &mut std::net::TcpStream)) -> String {
+        use std::io::Read;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut c) = conn else { return };
+                std::thread::spawn(move || {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") && c.read(&mut byte).is_ok_and(|n| n == 1) {
+                        head.push(byte[0]);
+                    }
+                    answer(&String::from_utf8_lossy(&head), &mut c);
+                });
+            }
+        });
+        url
+    }
+
+    fn request() -> RemoteRequest {
+        RemoteRequest {
+            context: "a".into(),
+            line: "b".into(),
+            forced: String::new(),
+            suffix: None,
+            max_tokens: 4,
+            stop: vec![],
+        }
+    }
+
+    fn echo_headers(code: u16, head: &str, c: &mut std::net::TcpStream) {
+        use std::io::Write;
+        // The authorization line first, as a careless proxy would echo it.
+        let mut lines: Vec<&str> = head.lines().skip(1).filter(|l| !l.is_empty()).collect();
+        lines.sort_by_key(|l| !l.to_ascii_lowercase().starts_with("authorization"));
+        let body = json!({"error": {"message": format!("denied; you sent {}", lines.join("; "))}}).to_string();
+        let _ = write!(
+            c,
+            "HTTP/1.1 {code} Oops\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_engine_that_echoes_the_key_never_brings_it_out() {
+        const KEY: &str = "sk-echo-unit-31337-abcdef";
+        std::env::set_var("ANCHORCODER_ECHO_KEY", KEY);
+        let url401 = fake_engine(|h, c| echo_headers(401, h, c));
+        let url500 = fake_engine(|h, c| echo_headers(500, h, c));
+        for (kind, url) in [(BackendKind::OpenAi, &url401), (BackendKind::LlamaCpp, &url500)] {
+            let (mut r, seen) = remote(kind, url, Some("ANCHORCODER_ECHO_KEY"));
+            r.config.model = Some("m".into());
+            let e = r.generate(&request(), &mut |_| false).await.unwrap_err();
+            assert!(e.message.contains("denied; you sent"), "the engine's message is kept: {e:?}");
+            r.probe().await;
+            let everything = format!("{e:?} {:?} {}", seen.lock().unwrap(), r.status());
+            assert!(!everything.contains(KEY) && !everything.contains("31337"), "the key leaked: {everything}");
+            assert!(everything.contains("[redacted]"), "{everything}");
+        }
+    }
+
+    /// Headers, then server-sent events of empty text with no pause, forever.
+    fn endless_events(head: &str, c: &mut std::net::TcpStream) {
+        use std::io::Write;
+        let event: &[u8] = if head.starts_with("POST /v1/") {
+            b"data: {\"choices\":[{\"text\":\"\",\"finish_reason\":null}]}\n\n"
+        } else {
+            b"data: {\"content\":\"\",\"stop\":false}\n\n"
+        };
+        let _ = c.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n");
+        let many = event.repeat(1000);
+        while c.write_all(&many).is_ok() {}
+    }
+
+    /// Headers, then one endless line.
+    fn endless_line(_: &str, c: &mut std::net::TcpStream) {
+        use std::io::Write;
+        let _ = c.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\ndata: ");
+        let x = vec![b'x'; 1 << 16];
+        while c.write_all(&x).is_ok() {}
+    }
+
+    /// Headers, then nothing.
+    fn stall(_: &str, c: &mut std::net::TcpStream) {
+        use std::io::Write;
+        let _ = c.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n");
+        std::thread::sleep(Duration::from_secs(30));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_timeout_bounds_the_whole_request_for_both_kinds() {
+        for answer in [endless_events as fn(&str, &mut std::net::TcpStream), stall] {
+            let url = fake_engine(answer);
+            for kind in [BackendKind::OpenAi, BackendKind::LlamaCpp] {
+                let (mut r, _) = remote(kind, &url, None);
+                (r.config.timeout_ms, r.config.model) = (800, Some("m".into()));
+                let t0 = Instant::now();
+                let e = r.generate(&request(), &mut |_| false).await.unwrap_err();
+                let took = t0.elapsed();
+                assert!(e.down && e.message.contains("did not answer within 800 ms"), "{kind:?}: {e:?}");
+                assert!(took >= Duration::from_millis(790) && took < Duration::from_millis(2500), "{kind:?}: {took:?}");
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_endless_event_line_fails_fast_and_clearly() {
+        let url = fake_engine(endless_line);
+        for kind in [BackendKind::OpenAi, BackendKind::LlamaCpp] {
+            let (mut r, _) = remote(kind, &url, None);
+            (r.config.timeout_ms, r.config.model) = (20_000, Some("m".into()));
+            let t0 = Instant::now();
+            let e = r.generate(&request(), &mut |_| false).await.unwrap_err();
+            assert!(e.message.contains("an event line longer than 8 MiB"), "{kind:?}: {e:?}");
+            assert!(t0.elapsed() < Duration::from_secs(10), "{kind:?}: {:?}", t0.elapsed());
+        }
     }
 
     #[tokio::test]

@@ -145,14 +145,15 @@ impl Backend {
     /// Append a line to the log file (if one could be opened).
     fn log_line(&self, line: &str) {
         if let Some(f) = self.log.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-            let _ = writeln!(f, "{} {line}", unix_seconds());
+            let _ = writeln!(f, "{} {}", unix_seconds(), crate::redact::redact(line));
         }
     }
 
     async fn report(&self, messages: Vec<ConfigMessage>) {
         for m in messages {
             self.log_line(m.text());
-            self.client.show_message(m.message_type(), format!("AnchorCoder: {}", m.text())).await;
+            let text = crate::redact::redact(m.text());
+            self.client.show_message(m.message_type(), format!("AnchorCoder: {text}")).await;
         }
     }
 
@@ -198,7 +199,9 @@ impl Backend {
             Ok(Err(e)) if e == "cancelled" || e.starts_with("superseded") => {
                 Err(Error { code: ErrorCode::RequestCancelled, message: e.into(), data: None })
             }
-            Ok(Err(e)) => Err(Error { code: ErrorCode::InternalError, message: e.into(), data: None }),
+            Ok(Err(e)) => {
+                Err(Error { code: ErrorCode::InternalError, message: crate::redact::redact(&e).into(), data: None })
+            }
             // The job was dropped unanswered: it panicked (the worker logged
             // the internal error and goes on) or the worker thread is gone.
             Err(_) => Err(Error {
@@ -315,6 +318,14 @@ impl Backend {
         let mut began = false;
         let mut log = log.and_then(|p| std::fs::OpenOptions::new().create(true).append(true).open(p).ok());
         while let Some(ev) = events.recv().await {
+            // Everything below goes to the log file or the client.
+            let ev = match ev {
+                Event::Progress { message, percentage, done } => {
+                    Event::Progress { message: crate::redact::redact(&message), percentage, done }
+                }
+                Event::Error(message) => Event::Error(crate::redact::redact(&message)),
+                Event::Log(message) => Event::Log(crate::redact::redact(&message)),
+            };
             match ev {
                 Event::Progress { message, percentage, done } => {
                     if let Some(f) = log.as_mut() {
