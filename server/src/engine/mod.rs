@@ -41,7 +41,14 @@ impl Engine {
 
     /// Like [`Engine::load`], merging a LoRA adapter (GGUF models only; see
     /// [`adapter::Adapter::choose`] for reading one from a setting).
+    ///
+    /// Errors name the file and what is wrong with it, never its content or
+    /// a backtrace ([`user_error`]).
     pub fn load_adapted(path: &Path, adapter: Option<adapter::Adapter>) -> Result<Engine> {
+        Engine::load_unchecked(path, adapter).map_err(user_error)
+    }
+
+    fn load_unchecked(path: &Path, adapter: Option<adapter::Adapter>) -> Result<Engine> {
         if !path.exists() {
             bail!("model not found: {} (run `anchorcoder model pull` for the default model)", path.display());
         }
@@ -50,6 +57,7 @@ impl Engine {
                 bail!("adapters apply to GGUF models; {} is a Hugging Face folder", path.display());
             }
             let tok_path = path.join("tokenizer.json");
+            check_regular(&tok_path, "tokenizer", MAX_TOKENIZER_JSON)?;
             let tokenizer = Tokenizer::from_file(&tok_path)
                 .with_context(|| format!("{}: a Hugging Face model folder needs tokenizer.json", path.display()))?;
             (Llama::from_hf_dir(path)?, tokenizer)
@@ -57,6 +65,7 @@ impl Engine {
             let (model, content) = Llama::from_gguf_with(path, adapter.as_ref())?;
             let beside = path.with_file_name("tokenizer.json");
             let tokenizer = if beside.exists() {
+                check_regular(&beside, "tokenizer", MAX_TOKENIZER_JSON)?;
                 Tokenizer::from_file(&beside)?
             } else {
                 Tokenizer::from_gguf(&content).with_context(|| format!("{}: tokenizer", path.display()))?
@@ -86,6 +95,141 @@ impl Engine {
             Some(trained) if configured_is_default => trained,
             _ => configured,
         }
+    }
+}
+
+/// The largest `tokenizer.json` read (real ones are a few MiB; the biggest
+/// multilingual vocabularies ~30 MiB).
+pub const MAX_TOKENIZER_JSON: u64 = 256 << 20;
+
+/// The largest `config.json` of a Hugging Face folder read (real ones are a
+/// few KiB).
+pub const MAX_MODEL_CONFIG: u64 = 16 << 20;
+
+/// What a file that is not a regular one is, for messages.
+fn file_kind(t: std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return "a named pipe (FIFO)";
+        }
+        if t.is_char_device() || t.is_block_device() {
+            return "a device";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+    }
+    if t.is_dir() {
+        "a folder"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Fail unless `path` is a regular file (following links) of at most `max`
+/// bytes; returns its length. Never opens it, so a FIFO cannot block and a
+/// device cannot stream forever.
+pub fn check_regular(path: &Path, what: &str, max: u64) -> Result<u64> {
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {what} {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{what} {} is {}, not a regular file", path.display(), file_kind(meta.file_type()));
+    }
+    if meta.len() > max {
+        bail!("{what} {} is {} bytes, more than the {} MiB a {what} may have", path.display(), meta.len(), max >> 20);
+    }
+    Ok(meta.len())
+}
+
+/// Open `path` for reading if it is a regular file of at most `max` bytes;
+/// returns it and its length. Opened without blocking (a FIFO swapped in
+/// after the check cannot hang the caller) and checked again once open.
+pub fn open_regular(path: &Path, what: &str, max: u64) -> Result<(std::fs::File, u64)> {
+    check_regular(path, what, max)?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.custom_flags(libc::O_NONBLOCK);
+    }
+    let file = opts.open(path).with_context(|| format!("cannot open {what} {}", path.display()))?;
+    let meta = file.metadata().with_context(|| format!("cannot read {what} {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{what} {} is {}, not a regular file", path.display(), file_kind(meta.file_type()));
+    }
+    Ok((file, meta.len()))
+}
+
+/// The whole of a regular file of at most `max` bytes (see [`open_regular`]);
+/// reads no more than the length it had when opened.
+pub fn read_regular(path: &Path, what: &str, max: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let (file, len) = open_regular(path, what, max)?;
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(len).read_to_end(&mut bytes).with_context(|| format!("cannot read {what} {}", path.display()))?;
+    Ok(bytes)
+}
+
+/// `text` without backtrace lines (candle errors carry one in their
+/// `Display` when `RUST_BACKTRACE` is set: frames with the builder's and the
+/// user's paths, nothing a user can act on).
+pub fn strip_backtrace(text: &str) -> String {
+    let frame = |l: &str| {
+        let t = l.trim_start();
+        let numbered = t.split_once(": ").is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        (l.starts_with(' ') && (numbered || t.starts_with("at "))) || t.starts_with("stack backtrace:")
+    };
+    let kept: Vec<&str> = text.lines().filter(|l| !frame(l)).collect();
+    kept.join("\n").trim_end().to_string()
+}
+
+/// An error for users: each message of the chain without backtraces (the
+/// chain stays, so `{:#}` still reads "outer: inner").
+pub fn user_error(e: anyhow::Error) -> anyhow::Error {
+    let mut messages: Vec<String> = e.chain().map(|c| strip_backtrace(&c.to_string())).collect();
+    let mut out = anyhow::anyhow!(messages.pop().unwrap_or_default());
+    while let Some(m) = messages.pop() {
+        out = out.context(m);
+    }
+    out
+}
+
+#[cfg(test)]
+mod file_tests {
+    use super::*;
+
+    #[test]
+    fn only_regular_files_are_opened() {
+        let e = open_regular(Path::new("/dev/zero"), "model file", u64::MAX).unwrap_err().to_string();
+        assert_eq!(e, "model file /dev/zero is a device, not a regular file");
+        let e = read_regular(Path::new("/tmp"), "adapter", u64::MAX).unwrap_err().to_string();
+        assert!(e.contains("is a folder"), "{e}");
+        let dir = std::env::temp_dir().join(format!("anchorcoder-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("pipe");
+        let _ = std::fs::remove_file(&fifo);
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = read_regular(&fifo, "adapter", u64::MAX).unwrap_err().to_string();
+        assert!(e.ends_with("pipe is a named pipe (FIFO), not a regular file"), "{e}");
+        let file = dir.join("f");
+        std::fs::write(&file, b"0123456789").unwrap();
+        assert_eq!(read_regular(&file, "adapter", 10).unwrap(), b"0123456789");
+        let e = read_regular(&file, "adapter", 9).unwrap_err().to_string();
+        assert!(e.contains("is 10 bytes, more than"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn user_errors_carry_no_backtrace() {
+        let bt = "unknown dtype 99\nstack backtrace:\n   0: candle_core::error::Error::bt\n             at /home/someone/.cargo/registry/src/error.rs:10:5\n   1: main";
+        let e = anyhow::anyhow!(bt.to_string()).context("model.gguf: cannot read tensor `x`");
+        let shown = format!("{:#}", user_error(e));
+        assert_eq!(shown, "model.gguf: cannot read tensor `x`: unknown dtype 99");
+        assert_eq!(strip_backtrace("line one\nline two: 3"), "line one\nline two: 3");
     }
 }
 
