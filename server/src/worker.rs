@@ -107,8 +107,6 @@ pub enum Job {
     Close { uri: String },
     /// Apply a new configuration.
     Configure(Box<Config>),
-    /// Report the worker's state.
-    Status(oneshot::Sender<WorkerStatus>),
 }
 
 /// Where the model is.
@@ -194,6 +192,10 @@ struct Shared {
     route: Arc<Mutex<Option<Arc<RemoteRoute>>>>,
     /// Latencies of the last completions, local and remote.
     latencies: Arc<Mutex<VecDeque<f64>>>,
+    /// The worker thread's state as of its last step ([`Worker::publish`]):
+    /// status is read from here, never by waiting for the thread, which may
+    /// be busy with the model for seconds.
+    snapshot: Arc<Mutex<Option<WorkerStatus>>>,
 }
 
 impl Shared {
@@ -328,13 +330,26 @@ impl WorkerHandle {
     pub fn queue_depth(&self) -> usize {
         self.shared.queue_depth.load(Ordering::SeqCst)
     }
+
+    /// The worker's state, at once: the thread's last published snapshot
+    /// with the live queue depth, latencies and backend health. Never waits
+    /// for the model.
+    pub fn status(&self) -> WorkerStatus {
+        let mut s = lock(&self.shared.snapshot).clone().expect("published before the thread starts");
+        s.queue_depth += self.queue_depth();
+        s.last_latencies_ms = lock(&self.shared.latencies).iter().copied().collect();
+        s.backend = self.shared.route().map_or_else(|| json!({ "kind": "local" }), |r| r.status());
+        s
+    }
 }
 
 fn start_thread(config: Config, events: UnboundedSender<Event>, shared: Shared) -> Sender<Job> {
     let (tx, rx) = mpsc::channel();
+    let worker = Worker::new(config, events, rx, shared);
+    worker.publish();
     std::thread::Builder::new()
         .name("anchorcoder-worker".into())
-        .spawn(move || Worker::new(config, events, rx, shared).run())
+        .spawn(move || worker.run())
         .expect("cannot start the worker thread");
     tx
 }
@@ -371,6 +386,8 @@ struct Worker {
     warm: VecDeque<(String, Rope, usize)>,
     /// The document whose cursor the editor reported last: warmed first.
     focused: Option<String>,
+    /// A completion or warm-up step is running (it counts in the queue depth).
+    busy: bool,
 }
 
 impl Worker {
@@ -388,6 +405,7 @@ impl Worker {
             completions: VecDeque::new(),
             warm: VecDeque::new(),
             focused: None,
+            busy: false,
         }
     }
 
@@ -398,6 +416,7 @@ impl Worker {
             self.load_model();
         }
         loop {
+            self.publish();
             if self.completions.is_empty() && self.warm.is_empty() {
                 match self.rx.recv() {
                     Ok(job) => self.accept(job),
@@ -408,14 +427,19 @@ impl Worker {
                 self.accept(job);
             }
             if let Some(job) = self.completions.pop_front() {
+                self.busy = true;
+                self.publish();
                 let uri = job.uri.clone();
                 self.guarded(&uri, |w| w.complete(job));
             } else if let Some((uri, rope, cursor)) = self.next_warm() {
+                self.busy = true;
+                self.publish();
                 let more = self.guarded(&uri, |w| w.warm_step(&uri, &rope, cursor)).unwrap_or(false);
                 if more {
                     self.warm.push_back((uri, rope, cursor));
                 }
             }
+            self.busy = false;
             self.enforce_budget();
         }
     }
@@ -468,9 +492,6 @@ impl Worker {
                 }
             }
             Job::Configure(config) => self.configure(*config),
-            Job::Status(reply) => {
-                let _ = reply.send(self.status());
-            }
         }
     }
 
@@ -531,6 +552,7 @@ impl Worker {
                 let default = models::default_model_path();
                 if !default.exists() {
                     self.model_state = ModelState::Pulling;
+                    self.publish();
                     self.progress("pulling the default model", Some(0), false);
                     let events = self.events.clone();
                     let pulled = models::pull_default(&mut |p| {
@@ -545,6 +567,7 @@ impl Worker {
         };
         self.model_state = ModelState::Loading;
         self.model_path = Some(path.clone());
+        self.publish();
         self.progress(format!("loading {}", path.display()), Some(50), false);
         let t0 = Instant::now();
         let loaded = Adapter::choose(self.config.model.adapter.as_deref())
@@ -629,6 +652,9 @@ impl Worker {
         if let Ok(c) = &result {
             self.shared.record_latency(c.latency_ms);
         }
+        // A status asked right after the answer sees this completion, done.
+        self.busy = false;
+        self.publish();
         let _ = job.reply.send(result);
     }
 
@@ -736,6 +762,14 @@ impl Worker {
         }
     }
 
+    /// Make the current state what status reports ([`WorkerHandle::status`]).
+    fn publish(&self) {
+        *lock(&self.shared.snapshot) = Some(self.status());
+    }
+
+    /// The state of the thread's side; `queue_depth` counts the jobs taken
+    /// up and not yet done, the running one included (the handle adds those
+    /// not yet taken up).
     fn status(&self) -> WorkerStatus {
         let documents: Vec<DocumentStatus> = self
             .docs
@@ -761,7 +795,7 @@ impl Worker {
             policy: self.policy().to_json(),
             cache_bytes: self.docs.values().map(|d| d.cache.stats().kv.allocated_bytes).sum(),
             cache_budget_bytes: self.config.cache.memory_budget_bytes() as usize,
-            queue_depth: self.shared.queue_depth.load(Ordering::SeqCst) + self.completions.len() + self.warm.len(),
+            queue_depth: self.completions.len() + self.warm.len() + usize::from(self.busy),
             last_latencies_ms: lock(&self.shared.latencies).iter().copied().collect(),
             backend: self.shared.route().map_or_else(|| json!({ "kind": "local" }), |r| r.status()),
             documents,

@@ -33,7 +33,8 @@ pub fn default_model() -> PathBuf {
 /// A running server and the messages it sent.
 pub struct Server {
     child: Child,
-    stdin: ChildStdin,
+    /// `None` once the test closed it ([`Server::close_stdin`]).
+    stdin: Option<ChildStdin>,
     incoming: Receiver<Value>,
     next_id: i64,
     /// Notifications received so far (method, params).
@@ -86,13 +87,41 @@ impl Server {
                 }
             }
         });
-        Server { child, stdin, incoming: rx, next_id: 1, notifications: Vec::new(), unclaimed: Default::default() }
+        Server {
+            child,
+            stdin: Some(stdin),
+            incoming: rx,
+            next_id: 1,
+            notifications: Vec::new(),
+            unclaimed: Default::default(),
+        }
     }
 
     /// Write raw bytes (for malformed-input tests).
     pub fn send_raw(&mut self, bytes: &[u8]) {
-        self.stdin.write_all(bytes).unwrap();
-        self.stdin.flush().unwrap();
+        let stdin = self.stdin.as_mut().expect("stdin was closed");
+        stdin.write_all(bytes).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Close the server's stdin, as a client that goes away does.
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    /// Wait up to `timeout` for the process to end: its exit code, or `None`
+    /// while it still runs (or when a signal ended it).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Send a notification.
@@ -192,15 +221,15 @@ impl Server {
         r["result"].clone()
     }
 
-    /// Shut down politely.
+    /// Shut down politely (`shutdown` with `"params": null`, as many clients
+    /// send it, then `exit`): the server must answer and end with status 0.
     pub fn shutdown(mut self) {
-        let _ = self.request("shutdown", Value::Null, Duration::from_secs(10));
+        let r = self.request("shutdown", Value::Null, Duration::from_secs(10));
+        assert!(r.get("error").is_none() && r["result"].is_null(), "shutdown answered {r}");
         self.notify("exit", Value::Null);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline && self.alive() {
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let code = self.wait_exit(Duration::from_secs(10));
         let _ = self.child.kill();
+        assert_eq!(code, Some(0), "after shutdown and exit the server ends with status 0");
     }
 }
 

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use serde_json::Value;
@@ -28,10 +28,24 @@ use crate::config::{Config, ConfigMessage};
 use crate::models;
 use crate::worker::{self, CompleteJob, Completed, Event, Job, WorkerHandle};
 
-/// Run the server on stdin/stdout until the client exits.
+/// Requests in progress at once. tower-lsp's default (4) let four completions
+/// waiting for the model hold every slot, so `anchorcoder/status` (answered
+/// at once from the worker's snapshot) waited minutes behind them. Completions
+/// are newest-wins per document, so this bounds open documents with a request
+/// in flight, not keystrokes; output back-pressure still bounds what is read.
+const MAX_PENDING_REQUESTS: usize = 1024;
+
+/// How long answers already on their way out may take to reach the client
+/// after `exit` (a client may send requests, `shutdown` and `exit` at once).
+const EXIT_GRACE: Duration = Duration::from_secs(1);
+
+/// Run the server on stdin/stdout until the client sends `exit` or closes its
+/// end, then end the process: status 0 after a `shutdown` request, 1 without
+/// (the specification's rule). Queued and running model work is not waited
+/// for: nobody would read its answer.
 pub fn run_stdio() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(async {
+    let status = rt.block_on(async {
         let (service, socket) = LspService::build(Backend::new)
             .custom_method("textDocument/inlineCompletion", Backend::inline_completion)
             .custom_method("anchorcoder/status", Backend::status)
@@ -39,27 +53,39 @@ pub fn run_stdio() -> anyhow::Result<()> {
             .finish();
         // lsp-types 0.94 has no `inlineCompletionProvider`: add it to the
         // initialize result on its way out.
-        let service = ServiceBuilder::new()
-            .map_request(drop_empty_status_params)
-            .map_response(add_inline_capability)
-            .service(service);
+        let service =
+            ServiceBuilder::new().map_request(drop_empty_params).map_response(add_inline_capability).service(service);
         // Our own framing in front of tower-lsp keeps malformed input from
         // stopping the server (see `transport`).
         let (in_ours, in_server) = tokio::io::duplex(1 << 20);
         let (out_server, out_ours) = tokio::io::duplex(1 << 20);
         let (replies_tx, replies_rx) = mpsc::unbounded_channel();
-        tokio::spawn(transport::filter_input(tokio::io::stdin(), in_ours, replies_tx.clone()));
+        let input = tokio::spawn(transport::filter_input(tokio::io::stdin(), in_ours, replies_tx.clone()));
         let writer = tokio::spawn(transport::merge_output(out_ours, replies_tx, replies_rx, tokio::io::stdout()));
-        Server::new(in_server, out_server, socket).serve(service).await;
-        let _ = writer.await;
+        let server = tokio::spawn(
+            Server::new(in_server, out_server, socket).concurrency_level(MAX_PENDING_REQUESTS).serve(service),
+        );
+        let end = input.await.unwrap_or(transport::InputEnd { exit: false, shutdown_requested: false });
+        if end.exit {
+            // The input to tower-lsp is closed: it finishes what it has and
+            // the writer drains, within the grace period.
+            let _ = tokio::time::timeout(EXIT_GRACE, async {
+                let _ = server.await;
+                let _ = writer.await;
+            })
+            .await;
+        }
+        end.status()
     });
-    Ok(())
+    // Not `return`: dropping the runtime would wait for the blocking stdin
+    // read, and the worker thread may be in the middle of a prefill.
+    std::process::exit(status)
 }
 
-/// `anchorcoder/status` takes no parameters; accept `null`, `{}` and `[]` too,
-/// as clients send them.
-fn drop_empty_status_params(req: Request) -> Request {
-    if req.method() != "anchorcoder/status" {
+/// `anchorcoder/status` and `shutdown` take no parameters; accept `null`, `{}`
+/// and `[]` too, as clients send them (tower-lsp would answer -32602).
+fn drop_empty_params(req: Request) -> Request {
+    if !matches!(req.method(), "anchorcoder/status" | "shutdown") {
         return req;
     }
     let (method, id, params) = req.into_parts();
@@ -226,9 +252,7 @@ impl Backend {
     }
 
     async fn status(&self) -> Result<StatusResult> {
-        let (reply, answer) = oneshot::channel();
-        self.worker()?.send(Job::Status(reply));
-        let s = answer.await.map_err(|_| invalid("the model worker stopped".into()))?;
+        let s = self.worker()?.status();
         let state = match s.model_state {
             worker::ModelState::Pulling => ModelState::Pulling,
             worker::ModelState::Loading => ModelState::Loading,
@@ -453,6 +477,11 @@ impl LanguageServer for Backend {
     }
 
     async fn shutdown(&self) -> Result<()> {
+        // No request is served after this one: stop what is running.
+        for flag in self.inflight.iter() {
+            flag.store(true, Ordering::SeqCst);
+        }
+        self.log_line("shutdown");
         Ok(())
     }
 

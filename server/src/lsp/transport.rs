@@ -86,20 +86,51 @@ async fn read_frame<R: AsyncRead + Unpin>(r: &mut BufReader<R>) -> std::io::Resu
     Ok(Some(Ok(body)))
 }
 
-/// Copy frames from `input` to `to_server`, answering bad ones on `replies`.
-pub async fn filter_input<R, W>(input: R, mut to_server: W, replies: mpsc::UnboundedSender<Vec<u8>>)
+/// Why the input ended, and whether the client had asked to shut down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InputEnd {
+    /// The client sent `exit` (else: end of input, or a broken stream).
+    pub exit: bool,
+    /// A `shutdown` request came before.
+    pub shutdown_requested: bool,
+}
+
+impl InputEnd {
+    /// The process's exit status: 0 after a `shutdown` request, 1 without
+    /// (the LSP specification's rule for `exit`, applied to a vanished client too).
+    pub fn status(self) -> i32 {
+        if self.shutdown_requested {
+            0
+        } else {
+            1
+        }
+    }
+}
+
+/// Copy frames from `input` to `to_server`, answering bad ones on `replies`,
+/// until the client sends `exit` or the input ends.
+pub async fn filter_input<R, W>(input: R, mut to_server: W, replies: mpsc::UnboundedSender<Vec<u8>>) -> InputEnd
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut r = BufReader::new(input);
+    let mut end = InputEnd { exit: false, shutdown_requested: false };
     while let Ok(Some(frame_result)) = read_frame(&mut r).await {
         match frame_result {
             Ok(body) => match serde_json::from_slice::<serde_json::Value>(&body) {
                 Ok(serde_json::Value::Object(msg)) => match invalid_message(&msg) {
                     None => {
+                        let method = msg.get("method").and_then(|m| m.as_str());
+                        if method == Some("exit") {
+                            end.exit = true;
+                            return end;
+                        }
+                        if method == Some("shutdown") && msg.contains_key("id") {
+                            end.shutdown_requested = true;
+                        }
                         if to_server.write_all(&frame(&body)).await.is_err() {
-                            return;
+                            return end;
                         }
                         let _ = to_server.flush().await;
                     }
@@ -121,6 +152,7 @@ where
             }
         }
     }
+    end
 }
 
 /// Copy whole frames from the server, and the replies sent on `replies`,
@@ -222,5 +254,35 @@ mod tests {
             assert!(body["error"]["message"].as_str().unwrap().starts_with("invalid request: "), "{body}");
         }
         assert!(rx.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn input_ends_at_exit_and_remembers_a_shutdown_request() {
+        let run = |messages: &[&str]| {
+            let input: Vec<u8> = messages.iter().flat_map(|m| frame(m.as_bytes())).collect();
+            async move {
+                let (tx, _rx) = mpsc::unbounded_channel();
+                let mut passed = Vec::new();
+                let end = filter_input(&input[..], &mut passed, tx).await;
+                (end, String::from_utf8(passed).unwrap())
+            }
+        };
+        let shutdown = r#"{"jsonrpc":"2.0","id":1,"method":"shutdown","params":null}"#;
+        let exit = r#"{"jsonrpc":"2.0","method":"exit"}"#;
+        let after = r#"{"jsonrpc":"2.0","id":2,"method":"anchorcoder/status"}"#;
+
+        let (end, passed) = run(&[shutdown, exit, after]).await;
+        assert_eq!(end, InputEnd { exit: true, shutdown_requested: true });
+        assert_eq!(end.status(), 0);
+        assert!(passed.contains(shutdown) && !passed.contains(after), "nothing after exit is read: {passed}");
+
+        let (end, _) = run(&[exit]).await;
+        assert_eq!((end.exit, end.status()), (true, 1), "exit without shutdown");
+        // The end of input, with or without a shutdown before it.
+        assert_eq!(run(&[after]).await.0, InputEnd { exit: false, shutdown_requested: false });
+        assert_eq!(run(&[shutdown]).await.0.status(), 0);
+        // A `shutdown` notification (no id) is not a request.
+        let note = r#"{"jsonrpc":"2.0","method":"shutdown"}"#;
+        assert_eq!(run(&[note, exit]).await.0.status(), 1);
     }
 }
