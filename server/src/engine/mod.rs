@@ -224,6 +224,27 @@ mod file_tests {
     }
 
     #[test]
+    fn a_gguf_tensor_past_the_end_of_the_file_is_refused_before_reading() {
+        use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+        let path = std::env::temp_dir().join(format!("anchorcoder-table-{}.gguf", std::process::id()));
+        let t = candle_core::Tensor::zeros((64, 32), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, GgmlDType::F32).unwrap();
+        let arch = gguf_file::Value::String("llama".into());
+        let mut f = std::fs::File::create(&path).unwrap();
+        gguf_file::write(&mut f, &[("general.architecture", &arch)], &[("w.weight", &q)]).unwrap();
+        let len = f.metadata().unwrap().len();
+        assert!(llama::read_gguf_header(&path).is_ok());
+        f.set_len(len - 100).unwrap();
+        let e = format!("{:#}", llama::read_gguf_header(&path).unwrap_err());
+        assert!(e.contains("tensor `w.weight`") && e.contains("lies past the end of the file"), "{e}");
+        std::fs::write(&path, b"hello, notes").unwrap();
+        let e = format!("{:#}", llama::read_gguf_header(&path).unwrap_err());
+        assert!(e.ends_with("is not a GGUF file (bad magic); pass a .gguf file or a Hugging Face model folder"), "{e}");
+        assert!(!e.contains("6c6c6568") && !e.contains("hello"), "{e}");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
     fn user_errors_carry_no_backtrace() {
         let bt = "unknown dtype 99\nstack backtrace:\n   0: candle_core::error::Error::bt\n             at /home/someone/.cargo/registry/src/error.rs:10:5\n   1: main";
         let e = anyhow::anyhow!(bt.to_string()).context("model.gguf: cannot read tensor `x`");
