@@ -73,7 +73,7 @@ pub struct CompleteJob {
     /// Set when the request is cancelled or superseded.
     pub cancel: Arc<AtomicBool>,
     /// Where the answer goes.
-    pub reply: oneshot::Sender<Result<Completed, String>>,
+    pub reply: oneshot::Sender<Result<Completed, CompletionError>>,
     /// When the request arrived.
     pub received: Instant,
 }
@@ -92,6 +92,37 @@ pub struct Completed {
     pub reused_tokens: usize,
     /// Prompt tokens that had to be run.
     pub prefilled_tokens: usize,
+}
+
+/// Why a completion has no suggestion: what crosses the worker/LSP seam
+/// (the LSP layer maps it to a JSON-RPC error in one place).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CompletionError {
+    /// The client cancelled the request, or the server is shutting down.
+    Cancelled,
+    /// A newer request for the same document replaced it.
+    Superseded,
+    /// No model to run it: still loading, or loading failed (the message).
+    ModelUnavailable(String),
+    /// Running it failed (the message; the log may have more).
+    Failed(String),
+}
+
+impl std::fmt::Display for CompletionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CompletionError::Cancelled => write!(f, "cancelled"),
+            CompletionError::Superseded => write!(f, "superseded by a newer request"),
+            CompletionError::ModelUnavailable(m) | CompletionError::Failed(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+impl CompletionError {
+    /// Cancelled or superseded: the client no longer wants the answer.
+    pub fn is_cancellation(&self) -> bool {
+        matches!(self, CompletionError::Cancelled | CompletionError::Superseded)
+    }
 }
 
 /// Work for the worker.
@@ -471,7 +502,7 @@ impl Worker {
                 self.completions = keep.into();
                 for j in old {
                     j.cancel.store(true, Ordering::SeqCst);
-                    let _ = j.reply.send(Err("superseded by a newer request".into()));
+                    let _ = j.reply.send(Err(CompletionError::Superseded));
                 }
                 self.completions.push_back(job);
             }
@@ -600,13 +631,19 @@ impl Worker {
 
     /// Plan the prompt and bring the document's cache to it; returns the
     /// region, its offset, the plan and how many tokens were reused.
-    fn prepare(&mut self, uri: &str, rope: &Rope, cursor: usize) -> Result<(String, usize, Prompt, usize), String> {
+    fn prepare(
+        &mut self,
+        uri: &str,
+        rope: &Rope,
+        cursor: usize,
+    ) -> Result<(String, usize, Prompt, usize), CompletionError> {
         if self.engine.is_none() && self.model_state == ModelState::Unloaded {
             // A remote engine is down and `fallbackToLocal` asked for us.
             self.load_model();
         }
         let Some(engine) = &self.engine else {
-            return Err(self.model_error.clone().unwrap_or_else(|| "the model is still loading".into()));
+            let why = self.model_error.clone().unwrap_or_else(|| "the model is still loading".into());
+            return Err(CompletionError::ModelUnavailable(why));
         };
         let (region, lo) = self.region(rope, cursor);
         let settings = self.settings();
@@ -621,7 +658,7 @@ impl Worker {
         let mut prompt = completion::plan(&region, cursor - lo, previous, &settings);
         let set = |doc: &mut DocState, p: &Prompt| {
             completion::set_prompt(engine, &mut doc.cache, &region[p.window_start..p.cut], &settings)
-                .map_err(|e| format!("{e:#}"))
+                .map_err(|e| CompletionError::Failed(format!("{e:#}")))
         };
         let mut update = set(doc, &prompt)?;
         // Windows are sized in bytes; text that takes far more tokens per byte
@@ -644,7 +681,7 @@ impl Worker {
 
     fn complete(&mut self, job: CompleteJob) {
         if job.cancel.load(Ordering::SeqCst) {
-            let _ = job.reply.send(Err("cancelled".into()));
+            let _ = job.reply.send(Err(CompletionError::Cancelled));
             return;
         }
         let cursor = job.cursor.min(job.rope.len_bytes());
@@ -665,7 +702,7 @@ impl Worker {
         cursor: usize,
         cancel: &AtomicBool,
         received: Instant,
-    ) -> Result<Completed, String> {
+    ) -> Result<Completed, CompletionError> {
         let (region, lo, prompt, reused) = self.prepare(uri, rope, cursor)?;
         let settings = self.settings();
         let before = &region[prompt.window_start..cursor - lo];
@@ -686,9 +723,9 @@ impl Worker {
             completion::complete(engine, &mut doc.cache, &prompt, &region[cursor - lo..], &settings, reused, &|| {
                 cancel.load(Ordering::SeqCst)
             })
-            .map_err(|e| format!("{e:#}"))?;
+            .map_err(|e| CompletionError::Failed(format!("{e:#}")))?;
         if s.stop == crate::engine::generate::StopReason::Cancelled {
-            return Err("cancelled".into());
+            return Err(CompletionError::Cancelled);
         }
         doc.shown = (!s.text.is_empty()).then(|| Shown {
             before: before.to_string(),
@@ -854,7 +891,7 @@ struct RouteCounts {
 /// What a remote completion came to.
 enum Outcome {
     /// Answer the request.
-    Reply(Result<Completed, String>),
+    Reply(Result<Completed, CompletionError>),
     /// Hand it to the local model (`fallbackToLocal` while the engine is down).
     Local,
 }
@@ -881,8 +918,8 @@ impl RemoteRoute {
             let cancel = job.cancel.clone();
             let outcome = tokio::select! {
                 o = self.serve(&job, &in_flight, &config) => o,
-                _ = stop.notified() => Outcome::Reply(Err("superseded by a newer request".into())),
-                _ = cancelled(&cancel) => Outcome::Reply(Err("cancelled".into())),
+                _ = stop.notified() => Outcome::Reply(Err(CompletionError::Superseded)),
+                _ = cancelled(&cancel) => Outcome::Reply(Err(CompletionError::Cancelled)),
             };
             let mut counts = lock(&self.counts);
             match outcome {
@@ -890,7 +927,7 @@ impl RemoteRoute {
                     match &r {
                         Ok(c) if c.typed_through => counts.typed_through += 1,
                         Ok(_) => counts.remote += 1,
-                        Err(e) if e == "cancelled" || e.starts_with("superseded") => {}
+                        Err(e) if e.is_cancellation() => {}
                         Err(_) => counts.failed += 1,
                     }
                     if let Ok(c) = &r {
@@ -965,7 +1002,7 @@ impl RemoteRoute {
                 Outcome::Reply(Ok(done))
             }
             Err(e) if e.down && fallback => Outcome::Local,
-            Err(e) => Outcome::Reply(Err(e.message)),
+            Err(e) => Outcome::Reply(Err(CompletionError::Failed(e.message))),
         }
     }
 

@@ -26,7 +26,7 @@ use super::protocol::{
 use super::transport;
 use crate::config::{Config, ConfigMessage};
 use crate::models;
-use crate::worker::{self, CompleteJob, Completed, Event, Job, WorkerHandle};
+use crate::worker::{self, CompleteJob, Completed, CompletionError, Event, Job, WorkerHandle};
 
 /// Requests in progress at once. tower-lsp's default (4) let four completions
 /// waiting for the model hold every slot, so `anchorcoder/status` (answered
@@ -222,12 +222,7 @@ impl Backend {
                 ));
                 Ok(done)
             }
-            Ok(Err(e)) if e == "cancelled" || e.starts_with("superseded") => {
-                Err(Error { code: ErrorCode::RequestCancelled, message: e.into(), data: None })
-            }
-            Ok(Err(e)) => {
-                Err(Error { code: ErrorCode::InternalError, message: crate::redact::redact(&e).into(), data: None })
-            }
+            Ok(Err(e)) => Err(completion_error(e)),
             // The job was dropped unanswered: it panicked (the worker logged
             // the internal error and goes on) or the worker thread is gone.
             Err(_) => Err(Error {
@@ -416,6 +411,13 @@ impl Backend {
     }
 }
 
+/// The JSON-RPC error for a completion without a suggestion: cancellations
+/// as `RequestCancelled`, the rest as internal errors with their (redacted) message.
+fn completion_error(e: CompletionError) -> Error {
+    let code = if e.is_cancellation() { ErrorCode::RequestCancelled } else { ErrorCode::InternalError };
+    Error { code, message: crate::redact::redact(&e.to_string()).into(), data: None }
+}
+
 fn invalid(message: String) -> Error {
     Error { code: ErrorCode::InvalidParams, message: message.into(), data: None }
 }
@@ -564,5 +566,25 @@ impl LanguageServer for Backend {
             ..Default::default()
         };
         Ok(Some(CompletionResponse::List(CompletionList { is_incomplete: true, items: vec![item] })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn completion_errors_map_to_json_rpc_in_one_place() {
+        for e in [CompletionError::Cancelled, CompletionError::Superseded] {
+            let j = completion_error(e.clone());
+            assert_eq!((j.code, j.message.as_ref()), (ErrorCode::RequestCancelled, e.to_string().as_str()));
+        }
+        assert_eq!(completion_error(CompletionError::Superseded).message, "superseded by a newer request");
+        let j = completion_error(CompletionError::ModelUnavailable("the model is still loading".into()));
+        assert_eq!((j.code, j.message.as_ref()), (ErrorCode::InternalError, "the model is still loading"));
+        // Failures leave the process redacted, like every message.
+        let j = completion_error(CompletionError::Failed("engine said: Authorization: Bearer sk-abc123".into()));
+        assert_eq!(j.code, ErrorCode::InternalError);
+        assert!(!j.message.contains("sk-abc123"), "{}", j.message);
     }
 }
