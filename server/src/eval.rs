@@ -84,6 +84,10 @@ pub struct EvalArgs {
     /// (e.g. http://127.0.0.1:8080): the same prompt tokens, greedy.
     #[arg(long)]
     pub llama_server: Option<String>,
+    /// With --llama-server: answer the tasks with llama.cpp only (our model
+    /// is loaded for its tokenizer, not run).
+    #[arg(long, requires = "llama_server")]
+    pub llama_only: bool,
     /// Token budget of the text before the cursor.
     #[arg(long, default_value_t = 2048)]
     pub prefix_tokens: usize,
@@ -261,12 +265,21 @@ pub fn run(args: EvalArgs) -> Result<()> {
             Some(l) => l,
             None => {
                 let settings = task_settings(&args, task.kind, main_rule);
-                let rs = eval_task_rules(&engine, policy, task, &settings, &rules);
-                let mut line = rs[0].to_json(task, policy);
+                let rs = if args.llama_only {
+                    Vec::new()
+                } else {
+                    eval_task_rules(&engine, policy, task, &settings, &rules)
+                };
+                let mut line = match rs.first() {
+                    Some(r) => r.to_json(task, policy),
+                    None => {
+                        serde_json::json!({ "id": task.id, "language": task.language, "policy": policy.describe() })
+                    }
+                };
                 for (r, rule) in rs.iter().zip(&rules).skip(1) {
                     line["variants"][fresh_line_name(*rule)] = r.to_json(task, policy);
                 }
-                if args.compare_full {
+                if args.compare_full && !args.llama_only {
                     // Under `full` itself, the comparison is the run itself.
                     let f = if compare { eval_task(&engine, full, task, &settings) } else { rs[0].clone() };
                     line["full"] = f.to_json(task, full);
