@@ -594,7 +594,18 @@ mod tests {
                     while !head.ends_with(b"\r\n\r\n") && c.read(&mut byte).is_ok_and(|n| n == 1) {
                         head.push(byte[0]);
                     }
-                    answer(&String::from_utf8_lossy(&head), &mut c);
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    // Read the body too: closing with unread bytes would reset the
+                    // connection before the client reads the answer.
+                    let len = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string())
+                        })
+                        .and_then(|v| v.parse::<usize>().ok())
+                        .unwrap_or(0);
+                    let _ = c.read_exact(&mut vec![0u8; len]);
+                    answer(&head, &mut c);
                 });
             }
         });
