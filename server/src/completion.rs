@@ -100,6 +100,10 @@ impl From<&crate::config::CompletionConfig> for Settings {
 /// runs 3–4 bytes a token with these vocabularies; erring low keeps windows
 /// inside their budget).
 pub const BYTES_PER_TOKEN: usize = 3;
+/// Bytes of text after the cursor taken per token of `completion.suffixTokens`
+/// (an over-estimate: the suffix is cut at a line end, then tokenized and cut
+/// to its token budget, so it must not run short).
+pub const SUFFIX_BYTES_PER_TOKEN: usize = 4;
 
 /// Most bytes token healing cuts: more than any token spells.
 const MAX_HEAL: usize = 64;
@@ -237,7 +241,7 @@ pub fn set_prompt(engine: &Engine, doc: &mut DocumentCache, window: &str, s: &Se
 /// does not fit) and `<fim_middle>`; without, none.
 pub fn fim_tail(engine: &Engine, following: &str, s: &Settings) -> Result<Vec<u32>> {
     let Some(f) = engine.tokenizer.fim_ids().filter(|_| s.fim) else { return Ok(Vec::new()) };
-    let budget = s.suffix_tokens * 4;
+    let budget = s.suffix_tokens * SUFFIX_BYTES_PER_TOKEN;
     let mut text = &following[..following.floor_char_boundary(budget)];
     if text.len() < following.len() {
         text = &text[..text.rfind('\n').map_or(text.len(), |i| i + 1)];

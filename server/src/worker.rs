@@ -626,7 +626,7 @@ impl Worker {
     /// The bounded region of the document around `cursor` that prompts are
     /// cut from, as text and its byte offset. Never the whole of a huge file.
     fn region(&self, rope: &Rope, cursor: usize) -> (String, usize) {
-        region(rope, cursor, self.config.completion.prefix_tokens)
+        region(rope, cursor, &self.config.completion)
     }
 
     /// Plan the prompt and bring the document's cache to it; returns the
@@ -840,15 +840,24 @@ impl Worker {
     }
 }
 
+/// Prompt windows the region reaches back (in bytes at
+/// [`completion::BYTES_PER_TOKEN`]): room for a kept window start to stay
+/// inside it while typing, and for the token-density re-plan.
+const REGION_WINDOWS_BACK: usize = 3;
+/// Bytes the region reaches past the cursor at least: the rest of the line and
+/// what follows, which the suggestion rules compare against.
+const REGION_AFTER_MIN_BYTES: usize = 8192;
+
 /// The bounded region of the document around `cursor` that prompts are cut
 /// from, as text and its byte offset. Never the whole of a huge file.
-fn region(rope: &Rope, cursor: usize, prefix_tokens: usize) -> (String, usize) {
-    let back = prefix_tokens * 3 * 3;
+fn region(rope: &Rope, cursor: usize, c: &CompletionConfig) -> (String, usize) {
+    let back = c.prefix_tokens * completion::BYTES_PER_TOKEN * REGION_WINDOWS_BACK;
     let lo_line = rope.byte_to_line(cursor.saturating_sub(back));
     let lo = rope.line_to_byte(lo_line);
-    // 8 KiB after the cursor, snapped back to the start of the character it
-    // may split (`byte_slice` panics off a character boundary).
-    let hi = rope.char_to_byte(rope.byte_to_char((cursor + 8192).min(rope.len_bytes())));
+    // The suffix budget past the cursor, snapped back to the start of the
+    // character it may split (`byte_slice` panics off a character boundary).
+    let after = REGION_AFTER_MIN_BYTES.max(c.suffix_tokens * completion::SUFFIX_BYTES_PER_TOKEN);
+    let hi = rope.char_to_byte(rope.byte_to_char((cursor + after).min(rope.len_bytes())));
     (rope.byte_slice(lo..hi).to_string(), lo)
 }
 
@@ -949,7 +958,7 @@ impl RemoteRoute {
         let settings = Settings::from(c);
         let latency = || job.received.elapsed().as_secs_f64() * 1000.0;
         let cursor = job.cursor.min(job.rope.len_bytes());
-        let (region, lo) = region(&job.rope, cursor, c.prefix_tokens);
+        let (region, lo) = region(&job.rope, cursor, c);
         let at = cursor - lo;
         let (prompt, typed_through) = {
             let mut docs = lock(&self.docs);
@@ -1106,9 +1115,13 @@ mod tests {
         for text in [format!("x\n{}", "é".repeat(10_000)), format!("ab\n{}", "😀".repeat(5_000))] {
             let rope = Rope::from_str(&text);
             for cursor in (0..16).filter(|&c| text.is_char_boundary(c)) {
-                let (region, lo) = region(&rope, cursor, 2048);
+                let (region, lo) = region(&rope, cursor, &CompletionConfig::default());
                 assert_eq!(lo, 0);
                 assert!(text.starts_with(&region) && region.len() > 8192 - 4, "{cursor}: {}", region.len());
+                // A suffix budget past 8 KiB widens the region to hold it.
+                let wide = CompletionConfig { suffix_tokens: 4096, ..CompletionConfig::default() };
+                let (longer, _) = super::region(&rope, cursor, &wide);
+                assert!(text.starts_with(&longer) && longer.len() > 4096 * 4 - 4, "{cursor}: {}", longer.len());
             }
         }
     }
