@@ -99,6 +99,19 @@ pub fn default_model_path() -> PathBuf {
     cache_dir().join(DEFAULT_MODEL_FILE)
 }
 
+/// The real model the unit tests run: `$ANCHORCODER_MODEL`, else the default
+/// model in the cache; panics with the fix when it is missing.
+#[cfg(test)]
+pub fn test_model() -> PathBuf {
+    let p = std::env::var_os("ANCHORCODER_MODEL").map(PathBuf::from).unwrap_or_else(default_model_path);
+    assert!(
+        p.exists(),
+        "the real-model tests need {}: run `anchorcoder model pull` (or set ANCHORCODER_MODEL to a copy of {DEFAULT_MODEL_FILE})",
+        p.display()
+    );
+    p
+}
+
 /// A model the user pointed at (or the default), classified by what is on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelSource {

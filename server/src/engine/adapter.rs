@@ -303,7 +303,7 @@ fn parse_fim(json: &str) -> Option<AdapterFim> {
     };
     let ((p, pt), (s, st), (m, mt)) = (role("prefix")?, role("suffix")?, role("middle")?);
     (p != s && s != m && p != m)
-        .then(|| AdapterFim { ids: FimIds { prefix: p, suffix: s, middle: m }, texts: [pt, st, mt] })
+        .then_some(AdapterFim { ids: FimIds { prefix: p, suffix: s, middle: m }, texts: [pt, st, mt] })
 }
 
 #[cfg(test)]
@@ -431,8 +431,8 @@ mod fim_tests {
         assert_eq!(&w[..4], &[0.0, -1.0, -2.0, -3.0]);
         assert_eq!(&w[16..], &[-16.0, -17.0, -18.0, -19.0]);
         // Another width, or an id past the vocabulary, is an error.
-        assert!(ad.merge_into("token_embd", &mut vec![0.0; 15], 5, 3).is_err());
-        assert!(ad.merge_into("token_embd", &mut vec![0.0; 8], 2, 4).is_err());
+        assert!(ad.merge_into("token_embd", &mut [0.0; 15], 5, 3).is_err());
+        assert!(ad.merge_into("token_embd", &mut [0.0; 8], 2, 4).is_err());
         // An adapter of embedding rows only is an adapter.
         let rows_only = Adapter::from_bytes(&fim_adapter([1, 3, 2], NAMES, &rows, false), "test").unwrap();
         assert_eq!(rows_only.targets().collect::<Vec<_>>(), ["token_embd"]);
@@ -516,10 +516,7 @@ mod fim_tests {
     fn fim_adapter_on_the_default_model() {
         use crate::engine::document::DocumentCache;
         use crate::engine::policy::AttentionPolicy;
-        let path = std::env::var_os("ANCHORCODER_MODEL")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(crate::models::default_model_path);
-        assert!(path.exists(), "{} is missing: run `anchorcoder model pull`", path.display());
+        let path = crate::models::test_model();
         let rows: Vec<Vec<f32>> =
             (0..3).map(|r| (0..576).map(|i| ((i * 7 + r * 13) % 17) as f32 * 0.01).collect()).collect();
         let bytes = fim_adapter([8, 9, 10], NAMES, &rows, false);

@@ -841,10 +841,7 @@ pub(crate) mod tests {
     /// with the reference's greedy token.
     #[test]
     fn native_q4_1_logits_stay_as_close_to_f32_weights_as_q8_0_requant() {
-        let path = std::env::var_os("ANCHORCODER_MODEL")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(crate::models::default_model_path);
-        assert!(path.exists(), "{} is missing: run `anchorcoder model pull`", path.display());
+        let path = crate::models::test_model();
         let (native, content) = Llama::from_gguf(&path).unwrap();
         assert!(native.weight_bytes() < 100_000_000, "4-bit weights stay 4-bit: {} bytes", native.weight_bytes());
         let exact = native.map_weights(|w, n, k| Linear::from_f32(w, n, k, GgmlDType::F32));

@@ -263,10 +263,7 @@ mod tests {
     use crate::engine::policy::{AttentionPolicy, PolicyKind};
 
     fn default_model() -> PathBuf {
-        let p =
-            std::env::var_os("ANCHORCODER_MODEL").map(PathBuf::from).unwrap_or_else(crate::models::default_model_path);
-        assert!(p.exists(), "{} is missing: run `anchorcoder model pull` (or set ANCHORCODER_MODEL)", p.display());
-        p
+        crate::models::test_model()
     }
 
     fn greedy(engine: &Engine, policy: AttentionPolicy, prompt: &str, max_tokens: usize) -> String {

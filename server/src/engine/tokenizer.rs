@@ -1017,24 +1017,11 @@ mod tests {
     use std::path::PathBuf;
     use std::sync::OnceLock;
 
-    /// The model the tests use: `$ANCHORCODER_MODEL`, else the default model in the cache.
-    fn model_path() -> PathBuf {
-        std::env::var_os("ANCHORCODER_MODEL").map(PathBuf::from).unwrap_or_else(crate::models::default_model_path)
-    }
-
     fn default_content() -> &'static Content {
         static CONTENT: OnceLock<Content> = OnceLock::new();
         CONTENT.get_or_init(|| {
-            let path = model_path();
-            let mut f = std::fs::File::open(&path).unwrap_or_else(|e| {
-                panic!(
-                    "tokenizer tests need the default model at {} ({e}); get it with \
-                     `anchorcoder model pull` (or set ANCHORCODER_MODEL to a copy of \
-                     {})",
-                    path.display(),
-                    crate::models::DEFAULT_MODEL_FILE
-                )
-            });
+            let path = crate::models::test_model();
+            let mut f = std::fs::File::open(&path).unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
             Content::read(&mut f).unwrap_or_else(|e| panic!("cannot read GGUF {}: {e}", path.display()))
         })
     }
