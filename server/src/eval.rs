@@ -75,7 +75,7 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 8)]
     pub max_lines: usize,
     /// The fresh-line rule to score.
-    #[arg(long, value_enum, default_value_t = FreshLineArg::Constrain)]
+    #[arg(long, value_enum, default_value_t = FreshLineArg::Continue)]
     pub fresh_line: FreshLineArg,
     /// Also score the other fresh-line rules on the same prompt cache.
     #[arg(long)]
