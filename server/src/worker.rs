@@ -457,22 +457,28 @@ impl Worker {
             while let Ok(job) = self.rx.try_recv() {
                 self.accept(job);
             }
-            if let Some(job) = self.completions.pop_front() {
-                self.busy = true;
-                self.publish();
-                let uri = job.uri.clone();
-                self.guarded(&uri, |w| w.complete(job));
-            } else if let Some((uri, rope, cursor)) = self.next_warm() {
-                self.busy = true;
-                self.publish();
-                let more = self.guarded(&uri, |w| w.warm_step(&uri, &rope, cursor)).unwrap_or(false);
-                if more {
-                    self.warm.push_back((uri, rope, cursor));
-                }
-            }
-            self.busy = false;
-            self.enforce_budget();
+            self.step();
         }
+    }
+
+    /// Run the next piece of work: the oldest completion, else one chunk of
+    /// the next warm-up; then keep the caches within the memory budget.
+    fn step(&mut self) {
+        if let Some(job) = self.completions.pop_front() {
+            self.busy = true;
+            self.publish();
+            let uri = job.uri.clone();
+            self.guarded(&uri, |w| w.complete(job));
+        } else if let Some((uri, rope, cursor)) = self.next_warm() {
+            self.busy = true;
+            self.publish();
+            let more = self.guarded(&uri, |w| w.warm_step(&uri, &rope, cursor)).unwrap_or(false);
+            if more {
+                self.warm.push_back((uri, rope, cursor));
+            }
+        }
+        self.busy = false;
+        self.enforce_budget(self.config.cache.memory_budget_bytes() as usize);
     }
 
     /// Run a job step, turning a panic into a report; the document's cache,
@@ -779,8 +785,7 @@ impl Worker {
     }
 
     /// Drop least-recently-used document caches until all fit the budget.
-    fn enforce_budget(&mut self) {
-        let budget = self.config.cache.memory_budget_bytes() as usize;
+    fn enforce_budget(&mut self, budget: usize) {
         let mut dropped = false;
         loop {
             let total: usize = self.docs.values().map(|d| d.cache.stats().kv.allocated_bytes).sum();
@@ -1107,6 +1112,149 @@ fn type_through(shown: &Shown, before: &str, line_suffix: &str) -> Option<String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Scheduling tests: a worker driven step by step (no thread) with the
+    /// random-weight tiny model and the test tokenizer.
+    mod scheduling {
+        use super::*;
+        use crate::engine::document::tests::test_tokenizer;
+        use crate::engine::llama::tests::tiny_config;
+        use crate::engine::llama::Llama;
+        use tokio::sync::mpsc::UnboundedReceiver;
+
+        struct Harness {
+            worker: Worker,
+            events: UnboundedReceiver<Event>,
+            _jobs: Sender<Job>,
+        }
+
+        fn harness() -> Harness {
+            let tokenizer = test_tokenizer();
+            let model = Llama::random(tiny_config(tokenizer.vocab_size()), 9).unwrap();
+            let engine = Engine { model, tokenizer, path: PathBuf::from("tiny"), adapter_policy: None };
+            let (jobs, rx) = mpsc::channel();
+            let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+            let mut config = Config::default();
+            config.completion.max_tokens = 8;
+            let mut worker = Worker::new(config, events_tx, rx, Shared::default());
+            worker.engine = Some(engine);
+            worker.model_state = ModelState::Ready;
+            Harness { worker, events, _jobs: jobs }
+        }
+
+        fn text(seed: usize, lines: usize) -> String {
+            (0..lines).map(|i| format!("def f{seed}_{i}(x):\n    return x + {i}\n")).collect()
+        }
+
+        type Answer = oneshot::Receiver<Result<Completed, CompletionError>>;
+
+        fn complete(uri: &str, text: &str) -> (Job, Answer) {
+            let (reply, answer) = oneshot::channel();
+            let rope = Rope::from_str(text);
+            let job = CompleteJob {
+                uri: uri.into(),
+                cursor: rope.len_bytes(),
+                rope,
+                cancel: Arc::new(AtomicBool::new(false)),
+                reply,
+                received: Instant::now(),
+            };
+            (Job::Complete(job), answer)
+        }
+
+        fn accept(w: &mut Worker, job: Job) {
+            // `accept` counts down what `WorkerHandle::to_thread` counted up.
+            w.shared.queue_depth.fetch_add(1, Ordering::SeqCst);
+            w.accept(job);
+        }
+
+        #[test]
+        fn the_newest_request_per_document_wins_and_others_keep_their_turn() {
+            let mut h = harness();
+            let w = &mut h.worker;
+            let (a, mut a_answer) = complete("file:///a.py", &text(1, 20));
+            let (b, mut b_answer) = complete("file:///a.py", &text(2, 20));
+            let (c, mut c_answer) = complete("file:///c.py", &text(3, 20));
+            for job in [a, b, c] {
+                accept(w, job);
+            }
+            // The older request for a.py is answered at once, before any model work.
+            assert_eq!(a_answer.try_recv().unwrap(), Err(CompletionError::Superseded));
+            assert_eq!(w.status().queue_depth, 2);
+            w.step();
+            assert!(b_answer.try_recv().unwrap().is_ok(), "the newest a.py request runs first (queued before c.py)");
+            assert!(c_answer.try_recv().is_err(), "c.py waits its turn");
+            w.step();
+            assert!(c_answer.try_recv().unwrap().is_ok());
+            assert_eq!(w.status().queue_depth, 0);
+        }
+
+        #[test]
+        fn a_completion_goes_before_the_rest_of_a_warm_up() {
+            let mut h = harness();
+            let w = &mut h.worker;
+            let long = text(4, 200);
+            let rope = Rope::from_str(&long);
+            let warm = Job::Warm { uri: "file:///long.py".into(), cursor: rope.len_bytes(), rope, focus: false };
+            accept(w, warm);
+            w.step();
+            let pending = w.docs["file:///long.py"].cache.pending();
+            assert!(pending > 0, "a warm-up runs one chunk a step");
+            let (job, mut answer) = complete("file:///other.py", &text(5, 5));
+            accept(w, job);
+            w.step();
+            assert!(answer.try_recv().unwrap().is_ok(), "the completion ran in the next step");
+            assert_eq!(w.docs["file:///long.py"].cache.pending(), pending, "the warm-up waited");
+            while !w.warm.is_empty() {
+                w.step();
+            }
+            assert_eq!(w.docs["file:///long.py"].cache.pending(), 0, "and then finished");
+        }
+
+        #[test]
+        fn the_memory_budget_drops_the_least_recently_used_caches() {
+            let mut h = harness();
+            let w = &mut h.worker;
+            for (i, uri) in ["file:///1.py", "file:///2.py", "file:///3.py"].iter().enumerate() {
+                let (job, mut answer) = complete(uri, &text(10 + i, 30));
+                accept(w, job);
+                w.step();
+                assert!(answer.try_recv().unwrap().is_ok());
+            }
+            // 1.py is used again: 2.py is now the least recently used.
+            let (job, _answer) = complete("file:///1.py", &text(10, 31));
+            accept(w, job);
+            w.step();
+            let bytes = |w: &Worker, uri: &str| w.docs[uri].cache.stats().kv.allocated_bytes;
+            let two_newest = bytes(w, "file:///1.py") + bytes(w, "file:///3.py");
+            w.enforce_budget(two_newest);
+            let mut kept: Vec<&str> = w.docs.keys().map(String::as_str).collect();
+            kept.sort();
+            assert_eq!(kept, ["file:///1.py", "file:///3.py"]);
+            // However small the budget, the document in use keeps its cache.
+            w.enforce_budget(0);
+            assert_eq!(w.docs.keys().collect::<Vec<_>>(), ["file:///1.py"]);
+        }
+
+        #[test]
+        fn a_panicking_job_drops_that_documents_cache_and_the_worker_goes_on() {
+            let mut h = harness();
+            let (job, _) = complete("file:///p.py", &text(6, 5));
+            accept(&mut h.worker, job);
+            h.worker.step();
+            assert!(h.worker.docs.contains_key("file:///p.py"));
+            let r = h.worker.guarded("file:///p.py", |_| -> () { panic!("boom") });
+            assert!(r.is_none());
+            assert!(!h.worker.docs.contains_key("file:///p.py"), "its possibly half-updated cache is gone");
+            let reported = std::iter::from_fn(|| h.events.try_recv().ok())
+                .any(|e| matches!(&e, Event::Error(m) if m.contains("internal error") && m.contains("boom")));
+            assert!(reported, "the panic is reported");
+            let (job, mut answer) = complete("file:///p.py", &text(6, 5));
+            accept(&mut h.worker, job);
+            h.worker.step();
+            assert!(answer.try_recv().unwrap().is_ok(), "the next request is served");
+        }
+    }
 
     #[test]
     fn regions_end_on_character_boundaries() {
