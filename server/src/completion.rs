@@ -349,12 +349,16 @@ pub fn finish(raw: &str, p: &Prompt, following: &str, s: &Settings) -> String {
     text
 }
 
-/// A multi-line suggestion on a fresh line, from its first line with code:
-/// leading blank lines (complete ones) skipped, that line's own indentation
-/// dropped (the editor typed the indentation) and the lines after it moved by
-/// the same columns; the text ends at a line indented less than that first
-/// line (its block ended). Only blank lines so far: empty. Other prompts, and
-/// text that already starts with code at the typed indentation: unchanged.
+/// A multi-line suggestion on a fresh line, from its first line with code.
+/// Code on the cursor's line: only its extra indentation is dropped (the
+/// lines after it were written at absolute columns, and the block rule cuts
+/// them where they leave the cursor's block). Code after blank lines (the
+/// model ended the line first): those lines are skipped, that line's own
+/// indentation dropped (the editor typed the indentation) and the lines after
+/// it moved by the same columns; the text ends at a line indented less than
+/// that first line (its block ended). Only blank lines so far: empty. Other
+/// prompts, and text that starts with code at the typed indentation:
+/// unchanged.
 pub fn fresh_start<'a>(raw: &'a str, p: &Prompt, s: &Settings) -> Cow<'a, str> {
     if !p.fresh_line || p.single_line || s.fresh_line == FreshLine::Off {
         return Cow::Borrowed(raw);
@@ -373,12 +377,12 @@ pub fn fresh_start<'a>(raw: &'a str, p: &Prompt, s: &Settings) -> Cow<'a, str> {
     }
     let Some((i, line)) = first else { return Cow::Borrowed("") };
     let own = indent_width(line);
-    if i == 0 && own == 0 {
-        return Cow::Borrowed(raw);
+    if i == 0 {
+        return match own {
+            0 => Cow::Borrowed(raw),
+            _ => Cow::Borrowed(raw.trim_start_matches([' ', '\t'])),
+        };
     }
-    // Columns of that line in the model's text (the first line follows the
-    // typed indentation).
-    let col = own + if i == 0 { p.block_indent } else { 0 };
     let typed = &p.indent;
     let mut out = vec![Cow::Borrowed(line.trim_start())];
     for (_, l) in lines {
@@ -388,10 +392,10 @@ pub fn fresh_start<'a>(raw: &'a str, p: &Prompt, s: &Settings) -> Cow<'a, str> {
             continue;
         }
         let w = indent_width(l);
-        if w < col {
+        if w < own {
             break;
         }
-        out.push(Cow::Owned(format!("{typed}{}", strip_columns(l, col))));
+        out.push(Cow::Owned(format!("{typed}{}", strip_columns(l, own))));
     }
     Cow::Owned(out.join("\n"))
 }
@@ -655,10 +659,14 @@ mod tests {
         // The model ended the whitespace-only line first.
         assert_eq!(finish("\n    return x\n", &p, &t[c..], &s), "return x");
         assert_eq!(finish("\n\n    if x:\n        y = 1\n    z = 2\nw", &p, "", &s), "if x:\n        y = 1\n    z = 2");
-        // It indented again: the block moves back to the typed indentation
-        // and ends where its own indentation does.
-        assert_eq!(finish("    if x:\n            y\n        z\n    w", &p, "", &s), "if x:\n        y\n    z");
+        // It indented again on the cursor's line: only that is dropped (the
+        // next lines are at the columns the model meant, and the block rule
+        // ends them at a dedent below the cursor's block).
+        assert_eq!(finish("   if x:\n        y\n    z\nw", &p, "", &s), "if x:\n        y\n    z");
+        // It wrote its block after a blank line at another indentation: the
+        // block moves to the typed one and ends where its own indentation does.
         assert_eq!(finish("\n        a\n\n        b\n    c", &p, "", &s), "a\n\n    b");
+        assert_eq!(finish("\n        if x:\n            y\n        z\n    w", &p, "", &s), "if x:\n        y\n    z");
         // Code already at the typed indentation is untouched; only blank lines: nothing.
         assert_eq!(fresh_start("return 1\n    x", &p, &s), "return 1\n    x");
         assert_eq!(finish("\n  \n", &p, "", &s), "");
