@@ -825,7 +825,7 @@ mod tests {
     fn the_vscode_extension_exposes_every_key() {
         let package: Value = serde_json::from_str(include_str!("../../editors/vscode/package.json")).unwrap();
         let props = &package["contributes"]["configuration"]["properties"];
-        let source = include_str!("../../editors/vscode/src/extension.ts");
+        let source = include_str!("../../editors/vscode/src/settings.ts");
         let sent = source.split("const SERVER_KEYS = [").nth(1).and_then(|r| r.split("] as const").next()).unwrap();
         let mut keys = Vec::new();
         leaves("", &serde_json::to_value(Config::default()).unwrap(), &mut keys);
