@@ -26,7 +26,7 @@ use serde_json::{json, Value};
 use crate::engine::document::is_anchor;
 use crate::engine::kv_cache::KvCache;
 use crate::engine::llama::Logits;
-use crate::engine::policy::{AttentionPolicy, PolicyKind};
+use crate::engine::policy::{AttentionPolicy, PolicyKind, PolicySpec};
 use crate::engine::Engine;
 use crate::models;
 
@@ -114,13 +114,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if rayon::ThreadPoolBuilder::new().num_threads(args.threads).build_global().is_err() {
         note("warning: rayon's thread pool was already started; --threads may not apply");
     }
-    let mut speed_policy = AttentionPolicy::from_parts(
-        &args.policy,
-        args.recent_lines,
-        args.sink_tokens,
-        args.dense_every,
-        args.window_tokens,
-    )?;
+    let mut speed_policy = AttentionPolicy::from_spec(&PolicySpec {
+        policy: args.policy.parse()?,
+        recent_lines: args.recent_lines,
+        sink_tokens: args.sink_tokens,
+        dense_every: args.dense_every,
+        window_tokens: args.window_tokens,
+    })?;
     if speed_policy.kind == PolicyKind::Full {
         // Sinks mean nothing under full attention.
         speed_policy = AttentionPolicy::full();

@@ -8,7 +8,7 @@ use anyhow::Result;
 use clap::Args;
 
 use crate::engine::adapter::Adapter;
-use crate::engine::policy::{AttentionPolicy, PolicyKind};
+use crate::engine::policy::{AttentionPolicy, PolicyKind, PolicySpec};
 use crate::engine::Engine;
 use crate::models;
 
@@ -38,14 +38,14 @@ impl PolicyArgs {
     /// sinks, as the reference).
     pub fn policy(&self) -> Result<AttentionPolicy> {
         // The server's defaults (`attention.*`), so that the tools run what users get.
-        let d = crate::config::AttentionConfig::default();
-        let p = AttentionPolicy::from_parts(
-            self.policy.as_deref().unwrap_or(d.policy.as_str()),
-            self.recent_lines.unwrap_or(d.recent_lines),
-            self.sink_tokens.unwrap_or(d.sink_tokens),
-            self.dense_every.unwrap_or(d.dense_every),
-            self.window_tokens.unwrap_or(d.window_tokens),
-        )?;
+        let d = PolicySpec::default();
+        let p = AttentionPolicy::from_spec(&PolicySpec {
+            policy: self.policy.as_deref().map(str::parse).transpose()?.unwrap_or(d.policy),
+            recent_lines: self.recent_lines.unwrap_or(d.recent_lines),
+            sink_tokens: self.sink_tokens.unwrap_or(d.sink_tokens),
+            dense_every: self.dense_every.unwrap_or(d.dense_every),
+            window_tokens: self.window_tokens.unwrap_or(d.window_tokens),
+        })?;
         Ok(if p.kind == PolicyKind::Full { AttentionPolicy::full() } else { p })
     }
 

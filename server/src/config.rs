@@ -12,6 +12,11 @@ use std::ops::RangeInclusive;
 use std::path::PathBuf;
 
 use serde::Serialize;
+
+/// `attention.*` settings: the engine's policy spelled as settings (see
+/// [`PolicySpec`](crate::engine::policy::PolicySpec), where the defaults and
+/// the names live).
+pub use crate::engine::policy::{PolicyName, PolicySpec as AttentionConfig};
 use serde_json::{Map, Value};
 use tower_lsp::lsp_types::MessageType;
 
@@ -157,71 +162,6 @@ impl BackendKind {
     /// Parses a settings name (exact, lowercase).
     pub fn parse(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|kind| kind.as_str() == name)
-    }
-}
-
-/// `attention.*` settings, kept plain; the engine converts them to its policy
-/// type (the fields match `engine::policy::AttentionPolicy::from_parts`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AttentionConfig {
-    /// Which attention policy to use.
-    pub policy: PolicyName,
-    /// Lines before the cursor's line whose tokens stay fully visible (anchor policy).
-    pub recent_lines: u32,
-    /// Leading "attention sink" tokens always kept (anchor and window policies).
-    pub sink_tokens: u32,
-    /// Every N-th layer attends densely (anchor policy); 0 = none.
-    pub dense_every: u32,
-    /// Tokens kept by the sliding-window policy.
-    pub window_tokens: u32,
-}
-
-/// The defaults were chosen from measurements (docs/benchmarks.md, "Quality
-/// against KV bytes"): on documents that fill the 2,048-token prompt, a
-/// 560-token window kept the default model's full-attention quality at 27% of
-/// its KV bytes, while training-free anchors lost 10-22% at every budget.
-impl Default for AttentionConfig {
-    fn default() -> Self {
-        Self { policy: PolicyName::Window, recent_lines: 8, sink_tokens: 4, dense_every: 0, window_tokens: 560 }
-    }
-}
-
-/// The attention policy names accepted by `attention.policy`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PolicyName {
-    /// Keep anchors (line ends), sinks and recent lines.
-    Anchor,
-    /// Keep everything.
-    Full,
-    /// Keep sinks and the last `windowTokens` tokens (the default).
-    #[default]
-    Window,
-}
-
-impl PolicyName {
-    /// All names, as written in settings.
-    pub const ALL: [PolicyName; 3] = [Self::Anchor, Self::Full, Self::Window];
-
-    /// The name as written in settings.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Anchor => "anchor",
-            Self::Full => "full",
-            Self::Window => "window",
-        }
-    }
-
-    /// Parses a settings name (exact, lowercase).
-    pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|policy| policy.as_str() == name)
-    }
-}
-
-impl fmt::Display for PolicyName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 

@@ -555,18 +555,9 @@ impl Worker {
     /// `attention` settings are at their defaults.
     fn policy(&self) -> AttentionPolicy {
         let a = &self.config.attention;
-        let parts = |a: &crate::config::AttentionConfig| {
-            AttentionPolicy::from_parts(
-                a.policy.as_str(),
-                a.recent_lines,
-                a.sink_tokens,
-                a.dense_every,
-                a.window_tokens,
-            )
-        };
         // The settings are range-checked, so this holds; else the defaults.
-        let configured = parts(a)
-            .or_else(|_| parts(&crate::config::AttentionConfig::default()))
+        let configured = AttentionPolicy::from_spec(a)
+            .or_else(|_| AttentionPolicy::from_spec(&crate::config::AttentionConfig::default()))
             .expect("the default attention settings make a policy");
         match &self.engine {
             Some(engine) => engine.policy(configured, *a == crate::config::AttentionConfig::default()),

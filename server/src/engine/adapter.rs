@@ -20,7 +20,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::policy::AttentionPolicy;
+use super::policy::{AttentionPolicy, PolicySpec};
 use super::tokenizer::{FimIds, Tokenizer};
 
 /// The weight whose rows `token_embd.rows` replaces.
@@ -191,13 +191,13 @@ impl Adapter {
         let policy =
             metadata.get("policy_json").and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok()).and_then(|v| {
                 let u = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0) as u32;
-                AttentionPolicy::from_parts(
-                    v.get("policy")?.as_str()?,
-                    u("recentLines"),
-                    u("sinkTokens"),
-                    u("denseEvery"),
-                    u("windowTokens"),
-                )
+                AttentionPolicy::from_spec(&PolicySpec {
+                    policy: v.get("policy")?.as_str()?.parse().ok()?,
+                    recent_lines: u("recentLines"),
+                    sink_tokens: u("sinkTokens"),
+                    dense_every: u("denseEvery"),
+                    window_tokens: u("windowTokens"),
+                })
                 .ok()
             });
         Ok(Adapter { pairs, rows, scale, policy, fim, metadata })

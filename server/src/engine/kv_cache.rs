@@ -95,15 +95,7 @@ impl KvCache {
 
     /// The rule compaction evicts by: the group's own, widened by the slack.
     fn eviction_rule(&self, rule: LayerAttention) -> LayerAttention {
-        match rule {
-            LayerAttention::Anchor { recent_lines } if recent_lines > 0 => {
-                LayerAttention::Anchor { recent_lines: recent_lines + self.slack_lines }
-            }
-            LayerAttention::Window { window_tokens } => {
-                LayerAttention::Window { window_tokens: window_tokens + 16 * self.slack_lines }
-            }
-            other => other,
-        }
+        rule.with_slack(self.slack_lines)
     }
 
     /// The policy this cache follows.
