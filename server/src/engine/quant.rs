@@ -5,24 +5,31 @@
 //! bytes of weights. candle has no SIMD path for Q4_1 (the default model's
 //! format) and its Q8_0 one is AVX2 only, so the engine used to widen Q4_1 to
 //! Q8_0 (1.5× the bytes). Here weights keep their GGUF blocks (same bits, same
-//! bytes), only rearranged at load so a SIMD register unpacks with few
-//! instructions:
+//! bytes), only rearranged at load into the order the kernels stream:
 //!
-//! - per row, the 4-bit values of blocks `2p` and `2p+1` share 32 bytes: byte
-//!   `j` holds element `j` of block `2p` in its low nibble and element `j` of
-//!   block `2p+1` in its high nibble (a lone last block keeps GGUF's layout:
-//!   elements `j` and `j+16`);
+//! - rows in groups of [`RG`] = 16 (one AVX-512 register of `i32` lanes; a
+//!   last partial group is padded with zero rows). Per (row group, block),
+//!   the 32 values of the 16 rows come as 4-value runs: run `q` (elements
+//!   `4q..4q+4`) of all 16 rows fills 64 bytes, row `ρ` at bytes `4ρ..4ρ+4`.
+//!   So one `vpdpbusd` against 4 activation bytes broadcast to every lane
+//!   adds 4 products to each of 16 rows' dots, and a block's dot sums whole
+//!   in one `i32` lane per row: no horizontal sums, no shuffles;
+//! - Q4: runs `2c` and `2c+1` share 64 bytes (low and high nibbles), so one
+//!   load, a shift and two ANDs unpack two runs;
 //! - Q8_0 values are stored `+128` as unsigned bytes (VNNI multiplies unsigned
 //!   by signed bytes); the offset comes back out through the block sums;
-//! - block scales (and Q4_1's minimums) sit in their own `f16` arrays.
+//! - block scales (and Q4_1's minimums) sit in their own `f16` arrays, the
+//!   16 rows of a group side by side (one `vcvtph2ps` per block).
 //!
 //! A block's contribution is `d_w·d_x·Σ w_j·x_j + c_w·s_x`, with `s_x = d_x·Σ x_j`
 //! and `c_w` = the minimum (Q4_1), `−8·d_w` (Q4_0) or `−128·d_w` (Q8_0). The
 //! activations of a matrix product are quantized once ([`QActs`]) and shared
 //! by the matrices that read the same input (q|k|v, gate|up).
 //!
-//! Kernels: AVX-512 VNNI (two blocks per `vpdpbusd`), AVX2 (`vpmaddubsw`) and a
-//! scalar reference, picked at run time ([`Kernel::best`]; the environment
+//! Kernels: register tiles of one row group × up to 8 activation rows (AVX-512
+//! VNNI; decode is the 1-row tile) or 8 weight rows × up to 4 activation rows
+//! (AVX2, `vpmaddubsw`), each weight loaded once per tile, and a scalar
+//! reference, picked at run time ([`Kernel::best`]; the environment
 //! variable `ANCHORCODER_KERNEL=scalar|avx2|avx512vnni` forces a lower one for
 //! comparisons). Rows are split over candle's worker pool, the one the rest of
 //! the engine uses.
@@ -61,19 +68,22 @@ impl Format {
     }
 }
 
+/// Weight rows interleaved together (one AVX-512 register of `i32` lanes).
+pub const RG: usize = 16;
+
 /// A weight matrix `[n, k]` (row `r` gives output `r`), quantized per row in
-/// blocks of [`QK`].
+/// blocks of [`QK`], stored in groups of [`RG`] rows (see the module docs).
 pub struct QMatrix {
     format: Format,
     n: usize,
     k: usize,
     nb: usize,
-    /// Q4: `n × nb × 16` bytes (pair layout, see the module docs); Q8_0:
-    /// `n × k` bytes, value + 128.
+    /// Per row group and block: Q4 `RG × 16` bytes, Q8_0 `RG × 32` bytes
+    /// (value + 128); rows padded to a multiple of [`RG`] with zeros.
     qs: Vec<u8>,
-    /// `n × nb` block scales.
+    /// Block scales, `RG` per (row group, block).
     d: Vec<f16>,
-    /// `n × nb` block minimums (Q4_1 only, else empty).
+    /// Block minimums (Q4_1 only, else empty), laid out as `d`.
     m: Vec<f16>,
 }
 
@@ -95,12 +105,13 @@ impl QMatrix {
         let mut w = QMatrix::zeros(format, n, k);
         for (i, blk) in raw.chunks_exact(format.block_bytes()).enumerate() {
             let (r, b) = (i / nb, i % nb);
-            w.d[i] = half(blk, 0);
+            let si = w.scale_index(r, b);
+            w.d[si] = half(blk, 0);
             let mut vals = [0u8; QK];
             match format {
                 Format::Q4_0 | Format::Q4_1 => {
                     let qs = if format == Format::Q4_1 {
-                        w.m[i] = half(blk, 2);
+                        w.m[si] = half(blk, 2);
                         &blk[4..20]
                     } else {
                         &blk[2..18]
@@ -137,7 +148,8 @@ impl QMatrix {
             for (v, x) in vals.iter_mut().zip(x) {
                 *v = ((x * id).round() as i32 + 128) as u8;
             }
-            w.d[i] = f16::from_f32(d);
+            let si = w.scale_index(i / nb, i % nb);
+            w.d[si] = f16::from_f32(d);
             w.set_block(i / nb, i % nb, &vals);
         }
         Ok(w)
@@ -145,58 +157,58 @@ impl QMatrix {
 
     fn zeros(format: Format, n: usize, k: usize) -> QMatrix {
         let nb = k / QK;
-        let q_bytes = if format == Format::Q8_0 { n * k } else { n * nb * 16 };
-        let m = if format == Format::Q4_1 { vec![f16::ZERO; n * nb] } else { Vec::new() };
-        QMatrix { format, n, k, nb, qs: vec![0; q_bytes], d: vec![f16::ZERO; n * nb], m }
+        let np = n.next_multiple_of(RG);
+        let q_bytes = if format == Format::Q8_0 { np * k } else { np * nb * 16 };
+        let m = if format == Format::Q4_1 { vec![f16::ZERO; np * nb] } else { Vec::new() };
+        QMatrix { format, n, k, nb, qs: vec![0; q_bytes], d: vec![f16::ZERO; np * nb], m }
+    }
+
+    /// Index of row `r`'s block `b` in `d` and `m`.
+    fn scale_index(&self, r: usize, b: usize) -> usize {
+        ((r / RG) * self.nb + b) * RG + r % RG
+    }
+
+    /// Byte offset and nibble shift (Q4) of element `j` of row `r`'s block `b`.
+    fn value_at(&self, r: usize, b: usize, j: usize) -> (usize, u32) {
+        let (g, lane) = (r / RG, r % RG);
+        match self.format {
+            Format::Q8_0 => ((g * self.nb + b) * RG * QK + (j / 4) * 4 * RG + lane * 4 + j % 4, 0),
+            _ => {
+                let (c, hi, e) = (j / 8, (j / 4) % 2, j % 4);
+                ((g * self.nb + b) * RG * 16 + c * 4 * RG + lane * 4 + e, hi as u32 * 4)
+            }
+        }
     }
 
     /// Store block `b` of row `r` from its 32 unsigned values (0–15 for Q4).
     fn set_block(&mut self, r: usize, b: usize, vals: &[u8; QK]) {
-        let nb = self.nb;
-        match self.format {
-            Format::Q8_0 => self.qs[r * self.k + b * QK..][..QK].copy_from_slice(vals),
-            _ => {
-                let row = &mut self.qs[r * nb * 16..(r + 1) * nb * 16];
-                if nb % 2 == 1 && b == nb - 1 {
-                    for j in 0..16 {
-                        row[b * 16 + j] = vals[j] | vals[j + 16] << 4;
-                    }
-                } else {
-                    let (pair, shift) = (b / 2 * 32, (b % 2) as u32 * 4);
-                    for j in 0..QK {
-                        row[pair + j] = row[pair + j] & !(0x0F << shift) | vals[j] << shift;
-                    }
-                }
-            }
+        for (j, &v) in vals.iter().enumerate() {
+            let (o, shift) = self.value_at(r, b, j);
+            self.qs[o] = self.qs[o] & !(0xFFu8.wrapping_shr(8 - self.width()) << shift) | v << shift;
+        }
+    }
+
+    /// Bits per stored value.
+    fn width(&self) -> u32 {
+        if self.format == Format::Q8_0 {
+            8
+        } else {
+            4
         }
     }
 
     /// The 32 stored unsigned values of block `b` of row `r`.
     fn block(&self, r: usize, b: usize) -> [u8; QK] {
-        let nb = self.nb;
-        let mut vals = [0u8; QK];
-        match self.format {
-            Format::Q8_0 => vals.copy_from_slice(&self.qs[r * self.k + b * QK..][..QK]),
-            _ => {
-                let row = &self.qs[r * nb * 16..(r + 1) * nb * 16];
-                if nb % 2 == 1 && b == nb - 1 {
-                    for j in 0..16 {
-                        vals[j] = row[b * 16 + j] & 0x0F;
-                        vals[j + 16] = row[b * 16 + j] >> 4;
-                    }
-                } else {
-                    let shift = (b % 2) * 4;
-                    for (j, v) in vals.iter_mut().enumerate() {
-                        *v = (row[b / 2 * 32 + j] >> shift) & 0x0F;
-                    }
-                }
-            }
-        }
-        vals
+        let mask = 0xFFu8.wrapping_shr(8 - self.width());
+        std::array::from_fn(|j| {
+            let (o, shift) = self.value_at(r, b, j);
+            (self.qs[o] >> shift) & mask
+        })
     }
 
-    /// `c_w` of block `i` (flat index): what multiplies the activation block's sum.
-    fn sum_coef(&self, i: usize) -> f32 {
+    /// `c_w` of row `r`'s block `b`: what multiplies the activation block's sum.
+    fn sum_coef(&self, r: usize, b: usize) -> f32 {
+        let i = self.scale_index(r, b);
         match self.format {
             Format::Q4_0 => -8.0 * self.d[i].to_f32(),
             Format::Q4_1 => self.m[i].to_f32(),
@@ -208,8 +220,7 @@ impl QMatrix {
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         assert_eq!(out.len(), self.k);
         for (b, o) in out.chunks_exact_mut(QK).enumerate() {
-            let i = r * self.nb + b;
-            let (d, c) = (self.d[i].to_f32(), self.sum_coef(i));
+            let (d, c) = (self.d[self.scale_index(r, b)].to_f32(), self.sum_coef(r, b));
             for (o, &v) in o.iter_mut().zip(&self.block(r, b)) {
                 *o = d * v as f32 + c;
             }
@@ -365,10 +376,22 @@ impl Kernel {
     }
 }
 
-/// Weight rows per work item of the pool.
-const ROW_CHUNK: usize = 16;
-/// Activation rows multiplied together against one weight row (prefill).
-const TILE: usize = 4;
+/// Activation rows per tile of the AVX-512 VNNI kernel (its accumulators:
+/// 8 × 2 registers of 16 lanes, the weights loaded once per tile).
+const TILE_VNNI: usize = 8;
+/// Activation rows per tile of the AVX2 kernel (16 vector registers).
+const TILE_AVX2: usize = 4;
+
+impl Kernel {
+    /// Activation rows one call of this kernel multiplies against a row group.
+    fn tile_rows(self) -> usize {
+        match self {
+            Kernel::Avx512Vnni => TILE_VNNI,
+            Kernel::Avx2 => TILE_AVX2,
+            Kernel::Scalar => 1,
+        }
+    }
+}
 
 /// `x · Wᵀ` for each `W` in `ws` (all `k` wide, as `x`): one `x.rows × n`
 /// output per matrix, on the best kernel.
@@ -384,38 +407,29 @@ pub fn matmul_with(kernel: Kernel, ws: &[&QMatrix], x: &QActs) -> Vec<Vec<f32>> 
     }
     let m = x.rows;
     let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.n]).collect();
-    // Work items: chunks of rows of each matrix in turn.
+    // Work items: the row groups of each matrix in turn.
     let starts: Vec<usize> = ws
         .iter()
         .scan(0, |acc, w| {
             let s = *acc;
-            *acc += w.n.div_ceil(ROW_CHUNK);
+            *acc += w.n.div_ceil(RG);
             Some(s)
         })
         .collect();
-    let items = starts.last().map_or(0, |&s| s + ws.last().unwrap().n.div_ceil(ROW_CHUNK));
+    let items = starts.last().map_or(0, |&s| s + ws.last().unwrap().n.div_ceil(RG));
     let out_ptrs: Vec<usize> = outs.iter_mut().map(|o| o.as_mut_ptr() as usize).collect();
+    let tile = kernel.tile_rows();
     let run = |range: std::ops::Range<usize>| {
         for item in range {
             let which = starts.partition_point(|&s| s <= item) - 1;
-            let w = ws[which];
-            let r0 = (item - starts[which]) * ROW_CHUNK;
-            let rows = r0..(r0 + ROW_CHUNK).min(w.n);
+            let (w, g) = (ws[which], item - starts[which]);
             let out = out_ptrs[which] as *mut f32;
             let mut i0 = 0;
             while i0 < m {
-                let t = (m - i0).min(TILE);
-                for r in rows.clone() {
-                    // SAFETY: each (activation row, weight row) output is written
-                    // by exactly one work item, inside `outs[which]` (m × n).
-                    unsafe {
-                        let mut y = [0f32; TILE];
-                        dot_tile(kernel, w, r, x, i0, &mut y[..t]);
-                        for (i, v) in y[..t].iter().enumerate() {
-                            *out.add((i0 + i) * w.n + r) = *v;
-                        }
-                    }
-                }
+                let t = (m - i0).min(tile);
+                // SAFETY: each (activation row, weight row) output is written
+                // by exactly one work item, inside `outs[which]` (m × n).
+                unsafe { group_tile(kernel, w, g, x, i0, t, out) };
                 i0 += t;
             }
         }
@@ -428,40 +442,42 @@ pub fn matmul_with(kernel: Kernel, ws: &[&QMatrix], x: &QActs) -> Vec<Vec<f32>> 
     outs
 }
 
-/// Dots of weight row `r` with activation rows `i0..i0 + out.len()` (1–4).
+/// Row group `g` of `w` (rows `16g..`, those below `w.n`) times activation
+/// rows `i0..i0 + t`, written to `out` (`x.rows × w.n`, row-major).
 ///
 /// # Safety
-/// `kernel` must be available; `r < w.n`, `i0 + out.len() <= x.rows`, `w.k == x.k`.
-unsafe fn dot_tile(kernel: Kernel, w: &QMatrix, r: usize, x: &QActs, i0: usize, out: &mut [f32]) {
+/// `kernel` must be available; `g < ⌈w.n / 16⌉`, `1 <= t <= kernel.tile_rows()`,
+/// `i0 + t <= x.rows`, `w.k == x.k`, `out` valid for `x.rows × w.n` values.
+unsafe fn group_tile(kernel: Kernel, w: &QMatrix, g: usize, x: &QActs, i0: usize, t: usize, out: *mut f32) {
     macro_rules! by_rows {
-        ($f:ident, $fmt:expr) => {
-            match out.len() {
-                1 => out.copy_from_slice(&$f::<1, { $fmt }>(w, r, x, i0)),
-                2 => out.copy_from_slice(&$f::<2, { $fmt }>(w, r, x, i0)),
-                3 => out.copy_from_slice(&$f::<3, { $fmt }>(w, r, x, i0)),
-                _ => out.copy_from_slice(&$f::<4, { $fmt }>(w, r, x, i0)),
+        ($f:ident, $fmt:expr, $($t:literal)*) => {
+            match t {
+                $($t => $f::<$t, { $fmt }>(w, g, x, i0, out),)*
+                _ => unreachable!("a tile of {t} rows"),
             }
         };
     }
     macro_rules! by_format {
-        ($f:ident) => {
+        ($f:ident, $($t:literal)*) => {
             match w.format {
-                Format::Q4_0 => by_rows!($f, F_Q4_0),
-                Format::Q4_1 => by_rows!($f, F_Q4_1),
-                Format::Q8_0 => by_rows!($f, F_Q8_0),
+                Format::Q4_0 => by_rows!($f, F_Q4_0, $($t)*),
+                Format::Q4_1 => by_rows!($f, F_Q4_1, $($t)*),
+                Format::Q8_0 => by_rows!($f, F_Q8_0, $($t)*),
             }
         };
     }
     match kernel {
         Kernel::Scalar => {
-            for (i, o) in out.iter_mut().enumerate() {
-                *o = dot_scalar(w, r, x, i0 + i);
+            for i in i0..i0 + t {
+                for r in g * RG..((g + 1) * RG).min(w.n) {
+                    *out.add(i * w.n + r) = dot_scalar(w, r, x, i);
+                }
             }
         }
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2 => by_format!(tile_avx2),
+        Kernel::Avx2 => by_format!(tile_avx2, 1 2 3 4),
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx512Vnni => by_format!(tile_vnni),
+        Kernel::Avx512Vnni => by_format!(tile_vnni, 1 2 3 4 5 6 7 8),
         #[cfg(not(target_arch = "x86_64"))]
         _ => unreachable!("only the scalar kernel exists off x86-64"),
     }
@@ -471,172 +487,154 @@ unsafe fn dot_tile(kernel: Kernel, w: &QMatrix, r: usize, x: &QActs, i0: usize, 
 fn dot_scalar(w: &QMatrix, r: usize, x: &QActs, i: usize) -> f32 {
     let mut acc = 0f32;
     for b in 0..w.nb {
-        let (wi, xi) = (r * w.nb + b, i * x.nb + b);
+        let (wi, xi) = (w.scale_index(r, b), i * x.nb + b);
         let xq = &x.qs[i * x.k + b * QK..][..QK];
         let dot: i32 = w.block(r, b).iter().zip(xq).map(|(&a, &b)| a as i32 * b as i32).sum();
-        acc += w.d[wi].to_f32() * x.d[xi] * dot as f32 + w.sum_coef(wi) * x.s[xi];
+        acc += w.d[wi].to_f32() * x.d[xi] * dot as f32 + w.sum_coef(r, b) * x.s[xi];
     }
     acc
-}
-
-/// One block's integer dot through the reference layout (a lone last Q4 block).
-fn block_dot(w: &QMatrix, r: usize, b: usize, x: &QActs, i: usize) -> f32 {
-    let xq = &x.qs[i * x.k + b * QK..][..QK];
-    let dot: i32 = w.block(r, b).iter().zip(xq).map(|(&a, &b)| a as i32 * b as i32).sum();
-    dot as f32
 }
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-/// AVX-512 VNNI: two blocks per `vpdpbusd`, block scales 16 at a time.
+/// Four activation bytes (elements `j..j + 4` of row `i`) in every 32-bit lane.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn x4(x: &QActs, i: usize, j: usize) -> i32 {
+    (x.qs.as_ptr().add(i * x.k + j) as *const i32).read_unaligned()
+}
+
+/// AVX-512 VNNI register tile: 16 weight rows (one row group) × `R`
+/// activation rows. Per block, each `vpdpbusd` multiplies 4 values of the 16
+/// rows by 4 activation bytes broadcast to every lane, so a block's dot
+/// accumulates whole in `i32` lanes (one per weight row: no horizontal sums,
+/// no shuffles); then one convert and two FMAs per tile row apply the block's
+/// scales. The weights are loaded (and Q4 unpacked) once per tile.
 ///
 /// # Safety
-/// The CPU has AVX-512 F/BW/VL/VNNI; indices as in [`dot_tile`].
+/// The CPU has AVX-512 F/BW/VL/VNNI; indices as in [`group_tile`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn tile_vnni<const R: usize, const F: u8>(w: &QMatrix, r: usize, x: &QActs, i0: usize) -> [f32; R] {
+unsafe fn tile_vnni<const R: usize, const F: u8>(w: &QMatrix, g: usize, x: &QActs, i0: usize, out: *mut f32) {
     let nb = w.nb;
-    let wd = w.d.as_ptr().add(r * nb) as *const i16;
-    let wm = if F == F_Q4_1 { w.m.as_ptr().add(r * nb) as *const i16 } else { wd };
-    let wq = if F == F_Q8_0 { w.qs.as_ptr().add(r * w.k) } else { w.qs.as_ptr().add(r * nb * 16) };
     let low4 = _mm512_set1_epi8(0x0F);
-    // The low nibbles (block 2p) fill the lower 256 bits, the high ones the upper.
-    let shifts = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);
-    // Lanes 0–7 take block 2p's scale, lanes 8–15 block 2p+1's.
-    let pair_lanes = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     let mut acc = [_mm512_setzero_ps(); R];
-    let mut lone = [0f32; R];
-    let mut b0 = 0;
-    while b0 < nb {
-        let wn = (nb - b0).min(16);
-        let mask: __mmask16 = (((1u32 << wn) - 1) & 0xFFFF) as u16;
-        let dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, wd.add(b0)));
+    for b in 0..nb {
+        let bi = g * nb + b;
+        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(w.d.as_ptr().add(bi * RG) as *const __m256i));
         let coef = match F {
-            F_Q4_1 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, wm.add(b0))),
+            F_Q4_1 => _mm512_cvtph_ps(_mm256_loadu_si256(w.m.as_ptr().add(bi * RG) as *const __m256i)),
             F_Q4_0 => _mm512_mul_ps(dw, _mm512_set1_ps(-8.0)),
             _ => _mm512_mul_ps(dw, _mm512_set1_ps(-128.0)),
         };
-        // Per activation row: the 16 blocks' combined scales d_w·d_x, and the sum terms.
-        let mut scale = [_mm512_setzero_ps(); R];
+        let mut dot = [_mm512_setzero_si512(); R];
+        if F == F_Q8_0 {
+            let wq = w.qs.as_ptr().add(bi * RG * QK);
+            for q in 0..QK / 4 {
+                let wv = _mm512_loadu_si512(wq.add(q * 4 * RG) as *const _);
+                for (i, d) in dot.iter_mut().enumerate() {
+                    *d = _mm512_dpbusd_epi32(*d, wv, _mm512_set1_epi32(x4(x, i0 + i, b * QK + 4 * q)));
+                }
+            }
+        } else {
+            let wq = w.qs.as_ptr().add(bi * RG * 16);
+            for c in 0..QK / 8 {
+                let packed = _mm512_loadu_si512(wq.add(c * 4 * RG) as *const _);
+                let lo = _mm512_and_si512(packed, low4);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), low4);
+                for (i, d) in dot.iter_mut().enumerate() {
+                    let j = b * QK + 8 * c;
+                    *d = _mm512_dpbusd_epi32(*d, lo, _mm512_set1_epi32(x4(x, i0 + i, j)));
+                    *d = _mm512_dpbusd_epi32(*d, hi, _mm512_set1_epi32(x4(x, i0 + i, j + 4)));
+                }
+            }
+        }
         for i in 0..R {
-            let xb = (i0 + i) * nb + b0;
-            let dx = _mm512_maskz_loadu_ps(mask, x.d.as_ptr().add(xb));
-            scale[i] = _mm512_mul_ps(dw, dx);
-            acc[i] = _mm512_fmadd_ps(coef, _mm512_maskz_loadu_ps(mask, x.s.as_ptr().add(xb)), acc[i]);
+            let xb = (i0 + i) * nb + b;
+            let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*x.d.get_unchecked(xb)));
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i]), scale, acc[i]);
+            acc[i] = _mm512_fmadd_ps(coef, _mm512_set1_ps(*x.s.get_unchecked(xb)), acc[i]);
         }
-        for p in 0..wn / 2 {
-            let b = b0 + 2 * p;
-            let wv = if F == F_Q8_0 {
-                _mm512_loadu_si512(wq.add(b * QK) as *const _)
-            } else {
-                let packed = _mm512_broadcast_i64x4(_mm256_loadu_si256(wq.add(b * 16) as *const __m256i));
-                _mm512_and_si512(_mm512_srlv_epi64(packed, shifts), low4)
-            };
-            let idx = _mm512_add_epi32(pair_lanes, _mm512_set1_epi32(2 * p as i32));
-            for i in 0..R {
-                let xv = _mm512_loadu_si512(x.qs.as_ptr().add((i0 + i) * x.k + b * QK) as *const _);
-                let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
-                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(idx, scale[i]), acc[i]);
-            }
-        }
-        if wn % 2 == 1 {
-            let b = b0 + wn - 1;
-            for (i, l) in lone.iter_mut().enumerate() {
-                *l += w.d[r * nb + b].to_f32() * x.d[(i0 + i) * nb + b] * block_dot(w, r, b, x, i0 + i);
-            }
-        }
-        b0 += 16;
     }
-    std::array::from_fn(|i| _mm512_reduce_add_ps(acc[i]) + lone[i])
+    let r0 = g * RG;
+    let mask: __mmask16 = (((1u32 << (w.n - r0).min(RG)) - 1) & 0xFFFF) as u16;
+    for (i, a) in acc.iter().enumerate() {
+        _mm512_mask_storeu_ps(out.add((i0 + i) * w.n + r0), mask, *a);
+    }
 }
 
-/// AVX2: one block per `vpmaddubsw` (Q8_0 with the sign trick, since its
-/// unsigned values would saturate the 16-bit sums), block scales 8 at a time.
+/// AVX2 register tile: 8 weight rows (half a row group) × `R` activation
+/// rows, the same scheme as [`tile_vnni`] with `vpmaddubsw`. Q4 products add
+/// up in 16 bits over a whole block (at most 16 · 15 · 127 = 30,480 per lane);
+/// Q8_0 takes the sign trick (its unsigned values would saturate) and widens
+/// each product to 32 bits.
 ///
 /// # Safety
-/// The CPU has AVX2/FMA/F16C; indices as in [`dot_tile`].
+/// The CPU has AVX2/FMA/F16C; indices as in [`group_tile`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_avx2<const R: usize, const F: u8>(w: &QMatrix, r: usize, x: &QActs, i0: usize) -> [f32; R] {
+unsafe fn tile_avx2<const R: usize, const F: u8>(w: &QMatrix, g: usize, x: &QActs, i0: usize, out: *mut f32) {
     let nb = w.nb;
-    let wq = if F == F_Q8_0 { w.qs.as_ptr().add(r * w.k) } else { w.qs.as_ptr().add(r * nb * 16) };
     let (low4, ones, flip) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi16(1), _mm256_set1_epi8(-128));
-    // Up to 8 scales as a vector (a partial window is padded with zeros).
-    let halves = |p: &[f16]| {
-        let mut buf = [0u16; 8];
-        buf.iter_mut().zip(p).for_each(|(b, h)| *b = h.to_bits());
-        _mm256_cvtph_ps(_mm_loadu_si128(buf.as_ptr() as *const __m128i))
-    };
-    let floats = |p: &[f32]| {
-        let mut buf = [0f32; 8];
-        buf[..p.len()].copy_from_slice(p);
-        _mm256_loadu_ps(buf.as_ptr())
-    };
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut lone = [0f32; R];
-    let mut b0 = 0;
-    while b0 < nb {
-        let wn = (nb - b0).min(8);
-        let wi = r * nb + b0;
-        let dw = halves(&w.d[wi..wi + wn]);
-        let mut scale = [_mm256_setzero_ps(); R];
-        for i in 0..R {
-            let xi = (i0 + i) * nb + b0;
-            scale[i] = _mm256_mul_ps(dw, floats(&x.d[xi..xi + wn]));
-            // The sum terms (Q8_0 takes its offset out through the sign trick).
+    for h in 0..2 {
+        let r0 = g * RG + 8 * h;
+        if r0 >= w.n {
+            break;
+        }
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            let bi = g * nb + b;
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(w.d.as_ptr().add(bi * RG + 8 * h) as *const __m128i));
             let coef = match F {
-                F_Q4_1 => halves(&w.m[wi..wi + wn]),
-                F_Q4_0 => _mm256_mul_ps(dw, _mm256_set1_ps(-8.0)),
-                _ => continue,
+                F_Q4_1 => _mm256_cvtph_ps(_mm_loadu_si128(w.m.as_ptr().add(bi * RG + 8 * h) as *const __m128i)),
+                _ => _mm256_mul_ps(dw, _mm256_set1_ps(-8.0)),
             };
-            acc[i] = _mm256_fmadd_ps(coef, floats(&x.s[xi..xi + wn]), acc[i]);
-        }
-        // One block's products with every activation row of the tile.
-        macro_rules! block {
-            ($j:expr, $wv:expr) => {{
-                let (j, wv) = ($j, $wv);
-                let lane = _mm256_set1_epi32(j as i32);
-                for i in 0..R {
-                    let xv = _mm256_loadu_si256(x.qs.as_ptr().add((i0 + i) * x.k + (b0 + j) * QK) as *const __m256i);
-                    let prod = if F == F_Q8_0 {
-                        let signed = _mm256_xor_si256(wv, flip);
-                        _mm256_maddubs_epi16(_mm256_sign_epi8(signed, signed), _mm256_sign_epi8(xv, signed))
-                    } else {
-                        _mm256_maddubs_epi16(wv, xv)
-                    };
-                    let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones));
-                    acc[i] = _mm256_fmadd_ps(dot, _mm256_permutevar8x32_ps(scale[i], lane), acc[i]);
-                }
-            }};
-        }
-        let mut j = 0;
-        while j < wn {
-            let b = b0 + j;
+            let mut dot = [_mm256_setzero_si256(); R];
             if F == F_Q8_0 {
-                block!(j, _mm256_loadu_si256(wq.add(b * QK) as *const __m256i));
-                j += 1;
-            } else if j + 1 < wn {
-                let packed = _mm256_loadu_si256(wq.add(b * 16) as *const __m256i);
-                block!(j, _mm256_and_si256(packed, low4));
-                block!(j + 1, _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4));
-                j += 2;
-            } else {
-                for (i, l) in lone.iter_mut().enumerate() {
-                    *l += w.d[r * nb + b].to_f32() * x.d[(i0 + i) * nb + b] * block_dot(w, r, b, x, i0 + i);
+                let wq = w.qs.as_ptr().add(bi * RG * QK + 32 * h);
+                for q in 0..QK / 4 {
+                    let signed = _mm256_xor_si256(_mm256_loadu_si256(wq.add(q * 4 * RG) as *const __m256i), flip);
+                    let mag = _mm256_sign_epi8(signed, signed);
+                    for (i, d) in dot.iter_mut().enumerate() {
+                        let xv = _mm256_set1_epi32(x4(x, i0 + i, b * QK + 4 * q));
+                        let prod = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(xv, signed));
+                        *d = _mm256_add_epi32(*d, _mm256_madd_epi16(prod, ones));
+                    }
                 }
-                j += 1;
+            } else {
+                let wq = w.qs.as_ptr().add(bi * RG * 16 + 32 * h);
+                for c in 0..QK / 8 {
+                    let packed = _mm256_loadu_si256(wq.add(c * 4 * RG) as *const __m256i);
+                    let lo = _mm256_and_si256(packed, low4);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low4);
+                    for (i, d) in dot.iter_mut().enumerate() {
+                        let j = b * QK + 8 * c;
+                        let p = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(x4(x, i0 + i, j)));
+                        let p = _mm256_add_epi16(p, _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x4(x, i0 + i, j + 4))));
+                        *d = _mm256_add_epi16(*d, p);
+                    }
+                }
+                for d in dot.iter_mut() {
+                    *d = _mm256_madd_epi16(*d, ones);
+                }
+            }
+            for i in 0..R {
+                let xb = (i0 + i) * nb + b;
+                let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*x.d.get_unchecked(xb)));
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[i]), scale, acc[i]);
+                if F != F_Q8_0 {
+                    acc[i] = _mm256_fmadd_ps(coef, _mm256_set1_ps(*x.s.get_unchecked(xb)), acc[i]);
+                }
             }
         }
-        b0 += 8;
+        let rows = (w.n - r0).min(8);
+        for (i, a) in acc.iter().enumerate() {
+            let mut buf = [0f32; 8];
+            _mm256_storeu_ps(buf.as_mut_ptr(), *a);
+            std::ptr::copy_nonoverlapping(buf.as_ptr(), out.add((i0 + i) * w.n + r0), rows);
+        }
     }
-    std::array::from_fn(|i| {
-        let v = acc[i];
-        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        let h = _mm_add_ss(h, _mm_movehdup_ps(h));
-        _mm_cvtss_f32(h) + lone[i]
-    })
 }
 
 #[cfg(test)]
@@ -714,11 +712,16 @@ mod tests {
     #[test]
     fn layout_round_trips_gguf_blocks() {
         for format in FORMATS {
-            for (n, k) in [(3, 32), (5, 96), (2, 576)] {
+            for (n, k) in [(3, 32), (5, 96), (2, 576), (16, 544), (48, 576), (37, 1536)] {
                 let raw = gguf_blocks(format, &random(n * k, 1));
                 let w = QMatrix::from_gguf(format, n, k, &raw).unwrap();
                 assert_eq!(w.dequantize(), gguf_dequantize(format, &raw), "{format:?} {n}×{k}");
-                assert_eq!(w.bytes(), raw.len(), "same bytes as the GGUF blocks");
+                // Same bytes as the GGUF blocks; a last partial row group is padded.
+                let padded = raw.len() / n * n.next_multiple_of(RG);
+                assert_eq!(w.bytes(), padded, "{format:?} {n}×{k}");
+                if n.is_multiple_of(RG) {
+                    assert_eq!(w.bytes(), raw.len());
+                }
             }
         }
     }
@@ -746,13 +749,27 @@ mod tests {
 
     /// Every kernel equals the scalar reference, and all approximate the
     /// `f32` product of the dequantized weights, on awkward shapes: odd block
-    /// counts, rows not a multiple of the chunk, 1–7 activation rows.
+    /// counts (a lone last block), weight rows not a multiple of the row group,
+    /// activation rows from 1 to several tiles, not a multiple of either tile.
     #[test]
     fn kernels_match_reference_and_f32() {
         let kernels: Vec<Kernel> =
             [Kernel::Scalar, Kernel::Avx2, Kernel::Avx512Vnni].into_iter().filter(|k| k.available()).collect();
         for format in FORMATS {
-            for &(m, n, k) in &[(1, 37, 576), (3, 19, 1536), (7, 33, 96), (5, 17, 32), (2, 40, 544), (1, 3, 32 * 17)] {
+            let shapes = [
+                (1, 37, 576),
+                (3, 19, 1536),
+                (7, 33, 96),
+                (5, 17, 32),
+                (2, 40, 544),
+                (1, 3, 32 * 17),
+                (8, 16, 576),
+                (9, 37, 576),
+                (13, 48, 1536),
+                (21, 25, 544),
+                (4, 7, 32),
+            ];
+            for &(m, n, k) in &shapes {
                 let raw = gguf_blocks(format, &random(n * k, n as u64));
                 let w = QMatrix::from_gguf(format, n, k, &raw).unwrap();
                 let x = random(m * k, k as u64 + 1);
