@@ -30,11 +30,104 @@ pub enum RopeStyle {
     Half,
 }
 
+/// The model families the engine runs, and what sets them apart. Adding
+/// one: a variant, its names, its traits below and its tensor names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Architecture {
+    /// Llama 2/3.x, CodeLlama, Mistral, DeepSeek-Coder, SmolLM.
+    Llama,
+    /// Qwen2 / Qwen2.5(-Coder): biases on q, k and v.
+    Qwen2,
+}
+
+impl Architecture {
+    /// Each family with the names checkpoints give it: GGUF's
+    /// `general.architecture` and Hugging Face's `model_type`.
+    const NAMES: [(Architecture, &'static [&'static str]); 2] =
+        [(Architecture::Llama, &["llama", "mistral"]), (Architecture::Qwen2, &["qwen2"])];
+
+    /// The family a checkpoint names, or an error that lists what is supported.
+    pub fn from_name(name: &str) -> Result<Architecture> {
+        Self::NAMES.iter().find(|(_, names)| names.contains(&name)).map(|(a, _)| *a).ok_or_else(|| {
+            anyhow!(
+                "architecture `{name}` is not supported (supported: llama, mistral, qwen2 — Llama 2/3, CodeLlama, \
+                 Mistral, DeepSeek-Coder, SmolLM, Qwen2/2.5-Coder)"
+            )
+        })
+    }
+
+    /// The family's own name.
+    pub fn name(self) -> &'static str {
+        Self::NAMES.iter().find(|(a, _)| *a == self).map_or("llama", |(_, names)| names[0])
+    }
+
+    /// How this family's GGUF files pair RoPE dimensions (llama.cpp permutes
+    /// Q/K of `llama` files; Hugging Face weights always rotate halves).
+    pub fn gguf_rope_style(self) -> RopeStyle {
+        match self {
+            Architecture::Llama => RopeStyle::Interleaved,
+            Architecture::Qwen2 => RopeStyle::Half,
+        }
+    }
+
+    /// Whether q, k and v projections carry biases.
+    pub fn qkv_bias(self) -> bool {
+        self == Architecture::Qwen2
+    }
+
+    /// A tensor's name in a GGUF file and in a Hugging Face checkpoint
+    /// (`{l}` stands for the block index), one map for both loaders.
+    pub fn tensor_names(self, t: TensorRole) -> (&'static str, &'static str) {
+        // Every family here shares llama.cpp's and transformers' Llama names.
+        match t {
+            TensorRole::Embed => ("token_embd", "model.embed_tokens"),
+            TensorRole::Output => ("output", "lm_head"),
+            TensorRole::OutputNorm => ("output_norm", "model.norm"),
+            TensorRole::AttnNorm => ("blk.{l}.attn_norm", "model.layers.{l}.input_layernorm"),
+            TensorRole::Q => ("blk.{l}.attn_q", "model.layers.{l}.self_attn.q_proj"),
+            TensorRole::K => ("blk.{l}.attn_k", "model.layers.{l}.self_attn.k_proj"),
+            TensorRole::V => ("blk.{l}.attn_v", "model.layers.{l}.self_attn.v_proj"),
+            TensorRole::O => ("blk.{l}.attn_output", "model.layers.{l}.self_attn.o_proj"),
+            TensorRole::FfnNorm => ("blk.{l}.ffn_norm", "model.layers.{l}.post_attention_layernorm"),
+            TensorRole::Gate => ("blk.{l}.ffn_gate", "model.layers.{l}.mlp.gate_proj"),
+            TensorRole::Up => ("blk.{l}.ffn_up", "model.layers.{l}.mlp.up_proj"),
+            TensorRole::Down => ("blk.{l}.ffn_down", "model.layers.{l}.mlp.down_proj"),
+        }
+    }
+
+    /// The GGUF name of `t` in block `layer` (without `.weight`).
+    pub fn gguf_tensor(self, t: TensorRole, layer: usize) -> String {
+        self.tensor_names(t).0.replace("{l}", &layer.to_string())
+    }
+
+    /// The Hugging Face name of `t` in block `layer` (without `.weight`).
+    pub fn hf_tensor(self, t: TensorRole, layer: usize) -> String {
+        self.tensor_names(t).1.replace("{l}", &layer.to_string())
+    }
+}
+
+/// What a tensor is for, whatever a file format calls it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TensorRole {
+    Embed,
+    Output,
+    OutputNorm,
+    AttnNorm,
+    Q,
+    K,
+    V,
+    O,
+    FfnNorm,
+    Gate,
+    Up,
+    Down,
+}
+
 /// Model hyper-parameters, read from the checkpoint.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LlamaConfig {
-    /// Architecture name as the checkpoint spells it (`llama`, `qwen2`, …).
-    pub architecture: String,
+    /// The model family.
+    pub architecture: Architecture,
     /// Decoder blocks.
     pub n_layers: usize,
     /// Residual width.
@@ -235,14 +328,7 @@ impl Llama {
         let (mut file, _) = super::open_regular(path, "model file", u64::MAX)?;
         let md = &content.metadata;
         let arch = md_str(md, "general.architecture")?;
-        let rope_style = match arch.as_str() {
-            "llama" => RopeStyle::Interleaved,
-            "qwen2" => RopeStyle::Half,
-            other => bail!(
-                "{}: architecture `{other}` is not supported (supported: llama, qwen2 — Llama 2/3, CodeLlama, Mistral, SmolLM, Qwen2/2.5-Coder)",
-                path.display()
-            ),
-        };
+        let architecture = Architecture::from_name(&arch).map_err(|e| anyhow!("{}: {e}", path.display()))?;
         let key = |k: &str| format!("{arch}.{k}");
         let n_heads = md_u(md, &key("attention.head_count"))?;
         let hidden = md_u(md, &key("embedding_length"))?;
@@ -272,7 +358,7 @@ impl Llama {
             .ok_or_else(|| anyhow!("{}: no token_embd.weight tensor", path.display()))?;
         let vocab = embd_info.shape.dims()[0];
         let cfg = LlamaConfig {
-            architecture: arch.clone(),
+            architecture,
             n_layers: md_u(md, &key("block_count"))?,
             hidden,
             ffn: md_u(md, &key("feed_forward_length"))?,
@@ -283,7 +369,7 @@ impl Llama {
             rope_base: md_f(md, &key("rope.freq_base")).unwrap_or(10000.0),
             rope_linear_scale,
             rope_freq_factors,
-            rope_style,
+            rope_style: architecture.gguf_rope_style(),
             rms_eps: md_f(md, &key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
             context_len: md_u(md, &key("context_length")).unwrap_or(4096),
         };
@@ -323,28 +409,32 @@ impl Llama {
                 );
             }
         }
-        let embed = linear("token_embd", &mut file)?;
-        let output =
-            if content.tensor_infos.contains_key("output.weight") { Some(linear("output", &mut file)?) } else { None };
+        let name = |t: TensorRole, l: usize| architecture.gguf_tensor(t, l);
+        let embed = linear(&name(TensorRole::Embed, 0), &mut file)?;
+        let output_name = name(TensorRole::Output, 0);
+        let output = if content.tensor_infos.contains_key(&format!("{output_name}.weight")) {
+            Some(linear(&output_name, &mut file)?)
+        } else {
+            None
+        };
+        let norm = |n: &str, file: &mut std::fs::File| -> Result<Vec<f32>> {
+            Ok(tensor(&format!("{n}.weight"), file)?.dequantize(&Device::Cpu)?.to_vec1::<f32>()?)
+        };
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for l in 0..cfg.n_layers {
-            let p = format!("blk.{l}");
-            let norm = |n: &str, file: &mut std::fs::File| -> Result<Vec<f32>> {
-                Ok(tensor(&format!("{p}.{n}.weight"), file)?.dequantize(&Device::Cpu)?.to_vec1::<f32>()?)
-            };
             blocks.push(Block {
-                attn_norm: norm("attn_norm", &mut file)?,
-                wq: linear(&format!("{p}.attn_q"), &mut file)?,
-                wk: linear(&format!("{p}.attn_k"), &mut file)?,
-                wv: linear(&format!("{p}.attn_v"), &mut file)?,
-                wo: linear(&format!("{p}.attn_output"), &mut file)?,
-                ffn_norm: norm("ffn_norm", &mut file)?,
-                gate: linear(&format!("{p}.ffn_gate"), &mut file)?,
-                up: linear(&format!("{p}.ffn_up"), &mut file)?,
-                down: linear(&format!("{p}.ffn_down"), &mut file)?,
+                attn_norm: norm(&name(TensorRole::AttnNorm, l), &mut file)?,
+                wq: linear(&name(TensorRole::Q, l), &mut file)?,
+                wk: linear(&name(TensorRole::K, l), &mut file)?,
+                wv: linear(&name(TensorRole::V, l), &mut file)?,
+                wo: linear(&name(TensorRole::O, l), &mut file)?,
+                ffn_norm: norm(&name(TensorRole::FfnNorm, l), &mut file)?,
+                gate: linear(&name(TensorRole::Gate, l), &mut file)?,
+                up: linear(&name(TensorRole::Up, l), &mut file)?,
+                down: linear(&name(TensorRole::Down, l), &mut file)?,
             });
         }
-        let norm = tensor("output_norm.weight", &mut file)?.dequantize(&Device::Cpu)?.to_vec1::<f32>()?;
+        let norm = norm(&name(TensorRole::OutputNorm, 0), &mut file)?;
         let model = Llama::assemble(cfg, embed, blocks, norm, output)?;
         Ok((model, content))
     }
@@ -358,10 +448,8 @@ impl Llama {
                 .map_err(|_| anyhow!("{} is not valid JSON", cfg_path.display()))?;
         let get = |k: &str| raw.get(k).and_then(|v| v.as_f64());
         let need = |k: &str| get(k).ok_or_else(|| anyhow!("{}: missing `{k}`", cfg_path.display()));
-        let model_type = raw.get("model_type").and_then(|v| v.as_str()).unwrap_or("llama").to_string();
-        if !matches!(model_type.as_str(), "llama" | "mistral" | "qwen2") {
-            bail!("{}: model_type `{model_type}` is not supported (llama, mistral, qwen2)", cfg_path.display());
-        }
+        let model_type = raw.get("model_type").and_then(|v| v.as_str()).unwrap_or("llama");
+        let architecture = Architecture::from_name(model_type).map_err(|e| anyhow!("{}: {e}", cfg_path.display()))?;
         let hidden = need("hidden_size")? as usize;
         let n_heads = need("num_attention_heads")? as usize;
         let head_dim = get("head_dim").map(|v| v as usize).unwrap_or(hidden / n_heads.max(1));
@@ -387,7 +475,7 @@ impl Llama {
             }
         }
         let cfg = LlamaConfig {
-            architecture: model_type.clone(),
+            architecture,
             n_layers: need("num_hidden_layers")? as usize,
             hidden,
             ffn: need("intermediate_size")? as usize,
@@ -429,29 +517,31 @@ impl Llama {
             Ok(l)
         };
         let (qd, kvd) = (cfg.n_heads * cfg.head_dim, cfg.kv_dim());
-        let embed = linear("model.embed_tokens", cfg.vocab, hidden)?;
+        let name = |t: TensorRole, l: usize| architecture.hf_tensor(t, l);
+        let norm = |n: String| tensor(&format!("{n}.weight"), &[hidden]);
+        let embed = linear(&name(TensorRole::Embed, 0), cfg.vocab, hidden)?;
         let tied = raw.get("tie_word_embeddings").and_then(|v| v.as_bool()).unwrap_or(false);
-        let output = if !tied && vb.contains_tensor("lm_head.weight") {
-            Some(linear("lm_head", cfg.vocab, hidden)?)
+        let output_name = name(TensorRole::Output, 0);
+        let output = if !tied && vb.contains_tensor(&format!("{output_name}.weight")) {
+            Some(linear(&output_name, cfg.vocab, hidden)?)
         } else {
             None
         };
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for l in 0..cfg.n_layers {
-            let p = format!("model.layers.{l}");
             blocks.push(Block {
-                attn_norm: tensor(&format!("{p}.input_layernorm.weight"), &[hidden])?,
-                wq: linear(&format!("{p}.self_attn.q_proj"), qd, hidden)?,
-                wk: linear(&format!("{p}.self_attn.k_proj"), kvd, hidden)?,
-                wv: linear(&format!("{p}.self_attn.v_proj"), kvd, hidden)?,
-                wo: linear(&format!("{p}.self_attn.o_proj"), hidden, qd)?,
-                ffn_norm: tensor(&format!("{p}.post_attention_layernorm.weight"), &[hidden])?,
-                gate: linear(&format!("{p}.mlp.gate_proj"), cfg.ffn, hidden)?,
-                up: linear(&format!("{p}.mlp.up_proj"), cfg.ffn, hidden)?,
-                down: linear(&format!("{p}.mlp.down_proj"), hidden, cfg.ffn)?,
+                attn_norm: norm(name(TensorRole::AttnNorm, l))?,
+                wq: linear(&name(TensorRole::Q, l), qd, hidden)?,
+                wk: linear(&name(TensorRole::K, l), kvd, hidden)?,
+                wv: linear(&name(TensorRole::V, l), kvd, hidden)?,
+                wo: linear(&name(TensorRole::O, l), hidden, qd)?,
+                ffn_norm: norm(name(TensorRole::FfnNorm, l))?,
+                gate: linear(&name(TensorRole::Gate, l), cfg.ffn, hidden)?,
+                up: linear(&name(TensorRole::Up, l), cfg.ffn, hidden)?,
+                down: linear(&name(TensorRole::Down, l), hidden, cfg.ffn)?,
             });
         }
-        let norm = tensor("model.norm.weight", &[hidden])?;
+        let norm = norm(name(TensorRole::OutputNorm, 0))?;
         Llama::assemble(cfg, embed, blocks, norm, output)
     }
 
@@ -475,7 +565,7 @@ impl Llama {
             l
         };
         let (h, qd, kvd) = (cfg.hidden, cfg.n_heads * cfg.head_dim, cfg.kv_dim());
-        let qkv_bias = cfg.architecture == "qwen2";
+        let qkv_bias = cfg.architecture.qkv_bias();
         let embed = linear(cfg.vocab, h, false);
         let blocks = (0..cfg.n_layers)
             .map(|_| Block {
@@ -774,12 +864,27 @@ fn md_str(m: &HashMap<String, gguf_file::Value>, k: &str) -> Result<String> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn architectures_by_name_with_their_traits_and_tensor_names() {
+        assert_eq!(Architecture::from_name("llama").unwrap(), Architecture::Llama);
+        assert_eq!(Architecture::from_name("mistral").unwrap(), Architecture::Llama);
+        assert_eq!(Architecture::from_name("qwen2").unwrap(), Architecture::Qwen2);
+        let e = Architecture::from_name("gemma3").unwrap_err().to_string();
+        assert!(e.contains("`gemma3` is not supported") && e.contains("llama, mistral, qwen2"), "{e}");
+        assert_eq!(Architecture::Qwen2.name(), "qwen2");
+        assert!(Architecture::Qwen2.qkv_bias() && !Architecture::Llama.qkv_bias());
+        assert_eq!(Architecture::Llama.gguf_rope_style(), RopeStyle::Interleaved);
+        assert_eq!(Architecture::Llama.gguf_tensor(TensorRole::Down, 3), "blk.3.ffn_down");
+        assert_eq!(Architecture::Qwen2.hf_tensor(TensorRole::K, 12), "model.layers.12.self_attn.k_proj");
+        assert_eq!(Architecture::Llama.gguf_tensor(TensorRole::Embed, 0), "token_embd");
+    }
     use crate::engine::policy::{AttentionPolicy, PolicyKind};
 
     /// A tiny model of the default model's shape family (GQA 3:1, RoPE).
     pub(crate) fn tiny_config(vocab: usize) -> LlamaConfig {
         LlamaConfig {
-            architecture: "llama".into(),
+            architecture: Architecture::Llama,
             n_layers: 4,
             hidden: 32,
             ffn: 64,
@@ -831,6 +936,67 @@ pub(crate) mod tests {
             let output = self.output.as_ref().map(g);
             Llama::assemble(self.cfg.clone(), g(&self.embed), blocks, self.norm.clone(), output).unwrap()
         }
+    }
+
+    /// A Hugging Face folder (config.json + safetensors, Qwen2 names and
+    /// q/k/v biases) loads into the model whose weights it holds: the same
+    /// logits as those weights quantized to Q8_0 the same way, to the bit.
+    #[test]
+    fn a_hugging_face_folder_computes_what_its_weights_say() {
+        use std::collections::HashMap;
+        let mut cfg = tiny_config(40);
+        cfg.architecture = Architecture::Qwen2;
+        cfg.rope_style = RopeStyle::Half;
+        let weights = Llama::random(cfg.clone(), 21).unwrap();
+        let arch = cfg.architecture;
+        let mut tensors: HashMap<String, candle_core::Tensor> = HashMap::new();
+        let mut put = |name: String, shape: &[usize], v: Vec<f32>| {
+            tensors.insert(name, candle_core::Tensor::from_vec(v, shape, &Device::Cpu).unwrap());
+        };
+        let mut linear = |role: TensorRole, l: usize, lin: &Linear| {
+            put(format!("{}.weight", arch.hf_tensor(role, l)), &[lin.n_out, lin.n_in], lin.to_f32());
+            if let Some(b) = &lin.bias {
+                put(format!("{}.bias", arch.hf_tensor(role, l)), &[lin.n_out], b.clone());
+            }
+        };
+        linear(TensorRole::Embed, 0, &weights.embed);
+        for (l, b) in weights.blocks.iter().enumerate() {
+            for (role, lin) in [
+                (TensorRole::Q, &b.wq),
+                (TensorRole::K, &b.wk),
+                (TensorRole::V, &b.wv),
+                (TensorRole::O, &b.wo),
+                (TensorRole::Gate, &b.gate),
+                (TensorRole::Up, &b.up),
+                (TensorRole::Down, &b.down),
+            ] {
+                linear(role, l, lin);
+            }
+        }
+        for (l, b) in weights.blocks.iter().enumerate() {
+            put(format!("{}.weight", arch.hf_tensor(TensorRole::AttnNorm, l)), &[cfg.hidden], b.attn_norm.clone());
+            put(format!("{}.weight", arch.hf_tensor(TensorRole::FfnNorm, l)), &[cfg.hidden], b.ffn_norm.clone());
+        }
+        put(format!("{}.weight", arch.hf_tensor(TensorRole::OutputNorm, 0)), &[cfg.hidden], weights.norm.clone());
+        let dir = std::env::temp_dir().join(format!("anchorcoder-hf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+        let config = serde_json::json!({
+            "model_type": "qwen2", "hidden_size": cfg.hidden, "intermediate_size": cfg.ffn,
+            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+            "num_hidden_layers": cfg.n_layers, "vocab_size": cfg.vocab, "rope_theta": cfg.rope_base,
+            "rms_norm_eps": cfg.rms_eps, "max_position_embeddings": cfg.context_len, "tie_word_embeddings": true
+        });
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        let loaded = Llama::from_hf_dir(&dir).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(loaded.config(), &cfg);
+        let want = weights.map_weights(|w, n, k| Linear::q8_0(w, n, k).unwrap());
+        let tokens: Vec<u32> = (0..24).map(|i| (i * 7 + 3) % 40).collect();
+        let anchors: Vec<bool> = (0..24).map(|i| i % 6 == 5).collect();
+        let logits =
+            |m: &Llama| m.forward(&tokens, &anchors, &mut m.new_cache(AttentionPolicy::full()), Logits::Last).unwrap();
+        assert_eq!(logits(&loaded), logits(&want));
     }
 
     /// The default model's native 4-bit path against the same weights in
