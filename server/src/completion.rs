@@ -238,6 +238,37 @@ pub fn set_prompt(engine: &Engine, doc: &mut DocumentCache, window: &str, s: &Se
     doc.set_text(&engine.tokenizer, window)
 }
 
+/// Plan the prompt for `cursor` in `text` and bring `doc` to it: what the
+/// server, `anchorcoder complete` and `anchorcoder eval` all do.
+/// `previous_start` is the window start kept while typing (see [`plan`]).
+/// Windows are sized in bytes; text far denser in tokens than code (digits
+/// are one token each) is planned again with the byte budget its own density
+/// gives, so that a prompt stays near `prefix_tokens`: a new window may reach
+/// 1.25× of it, a kept one 2× (it grows while the user types). Returns the
+/// prompt and the cache update of the final plan.
+pub fn prepare(
+    engine: &Engine,
+    doc: &mut DocumentCache,
+    text: &str,
+    cursor: usize,
+    previous_start: Option<usize>,
+    s: &Settings,
+) -> Result<(Prompt, Update)> {
+    let mut prompt = plan(text, cursor, previous_start, s);
+    let mut update = set_prompt(engine, doc, &text[prompt.window_start..prompt.cut], s)?;
+    let tokens = doc.tokens().len();
+    let p = s.prefix_tokens;
+    let cap = if previous_start == Some(prompt.window_start) { 2 * p } else { p + p / 4 };
+    if tokens > cap {
+        let bytes = prompt.cut - prompt.window_start;
+        let scaled = p * bytes / (tokens * BYTES_PER_TOKEN);
+        let denser = Settings { prefix_tokens: scaled.max(1), ..s.clone() };
+        prompt = plan(text, cursor, None, &denser);
+        update = set_prompt(engine, doc, &text[prompt.window_start..prompt.cut], s)?;
+    }
+    Ok((prompt, update))
+}
+
 /// The scratch tokens after the cached prefix: with FIM, `<fim_suffix>`, the
 /// text after the cursor (up to `suffix_tokens`, cut at a line end when it
 /// does not fit) and `<fim_middle>`; without, none.
@@ -498,6 +529,33 @@ mod tests {
         let s = Settings::default();
         assert!(lead_tokens(&engine, &s).is_empty());
         assert!(fim_tail(&engine, "rest\n", &s).unwrap().is_empty());
+    }
+
+    /// Text far denser in tokens than code is planned again so the prompt
+    /// stays near the budget: a new window within 1.25x, a kept one within 2x;
+    /// ordinary code keeps its first plan.
+    #[test]
+    fn prepare_replans_token_dense_text_to_the_budget() {
+        let engine = engine_with(test_tokenizer());
+        let s = Settings { prefix_tokens: 128, ..Settings::default() };
+        let policy = AttentionPolicy::full();
+        // Digits and punctuation: about one token a byte with the test vocabulary.
+        let digits: String = (0..3000).map(|i| format!("{},", i % 97)).collect();
+        let mut doc = DocumentCache::new(&engine.model, policy);
+        let (p, _) = prepare(&engine, &mut doc, &digits, digits.len(), None, &s).unwrap();
+        let first = plan(&digits, digits.len(), None, &s);
+        assert!(p.window_start > first.window_start, "re-planned to a shorter window");
+        assert!(doc.tokens().len() <= 128 + 128 / 4, "{} tokens", doc.tokens().len());
+        // Typing on: the kept window may grow, up to twice the budget.
+        let typed = format!("{digits}1,2,3,");
+        let (q, _) = prepare(&engine, &mut doc, &typed, typed.len(), Some(p.window_start), &s).unwrap();
+        assert!(doc.tokens().len() <= 2 * 128, "{} tokens", doc.tokens().len());
+        assert!(q.window_start >= p.window_start);
+        // Text within the token cap keeps the plain plan.
+        let code: String = (0..100).map(|i| format!("def f{i}(x):\n    return x\n")).collect();
+        let mut doc = DocumentCache::new(&engine.model, policy);
+        let (c, _) = prepare(&engine, &mut doc, &code, code.len(), None, &Settings::default()).unwrap();
+        assert_eq!(c, plan(&code, code.len(), None, &Settings::default()));
     }
 
     fn at(text: &str, marker: &str) -> (String, usize) {

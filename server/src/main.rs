@@ -144,9 +144,8 @@ fn complete(a: CompleteArgs) -> Result<()> {
         prefix_tokens: a.prefix_tokens,
         ..Settings::default()
     };
-    let prompt = completion::plan(&text, cursor, None, &settings);
     let mut doc = DocumentCache::new(&engine.model, policy);
-    completion::set_prompt(&engine, &mut doc, &text[prompt.window_start..prompt.cut], &settings)?;
+    let (prompt, _) = completion::prepare(&engine, &mut doc, &text, cursor, None, &settings)?;
     let s = completion::complete(&engine, &mut doc, &prompt, &text[cursor..], &settings, 0, &|| false)?;
     println!("{}", s.text);
     if a.verbose {

@@ -652,26 +652,8 @@ impl Worker {
         }
         doc.last_used = Instant::now();
         let previous = doc.window_start.and_then(|p| p.checked_sub(lo));
-        let mut prompt = completion::plan(&region, cursor - lo, previous, &settings);
-        let set = |doc: &mut DocState, p: &Prompt| {
-            completion::set_prompt(engine, &mut doc.cache, &region[p.window_start..p.cut], &settings)
-                .map_err(|e| CompletionError::Failed(format!("{e:#}")))
-        };
-        let mut update = set(doc, &prompt)?;
-        // Windows are sized in bytes; text that takes far more tokens per byte
-        // than code (digits are one token each) is planned again with the
-        // byte budget its own density gives, so the prompt stays near budget.
-        // A kept window may grow to twice its bytes while typing; a new one not.
-        let tokens = doc.cache.tokens().len();
-        let p = settings.prefix_tokens;
-        let cap = if previous == Some(prompt.window_start) { 2 * p } else { p + p / 4 };
-        if tokens > cap {
-            let bytes = prompt.cut - prompt.window_start;
-            let scaled = p * bytes / (tokens * completion::BYTES_PER_TOKEN);
-            let denser = Settings { prefix_tokens: scaled.max(1), ..settings };
-            prompt = completion::plan(&region, cursor - lo, None, &denser);
-            update = set(doc, &prompt)?;
-        }
+        let (prompt, update) = completion::prepare(engine, &mut doc.cache, &region, cursor - lo, previous, &settings)
+            .map_err(|e| CompletionError::Failed(format!("{e:#}")))?;
         doc.window_start = Some(lo + prompt.window_start);
         Ok((region, lo, prompt, update.reused))
     }
