@@ -280,6 +280,8 @@ impl QActs {
         let (rows, nb) = (x.len() / k, k / QK);
         let mut a = QActs { rows, k, nb, qs: vec![0; rows * k], d: vec![0.0; rows * nb], s: vec![0.0; rows * nb] };
         let ptrs = (a.qs.as_mut_ptr() as usize, a.d.as_mut_ptr() as usize, a.s.as_mut_ptr() as usize);
+        // The vector version gives the same bytes as `quantize_block` (tests).
+        let simd = Kernel::best() >= Kernel::Avx2;
         let quantize_rows = |range: std::ops::Range<usize>| {
             for i in range.start * nb..range.end * nb {
                 // SAFETY: block `i` lies inside the three buffers (sized above) and
@@ -291,7 +293,14 @@ impl QActs {
                         &mut *(ptrs.2 as *mut f32).add(i),
                     )
                 };
-                (*d, *s) = quantize_block(&x[i * QK..(i + 1) * QK], q);
+                let xb = &x[i * QK..(i + 1) * QK];
+                #[cfg(target_arch = "x86_64")]
+                if simd {
+                    // SAFETY: AVX2/FMA/F16C are there (`simd`); 32 values in, 32 out.
+                    (*d, *s) = unsafe { quantize_block_avx2(xb, q) };
+                    continue;
+                }
+                (*d, *s) = quantize_block(xb, q);
             }
         };
         if rows >= 8 {
@@ -320,6 +329,45 @@ fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, f32) {
         *q = v as i8;
         sum += v;
     }
+    (d, d * sum as f32)
+}
+
+/// [`quantize_block`] in AVX2, bit for bit (finite inputs): the same
+/// `x · (1/d)` products, rounded half away from zero as `f32::round` does
+/// (`trunc(v ± 0.49999997)`, exact for every `f32`).
+///
+/// # Safety
+/// The CPU has AVX2/FMA/F16C; `x` and `q` hold 32 values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_block_avx2(x: &[f32], q: &mut [i8]) -> (f32, f32) {
+    debug_assert!(x.len() == QK && q.len() == QK);
+    let sign = _mm256_set1_ps(-0.0);
+    let v: [__m256; 4] = std::array::from_fn(|j| _mm256_loadu_ps(x.as_ptr().add(8 * j)));
+    let abs = |v: __m256| _mm256_andnot_ps(sign, v);
+    let m = _mm256_max_ps(_mm256_max_ps(abs(v[0]), abs(v[1])), _mm256_max_ps(abs(v[2]), abs(v[3])));
+    let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+    let d = amax / 127.0;
+    let id = _mm256_set1_ps(if d == 0.0 { 0.0 } else { 1.0 / d });
+    let half = _mm256_set1_ps(0.499_999_97);
+    let iv: [__m256i; 4] = std::array::from_fn(|j| {
+        let p = _mm256_mul_ps(v[j], id);
+        let r = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(_mm256_add_ps(
+            p,
+            _mm256_or_ps(half, _mm256_and_ps(p, sign)),
+        ));
+        _mm256_cvttps_epi32(r)
+    });
+    let sum = _mm256_add_epi32(_mm256_add_epi32(iv[0], iv[1]), _mm256_add_epi32(iv[2], iv[3]));
+    let sum = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256::<1>(sum));
+    let sum = _mm_add_epi32(sum, _mm_shuffle_epi32::<0b01_00_11_10>(sum));
+    let sum = _mm_cvtsi128_si32(_mm_add_epi32(sum, _mm_shuffle_epi32::<0b10_11_00_01>(sum)));
+    // Packing interleaves 4-value runs per 128-bit lane; the permute undoes it.
+    let bytes = _mm256_packs_epi16(_mm256_packs_epi32(iv[0], iv[1]), _mm256_packs_epi32(iv[2], iv[3]));
+    let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, bytes);
     (d, d * sum as f32)
 }
 
@@ -805,6 +853,28 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The vector quantization gives the reference's bytes, scales and sums,
+    /// ties (`k + 0.5`) included.
+    #[test]
+    fn activation_quantization_simd_equals_scalar() {
+        if !Kernel::Avx2.available() {
+            return;
+        }
+        let mut x = random(64 * QK, 3);
+        x.extend(random(3 * QK, 4).iter().map(|v| v * 1e-30));
+        x.extend([0.0; QK]);
+        let ties: Vec<f32> = (0..QK).map(|j| if j == 0 { 127.0 } else { j as f32 / 2.0 - 8.0 }).collect();
+        x.extend(&ties);
+        x.extend(ties.iter().map(|v| -v));
+        for xb in x.chunks_exact(QK) {
+            let (mut a, mut b) = ([0i8; QK], [0i8; QK]);
+            let want = quantize_block(xb, &mut a);
+            // SAFETY: AVX2 checked above; 32 values each.
+            let got = unsafe { quantize_block_avx2(xb, &mut b) };
+            assert_eq!((got.0.to_bits(), got.1.to_bits(), b), (want.0.to_bits(), want.1.to_bits(), a), "{xb:?}");
         }
     }
 
