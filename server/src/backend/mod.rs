@@ -717,14 +717,7 @@ mod tests {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let (r, seen) = remote(BackendKind::LlamaCpp, &format!("http://127.0.0.1:{port}"), None);
         assert_eq!(r.state(), Reachability::Unknown);
-        let req = RemoteRequest {
-            context: "a".into(),
-            line: "b".into(),
-            forced: String::new(),
-            suffix: None,
-            max_tokens: 4,
-            stop: vec![],
-        };
+        let req = request();
         for _ in 0..3 {
             let e = r.generate(&req, &mut |_| false).await.unwrap_err();
             assert!(e.down && e.message.starts_with("cannot connect to the remote engine"), "{e:?}");
