@@ -72,6 +72,9 @@ pub struct BenchArgs {
     /// Tokens generated in the decode test.
     #[arg(long, default_value_t = 64)]
     pub decode_tokens: usize,
+    /// Tokens of the long prefill prompt (headline policy only; 0 = skip).
+    #[arg(long, default_value_t = 2048)]
+    pub long_prompt_tokens: usize,
     /// Tokens per forward pass when prefilling (the server's chunk size).
     #[arg(long, default_value_t = 512)]
     pub chunk: usize,
@@ -163,12 +166,21 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let prompt = &tokens[..args.prompt_tokens];
     let prompt_anchors = &anchors[..args.prompt_tokens];
+    let long_tokens = args.long_prompt_tokens.min(tokens.len()).min(cfg.context_len);
+    if long_tokens < args.long_prompt_tokens {
+        note(&format!("long prefill: {long_tokens} tokens (the file or the model's context is shorter)"));
+    }
 
     // --- our speed --------------------------------------------------------
     warm_up(&engine, prompt, prompt_anchors)?;
     wait_idle(args.wait_idle);
     let cpu = CpuMeter::start();
-    let mut speed_runs = vec![(speed_policy, measure_speed(&engine, speed_policy, prompt, prompt_anchors, &args)?)];
+    let mut headline = measure_speed(&engine, speed_policy, prompt, prompt_anchors, &args)?;
+    if long_tokens > 0 {
+        headline.prefill_long =
+            measure_long_prefill(&engine, speed_policy, &tokens[..long_tokens], &anchors[..long_tokens], &args)?;
+    }
+    let mut speed_runs = vec![(speed_policy, headline)];
     if !args.no_anchor_speed && speed_policy != anchor_default {
         speed_runs.push((anchor_default, measure_speed(&engine, anchor_default, prompt, prompt_anchors, &args)?));
     }
@@ -235,7 +247,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let lc = if args.no_llama_cpp {
         LlamaCpp::absent("skipped (--no-llama-cpp)".into())
     } else {
-        run_llama_cpp(&args, &model_path)
+        run_llama_cpp(&args, &model_path, long_tokens)
     };
     let busy_warning = [("ours", ours_other_cpu), ("llama.cpp", lc.other_cpu)]
         .iter()
@@ -246,6 +258,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let prefill_ratio = ratio(ours.prefill(), lc.prefill_tps());
     let decode_ratio = ratio(ours.decode(), lc.decode_tps());
     let decode0_ratio = ratio(ours.decode0(), lc.decode0_tps());
+    let prefill_long_ratio = ratio(ours.prefill_long(), lc.prefill_long_tps());
     let rss_ratio = ratio(rss_after.map(|v| v as f64), lc.rss_bytes.map(|v| v as f64));
 
     let date = utc_date();
@@ -282,13 +295,21 @@ pub fn run(args: BenchArgs) -> Result<()> {
     header += &format!(" {:>12} {:>12} {:>9}", "llama FA on", "llama FA off", "ratio");
     writeln!(out, "{header}")?;
     type Row<'a> = (&'a str, fn(&Speed) -> Option<f64>, Option<f64>, Option<f64>, Option<f64>);
-    let rows: [Row; 3] = [
+    let long_name = format!("prefill {long_tokens}");
+    let rows: [Row; 4] = [
         (
             "prefill 512",
             Speed::prefill,
             lc.fa_figure(true, |f| f.prefill),
             lc.fa_figure(false, |f| f.prefill),
             prefill_ratio,
+        ),
+        (
+            &long_name,
+            Speed::prefill_long,
+            lc.fa_figure(true, |f| f.prefill_long),
+            lc.fa_figure(false, |f| f.prefill_long),
+            prefill_long_ratio,
         ),
         (
             "decode 64 @ depth 512",
@@ -306,7 +327,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         ),
     ];
     for (name, get, on, off, r) in rows {
-        let name = name.replace("512", &args.prompt_tokens.to_string()).replace("64", &args.decode_tokens.to_string());
+        if name == long_name && long_tokens == 0 {
+            continue;
+        }
+        let name = if name == long_name {
+            name.to_string()
+        } else {
+            name.replace("512", &args.prompt_tokens.to_string()).replace("64", &args.decode_tokens.to_string())
+        };
         let mut line = format!("  {name:<26}");
         for (_, s) in &speed_runs {
             line += &format!(" {:>22}", fmt_f(get(s), 1));
@@ -415,6 +443,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "policy": p.to_json(), "describe": p.describe(),
                 "prefill_tps": s.prefill(), "decode_tps": s.decode(), "decode_tps_depth0": s.decode0(),
                 "prefill_samples": s.prefill, "decode_samples": s.decode, "decode_depth0_samples": s.decode0,
+                "prefill_tps_long": s.prefill_long(), "prefill_long_samples": s.prefill_long,
             })
         })
         .collect();
@@ -457,6 +486,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "decode_tokens": args.decode_tokens,
         "policy": speed_policy.describe(),
         "prefill_tps": ours.prefill(),
+        "long_prompt_tokens": long_tokens,
+        "prefill_tps_2048": ours.prefill_long(),
         "decode_tps": ours.decode(),
         "decode_tps_depth0": ours.decode0(),
         "anchor_speed": anchor_speed,
@@ -466,6 +497,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let second = json!({
         "llama_cpp": lc.to_json(),
         "prefill_ratio": prefill_ratio,
+        "prefill_2048_ratio": prefill_long_ratio,
         "decode_ratio": decode_ratio,
         "decode_depth0_ratio": decode0_ratio,
         "kv_bytes": kv_map,
@@ -639,6 +671,8 @@ struct Speed {
     prefill: Vec<f64>,
     decode: Vec<f64>,
     decode0: Vec<f64>,
+    /// The long prompt's prefill (`--long-prompt-tokens`; headline policy only).
+    prefill_long: Vec<f64>,
 }
 
 impl Speed {
@@ -650,6 +684,9 @@ impl Speed {
     }
     fn decode0(&self) -> Option<f64> {
         median(&self.decode0)
+    }
+    fn prefill_long(&self) -> Option<f64> {
+        median(&self.prefill_long)
     }
 }
 
@@ -723,6 +760,33 @@ fn measure_speed(
         ));
     }
     Ok(s)
+}
+
+/// Prefill of the long prompt (in `--chunk` passes, as [`measure_speed`]),
+/// tokens/s per repetition.
+fn measure_long_prefill(
+    engine: &Engine,
+    policy: AttentionPolicy,
+    prompt: &[u32],
+    anchors: &[bool],
+    args: &BenchArgs,
+) -> Result<Vec<f64>> {
+    let mut v = Vec::new();
+    for rep in 0..args.reps {
+        let mut cache = engine.model.new_cache(policy);
+        let t = Instant::now();
+        prefill(engine, &mut cache, prompt, anchors, args.chunk)?;
+        v.push(prompt.len() as f64 / t.elapsed().as_secs_f64());
+        note(&format!(
+            "{}: rep {}/{}: prefill {} {:.1} tok/s",
+            policy.describe(),
+            rep + 1,
+            args.reps,
+            prompt.len(),
+            v[rep]
+        ));
+    }
+    Ok(v)
 }
 
 fn argmax(v: &[f32]) -> u32 {
@@ -805,6 +869,8 @@ fn check_kv(
 #[derive(Clone, Copy, Default, Debug)]
 struct LcFigures {
     prefill: Option<f64>,
+    /// Prefill of the long prompt (pp2048).
+    prefill_long: Option<f64>,
     decode: Option<f64>,
     decode0: Option<f64>,
 }
@@ -857,6 +923,9 @@ impl LlamaCpp {
     fn decode0_tps(&self) -> Option<f64> {
         self.best(|f| f.decode0)
     }
+    fn prefill_long_tps(&self) -> Option<f64> {
+        self.best(|f| f.prefill_long)
+    }
 
     fn summary(&self) -> String {
         match &self.bin {
@@ -875,12 +944,12 @@ impl LlamaCpp {
     }
 
     fn to_json(&self) -> Value {
-        let fig =
-            |f: &LcFigures| json!({"prefill_tps": f.prefill, "decode_tps": f.decode, "decode_tps_depth0": f.decode0});
+        let fig = |f: &LcFigures| json!({"prefill_tps": f.prefill, "prefill_tps_2048": f.prefill_long, "decode_tps": f.decode, "decode_tps_depth0": f.decode0});
         json!({
             "bin_dir": self.bin.as_ref().map(|b| b.display().to_string()),
             "commit": self.commit,
             "prefill_tps": self.prefill_tps(),
+            "prefill_tps_2048": self.prefill_long_tps(),
             "decode_tps": self.decode_tps(),
             "decode_tps_depth0": self.decode0_tps(),
             "flash_attn_on": fig(&self.fa_on),
@@ -904,7 +973,7 @@ fn default_llama_cpp_dir() -> PathBuf {
     tools.join("llama.cpp").join("bin")
 }
 
-fn run_llama_cpp(args: &BenchArgs, model: &Path) -> LlamaCpp {
+fn run_llama_cpp(args: &BenchArgs, model: &Path, long_tokens: usize) -> LlamaCpp {
     let dir = args.llama_cpp.clone().unwrap_or_else(default_llama_cpp_dir);
     if !dir.join("llama-bench").is_file() && args.build_llama_cpp {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/bench/build-llamacpp.sh");
@@ -959,14 +1028,24 @@ fn run_llama_cpp(args: &BenchArgs, model: &Path) -> LlamaCpp {
     // pp512 and tg64 from an empty context.
     let mut c1 = Command::new(&bench);
     common(&mut c1);
-    c1.args(["-p", &args.prompt_tokens.to_string(), "-n", &args.decode_tokens.to_string()]);
+    let prompts = if long_tokens > 0 && long_tokens != args.prompt_tokens {
+        format!("{},{long_tokens}", args.prompt_tokens)
+    } else {
+        args.prompt_tokens.to_string()
+    };
+    c1.args(["-p", &prompts, "-n", &args.decode_tokens.to_string()]);
     note("running llama-bench: prefill and decode at depth 0, flash attention on and off");
     match run_llama_bench(c1) {
         Ok(rows) => {
             for r in rows {
                 let fig = if r.flash_attn { &mut lc.fa_on } else { &mut lc.fa_off };
                 if r.n_prompt > 0 && r.n_gen == 0 {
-                    fig.prefill = Some(r.tps);
+                    if r.n_prompt == long_tokens as u64 {
+                        fig.prefill_long = Some(r.tps);
+                    }
+                    if r.n_prompt == args.prompt_tokens as u64 {
+                        fig.prefill = Some(r.tps);
+                    }
                 } else if r.n_gen > 0 && r.n_prompt == 0 {
                     fig.decode0 = Some(r.tps);
                 }
