@@ -281,6 +281,7 @@ impl QActs {
         let mut a = QActs { rows, k, nb, qs: vec![0; rows * k], d: vec![0.0; rows * nb], s: vec![0.0; rows * nb] };
         let ptrs = (a.qs.as_mut_ptr() as usize, a.d.as_mut_ptr() as usize, a.s.as_mut_ptr() as usize);
         // The vector version gives the same bytes as `quantize_block` (tests).
+        #[cfg(target_arch = "x86_64")]
         let simd = Kernel::best() >= Kernel::Avx2;
         let quantize_rows = |range: std::ops::Range<usize>| {
             for i in range.start * nb..range.end * nb {
@@ -454,7 +455,8 @@ pub fn matmul_with(kernel: Kernel, ws: &[&QMatrix], x: &QActs) -> Vec<Vec<f32>> 
         assert_eq!(w.k, x.k, "a {}-wide matrix times {}-wide activations", w.k, x.k);
     }
     let m = x.rows;
-    let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.n]).collect();
+    // Not zeroed: the work items below write every element (m × n per matrix).
+    let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| Vec::with_capacity(m * w.n)).collect();
     // Work items: the row groups of each matrix in turn.
     let starts: Vec<usize> = ws
         .iter()
@@ -486,6 +488,11 @@ pub fn matmul_with(kernel: Kernel, ws: &[&QMatrix], x: &QActs) -> Vec<Vec<f32>> 
         candle_core::utils::barrier_pool().execute_chunked(items, run);
     } else {
         run(0..items);
+    }
+    for (o, w) in outs.iter_mut().zip(ws) {
+        // SAFETY: the capacity is m × n and the row groups of all items, each
+        // writing rows `16g..min(16g + 16, n)` of every activation row, cover it.
+        unsafe { o.set_len(m * w.n) };
     }
     outs
 }
