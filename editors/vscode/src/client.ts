@@ -21,9 +21,20 @@ import { config, expandHome, serverSettings } from './settings';
 import { schedulePoll, updateStatusItem } from './status';
 
 const INSTALL_HINT =
-  'Build and install it from the AnchorCoder source tree with `cargo install --path server` ' +
-  '(puts `anchorcoder` in ~/.cargo/bin, which must be on PATH), or set `anchorcoder.server.path` ' +
-  'to the binary, then run "AnchorCoder: Restart the Server".';
+  'Install the AnchorCoder extension package for your platform (it carries the server), or build the ' +
+  'server from the AnchorCoder source tree with `cargo install --path server` (puts `anchorcoder` in ' +
+  '~/.cargo/bin), or set `anchorcoder.server.path` to the binary, then run "AnchorCoder: Restart the Server".';
+
+/** Where a platform package (`vsce package --target ...`, see scripts/package) puts the server. */
+export function bundledBinary(extensionPath: string): string {
+  return path.join(extensionPath, 'server', process.platform === 'win32' ? 'anchorcoder.exe' : 'anchorcoder');
+}
+
+/** A server binary and how it was found (shown in the log and the status detail). */
+export interface FoundBinary {
+  path: string;
+  source: 'anchorcoder.server.path' | 'bundled' | 'PATH' | '~/.cargo/bin';
+}
 
 function isExecutable(p: string): boolean {
   try {
@@ -37,27 +48,36 @@ function isExecutable(p: string): boolean {
   }
 }
 
-/** The configured path, else `anchorcoder` on PATH; an Error with an install hint otherwise. */
-export function findBinary(): string {
+/**
+ * The server binary, in this order: `anchorcoder.server.path` when the user set it (an explicit
+ * choice wins, as rust-analyzer's `server.path` does), then the binary bundled in a platform
+ * package, then `anchorcoder` on PATH, then ~/.cargo/bin (the extension host's PATH does not
+ * always include it). An Error with an install hint when none is there.
+ */
+export function findBinary(extensionPath: string): FoundBinary {
   const configured = (config().get<string>('server.path', '') ?? '').trim();
   if (configured !== '') {
     let p = expandHome(configured);
     const ws = vscode.workspace.workspaceFolders?.[0]?.uri.fsPath;
     if (ws) p = p.replace(/\$\{workspaceFolder\}/g, ws);
     if (!path.isAbsolute(p) && ws) p = path.join(ws, p);
-    if (isExecutable(p)) return p;
+    if (isExecutable(p)) return { path: p, source: 'anchorcoder.server.path' };
     throw new Error(`anchorcoder.server.path is set to "${configured}", but no executable file is there. ${INSTALL_HINT}`);
   }
-  const exe = process.platform === 'win32' ? ['anchorcoder.exe'] : ['anchorcoder'];
+  const bundled = bundledBinary(extensionPath);
+  if (isExecutable(bundled)) return { path: bundled, source: 'bundled' };
+  const exe = process.platform === 'win32' ? 'anchorcoder.exe' : 'anchorcoder';
   const dirs = (process.env.PATH ?? '').split(path.delimiter).filter((d) => d !== '');
-  dirs.push(path.join(os.homedir(), '.cargo', 'bin'));
   for (const dir of dirs) {
-    for (const name of exe) {
-      const p = path.join(dir, name);
-      if (isExecutable(p)) return p;
-    }
+    const p = path.join(dir, exe);
+    if (isExecutable(p)) return { path: p, source: 'PATH' };
   }
-  throw new Error(`The AnchorCoder server (\`anchorcoder\`) was not found on PATH. ${INSTALL_HINT}`);
+  const cargo = path.join(os.homedir(), '.cargo', 'bin', exe);
+  if (isExecutable(cargo)) return { path: cargo, source: '~/.cargo/bin' };
+  throw new Error(
+    `The AnchorCoder server (\`anchorcoder\`) was not found: this extension package carries none for ` +
+      `${process.platform}-${process.arch}, and it is not on PATH or in ~/.cargo/bin. ${INSTALL_HINT}`,
+  );
 }
 
 async function startClient(ctx: Context): Promise<void> {
@@ -67,8 +87,10 @@ async function startClient(ctx: Context): Promise<void> {
   ctx.progressMessage = undefined;
   let binaryPath: string;
   try {
-    binaryPath = findBinary();
-    ctx.binaryPath = binaryPath;
+    const found = findBinary(ctx.extension.extensionPath);
+    binaryPath = found.path;
+    ctx.binaryPath = `${found.path} (${found.source})`;
+    ctx.output.info(`AnchorCoder server: ${found.path} (found via ${found.source})`);
   } catch (e) {
     const error = (e as Error).message;
     ctx.lastError = error;

@@ -51,7 +51,7 @@ async function setEnabled(ctx: Context, on: boolean): Promise<void> {
 async function pullModel(ctx: Context): Promise<void> {
   let bin: string;
   try {
-    bin = findBinary();
+    bin = findBinary(ctx.extension.extensionPath).path;
   } catch (e) {
     void vscode.window.showErrorMessage((e as Error).message);
     return;

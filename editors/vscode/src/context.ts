@@ -13,7 +13,7 @@ export interface Context {
   readonly statusItem: vscode.StatusBarItem;
   /** The running (or starting) language client; undefined while stopped. */
   client: LanguageClient | undefined;
-  /** The server binary found at the last start. */
+  /** The server binary found at the last start, with how it was found ("path (bundled)"). */
   binaryPath: string | undefined;
   /** The last answer to `anchorcoder/status`. */
   lastStatus: ServerStatus | undefined;

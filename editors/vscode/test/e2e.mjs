@@ -81,6 +81,9 @@ try {
   await page.screenshot({ path: path.join(outDir, 'status-dialog.png') });
   record('Show Status opens and the server knows where the cursor rests', dialog.includes(want),
     `want ${JSON.stringify(want)}; ${JSON.stringify(dialog.slice(0, 400))}`);
+  const serverLine = (dialog.match(/Server: [^\n]*?\)/) ?? [''])[0];
+  record('the server running is the one bundled in the platform package', /\(bundled\)/.test(serverLine),
+    JSON.stringify(serverLine || dialog.slice(0, 300)));
   await page.keyboard.press('Escape');
   await page.waitForTimeout(500);
   await editor.locator('.view-lines').click();

@@ -3,8 +3,10 @@
 # headless Chromium through playwright-core, against the real anchorcoder server and model.
 #
 # Installs what it needs (idempotent, cached under ${XDG_CACHE_HOME:-~/.cache}/anchorcoder/code-server),
-# builds and packages the extension (.vsix), installs it into code-server, opens a Python file,
-# types, and checks that ghost text appears and that Tab inserts it.
+# builds the platform package as a user gets it (scripts/package --vsix-only: the .vsix for this
+# platform carrying the server binary), installs it into code-server with no `anchorcoder` on PATH
+# and no `anchorcoder.server.path` setting, opens a Python file, types, and checks that the bundled
+# server is the one running, that ghost text appears and that Tab inserts it.
 # Env: ANCHORCODER_BIN (server binary; default: <repo>/target/debug/anchorcoder).
 # Last line of output: "N passed, M failed".
 set -uo pipefail
@@ -40,24 +42,29 @@ step "setup: chromium, libkrb5-dev, Node 24, code-server 4.139.1 (cached)"
 SETUP_OUT="$(timeout 3000 "$HERE/test/setup.sh")" || fail_early "setup failed"
 eval "$SETUP_OUT"   # NODE24_DIR, CODE_SERVER
 
-step "build and package the extension"
+step "build the platform package (scripts/package --vsix-only, carrying $BIN)"
+case "$(uname -m)" in
+  x86_64) PLATFORM=linux-x64 ;;
+  aarch64|arm64) PLATFORM=linux-arm64 ;;
+  *) fail_early "no VS Code platform for $(uname -m)" ;;
+esac
 cd "$HERE" || fail_early "no $HERE"
 if [ ! -d node_modules/vscode-languageclient ] || [ ! -x node_modules/.bin/vsce ] || [ package.json -nt node_modules/.package-lock.json ]; then
   timeout 900 npm install --no-audit --no-fund || fail_early "npm install failed"
 fi
-rm -f anchorcoder.vsix
 # `vsce package` compiles first (vscode:prepublish).
-timeout 600 npm run package || fail_early "vsce package failed"
+timeout 600 "$ROOT/scripts/package" --vsix-only --platform "$PLATFORM" --binary "$BIN" --out "$TMP/dist" \
+  || fail_early "scripts/package --vsix-only failed"
+VSIX="$(ls "$TMP"/dist/anchorcoder-*-"$PLATFORM".vsix)"
 
 step "install the extension into code-server"
-mkdir -p "$TMP/user/User" "$TMP/ext" "$TMP/ws" "$TMP/xdg-config" "$TMP/xdg-data" "$OUT_DIR"
+mkdir -p "$TMP/home" "$TMP/user/User" "$TMP/ext" "$TMP/ws" "$TMP/xdg-config" "$TMP/xdg-data" "$OUT_DIR"
 export XDG_CONFIG_HOME="$TMP/xdg-config" XDG_DATA_HOME="$TMP/xdg-data"
 PATH="$NODE24_DIR/bin:$PATH" timeout 180 "$CODE_SERVER" --user-data-dir "$TMP/user" --extensions-dir "$TMP/ext" \
-  --install-extension "$HERE/anchorcoder.vsix" || fail_early "installing the .vsix failed"
+  --install-extension "$VSIX" || fail_early "installing the .vsix failed"
 
 cat > "$TMP/user/User/settings.json" <<EOF
 {
-  "anchorcoder.server.path": "$BIN",
   "chat.disableAIFeatures": true,
   "github.copilot.enable": { "*": false },
   "update.mode": "none",
@@ -87,7 +94,12 @@ EOF
 
 PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 step "start code-server on 127.0.0.1:$PORT"
-PATH="$NODE24_DIR/bin:$PATH" setsid "$CODE_SERVER" --bind-addr "127.0.0.1:$PORT" --auth none \
+# Nothing on PATH may provide `anchorcoder`: the extension must use the binary it carries.
+CLEAN_PATH="$NODE24_DIR/bin"
+IFS=: read -ra dirs <<< "$PATH"
+for d in "${dirs[@]}"; do [ -e "$d/anchorcoder" ] || CLEAN_PATH="$CLEAN_PATH:$d"; done
+# A fresh HOME hides ~/.cargo/bin; the model cache stays where `anchorcoder model pull` put it.
+XDG_CACHE_HOME="${XDG_CACHE_HOME:-$HOME/.cache}" PATH="$CLEAN_PATH" HOME="$TMP/home" setsid "$CODE_SERVER" --bind-addr "127.0.0.1:$PORT" --auth none \
   --disable-telemetry --disable-update-check --disable-workspace-trust \
   --user-data-dir "$TMP/user" --extensions-dir "$TMP/ext" "$TMP/ws" > "$OUT_DIR/code-server.log" 2>&1 &
 CS_PID=$!
