@@ -30,10 +30,12 @@
 //!   indentation) scored lower on real code (docs/benchmarks.md).
 
 use std::borrow::Cow;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Result;
 
+use crate::context::{Chunk, ContextSet, Lang};
 use crate::engine::document::{line_start, DocumentCache, Update};
 use crate::engine::generate::{generate_with, Constraints, GenerateParams, StopReason};
 use crate::engine::Engine;
@@ -225,16 +227,72 @@ fn heal_split(before: &str) -> &str {
 /// The tokens every prompt of `engine` starts with under `s`: BOS where the
 /// model's tokenizer asks for one, then `<fim_prefix>` when FIM is used.
 pub fn lead_tokens(engine: &Engine, s: &Settings) -> Vec<u32> {
+    lead_with_context(engine, s, &[])
+}
+
+/// [`lead_tokens`] with project context (see [`context_tokens`]) between the
+/// BOS and `<fim_prefix>`, as repository-level FIM prompts have it.
+pub fn lead_with_context(engine: &Engine, s: &Settings, context: &[u32]) -> Vec<u32> {
     let tok = &engine.tokenizer;
     let bos = tok.bos_id().filter(|_| tok.add_bos());
     let fim = tok.fim_ids().filter(|_| s.fim).map(|f| f.prefix);
-    bos.into_iter().chain(fim).collect()
+    bos.into_iter().chain(context.iter().copied()).chain(fim).collect()
+}
+
+/// The tokens of a project context: per file, the model's file separator
+/// (`<file_sep>`, `<|file_sep|>`) and the path on its own line, or, for a
+/// vocabulary without one, a comment line with the path; then the file's
+/// chunks. `current` (the document's own path) closes it, so the window that
+/// follows reads as that file's text. Empty for an empty set.
+pub fn context_tokens(engine: &Engine, set: &ContextSet, current: Option<&str>) -> Result<Vec<u32>> {
+    if set.is_empty() {
+        return Ok(Vec::new());
+    }
+    let tok = &engine.tokenizer;
+    let sep = ["<|file_sep|>", "<file_sep>"].iter().find_map(|t| tok.token_to_id(t));
+    let mut out = Vec::new();
+    let header = |out: &mut Vec<u32>, path: &str| -> Result<()> {
+        match sep {
+            Some(id) => {
+                out.push(id);
+                out.extend(tok.encode(&format!("{path}\n"))?);
+            }
+            None => out.extend(tok.encode(&Lang::of(Path::new(path)).comment(path))?),
+        }
+        Ok(())
+    };
+    let mut last: Option<&str> = None;
+    for c in &set.chunks {
+        if last != Some(c.path.as_str()) {
+            if last.is_some() && sep.is_none() {
+                out.extend(tok.encode("\n")?);
+            }
+            header(&mut out, &c.path)?;
+            last = Some(&c.path);
+        }
+        out.extend(tok.encode(&c.text)?);
+    }
+    if let Some(path) = current {
+        if sep.is_none() {
+            out.extend(tok.encode("\n")?);
+        }
+        header(&mut out, path)?;
+    }
+    Ok(out)
+}
+
+/// Tokens of a chunk in the prompt, path line included (the budget's unit).
+pub fn chunk_tokens(engine: &Engine, c: &Chunk) -> usize {
+    let t = &engine.tokenizer;
+    t.encode(&c.text).map_or(usize::MAX, |v| v.len()) + t.encode(&c.path).map_or(usize::MAX / 2, |v| v.len()) + 2
 }
 
 /// Bring `doc` to the prompt `window` (the text from `prompt.window_start` to
-/// `prompt.cut`), after the lead tokens; what is unchanged stays cached.
+/// `prompt.cut`), after the lead tokens (with the document's project context,
+/// [`DocumentCache::set_context`]); what is unchanged stays cached.
 pub fn set_prompt(engine: &Engine, doc: &mut DocumentCache, window: &str, s: &Settings) -> Result<Update> {
-    doc.set_lead(&engine.tokenizer, &lead_tokens(engine, s));
+    let lead = lead_with_context(engine, s, doc.context());
+    doc.set_lead(&engine.tokenizer, &lead);
     doc.set_text(&engine.tokenizer, window)
 }
 
@@ -474,6 +532,66 @@ mod tests {
     fn engine_with(tok: crate::engine::tokenizer::Tokenizer) -> Engine {
         let model = Llama::random(tiny_config(tok.vocab_size()), 4).unwrap();
         Engine { model, tokenizer: tok, path: "test".into(), adapter_policy: None }
+    }
+
+    fn two_file_context() -> ContextSet {
+        use crate::context::Source;
+        let chunk =
+            |path: &str, line, text: &str| Chunk { path: path.into(), line, text: text.into(), source: Source::Import };
+        ContextSet {
+            chunks: vec![
+                chunk("pkg/b.py", 0, "def b():\n    pass\n"),
+                chunk("pkg/a.py", 0, "def a(x):\n    return x\n"),
+                chunk("pkg/a.py", 9, "A = 1\n"),
+            ],
+        }
+    }
+
+    #[test]
+    fn context_renders_with_file_separators_or_path_comments() {
+        let set = two_file_context();
+        // A vocabulary with a file separator: `<file_sep>path\n` before each file and the current one.
+        let e = engine_with(test_tokenizer_with_specials(&["<file_sep>"]));
+        let sep = e.tokenizer.token_to_id("<file_sep>").unwrap();
+        let ids = context_tokens(&e, &set, Some("pkg/main.py")).unwrap();
+        assert_eq!(ids.iter().filter(|&&t| t == sep).count(), 3, "two files and the current one");
+        let files: Vec<String> = ids.split(|&t| t == sep).map(|part| e.tokenizer.decode(part)).collect();
+        assert_eq!(
+            files,
+            ["", "pkg/b.py\ndef b():\n    pass\n", "pkg/a.py\ndef a(x):\n    return x\nA = 1\n", "pkg/main.py\n"]
+        );
+        // Without one: a comment line in each file's language.
+        let e = engine_with(test_tokenizer());
+        let ids = context_tokens(&e, &set, Some("pkg/main.py")).unwrap();
+        assert_eq!(
+            e.tokenizer.decode(&ids),
+            "# pkg/b.py\ndef b():\n    pass\n\n# pkg/a.py\ndef a(x):\n    return x\nA = 1\n\n# pkg/main.py\n"
+        );
+        assert!(context_tokens(&e, &ContextSet::default(), Some("x.py")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn project_context_is_kept_in_the_lead_and_changing_it_restarts_the_cache() {
+        let e = engine_with(test_tokenizer());
+        let s = Settings { fim: false, ..Settings::default() };
+        let policy = AttentionPolicy { kind: PolicyKind::Window { window_tokens: 8 }, sink_tokens: 2 };
+        let mut doc = DocumentCache::new(&e.model, policy);
+        let ctx = context_tokens(&e, &two_file_context(), Some("pkg/main.py")).unwrap();
+        doc.set_context(ctx.clone());
+        let text = "def f():\n    return 1\n\n\ndef g():\n    return 2\n";
+        set_prompt(&e, &mut doc, text, &s).unwrap();
+        assert_eq!(&doc.tokens()[..ctx.len()], ctx.as_slice());
+        // The whole context stays visible under a window far shorter than it.
+        assert_eq!(doc.policy().sink_tokens as usize, ctx.len());
+        while doc.prefill(&e.model, 16).unwrap() > 0 {}
+        // Typing keeps the cache; a new context set starts it over.
+        let more = format!("{text}x");
+        let u = set_prompt(&e, &mut doc, &more, &s).unwrap();
+        assert!(u.reused > ctx.len(), "{u:?}");
+        doc.set_context(Vec::new());
+        let u = set_prompt(&e, &mut doc, &more, &s).unwrap();
+        assert_eq!(u.reused, 0);
+        assert_eq!(doc.policy().sink_tokens, 2, "back to the policy's own sinks");
     }
 
     /// FIM layout: the cache holds `<fim_prefix>` + the text before the

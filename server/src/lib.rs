@@ -10,6 +10,7 @@ pub mod bench;
 pub mod cli;
 pub mod completion;
 pub mod config;
+pub mod context;
 pub mod engine;
 pub mod eval;
 pub mod lsp;

@@ -9,8 +9,9 @@
 //! [`super::generate`]) that is dropped afterwards.
 //!
 //! A cache may start with fixed *lead* tokens that spell no text (a BOS token,
-//! a fill-in-the-middle prefix marker: see [`DocumentCache::set_lead`]); they
-//! are sinks of every policy and are never re-tokenized.
+//! project context from other files, a fill-in-the-middle prefix marker: see
+//! [`DocumentCache::set_lead`]); they are sinks of every policy (always kept
+//! and attended, whatever the policy evicts) and are never re-tokenized.
 
 use anyhow::Result;
 
@@ -58,6 +59,10 @@ pub struct DocumentCache {
     last_logits: Option<(usize, Vec<f32>)>,
     /// How many of `tokens` are lead tokens (before the text; they end at byte 0).
     lead: usize,
+    /// The policy's own sink count (the cache's grows to cover a longer lead).
+    base_sinks: u32,
+    /// Tokens of other files for the lead (see [`DocumentCache::set_context`]).
+    context: Vec<u32>,
 }
 
 impl DocumentCache {
@@ -71,6 +76,8 @@ impl DocumentCache {
             kv: model.new_cache(policy),
             last_logits: None,
             lead: 0,
+            base_sinks: policy.sink_tokens,
+            context: Vec::new(),
         }
     }
 
@@ -86,8 +93,22 @@ impl DocumentCache {
         self.ends = Some(vec![0; lead.len()]);
         self.text.clear();
         self.kv.truncate(0);
+        self.kv.set_sink_tokens(self.base_sinks.max(lead.len() as u32));
         self.last_logits = None;
         self.lead = lead.len();
+    }
+
+    /// Tokens of project context (other files' chunks, rendered by
+    /// `completion::context_tokens`) that the next prompt puts in the lead;
+    /// they take effect, and restart the cache if they changed, at the next
+    /// `completion::set_prompt`.
+    pub fn set_context(&mut self, tokens: Vec<u32>) {
+        self.context = tokens;
+    }
+
+    /// The project context tokens (see [`DocumentCache::set_context`]).
+    pub fn context(&self) -> &[u32] {
+        &self.context
     }
 
     /// The lead tokens (see [`DocumentCache::set_lead`]).
@@ -481,8 +502,13 @@ pub(crate) mod tests {
             let policy = policies()[seed as usize % 5];
             let mut doc = DocumentCache::new(&model, policy);
             doc.set_eviction_slack(rng.below(3) as u32);
-            // Some documents start with lead tokens (BOS, a FIM marker).
-            let lead: Vec<u32> = if seed % 3 == 0 { vec![0, 7] } else { vec![] };
+            // Some documents start with lead tokens: a BOS and a FIM marker, or a
+            // project context longer than the policy's sinks (they become sinks).
+            let lead: Vec<u32> = match seed % 3 {
+                0 => vec![0, 7],
+                1 if seed % 2 == 1 => (0..24).map(|i| 20 + (i * 7) % 40).collect(),
+                _ => vec![],
+            };
             doc.set_lead(&tok, &lead);
             let expect = |text: &str| -> Vec<u32> { lead.iter().copied().chain(tok.encode(text).unwrap()).collect() };
             let n = 20 + rng.below(40);
@@ -516,7 +542,11 @@ pub(crate) mod tests {
             let got = doc.logits(&model, 1 + rng.below(20), &|| false).unwrap().unwrap();
             let tokens = expect(&text);
             let anchors: Vec<bool> = tokens.iter().map(|&t| is_anchor(&tok, t)).collect();
-            let mut fresh = model.new_cache(policy);
+            // The reference attends as the cache does: its lead tokens are sinks.
+            let mut effective = policy;
+            effective.sink_tokens = policy.sink_tokens.max(lead.len() as u32);
+            assert_eq!(doc.policy(), effective);
+            let mut fresh = model.new_cache(effective);
             let want = model.forward(&tokens, &anchors, &mut fresh, Logits::Last).unwrap();
             assert!(max_diff(&got, &want) < 1e-4, "seed {seed} {policy:?}: {}", max_diff(&got, &want));
         }

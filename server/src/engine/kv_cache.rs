@@ -103,6 +103,14 @@ impl KvCache {
         &self.policy
     }
 
+    /// Make the first `n` tokens sinks (always kept, always attended): a
+    /// document's lead tokens (BOS, project context). Only on an empty cache,
+    /// since it changes what every later token attends to.
+    pub fn set_sink_tokens(&mut self, n: u32) {
+        assert!(self.lines.is_empty(), "sinks change on an empty cache only");
+        self.policy.sink_tokens = n;
+    }
+
     /// Number of tokens processed.
     pub fn len(&self) -> usize {
         self.lines.len()
