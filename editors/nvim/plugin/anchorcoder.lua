@@ -1,4 +1,4 @@
--- AnchorCoder: `:AnchorCoder status|enable|disable|pull`. Call
+-- AnchorCoder: `:AnchorCoder status|enable|disable|pull|install`. Call
 -- `require('anchorcoder').setup{}` to start attaching buffers.
 if vim.g.loaded_anchorcoder then
   return
@@ -10,12 +10,4 @@ if vim.fn.has('nvim-0.10') ~= 1 then
   return
 end
 
-vim.api.nvim_create_user_command('AnchorCoder', function(args)
-  require('anchorcoder').command(args)
-end, {
-  nargs = '?',
-  complete = function()
-    return { 'status', 'enable', 'disable', 'pull' }
-  end,
-  desc = 'AnchorCoder: status, enable, disable, pull',
-})
+require('anchorcoder.command').create()

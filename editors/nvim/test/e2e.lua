@@ -314,6 +314,18 @@ test(':AnchorCoder status and :checkhealth anchorcoder', function()
   assert(report:find('binary: ', 1, true), 'health: binary found\n' .. report)
   assert(report:find('model', 1, true), 'health: model\n' .. report)
   assert(report:find('server answers anchorcoder/status', 1, true), 'health: server answers\n' .. report)
+  for _, line in ipairs({
+    'OK Neovim 0.',
+    'OK setup() was called',
+    'OK options are valid',
+    "OK ui: the plugin's own ghost text",
+    'OK server binary: ' .. bin .. ' (found through the `cmd` option)',
+    'OK `anchorcoder --version` runs: anchorcoder ',
+    'OK default model: ',
+    'attached to the current buffer (main.py)',
+  }) do
+    assert(report:find(line, 1, true), ('health: %q\n'):format(line) .. report)
+  end
   assert(not report:find('ERROR', 1, true), 'health: no errors\n' .. report)
   lua('vim.cmd("tabclose")')
   log('  ' .. report:gsub('\n', '\n  '))
@@ -342,10 +354,10 @@ test('a missing binary gives a clear message', function()
     local server = require('anchorcoder.server')
     local cfg = require('anchorcoder.config').merge({ cmd = '/nonexistent/anchorcoder' })
     local cmd, err = server.command(cfg)
-    local path = vim.env.PATH
-    vim.env.PATH = '/nonexistent'
-    local cmd2, err2 = server.command(require('anchorcoder.config').merge({}))
-    vim.env.PATH = path
+    local path, cargo_home = vim.env.PATH, vim.env.CARGO_HOME
+    vim.env.PATH, vim.env.CARGO_HOME = '/nonexistent', '/nonexistent'
+    local cmd2, err2 = server.command(require('anchorcoder.config').merge({ install = { dir = '/nonexistent' } }))
+    vim.env.PATH, vim.env.CARGO_HOME = path, cargo_home
     return { cmd = cmd or false, err = err, cmd2 = cmd2 or false, err2 = err2 }
   ]])
   eq(false, msg.cmd, 'no command for a missing configured binary')
@@ -388,6 +400,291 @@ test(':AnchorCoder disable stops suggestions, enable brings them back', function
   wait_ghost(5, #'    return a ')
 end)
 
+-- Finding and installing the server -------------------------------------------
+
+local tmp_root = vim.fn.tempname() .. '-install'
+vim.fn.mkdir(tmp_root, 'p')
+
+--- Run a command in this (the test's) Neovim; error unless it exits 0.
+local function sh(cmd, opts)
+  local out = vim.system(cmd, vim.tbl_extend('keep', opts or {}, { text = true })):wait(120000)
+  if out.code ~= 0 then
+    error(('%s failed (%d): %s'):format(table.concat(cmd, ' '), out.code, out.stderr or ''), 0)
+  end
+  return out.stdout
+end
+
+--- A release archive as scripts/package lays it out (`anchorcoder`, README.md and LICENSE at the
+--- root), made from the real binary (debug info stripped, to keep it small), with its .sha256.
+--- Returns the folder, the archive's file name, and the binary's sha256.
+local release = nil
+local function make_release()
+  if release then
+    return release
+  end
+  local dir = tmp_root .. '/release'
+  local stage = tmp_root .. '/stage'
+  vim.fn.mkdir(dir, 'p')
+  vim.fn.mkdir(stage, 'p')
+  assert(vim.uv.fs_copyfile(bin, stage .. '/anchorcoder'))
+  pcall(sh, { 'strip', '--strip-debug', stage .. '/anchorcoder' })
+  vim.uv.fs_chmod(stage .. '/anchorcoder', 493)
+  vim.fn.writefile({ 'readme' }, stage .. '/README.md')
+  vim.fn.writefile({ 'license' }, stage .. '/LICENSE')
+  local name = 'anchorcoder-0.1.0-linux-x64.tar.gz'
+  sh({ 'tar', '-C', stage, '-czf', dir .. '/' .. name, '.' })
+  sh({ 'sh', '-c', 'sha256sum "$1" > "$1.sha256"', 'sh', name }, { cwd = dir })
+  local bin_sha = sh({ 'sha256sum', stage .. '/anchorcoder' }):match('^%x+')
+  release = { dir = dir, name = name, bin_sha = bin_sha, stage = stage }
+  return release
+end
+
+--- In the child: start an install with `cfg_opts`, wait for its end, return the job and what
+--- landed in the install dir.
+local INSTALL = [[
+  local cfg_opts, mode = ...
+  local cfg = require('anchorcoder.config').merge(cfg_opts)
+  _G.install_job = require('anchorcoder.install').install(cfg, { mode = mode })
+  return _G.install_job.done
+]]
+local function install(cfg_opts, mode)
+  lua(INSTALL, cfg_opts, mode)
+  local job = wait_for('the install to end', [[
+    local j = _G.install_job
+    return j.done and { ok = j.ok, path = j.path, message = j.message, log = j.log, mode = j.mode }
+  ]], 120000)
+  local dest = cfg_opts.install.dir .. '/bin/anchorcoder'
+  return job, dest
+end
+
+test('lookup order: cmd, then the installed server, then PATH, then ~/.cargo/bin', function()
+  local dirs = {}
+  for _, d in ipairs({ 'data/anchorcoder/bin', 'path', 'cargo/bin' }) do
+    dirs[d] = tmp_root .. '/lookup/' .. d
+    vim.fn.mkdir(dirs[d], 'p')
+  end
+  local r = lua([[
+    local bin, dirs = ...
+    local server, config = require('anchorcoder.server'), require('anchorcoder.config')
+    local path, cargo_home = vim.env.PATH, vim.env.CARGO_HOME
+    vim.env.PATH = '/nonexistent'
+    vim.env.CARGO_HOME = vim.fs.dirname(dirs['cargo/bin'])
+    local cfg = config.merge({ install = { dir = vim.fs.dirname(dirs['data/anchorcoder/bin']) } })
+    local out = {}
+    local function look(label)
+      local found, err = server.find(cfg)
+      out[label] = found and { source = found.source, path = found.path, cmd = found.cmd } or { err = err }
+    end
+    look('nothing')
+    vim.uv.fs_symlink(bin, dirs['cargo/bin'] .. '/anchorcoder')
+    look('cargo')
+    vim.uv.fs_symlink(bin, dirs['path'] .. '/anchorcoder')
+    vim.env.PATH = dirs['path'] .. ':/nonexistent'
+    look('path')
+    vim.uv.fs_symlink(bin, dirs['data/anchorcoder/bin'] .. '/anchorcoder')
+    look('installed')
+    vim.env.PATH = '/nonexistent'
+    look('installed, nothing on PATH')
+    local v = vim.system({ out['installed, nothing on PATH'].path, '--version' }, { text = true }):wait(10000)
+    out.version = v.stdout
+    cfg.cmd = bin
+    look('cmd')
+    vim.env.PATH, vim.env.CARGO_HOME = path, cargo_home
+    return out
+  ]], bin, dirs)
+  local err = r.nothing.err
+  assert(err, 'nothing found when nothing is there: ' .. vim.inspect(r.nothing))
+  for _, want in ipairs({ dirs['data/anchorcoder/bin'] .. '/anchorcoder', dirs['cargo/bin'] .. '/anchorcoder',
+    ':AnchorCoder install', 'cargo install --path server' }) do
+    assert(err:find(want, 1, true), ('the error names %q: %s'):format(want, err))
+  end
+  eq({ 'cargo', dirs['cargo/bin'] .. '/anchorcoder' }, { r.cargo.source, r.cargo.path }, 'only ~/.cargo/bin')
+  eq({ 'path', dirs['path'] .. '/anchorcoder' }, { r.path.source, r.path.path }, 'PATH before cargo')
+  eq({ 'installed', dirs['data/anchorcoder/bin'] .. '/anchorcoder' }, { r.installed.source, r.installed.path },
+    'installed before PATH')
+  eq({ 'installed', { dirs['data/anchorcoder/bin'] .. '/anchorcoder', 'serve' } },
+    { r['installed, nothing on PATH'].source, r['installed, nothing on PATH'].cmd }, 'installed, nothing on PATH')
+  assert(r.version:match('^anchorcoder %d'), 'the installed binary runs: ' .. tostring(r.version))
+  eq({ 'cmd', { bin, 'serve' } }, { r.cmd.source, r.cmd.cmd }, 'the cmd option before everything')
+end)
+
+test(':checkhealth anchorcoder says when the binary is missing, and how to fix it', function()
+  local report = lua([[
+    local a = require('anchorcoder')
+    local saved, path, cargo_home = a.cfg, vim.env.PATH, vim.env.CARGO_HOME
+    a.cfg = require('anchorcoder.config').merge({ install = { dir = ... } })
+    vim.env.PATH, vim.env.CARGO_HOME = '/nonexistent', '/nonexistent'
+    local ok, err = pcall(vim.cmd, 'checkhealth anchorcoder')
+    a.cfg, vim.env.PATH, vim.env.CARGO_HOME = saved, path, cargo_home
+    local lines = vim.api.nvim_buf_get_lines(0, 0, -1, false)
+    vim.cmd('tabclose')
+    assert(ok, err)
+    return table.concat(lines, '\n')
+  ]], tmp_root .. '/empty')
+  assert(report:find('ERROR server binary not found', 1, true), 'an error for the binary\n' .. report)
+  assert(report:find('OK Neovim', 1, true), 'the checks before it still pass\n' .. report)
+  for _, fix in ipairs({ 'Run :AnchorCoder install (builds it from this checkout with cargo)',
+    'cargo install --path server', "setup { cmd = '/path/to/anchorcoder' }" }) do
+    assert(report:find(fix, 1, true), ('says how to fix it: %q\n'):format(fix) .. report)
+  end
+  assert(not report:find('server answers', 1, true), 'no server check without a binary\n' .. report)
+  log('  ' .. report:gsub('\n', '\n  '))
+end)
+
+test(':AnchorCoder install release: downloads the archive, checks its sha256, installs the binary', function()
+  local rel = make_release()
+  local dir = tmp_root .. '/installed'
+  local url = 'file://' .. rel.dir .. '/anchorcoder-{version}-{platform}.tar.gz'
+  -- Through the command: it waits (the embedded Neovim has no UI), then attaches nothing new.
+  local job = lua([[
+    local a = require('anchorcoder')
+    local saved = a.cfg.install
+    a.cfg.install = { url = select(1, ...), dir = select(2, ...) }
+    vim.cmd('AnchorCoder install release')
+    a.cfg.install = saved
+    return require('anchorcoder.install').current
+  ]], url, dir)
+  eq(vim.NIL, job, 'no install left running after the command returns')
+  local dest = dir .. '/bin/anchorcoder'
+  assert(vim.uv.fs_stat(dest), 'the binary is installed at ' .. dest)
+  eq(rel.bin_sha, sh({ 'sha256sum', dest }):match('^%x+'), 'the installed binary is the one in the archive')
+  eq(sh({ bin, '--version' }), sh({ dest, '--version' }), 'it runs')
+  local origin = vim.json.decode(table.concat(vim.fn.readfile(dir .. '/install.json'), '\n'))
+  eq({ 'release', 'file://' .. rel.dir .. '/' .. rel.name },
+    { origin.from, origin.url }, 'install.json records where it came from')
+  -- Then through the Lua API, asynchronously, with the progress it shows.
+  local job2 = install({ install = { url = url, dir = dir .. '2' } }, 'release')
+  assert(job2.ok, 'install succeeded: ' .. tostring(job2.message))
+  eq(dir .. '2/bin/anchorcoder', job2.path, 'installed path')
+  assert(job2.message:find('installed ' .. dir .. '2/bin/anchorcoder (anchorcoder ', 1, true), job2.message)
+  eq({ 'downloading file://' .. rel.dir .. '/' .. rel.name, 'checking the sha256', 'unpacking' },
+    job2.log, 'progress shown')
+  local found = lua([[
+    local path = vim.env.PATH
+    vim.env.PATH = '/nonexistent'
+    local f = require('anchorcoder.server').find(require('anchorcoder.config').merge({ install = { dir = ... } }))
+    vim.env.PATH = path
+    return f
+  ]], dir .. '2')
+  eq({ 'installed', dir .. '2/bin/anchorcoder' }, { found.source, found.path }, 'found after installing')
+end)
+
+test(':AnchorCoder install release refuses an archive whose sha256 does not match', function()
+  local rel = make_release()
+  local bad = tmp_root .. '/bad-release'
+  vim.fn.mkdir(bad, 'p')
+  assert(vim.uv.fs_copyfile(rel.dir .. '/' .. rel.name, bad .. '/' .. rel.name))
+  local wrong = ('0'):rep(64)
+  vim.fn.writefile({ wrong .. '  ' .. rel.name }, bad .. '/' .. rel.name .. '.sha256')
+  local dir = tmp_root .. '/not-installed'
+  local job = install({ install = { url = 'file://' .. bad .. '/anchorcoder-{version}-{platform}.tar.gz', dir = dir } },
+    'release')
+  eq(false, job.ok, 'the install fails')
+  assert(job.message:find('sha256 mismatch', 1, true), job.message)
+  assert(job.message:find(wrong, 1, true), 'names the expected sum: ' .. job.message)
+  local actual = sh({ 'sha256sum', rel.dir .. '/' .. rel.name }):match('^%x+')
+  assert(job.message:find(actual, 1, true), 'names the actual sum: ' .. job.message)
+  eq(nil, vim.uv.fs_stat(dir .. '/bin/anchorcoder'), 'nothing installed')
+  -- A missing archive and a missing URL fail clearly too.
+  local job2 = install({ install = { url = 'file://' .. bad .. '/none-{version}-{platform}.tar.gz', dir = dir } },
+    'release')
+  eq(false, job2.ok, 'a missing archive fails')
+  assert(job2.message:find('none-0.1.0-linux-x64.tar.gz.sha256', 1, true), job2.message)
+  local job3 = install({ install = { dir = dir } }, 'release')
+  eq(false, job3.ok, 'no URL configured fails')
+  assert(job3.message:find('install.url', 1, true), job3.message)
+end)
+
+test(':AnchorCoder install from a source checkout runs cargo build --release and installs its binary', function()
+  -- A stand-in `cargo` first on PATH (the real build would take minutes of CPU): it records how it
+  -- was called and answers as cargo does with --message-format=json-render-diagnostics.
+  local rel = make_release()
+  local fake = tmp_root .. '/fakecargo'
+  vim.fn.mkdir(fake, 'p')
+  vim.fn.writefile({
+    '#!/bin/sh',
+    'printf "%s\\n" "$PWD" "$@" > "' .. fake .. '/args"',
+    'if [ -n "$FAKE_CARGO_FAIL" ]; then echo "error: could not compile \\`anchorcoder\\`" >&2; exit 101; fi',
+    'echo "   Compiling anchorcoder v0.1.0 ($PWD/server)" >&2',
+    'echo \'{"reason":"compiler-artifact","target":{"name":"anchorcoder","kind":["lib"]},"executable":null}\'',
+    'echo \'{"reason":"compiler-artifact","target":{"name":"anchorcoder","kind":["bin"]},"executable":"'
+      .. rel.stage .. '/anchorcoder"}\'',
+    'echo \'{"reason":"build-finished","success":true}\'',
+    'echo "    Finished \\`release\\` profile [optimized] target(s) in 0.01s" >&2',
+  }, fake .. '/cargo')
+  vim.uv.fs_chmod(fake .. '/cargo', 493)
+  lua('vim.env.PATH = ... .. ":" .. vim.env.PATH', fake)
+  local dir = tmp_root .. '/built'
+  local ok, job = pcall(install, { install = { dir = dir } }, 'auto')
+  lua('vim.env.FAKE_CARGO_FAIL = "1"')
+  local ok2, job2 = pcall(install, { install = { dir = dir .. '-failed' } }, 'source')
+  lua('vim.env.FAKE_CARGO_FAIL = nil; vim.env.PATH = vim.env.PATH:sub(#... + 2)', fake)
+  assert(ok, job)
+  assert(ok2, job2)
+  assert(job.ok, 'install succeeded: ' .. tostring(job.message))
+  eq('source', job.mode, 'auto in a checkout builds from source')
+  eq({ vim.uv.fs_realpath(repo_root), 'build', '--release', '-p', 'anchorcoder', '--message-format=json-render-diagnostics' },
+    vim.list_extend({ vim.uv.fs_realpath(vim.fn.readfile(fake .. '/args')[1]) }, vim.list_slice(vim.fn.readfile(fake .. '/args'), 2)),
+    'cargo run in the checkout with')
+  eq(rel.bin_sha, sh({ 'sha256sum', dir .. '/bin/anchorcoder' }):match('^%x+'), 'the built binary is installed')
+  assert(vim.tbl_contains(job.log, 'building: Compiling anchorcoder (0 crates done)')
+    or vim.tbl_contains(job.log, 'building: Compiling anchorcoder (1 crates done)'), 'progress: ' .. vim.inspect(job.log))
+  local origin = vim.json.decode(table.concat(vim.fn.readfile(dir .. '/install.json'), '\n'))
+  eq('source', origin.from, 'install.json: built from source')
+  eq(false, job2.ok, 'a failing build fails the install')
+  assert(job2.message:find('cargo build failed (exit 101)', 1, true) and job2.message:find('could not compile', 1, true),
+    job2.message)
+  eq(nil, vim.uv.fs_stat(dir .. '-failed/bin/anchorcoder'), 'nothing installed after a failed build')
+  -- Outside a checkout there is nothing to build.
+  local copy = tmp_root .. '/elsewhere/nvim'
+  vim.fn.mkdir(copy, 'p')
+  eq(vim.NIL, lua('return require("anchorcoder.install").checkout(...)', copy), 'no checkout around a copy')
+  eq(vim.uv.fs_realpath(repo_root), vim.uv.fs_realpath(lua('return require("anchorcoder.install").checkout()')),
+    'the plugin in this repository sits in a checkout')
+  local toml = table.concat(vim.fn.readfile(repo_root .. '/Cargo.toml'), '\n')
+  eq(toml:match('%[workspace%.package%][^%[]-version%s*=%s*"([^"]+)"'), lua('return require("anchorcoder.install").version'),
+    'the plugin asks for the release of the workspace version')
+end)
+
+test('ui = "native" falls back to the plugin\'s ghost text where vim.lsp.inline_completion is missing', function()
+  local r = lua([[
+    local config = require('anchorcoder.config')
+    local a = require('anchorcoder')
+    local saved = a.cfg
+    a.cfg = config.merge({ ui = 'native' })
+    local native = a._native()
+    local compat = config.merge({ native = true }).ui
+    a.cfg = saved
+    return { has = vim.lsp.inline_completion ~= nil, native = native, compat = compat,
+      problems = config.validate(config.merge({ ui = 'nope' })) }
+  ]])
+  eq('native', r.compat, 'native = true means ui = "native"')
+  eq(1, #r.problems, 'an unknown ui is reported')
+  if r.has then
+    log('  this Neovim has vim.lsp.inline_completion: native = ' .. tostring(r.native))
+  else
+    eq(false, r.native, 'no native inline completion on this Neovim: ghost text instead')
+    -- And setup { ui = 'native' } still gets the plugin's ghost text (and its keys).
+    input('<Esc>')
+    lua([[require('anchorcoder').setup { cmd = ..., debounce_ms = 30, ui = 'native' }]], bin)
+    lua([[vim.api.nvim_buf_set_lines(0, 5, -1, false, { '    return a' })]])
+    input('6GA')
+    input(' ')
+    local st = wait_ghost(5, #'    return a ')
+    eq(1, #st.marks, 'ghost text with ui = "native" on ' .. tostring(vim.version()))
+    local accepted = st.stats.accepted
+    input('<Tab>')
+    local after = wait_for('the accepted text', [[
+      local s = require('anchorcoder.suggestion')
+      return s.stats.accepted > ... and vim.api.nvim_buf_get_lines(0, 0, -1, false) or nil
+    ]], 10000, accepted)
+    eq(with_insert(st.lines, st.row, st.col, st.suggestion), after, '<Tab> accepts with the fallback')
+    input('<Esc>')
+    lua([[require('anchorcoder').setup { cmd = ..., debounce_ms = 30 }]], bin)
+  end
+end)
+
+vim.fn.delete(tmp_root, 'rf')
 pcall(vim.fn.jobstop, child)
 log(('%d passed, %d failed'):format(passed, failed))
 os.exit(failed == 0 and passed > 0 and 0 or 1)

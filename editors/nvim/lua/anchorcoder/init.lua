@@ -11,9 +11,12 @@ M.cfg = nil
 local augroup = nil
 local warned = false
 
+--- Does Neovim's built-in inline completion draw the suggestions? (`ui = 'native'` on 0.12+;
+--- elsewhere the plugin's own ghost text stands in.)
 local function native()
-  return M.cfg.native and vim.lsp.inline_completion ~= nil and vim.fn.has('nvim-0.12') == 1
+  return M.cfg.ui == 'native' and vim.lsp.inline_completion ~= nil and vim.fn.has('nvim-0.12') == 1
 end
+M._native = native
 
 local function notify(msg, level)
   vim.notify(msg, level or vim.log.levels.INFO, { title = 'AnchorCoder' })
@@ -130,6 +133,11 @@ local function set_keymaps()
     map(k.prev, function()
       return pcall(vim.lsp.inline_completion.select, { count = -1 })
     end, 'previous suggestion')
+    if k.suggest and k.suggest ~= '' then
+      vim.keymap.set('i', k.suggest, function()
+        pcall(vim.lsp.inline_completion.get)
+      end, { silent = true, desc = 'AnchorCoder: suggest now' })
+    end
     return
   end
   map(k.accept, deferred('accept', "'all'"), 'accept suggestion')
@@ -149,6 +157,8 @@ end
 
 function M.setup(opts)
   M.cfg = config.merge(opts)
+  warned = false
+  require('anchorcoder.command').create()
   suggestion.cfg = M.cfg
   suggestion.enabled = M.cfg.enabled
   vim.api.nvim_set_hl(0, 'AnchorCoderSuggestion', { link = 'Comment', default = true })
@@ -286,6 +296,28 @@ function M.pull()
   end))
 end
 
+--- `:AnchorCoder install [source|release]`: build or download the server (see anchorcoder.install);
+--- once it is there, buffers are attached. Waits for the end when Neovim has no UI (a plugin
+--- manager's build step run headless). Returns the install job.
+function M.install(mode, opts)
+  local cfg = M.cfg or config.merge({})
+  opts = vim.tbl_extend('keep', opts or {}, { mode = mode or 'auto', wait = #vim.api.nvim_list_uis() == 0 })
+  local on_done = opts.on_done
+  return require('anchorcoder.install').install(cfg, opts, function(path, msg)
+    if path and M.cfg and suggestion.enabled then
+      warned = false
+      for _, buf in ipairs(vim.api.nvim_list_bufs()) do
+        if vim.api.nvim_buf_is_loaded(buf) and not server.client(buf) then
+          M.attach(buf)
+        end
+      end
+    end
+    if on_done then
+      on_done(path, msg)
+    end
+  end)
+end
+
 function M.command(args)
   local sub = args.fargs[1] or 'status'
   if sub == 'status' then
@@ -296,8 +328,16 @@ function M.command(args)
     M.disable()
   elseif sub == 'pull' then
     M.pull()
+  elseif sub == 'install' then
+    local mode = args.fargs[2] or 'auto'
+    if mode ~= 'auto' and mode ~= 'source' and mode ~= 'release' then
+      notify('AnchorCoder: :AnchorCoder install [source|release], not ' .. mode, vim.log.levels.ERROR)
+      return
+    end
+    M.install(mode)
   else
-    notify('AnchorCoder: unknown subcommand ' .. sub .. ' (status, enable, disable, pull)', vim.log.levels.ERROR)
+    notify('AnchorCoder: unknown subcommand ' .. sub .. ' (status, enable, disable, pull, install)',
+      vim.log.levels.ERROR)
   end
 end
 

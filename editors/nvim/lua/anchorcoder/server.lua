@@ -4,35 +4,81 @@ local M = {}
 M.name = 'anchorcoder'
 
 M.install_hint = table.concat({
-  'AnchorCoder: the `anchorcoder` binary was not found.',
-  'Install it with `cargo install --path server` from the AnchorCoder repository',
-  '(or build it with `cargo build --release -p anchorcoder` and set',
-  "`require('anchorcoder').setup { cmd = '/path/to/target/release/anchorcoder' }`).",
+  'Install it with `:AnchorCoder install` (builds it when the plugin sits in the AnchorCoder',
+  'repository, else downloads a release: set `install.url`), or with `cargo install --path server`',
+  'from the AnchorCoder repository, or set',
+  "`require('anchorcoder').setup { cmd = '/path/to/anchorcoder' }`.",
 }, ' ')
 
---- The command that starts the server, or nil and an error message.
----@return string[]|nil, string|nil
-function M.command(cfg)
+local exe = vim.fn.has('win32') == 1 and 'anchorcoder.exe' or 'anchorcoder'
+
+--- Where `:AnchorCoder install` puts the binary.
+function M.installed_path(cfg)
+  return require('anchorcoder.config').install_dir(cfg) .. '/bin/' .. exe
+end
+
+--- Where `cargo install` puts it: $CARGO_HOME/bin, by default ~/.cargo/bin.
+function M.cargo_path()
+  local home = vim.env.CARGO_HOME
+  if not home or home == '' then
+    home = vim.fn.expand('~/.cargo')
+  end
+  return home .. '/bin/' .. exe
+end
+
+--- Find the server. Returns { cmd = string[], path = string, source = 'cmd'|'installed'|'path'|'cargo',
+--- why = string } or nil, err (which says where it looked and how to install it), and err
+--- without the how-to.
+local function find(cfg)
   local cmd = cfg.cmd
   if type(cmd) == 'table' then
     cmd = vim.deepcopy(cmd)
-    if vim.fn.executable(cmd[1]) ~= 1 then
-      return nil, ('AnchorCoder: configured command `%s` is not executable. '):format(cmd[1]) .. M.install_hint
+    if type(cmd[1]) ~= 'string' or vim.fn.executable(cmd[1]) ~= 1 then
+      return nil, ('configured command `%s` is not executable.'):format(tostring(cmd[1]))
     end
-    return cmd
+    local path = vim.fn.exepath(cmd[1])
+    return { cmd = cmd, path = path ~= '' and path or cmd[1], source = 'cmd', why = 'the `cmd` option' }
   end
   if type(cmd) == 'string' and cmd ~= '' then
     local path = vim.fn.expand(cmd)
     if vim.fn.executable(path) ~= 1 then
-      return nil, ('AnchorCoder: configured binary `%s` is not executable. '):format(path) .. M.install_hint
+      return nil, ('configured binary `%s` is not executable.'):format(path)
     end
-    return { path, 'serve' }
+    return { cmd = { path, 'serve' }, path = path, source = 'cmd', why = 'the `cmd` option' }
   end
-  local found = vim.fn.exepath('anchorcoder')
-  if found == '' then
-    return nil, M.install_hint
+  local installed = M.installed_path(cfg)
+  if vim.fn.executable(installed) == 1 then
+    return { cmd = { installed, 'serve' }, path = installed, source = 'installed',
+      why = 'installed by :AnchorCoder install' }
   end
-  return { found, 'serve' }
+  local on_path = vim.fn.exepath('anchorcoder')
+  if on_path ~= '' then
+    return { cmd = { on_path, 'serve' }, path = on_path, source = 'path', why = '`anchorcoder` on $PATH' }
+  end
+  local cargo = M.cargo_path()
+  if vim.fn.executable(cargo) == 1 then
+    return { cmd = { cargo, 'serve' }, path = cargo, source = 'cargo', why = 'installed by `cargo install`' }
+  end
+  return nil, ('the `anchorcoder` binary was not found (looked at the `cmd` option, %s, $PATH, %s).')
+    :format(installed, cargo)
+end
+
+function M.find(cfg)
+  local found, err = find(cfg)
+  if not found then
+    return nil, 'AnchorCoder: ' .. err .. ' ' .. M.install_hint, err
+  end
+  return found
+end
+
+--- The command that starts the server, or nil and an error message.
+---@return string[]|nil, string|nil
+function M.command(cfg)
+  local found, err = M.find(cfg)
+  if not found then
+    return nil, err
+  end
+  return found.cmd
 end
 
 --- The root folder of a buffer: the nearest folder with a root marker, else the file's folder.
