@@ -545,6 +545,9 @@ test(':AnchorCoder install release: downloads the archive, checks its sha256, in
     return require('anchorcoder.install').current
   ]], url, dir)
   eq(vim.NIL, job, 'no install left running after the command returns')
+  eq({ { 'install' }, { 'source', 'release' } },
+    lua([[return { vim.fn.getcompletion('AnchorCoder in', 'cmdline'), vim.fn.getcompletion('AnchorCoder install ', 'cmdline') }]]),
+    'command completion')
   local dest = dir .. '/bin/anchorcoder'
   assert(vim.uv.fs_stat(dest), 'the binary is installed at ' .. dest)
   eq(rel.bin_sha, sh({ 'sha256sum', dest }):match('^%x+'), 'the installed binary is the one in the archive')

@@ -9,12 +9,15 @@ function M.create()
     require('anchorcoder').command(args)
   end, {
     nargs = '*',
-    complete = function(_, line)
+    complete = function(lead, line)
       local words = vim.split(vim.trim(line), '%s+')
+      local choices = M.subcommands
       if #words >= 2 and words[2] == 'install' and (#words > 2 or line:match('%s$')) then
-        return { 'source', 'release' }
+        choices = { 'source', 'release' }
       end
-      return M.subcommands
+      return vim.tbl_filter(function(c)
+        return vim.startswith(c, lead)
+      end, choices)
     end,
     desc = 'AnchorCoder: status, enable, disable, pull, install [source|release]',
   })

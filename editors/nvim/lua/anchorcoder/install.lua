@@ -338,6 +338,9 @@ function M.install(cfg, opts, on_done)
     job.done, job.ok, job.path = true, path ~= nil, path
     if path then
       job.message = ('installed %s (%s)'):format(path, msg or '?')
+      if #server.all_clients() > 0 then
+        job.message = job.message .. '; servers already running keep their binary until they restart'
+      end
       say(job.message)
     else
       job.message = 'install failed: ' .. tostring(msg)
