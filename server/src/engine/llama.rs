@@ -1,11 +1,11 @@
 //! The Llama family (Llama 2/3, CodeLlama, SmolLM2, Mistral, Qwen2/2.5) as one
 //! decoder with per-layer attention policies.
 //!
-//! Weights stay quantized. Q4_0, Q4_1 and Q8_0 keep their GGUF blocks and
-//! multiply through our own kernels ([`super::quant`]), activations quantized
-//! once per input (q|k|v and gate|up share theirs); Q5_x, Q8_1, F16 and BF16
-//! are requantized to Q8_0 at load; other formats (K-quants, `f32`) use
-//! candle-core's kernels. Activations are plain `f32` rows, `tokens × width`;
+//! Weights stay quantized. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K
+//! keep their GGUF bits and multiply through our own kernels
+//! ([`super::quant`]), activations quantized once per input (q|k|v and
+//! gate|up share theirs); Q8_1, F16 and BF16 are requantized to Q8_0 at load;
+//! other formats (Q2_K, Q3_K, `f32`) use candle-core's kernels. Activations are plain `f32` rows, `tokens × width`;
 //! attention reads the [`KvCache`] in place.
 
 use std::collections::HashMap;
@@ -282,7 +282,7 @@ pub struct Llama {
 /// Formats without a fast CPU kernel (neither ours nor candle's): requantized
 /// to Q8_0 at load.
 fn needs_requant(dtype: GgmlDType) -> bool {
-    matches!(dtype, GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_1 | GgmlDType::F16 | GgmlDType::BF16)
+    matches!(dtype, GgmlDType::Q8_1 | GgmlDType::F16 | GgmlDType::BF16)
 }
 
 /// Formats our kernels multiply as stored.
@@ -291,6 +291,11 @@ fn own_format(dtype: GgmlDType) -> Option<Format> {
         GgmlDType::Q4_0 => Some(Format::Q4_0),
         GgmlDType::Q4_1 => Some(Format::Q4_1),
         GgmlDType::Q8_0 => Some(Format::Q8_0),
+        GgmlDType::Q5_0 => Some(Format::Q5_0),
+        GgmlDType::Q5_1 => Some(Format::Q5_1),
+        GgmlDType::Q4K => Some(Format::Q4K),
+        GgmlDType::Q5K => Some(Format::Q5K),
+        GgmlDType::Q6K => Some(Format::Q6K),
         _ => None,
     }
 }
