@@ -1397,7 +1397,8 @@ mod tests {
         let anchors: Vec<bool> = (0..1000).map(|i| i % 10 == 9).collect();
         let full = replay_kv(AttentionPolicy::full(), 4, 8, &anchors, 128);
         assert_eq!(full.kept_entries, 4 * 1000);
-        assert_eq!(full.kv_bytes, 4 * 1000 * 8 * 2 * 4);
+        // K and V, in the cache's precision (f16 unless ANCHORCODER_KV says otherwise).
+        assert_eq!(full.kv_bytes, 4 * 1000 * 8 * 2 * crate::engine::kv_cache::KvPrecision::from_env().bytes());
         // R=0: sinks (4), the 100 anchors, none of the open line (the last
         // token is an anchor, so the next line is empty).
         let a = replay_kv(anchor(0, 4, 0), 4, 8, &anchors, 128);

@@ -1,10 +1,28 @@
 //! Masked multi-head attention over a layer's kept K/V.
 //!
-//! Grouped-query attention reads each shared KV head in place (no copies per
-//! query head); the score and value products are `gemm` calls on strided
-//! slices of the cache, and query heads run in parallel.
+//! K/V rows come in the cache's precision ([`KvRows`]: `f16` by default,
+//! widened to `f32` as they are read; `f32` as the exact reference).
+//!
+//! - Prefill (several query rows): the layer's K/V are widened once, then
+//!   every (query head, block of [`ROW_BLOCK`] query rows) is two `gemm`
+//!   products on strided slices (scores, then probabilities × values),
+//!   written straight into the output. A block only multiplies the columns
+//!   up to the last one any of its rows may see (causality: the first chunk
+//!   of a prompt does about half the work of the full square).
+//! - Decode (one query row): each K and V row is read (and widened) once for
+//!   all the query heads that share it (grouped-query attention), over
+//!   (KV head, slice of rows) items on candle's pool; the slices' partial
+//!   softmaxes are merged exactly (max, sum and output rescaled).
+//!
+//! Softmax uses a vectorizable `exp` ([`exp_neg`], Cephes' polynomial,
+//! ~1 ulp); masked entries become exactly 0.
 
 use rayon::prelude::*;
+
+use super::kv_cache::KvRows;
+
+/// Query rows per prefill work item.
+const ROW_BLOCK: usize = 64;
 
 /// Shapes of one attention call.
 #[derive(Clone, Copy, Debug)]
@@ -24,114 +42,180 @@ pub struct Heads {
 /// - `bias`: `n_q × n_kv` additive mask (0 or −∞); every row allows at least
 ///   one entry;
 /// - `out`: `n_q × (n_heads·head_dim)`.
-pub fn attend(h: Heads, q: &[f32], k: &[f32], v: &[f32], bias: &[f32], out: &mut [f32]) {
+pub fn attend(h: Heads, q: &[f32], k: KvRows, v: KvRows, bias: &[f32], out: &mut [f32]) {
     let q_dim = h.n_heads * h.head_dim;
     let kv_dim = h.n_kv_heads * h.head_dim;
     let n_q = q.len() / q_dim;
     let n_kv = k.len() / kv_dim;
-    debug_assert_eq!(bias.len(), n_q * n_kv);
-    debug_assert_eq!(out.len(), n_q * q_dim);
-    let group = h.n_heads / h.n_kv_heads;
+    assert_eq!(bias.len(), n_q * n_kv);
+    assert_eq!(out.len(), n_q * q_dim);
+    assert_eq!(v.len(), k.len());
     let scale = 1.0 / (h.head_dim as f32).sqrt();
     if n_q == 1 {
         return attend_one(h, q, k, v, bias, out, scale);
     }
-
-    // Each query head writes its own column block of `out`.
-    let per_head: Vec<Vec<f32>> = (0..h.n_heads)
-        .into_par_iter()
-        .map(|head| {
-            let kvh = head / group;
-            let mut scores = vec![0f32; n_q * n_kv];
-            let mut o = vec![0f32; n_q * h.head_dim];
-            // SAFETY: all pointers and strides stay inside the slices checked above:
-            // q rows are q_dim apart, k/v rows kv_dim apart, head offsets < row width.
-            unsafe {
-                gemm::gemm(
-                    n_q,
-                    n_kv,
-                    h.head_dim,
-                    scores.as_mut_ptr(),
-                    1,
-                    n_kv as isize,
-                    false,
-                    q.as_ptr().add(head * h.head_dim),
-                    1,
-                    q_dim as isize,
-                    k.as_ptr().add(kvh * h.head_dim),
-                    kv_dim as isize,
-                    1,
-                    0.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            for (row, b) in scores.chunks_mut(n_kv).zip(bias.chunks(n_kv)) {
-                softmax_masked(row, b);
-            }
-            unsafe {
-                gemm::gemm(
-                    n_q,
-                    h.head_dim,
-                    n_kv,
-                    o.as_mut_ptr(),
-                    1,
-                    h.head_dim as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    n_kv as isize,
-                    v.as_ptr().add(kvh * h.head_dim),
-                    1,
-                    kv_dim as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            o
-        })
-        .collect();
-    for (head, o) in per_head.iter().enumerate() {
-        for (row, src) in out.chunks_mut(q_dim).zip(o.chunks(h.head_dim)) {
-            row[head * h.head_dim..(head + 1) * h.head_dim].copy_from_slice(src);
+    let group = h.n_heads / h.n_kv_heads;
+    let (k, v) = (k.to_f32(), v.to_f32());
+    let (k, v) = (&k[..], &v[..]);
+    let blocks = n_q.div_ceil(ROW_BLOCK);
+    let out_ptr = out.as_mut_ptr() as usize;
+    (0..h.n_heads * blocks).into_par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, item| {
+        let (head, blk) = (item / blocks, item % blocks);
+        let kvh = head / group;
+        let (r0, r1) = (blk * ROW_BLOCK, ((blk + 1) * ROW_BLOCK).min(n_q));
+        let rows = r1 - r0;
+        // Columns past the last one any row of the block may see are all −∞.
+        let nk = (r0..r1).map(|r| visible_end(&bias[r * n_kv..(r + 1) * n_kv])).max().unwrap_or(0).max(1);
+        scores.clear();
+        scores.resize(rows * nk, 0.0);
+        // SAFETY: all pointers and strides stay inside the slices checked above:
+        // q rows are q_dim apart, k/v rows kv_dim apart, head offsets < row width,
+        // rows r0..r1 < n_q and columns < nk ≤ n_kv.
+        unsafe {
+            gemm::gemm(
+                rows,
+                nk,
+                h.head_dim,
+                scores.as_mut_ptr(),
+                1,
+                nk as isize,
+                false,
+                q.as_ptr().add(r0 * q_dim + head * h.head_dim),
+                1,
+                q_dim as isize,
+                k.as_ptr().add(kvh * h.head_dim),
+                kv_dim as isize,
+                1,
+                0.0,
+                scale,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
         }
-    }
+        for (r, row) in (r0..r1).zip(scores.chunks_mut(nk)) {
+            softmax_masked(row, &bias[r * n_kv..r * n_kv + nk]);
+        }
+        // SAFETY: as above; each item writes only rows r0..r1 of its own head's
+        // `head_dim` columns of `out` (row stride q_dim), so items never overlap.
+        unsafe {
+            gemm::gemm(
+                rows,
+                h.head_dim,
+                nk,
+                (out_ptr as *mut f32).add(r0 * q_dim + head * h.head_dim),
+                1,
+                q_dim as isize,
+                false,
+                scores.as_ptr(),
+                1,
+                nk as isize,
+                v.as_ptr().add(kvh * h.head_dim),
+                1,
+                kv_dim as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    });
 }
 
-/// [`attend`] for a single query row: heads spread over candle's worker pool
-/// (the one the matmuls use, so the two never fight for cores).
-fn attend_one(h: Heads, q: &[f32], k: &[f32], v: &[f32], bias: &[f32], out: &mut [f32], scale: f32) {
+/// One past the last entry of a bias row that is not −∞.
+fn visible_end(bias: &[f32]) -> usize {
+    bias.iter().rposition(|&b| b != f32::NEG_INFINITY).map_or(0, |i| i + 1)
+}
+
+/// [`attend`] for a single query row: (KV head, slice of rows) items over
+/// candle's worker pool (the one the matmuls use, so the two never fight for
+/// cores); each K/V row is widened once for the `group` query heads sharing it.
+fn attend_one(h: Heads, q: &[f32], k: KvRows, v: KvRows, bias: &[f32], out: &mut [f32], scale: f32) {
     let (hd, kv_dim) = (h.head_dim, h.n_kv_heads * h.head_dim);
     let group = h.n_heads / h.n_kv_heads;
+    let n_kv = bias.len();
     assert_eq!(out.len(), h.n_heads * hd);
-    let out_ptr = out.as_mut_ptr() as usize;
-    candle_core::utils::barrier_pool().execute_chunked(h.n_heads, |heads| {
-        let mut scores = vec![0f32; bias.len()];
-        for head in heads {
-            let kvh = head / group;
-            let qh = &q[head * hd..(head + 1) * hd];
-            for ((s, &b), row) in scores.iter_mut().zip(bias).zip(k.chunks_exact(kv_dim)) {
-                *s = if b == f32::NEG_INFINITY { b } else { dot(qh, &row[kvh * hd..(kvh + 1) * hd]) * scale + b };
+    // Slices of at least 128 rows, at most 16 of them per KV head.
+    let slice_rows = 128.max(n_kv.div_ceil(16));
+    let n_slices = n_kv.div_ceil(slice_rows).max(1);
+    let n_items = h.n_kv_heads * n_slices;
+    // Per item and head of its group: max, sum, then `hd` unnormalized outputs.
+    let stride = group * (hd + 2);
+    let mut part = vec![0f32; n_items * stride];
+    let part_ptr = part.as_mut_ptr() as usize;
+    candle_core::utils::barrier_pool().execute_chunked(n_items, |items| {
+        let mut s = vec![0f32; group * slice_rows];
+        let mut buf = vec![0f32; hd];
+        for item in items {
+            let (kvh, sl) = (item / n_slices, item % n_slices);
+            let (a, b) = (sl * slice_rows, ((sl + 1) * slice_rows).min(n_kv));
+            let m = b - a;
+            let qs = &q[kvh * group * hd..(kvh + 1) * group * hd];
+            for (i, &bias_r) in bias[a..b].iter().enumerate() {
+                if bias_r == f32::NEG_INFINITY {
+                    (0..group).for_each(|g| s[g * slice_rows + i] = f32::NEG_INFINITY);
+                    continue;
+                }
+                let kr = k.row((a + i) * kv_dim + kvh * hd, &mut buf);
+                for (g, qh) in qs.chunks_exact(hd).enumerate() {
+                    s[g * slice_rows + i] = dot(qh, kr) * scale + bias_r;
+                }
             }
-            softmax(&mut scores);
-            // SAFETY: each head writes only its own `hd`-wide block of `out`,
-            // whose length was checked above; blocks never overlap.
-            let o = unsafe { std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(head * hd), hd) };
-            o.fill(0.0);
-            for (&p, row) in scores.iter().zip(v.chunks_exact(kv_dim)) {
-                if p != 0.0 {
-                    o.iter_mut().zip(&row[kvh * hd..(kvh + 1) * hd]).for_each(|(o, v)| *o += p * v);
+            // SAFETY: item `item` owns `part[item·stride..(item+1)·stride]`;
+            // `part` outlives the pool call and items never repeat.
+            let p = unsafe { std::slice::from_raw_parts_mut((part_ptr as *mut f32).add(item * stride), stride) };
+            let mut any = false;
+            for g in 0..group {
+                let sg = &mut s[g * slice_rows..g * slice_rows + m];
+                let mx = max_of(sg);
+                let sum = if mx == f32::NEG_INFINITY { 0.0 } else { exp_sum(sg, mx) };
+                any |= sum > 0.0;
+                let pg = &mut p[g * (hd + 2)..(g + 1) * (hd + 2)];
+                pg[0] = mx;
+                pg[1] = sum;
+                pg[2..].fill(0.0);
+            }
+            if !any {
+                continue;
+            }
+            for i in 0..m {
+                if (0..group).all(|g| s[g * slice_rows + i] == 0.0) {
+                    continue;
+                }
+                let vr = v.row((a + i) * kv_dim + kvh * hd, &mut buf);
+                for g in 0..group {
+                    let w = s[g * slice_rows + i];
+                    if w != 0.0 {
+                        let o = &mut p[g * (hd + 2) + 2..(g + 1) * (hd + 2)];
+                        o.iter_mut().zip(vr).for_each(|(o, x)| *o += w * x);
+                    }
                 }
             }
         }
     });
+    // Merge the slices of each head: rescale each to the common max.
+    for head in 0..h.n_heads {
+        let (kvh, g) = (head / group, head % group);
+        let at = |sl: usize| (kvh * n_slices + sl) * stride + g * (hd + 2);
+        let mx = (0..n_slices).map(|sl| part[at(sl)]).fold(f32::NEG_INFINITY, f32::max);
+        let o = &mut out[head * hd..(head + 1) * hd];
+        o.fill(0.0);
+        let mut sum = 0f32;
+        for sl in 0..n_slices {
+            let pg = &part[at(sl)..at(sl) + hd + 2];
+            if pg[1] == 0.0 {
+                continue;
+            }
+            let w = exp_neg(pg[0] - mx);
+            sum += w * pg[1];
+            o.iter_mut().zip(&pg[2..]).for_each(|(o, x)| *o += w * x);
+        }
+        let inv = 1.0 / sum;
+        o.iter_mut().for_each(|x| *x *= inv);
+    }
 }
 
 /// Dot product with independent accumulators, so the compiler vectorizes it.
@@ -148,24 +232,64 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// `e^x` for `x ≤ 0` (a score minus its row's maximum): Cephes' `expf`
+/// range reduction and polynomial (relative error ~1e-7), branch-free so
+/// that loops over it vectorize. −∞ (a masked entry) and anything below
+/// −87 (where `e^x` is no longer a normal float) give exactly 0.
+#[inline(always)]
+pub(crate) fn exp_neg(x: f32) -> f32 {
+    let xc = x.clamp(-87.0, 0.0);
+    let n = (xc * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = xc - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
+        * r
+        + 0.5;
+    let e = p * (r * r) + r + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x >= -87.0 {
+        e * scale
+    } else {
+        0.0
+    }
+}
+
+/// Largest value (−∞ for an empty or all −∞ slice), lane-wise so it vectorizes.
+fn max_of(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let c = x.chunks_exact(16);
+    let tail = c.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for ch in c {
+        for i in 0..16 {
+            acc[i] = if ch[i] > acc[i] { ch[i] } else { acc[i] };
+        }
+    }
+    acc.iter().copied().fold(tail, f32::max)
+}
+
+/// Replace each `x` by `e^(x − max)` and return their sum.
+fn exp_sum(x: &mut [f32], max: f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut c = x.chunks_exact_mut(16);
+    for ch in &mut c {
+        for i in 0..16 {
+            ch[i] = exp_neg(ch[i] - max);
+            acc[i] += ch[i];
+        }
+    }
+    let mut tail = 0f32;
+    for v in c.into_remainder() {
+        *v = exp_neg(*v - max);
+        tail += *v;
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// In-place softmax of `row + bias`; masked entries become exactly 0.
 fn softmax_masked(row: &mut [f32], bias: &[f32]) {
     row.iter_mut().zip(bias).for_each(|(x, &b)| *x += b);
-    softmax(row);
-}
-
-/// In-place softmax; −∞ entries become exactly 0.
-fn softmax(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for x in row.iter_mut() {
-        *x = if *x == f32::NEG_INFINITY { 0.0 } else { (*x - max).exp() };
-        sum += *x;
-    }
-    let inv = 1.0 / sum;
-    for x in row.iter_mut() {
-        *x *= inv;
-    }
+    let max = max_of(row);
+    let inv = 1.0 / exp_sum(row, max);
+    row.iter_mut().for_each(|x| *x *= inv);
 }
 
 #[cfg(test)]
@@ -199,26 +323,75 @@ mod tests {
 
     #[test]
     fn matches_naive_with_gqa_and_mask() {
-        // Several query rows (the gemm path) and one (the decode path).
-        for (n_q, n_kv, head_dim) in [(5, 11, 8), (1, 11, 8), (1, 37, 24)] {
-            check(n_q, n_kv, head_dim);
+        // Several query rows (the gemm path, one and several row blocks, with
+        // and without a causal tail) and one (the decode path, one and several
+        // slices of rows, some slices fully masked).
+        for (n_q, n_kv, head_dim, causal) in [
+            (5, 11, 8, false),
+            (70, 90, 8, true),
+            (3, 40, 16, true),
+            (1, 11, 8, false),
+            (1, 37, 24, false),
+            (1, 700, 8, false),
+        ] {
+            check(n_q, n_kv, head_dim, causal);
         }
     }
 
-    fn check(n_q: usize, n_kv: usize, head_dim: usize) {
-        let h = Heads { n_heads: 6, n_kv_heads: 2, head_dim };
+    fn inputs(n_q: usize, n_kv: usize, head_dim: usize, causal: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
         let (qd, kd) = (6 * head_dim, 2 * head_dim);
         let f = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
-        let q: Vec<f32> = (0..n_q * qd).map(f).collect();
+        let q: Vec<f32> = (0..n_q * qd).map(|i| 3.0 * f(i)).collect();
         let k: Vec<f32> = (0..n_kv * kd).map(|i| f(i + 3)).collect();
         let v: Vec<f32> = (0..n_kv * kd).map(|i| f(i + 11)).collect();
-        let bias: Vec<f32> =
-            (0..n_q * n_kv).map(|i| if (i * 31) % 7 == 3 && i % n_kv != 0 { f32::NEG_INFINITY } else { 0.0 }).collect();
-        let mut out = vec![0f32; n_q * qd];
-        attend(h, &q, &k, &v, &bias, &mut out);
+        let bias: Vec<f32> = (0..n_q * n_kv)
+            .map(|i| {
+                let (r, c) = (i / n_kv, i % n_kv);
+                let hidden = if causal { c > n_kv - n_q + r } else { (i * 31) % 7 == 3 && c != 0 };
+                // The decode case also hides a whole run (a masked slice).
+                if hidden || (n_q == 1 && (150..300).contains(&c)) {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        (q, k, v, bias)
+    }
+
+    fn check(n_q: usize, n_kv: usize, head_dim: usize, causal: bool) {
+        let h = Heads { n_heads: 6, n_kv_heads: 2, head_dim };
+        let (q, k, v, bias) = inputs(n_q, n_kv, head_dim, causal);
+        let mut out = vec![f32::NAN; n_q * 6 * head_dim];
+        attend(h, &q, KvRows::F32(&k), KvRows::F32(&v), &bias, &mut out);
         let want = naive(h, &q, &k, &v, &bias);
         for (a, b) in out.iter().zip(&want) {
-            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+            assert!((a - b).abs() < 1e-5, "{n_q}x{n_kv}: {a} vs {b}");
         }
+        // Stored as f16: exactly the f32 result on the rounded rows (to float
+        // rounding), and within the rounding's reach of the f32 reference.
+        let (k16, v16): (Vec<half::f16>, Vec<half::f16>) =
+            (k.iter().map(|&x| half::f16::from_f32(x)).collect(), v.iter().map(|&x| half::f16::from_f32(x)).collect());
+        let widen = |x: &[half::f16]| x.iter().map(|h| h.to_f32()).collect::<Vec<f32>>();
+        attend(h, &q, KvRows::F16(&k16), KvRows::F16(&v16), &bias, &mut out);
+        let rounded = naive(h, &q, &widen(&k16), &widen(&v16), &bias);
+        for ((a, b), c) in out.iter().zip(&rounded).zip(&want) {
+            assert!((a - b).abs() < 1e-5, "{n_q}x{n_kv} f16: {a} vs {b}");
+            assert!((a - c).abs() < 5e-3, "{n_q}x{n_kv} f16 vs f32: {a} vs {c}");
+        }
+    }
+
+    #[test]
+    fn exp_neg_is_close_to_exp_and_masks_exactly() {
+        let mut worst = 0f32;
+        for i in 0..=87_000 {
+            let x = -(i as f32) / 1000.0;
+            let (got, want) = (exp_neg(x), (x as f64).exp());
+            worst = worst.max(((got as f64 - want) / want).abs() as f32);
+        }
+        assert!(worst < 4e-7, "relative error {worst}");
+        assert_eq!(exp_neg(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_neg(-100.0), 0.0);
+        assert_eq!(exp_neg(0.0), 1.0);
     }
 }

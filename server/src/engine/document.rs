@@ -333,6 +333,7 @@ pub fn line_start(text: &str, at: usize) -> usize {
 pub(crate) mod tests {
     use super::*;
     use crate::engine::generate::{generate, GenerateParams};
+    use crate::engine::kv_cache::KvPrecision;
     use crate::engine::llama::tests::tiny_config;
     use crate::engine::policy::PolicyKind;
 
@@ -493,8 +494,22 @@ pub(crate) mod tests {
     /// of one from-scratch pass over the final text with the same policy.
     #[test]
     fn incremental_cache_equals_from_scratch_after_random_edits() {
+        incremental_equals_from_scratch(KvPrecision::F32, 1e-4);
+    }
+
+    /// With K/V stored as f16, chunking changes which f32 values get rounded
+    /// (a different summation order can cross a rounding boundary): the
+    /// bound is 2⁻¹¹-relative rounding carried through the layers, measured
+    /// at ~2e-4 on this model.
+    #[test]
+    fn incremental_f16_cache_stays_near_from_scratch_after_random_edits() {
+        incremental_equals_from_scratch(KvPrecision::F16, 2e-3);
+    }
+
+    fn incremental_equals_from_scratch(precision: KvPrecision, bound: f32) {
         let tok = test_tokenizer();
-        let model = Llama::random(tiny_config(tok.vocab_size()), 11).unwrap();
+        let mut model = Llama::random(tiny_config(tok.vocab_size()), 11).unwrap();
+        model.set_kv_precision(precision);
         let mut full_recomputes = 0;
         let mut local_updates = 0;
         for seed in 0..60u64 {
@@ -548,7 +563,7 @@ pub(crate) mod tests {
             assert_eq!(doc.policy(), effective);
             let mut fresh = model.new_cache(effective);
             let want = model.forward(&tokens, &anchors, &mut fresh, Logits::Last).unwrap();
-            assert!(max_diff(&got, &want) < 1e-4, "seed {seed} {policy:?}: {}", max_diff(&got, &want));
+            assert!(max_diff(&got, &want) < bound, "seed {seed} {policy:?}: {}", max_diff(&got, &want));
         }
         // Both update paths were exercised.
         assert!(full_recomputes > 0 && local_updates > 0, "{full_recomputes} {local_updates}");

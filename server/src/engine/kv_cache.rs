@@ -8,7 +8,202 @@
 //! applies the policy's mask, so *when* entries are dropped never changes a
 //! result: only memory.
 
+use half::f16;
+
 use super::policy::{AttentionPolicy, LayerAttention, TokenLine};
+
+/// How K/V rows are stored: `f16` (the default: half the memory; attention
+/// widens rows to `f32` as it reads them) or `f32` (exact, the reference).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvPrecision {
+    /// IEEE half precision (11-bit significand: relative rounding ≤ 2⁻¹¹).
+    #[default]
+    F16,
+    /// Single precision, as computed.
+    F32,
+}
+
+impl KvPrecision {
+    /// Bytes per stored value.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvPrecision::F16 => 2,
+            KvPrecision::F32 => 4,
+        }
+    }
+
+    /// The name `ANCHORCODER_KV` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvPrecision::F16 => "f16",
+            KvPrecision::F32 => "f32",
+        }
+    }
+
+    /// `f16` or `f32`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f16" => Ok(KvPrecision::F16),
+            "f32" => Ok(KvPrecision::F32),
+            other => Err(format!("unknown K/V precision {other:?} (expected f16 or f32)")),
+        }
+    }
+
+    /// The process-wide choice: `ANCHORCODER_KV=f16|f32` (default f16), read
+    /// once. An unknown value is reported on stderr and the default kept.
+    pub fn from_env() -> Self {
+        static CHOICE: std::sync::OnceLock<KvPrecision> = std::sync::OnceLock::new();
+        *CHOICE.get_or_init(|| match std::env::var("ANCHORCODER_KV") {
+            Ok(v) if !v.trim().is_empty() => KvPrecision::parse(&v).unwrap_or_else(|e| {
+                eprintln!("anchorcoder: ANCHORCODER_KV: {e}; using f16");
+                KvPrecision::F16
+            }),
+            _ => KvPrecision::F16,
+        })
+    }
+}
+
+/// One buffer of K or V rows in the cache's precision.
+#[derive(Clone, Debug)]
+enum Rows {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
+/// Read-only K or V rows of one layer, in the cache's precision.
+#[derive(Clone, Copy, Debug)]
+pub enum KvRows<'a> {
+    /// Stored as `f32`.
+    F32(&'a [f32]),
+    /// Stored as `f16`.
+    F16(&'a [f16]),
+}
+
+impl KvRows<'_> {
+    /// Values held (rows × kv_dim).
+    pub fn len(&self) -> usize {
+        match self {
+            KvRows::F32(v) => v.len(),
+            KvRows::F16(v) => v.len(),
+        }
+    }
+
+    /// Whether no row is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Values `at..at + out.len()` widened to `f32` into `out`.
+    #[inline]
+    pub fn read(&self, at: usize, out: &mut [f32]) {
+        match self {
+            KvRows::F32(v) => out.copy_from_slice(&v[at..at + out.len()]),
+            KvRows::F16(v) => half::slice::HalfFloatSliceExt::convert_to_f32_slice(&v[at..at + out.len()], out),
+        }
+    }
+
+    /// The `buf.len()` values from `at` as `f32`: borrowed when stored so,
+    /// else widened into `buf`.
+    #[inline]
+    pub fn row<'s>(&'s self, at: usize, buf: &'s mut [f32]) -> &'s [f32] {
+        match self {
+            KvRows::F32(v) => &v[at..at + buf.len()],
+            KvRows::F16(v) => {
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(&v[at..at + buf.len()], buf);
+                buf
+            }
+        }
+    }
+
+    /// Every value as `f32` (borrowed when stored so).
+    pub fn to_f32(&self) -> std::borrow::Cow<'_, [f32]> {
+        match self {
+            KvRows::F32(v) => std::borrow::Cow::Borrowed(v),
+            KvRows::F16(v) => {
+                let mut out = vec![0f32; v.len()];
+                self.read(0, &mut out);
+                std::borrow::Cow::Owned(out)
+            }
+        }
+    }
+}
+
+impl Rows {
+    fn new(p: KvPrecision) -> Rows {
+        match p {
+            KvPrecision::F16 => Rows::F16(Vec::new()),
+            KvPrecision::F32 => Rows::F32(Vec::new()),
+        }
+    }
+
+    fn view(&self) -> KvRows<'_> {
+        match self {
+            Rows::F32(v) => KvRows::F32(v),
+            Rows::F16(v) => KvRows::F16(v),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.view().len()
+    }
+
+    fn capacity(&self) -> usize {
+        match self {
+            Rows::F32(v) => v.capacity(),
+            Rows::F16(v) => v.capacity(),
+        }
+    }
+
+    /// Append `x`, rounded to the buffer's precision.
+    fn extend(&mut self, x: &[f32]) {
+        match self {
+            Rows::F32(v) => {
+                grow(v, x.len());
+                v.extend_from_slice(x);
+            }
+            Rows::F16(v) => {
+                grow(v, x.len());
+                let at = v.len();
+                v.resize(at + x.len(), f16::ZERO);
+                half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut v[at..], x);
+            }
+        }
+    }
+
+    fn truncate(&mut self, len: usize) {
+        match self {
+            Rows::F32(v) => v.truncate(len),
+            Rows::F16(v) => v.truncate(len),
+        }
+    }
+
+    fn retain_rows(&mut self, dim: usize, keep: &[bool]) {
+        match self {
+            Rows::F32(v) => retain_rows(v, dim, keep),
+            Rows::F16(v) => retain_rows(v, dim, keep),
+        }
+    }
+
+    fn trim(&mut self) {
+        match self {
+            Rows::F32(v) => trim(v),
+            Rows::F16(v) => trim(v),
+        }
+    }
+
+    /// Shrink spare capacity to `headroom` values if it exceeds twice that.
+    fn shrink_spare(&mut self, headroom: usize) {
+        fn go<T>(buf: &mut Vec<T>, headroom: usize) {
+            if buf.capacity() > buf.len() + 2 * headroom {
+                buf.shrink_to(buf.len() + headroom);
+            }
+        }
+        match self {
+            Rows::F32(v) => go(v, headroom),
+            Rows::F16(v) => go(v, headroom),
+        }
+    }
+}
 
 /// Kept positions shared by all layers with the same attention rule.
 #[derive(Clone, Debug)]
@@ -20,20 +215,20 @@ struct Group {
     evicted_upto: usize,
 }
 
-/// One layer's kept keys and values, `kv_dim` floats per entry.
+/// One layer's kept keys and values, `kv_dim` values per entry.
 #[derive(Clone, Debug)]
 struct LayerKv {
     group: usize,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: Rows,
+    v: Rows,
 }
 
 /// A read-only view of one layer's cache, for attention.
 pub struct LayerView<'a> {
     /// Keys, `positions.len() × kv_dim`, row-major.
-    pub k: &'a [f32],
+    pub k: KvRows<'a>,
     /// Values, same layout as `k`.
-    pub v: &'a [f32],
+    pub v: KvRows<'a>,
     /// Absolute positions of the rows.
     pub positions: &'a [u32],
     /// The group this layer belongs to (layers of a group share masks).
@@ -60,6 +255,7 @@ pub struct KvStats {
 pub struct KvCache {
     policy: AttentionPolicy,
     kv_dim: usize,
+    precision: KvPrecision,
     lines: Vec<TokenLine>,
     groups: Vec<Group>,
     layers: Vec<LayerKv>,
@@ -67,8 +263,14 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// An empty cache for `n_layers` layers of `kv_dim` floats per token.
+    /// An empty cache for `n_layers` layers of `kv_dim` values per token, in
+    /// the process-wide precision ([`KvPrecision::from_env`]).
     pub fn new(policy: AttentionPolicy, n_layers: usize, kv_dim: usize) -> Self {
+        KvCache::with_precision(policy, n_layers, kv_dim, KvPrecision::from_env())
+    }
+
+    /// An empty cache storing K/V rows in `precision`.
+    pub fn with_precision(policy: AttentionPolicy, n_layers: usize, kv_dim: usize, precision: KvPrecision) -> Self {
         let mut groups: Vec<Group> = Vec::new();
         let layers = (0..n_layers)
             .map(|l| {
@@ -80,10 +282,15 @@ impl KvCache {
                         groups.len() - 1
                     }
                 };
-                LayerKv { group, k: Vec::new(), v: Vec::new() }
+                LayerKv { group, k: Rows::new(precision), v: Rows::new(precision) }
             })
             .collect();
-        KvCache { policy, kv_dim, lines: Vec::new(), groups, layers, slack_lines: 0 }
+        KvCache { policy, kv_dim, precision, lines: Vec::new(), groups, layers, slack_lines: 0 }
+    }
+
+    /// How this cache stores K/V rows.
+    pub fn precision(&self) -> KvPrecision {
+        self.precision
     }
 
     /// Keep `lines` more lines of full K/V than the policy needs (16 tokens a
@@ -150,17 +357,15 @@ impl KvCache {
     /// Append the K/V rows of the current chunk to layer `layer`.
     pub fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) {
         let l = &mut self.layers[layer];
-        grow(&mut l.k, k.len());
-        grow(&mut l.v, v.len());
-        l.k.extend_from_slice(k);
-        l.v.extend_from_slice(v);
+        l.k.extend(k);
+        l.v.extend(v);
         debug_assert_eq!(l.k.len(), self.groups[l.group].positions.len() * self.kv_dim);
     }
 
     /// The kept K/V of `layer`.
     pub fn layer(&self, layer: usize) -> LayerView<'_> {
         let l = &self.layers[layer];
-        LayerView { k: &l.k, v: &l.v, positions: &self.groups[l.group].positions, group: l.group }
+        LayerView { k: l.k.view(), v: l.v.view(), positions: &self.groups[l.group].positions, group: l.group }
     }
 
     /// The additive mask (0 or −∞) of queries `q0..q0 + n` over the kept
@@ -234,11 +439,8 @@ impl KvCache {
         self.compact_when(|_| 64);
         let headroom = IDLE_HEADROOM_ROWS * self.kv_dim;
         for l in &mut self.layers {
-            for buf in [&mut l.k, &mut l.v] {
-                if buf.capacity() > buf.len() + 2 * headroom {
-                    buf.shrink_to(buf.len() + headroom);
-                }
-            }
+            l.k.shrink_spare(headroom);
+            l.v.shrink_spare(headroom);
         }
     }
 
@@ -265,10 +467,10 @@ impl KvCache {
             // Positions ascend, so the last dead one is the highest.
             let max_dead = g.positions.iter().zip(&keep).filter(|(_, &k)| !k).map(|(&p, _)| p).next_back();
             for l in self.layers.iter_mut().filter(|l| l.group == gi) {
-                retain_rows(&mut l.k, self.kv_dim, &keep);
-                retain_rows(&mut l.v, self.kv_dim, &keep);
-                trim(&mut l.k);
-                trim(&mut l.v);
+                l.k.retain_rows(self.kv_dim, &keep);
+                l.v.retain_rows(self.kv_dim, &keep);
+                l.k.trim();
+                l.v.trim();
             }
             let mut flags = keep.iter();
             g.positions.retain(|_| *flags.next().expect("one flag per position"));
@@ -280,7 +482,7 @@ impl KvCache {
 
     /// Memory and size figures.
     pub fn stats(&self) -> KvStats {
-        let f = std::mem::size_of::<f32>();
+        let f = self.precision.bytes();
         let kept_entries: usize = self.layers.iter().map(|l| self.groups[l.group].positions.len()).sum();
         KvStats {
             tokens: self.lines.len(),
@@ -295,10 +497,10 @@ impl KvCache {
 /// Spare rows an idle cache keeps per buffer ([`KvCache::compact_idle`]).
 const IDLE_HEADROOM_ROWS: usize = 64;
 
-/// Make room for `extra` more floats, growing by a quarter rather than Vec's
+/// Make room for `extra` more values, growing by a quarter rather than Vec's
 /// doubling: caches live long and their allocation counts against the
 /// memory budget (still amortized O(1) per row).
-fn grow(buf: &mut Vec<f32>, extra: usize) {
+fn grow<T>(buf: &mut Vec<T>, extra: usize) {
     if buf.capacity() - buf.len() < extra {
         buf.reserve_exact(extra.max(buf.len() / 4));
     }
@@ -306,15 +508,15 @@ fn grow(buf: &mut Vec<f32>, extra: usize) {
 
 /// After compaction, give back capacity beyond a quarter of headroom (the
 /// peak of a long prefill would otherwise stay allocated).
-fn trim(buf: &mut Vec<f32>) {
+fn trim<T>(buf: &mut Vec<T>) {
     let keep = buf.len() + buf.len() / 4;
     if buf.capacity() > keep + keep / 2 {
         buf.shrink_to(keep);
     }
 }
 
-/// Keep the rows (of `dim` floats) whose flag is set, in order, in place.
-fn retain_rows(buf: &mut Vec<f32>, dim: usize, keep: &[bool]) {
+/// Keep the rows (of `dim` values) whose flag is set, in order, in place.
+fn retain_rows<T: Copy>(buf: &mut Vec<T>, dim: usize, keep: &[bool]) {
     let mut w = 0;
     for (r, &k) in keep.iter().enumerate() {
         if k {
@@ -343,23 +545,44 @@ mod tests {
     #[test]
     fn compaction_keeps_rows_aligned_with_positions() {
         let policy = AttentionPolicy { kind: PolicyKind::Anchor { recent_lines: 0, dense_every: 2 }, sink_tokens: 1 };
-        let mut c = KvCache::new(policy, 4, 2);
-        let anchors: Vec<bool> = (0..200).map(|i| i % 5 == 4).collect();
-        fill(&mut c, &anchors, 4);
-        c.compact(true);
-        for l in 0..4 {
-            let v = c.layer(l);
-            assert_eq!(v.k.len(), v.positions.len() * 2);
-            for (row, &p) in v.k.chunks(2).zip(v.positions) {
-                assert_eq!(row, &[p as f32, l as f32]);
+        for precision in [KvPrecision::F16, KvPrecision::F32] {
+            let mut c = KvCache::with_precision(policy, 4, 2, precision);
+            let anchors: Vec<bool> = (0..200).map(|i| i % 5 == 4).collect();
+            fill(&mut c, &anchors, 4);
+            c.compact(true);
+            for l in 0..4 {
+                let v = c.layer(l);
+                assert_eq!(v.k.len(), v.positions.len() * 2);
+                // Integers below 2,048 are exact in f16.
+                for (row, &p) in v.k.to_f32().chunks(2).zip(v.positions) {
+                    assert_eq!(row, &[p as f32, l as f32]);
+                }
             }
+            // Dense layers keep all; sparse ones keep sink, anchors and the open line.
+            assert_eq!(c.layer(0).positions.len(), 200);
+            assert_eq!(c.layer(1).positions.len(), 1 + 40);
+            let s = c.stats();
+            assert_eq!(s.kept_entries, 2 * 200 + 2 * 41);
+            assert_eq!(s.kv_bytes, s.kept_entries * 2 * 2 * precision.bytes());
         }
-        // Dense layers keep all; sparse ones keep sink, anchors and the open line.
-        assert_eq!(c.layer(0).positions.len(), 200);
-        assert_eq!(c.layer(1).positions.len(), 1 + 40);
-        let s = c.stats();
-        assert_eq!(s.kept_entries, 2 * 200 + 2 * 41);
-        assert_eq!(s.kv_bytes, s.kept_entries * 2 * 2 * 4);
+    }
+
+    #[test]
+    fn f16_rows_round_to_nearest_and_halve_the_bytes() {
+        let mut h = KvCache::with_precision(AttentionPolicy::full(), 1, 4, KvPrecision::F16);
+        let mut f = KvCache::with_precision(AttentionPolicy::full(), 1, 4, KvPrecision::F32);
+        let row = [1.0f32 / 3.0, -1234.567, 6.1e-5, 65504.0];
+        for c in [&mut h, &mut f] {
+            c.begin_chunk(&[false]);
+            c.append(0, &row, &row);
+        }
+        assert_eq!(f.layer(0).k.to_f32().as_ref(), &row);
+        for (got, want) in h.layer(0).v.to_f32().iter().zip(row) {
+            assert!((got - want).abs() <= want.abs() * 2f32.powi(-11), "{got} vs {want}");
+        }
+        assert_eq!(h.stats().kv_bytes * 2, f.stats().kv_bytes);
+        assert_eq!(KvPrecision::parse(" F32 "), Ok(KvPrecision::F32));
+        assert!(KvPrecision::parse("bf16").is_err());
     }
 
     #[test]
@@ -381,7 +604,7 @@ mod tests {
         for chunk in anchors.chunks(100) {
             fill(&mut d, chunk, 1);
             let s = d.stats();
-            assert!(s.allocated_bytes <= s.kv_bytes * 5 / 4 + 100 * 2 * 2 * 4, "{s:?}");
+            assert!(s.allocated_bytes <= s.kv_bytes * 5 / 4 + 100 * 2 * 2 * d.precision().bytes(), "{s:?}");
         }
     }
 
@@ -405,7 +628,7 @@ mod tests {
         assert_eq!(c.stats().kept_entries / 2, 4 + 499, "sinks + window once idle");
         // At rest, little spare capacity is left (2 layers, K and V, dim 2).
         let s = c.stats();
-        assert!(s.allocated_bytes <= s.kv_bytes + 2 * 2 * 2 * 2 * 4 * IDLE_HEADROOM_ROWS, "{s:?}");
+        assert!(s.allocated_bytes <= s.kv_bytes + 2 * 2 * 2 * 2 * c.precision().bytes() * IDLE_HEADROOM_ROWS, "{s:?}");
         // A few dead entries are not worth a copy.
         fill(&mut c, &[false; 10], 2);
         c.compact_idle();
