@@ -36,6 +36,10 @@ const TARGET_SPEED_RATIO: f64 = 0.8;
 const TARGET_KV_RATIO: f64 = 0.2;
 /// Target: our resident memory over llama.cpp's, at most.
 const TARGET_RSS_RATIO: f64 = 1.3;
+/// Target (issue 15): the median cold first suggestion, at most, in ms.
+const TARGET_FIRST_MS: f64 = 2500.0;
+/// Target (issue 15): our cold first suggestion over llama-server's, at most.
+const TARGET_FIRST_RATIO: f64 = 0.4;
 
 /// Flags of `anchorcoder bench`.
 #[derive(clap::Args, Debug, Clone)]
@@ -100,6 +104,10 @@ pub struct BenchArgs {
     /// Do not also measure the default anchor policy's speed.
     #[arg(long)]
     pub no_anchor_speed: bool,
+    /// Files for the cold first-suggestion test (0 = skip): large modules of
+    /// Python's standard library, one cursor each (see `first_cases`).
+    #[arg(long, default_value_t = 5)]
+    pub first_files: usize,
     /// Before each speed measurement, wait up to this many seconds for other
     /// processes to leave the CPUs idle (0 = don't wait).
     #[arg(long, default_value_t = 0)]
@@ -177,7 +185,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let cpu = CpuMeter::start();
     let mut headline = measure_speed(&engine, speed_policy, prompt, prompt_anchors, &args)?;
     if long_tokens > 0 {
-        headline.prefill_long =
+        (headline.prefill_long, headline.decode_long) =
             measure_long_prefill(&engine, speed_policy, &tokens[..long_tokens], &anchors[..long_tokens], &args)?;
     }
     let mut speed_runs = vec![(speed_policy, headline)];
@@ -186,6 +194,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let ours_other_cpu = cpu.other_share();
     let ours = &speed_runs[0].1;
+
+    // --- our cold first suggestion ------------------------------------------
+    let first_cases = if args.first_files > 0 { first_cases(args.first_files) } else { Vec::new() };
+    let first_ours = measure_first_ours(&engine, &first_cases)?;
 
     // --- KV bytes ---------------------------------------------------------
     let n_layers = cfg.n_layers;
@@ -249,6 +261,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
     } else {
         run_llama_cpp(&args, &model_path, long_tokens)
     };
+    let first_lc = match (&lc.bin, first_ours.is_empty()) {
+        (Some(dir), false) if dir.join("llama-server").is_file() => {
+            note(&format!("llama-server: cold first suggestion on {} prompts", first_ours.len()));
+            llama_server_first(&dir.join("llama-server"), &model_path, &args, &first_ours)
+                .map_err(|e| note(&format!("llama-server first suggestion: {e:#}")))
+                .ok()
+        }
+        _ => None,
+    };
+    let first_ms = median(&first_ours.iter().map(|f| f.ms).collect::<Vec<_>>());
+    let first_lc_ms = first_lc.as_ref().and_then(|v| median(&v.iter().map(|f| f.ms).collect::<Vec<_>>()));
+    let first_ratio = ratio(first_ms, first_lc_ms);
     let busy_warning = [("ours", ours_other_cpu), ("llama.cpp", lc.other_cpu)]
         .iter()
         .filter_map(|(who, v)| v.filter(|v| *v > 0.10).map(|v| format!("{who}: {:.0}%", 100.0 * v)))
@@ -259,6 +283,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let decode_ratio = ratio(ours.decode(), lc.decode_tps());
     let decode0_ratio = ratio(ours.decode0(), lc.decode0_tps());
     let prefill_long_ratio = ratio(ours.prefill_long(), lc.prefill_long_tps());
+    let decode_long_ratio = ratio(ours.decode_long(), lc.decode_long_tps());
     let rss_ratio = ratio(rss_after.map(|v| v as f64), lc.rss_bytes.map(|v| v as f64));
 
     let date = utc_date();
@@ -296,7 +321,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     writeln!(out, "{header}")?;
     type Row<'a> = (&'a str, fn(&Speed) -> Option<f64>, Option<f64>, Option<f64>, Option<f64>);
     let long_name = format!("prefill {long_tokens}");
-    let rows: [Row; 4] = [
+    let decode_long_name = format!("decode {} @ depth {long_tokens}", args.decode_tokens);
+    let rows: [Row; 5] = [
         (
             "prefill 512",
             Speed::prefill,
@@ -319,6 +345,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
             decode_ratio,
         ),
         (
+            &decode_long_name,
+            Speed::decode_long,
+            lc.fa_figure(true, |f| f.decode_long),
+            lc.fa_figure(false, |f| f.decode_long),
+            decode_long_ratio,
+        ),
+        (
             "decode 64 @ depth 0",
             Speed::decode0,
             lc.fa_figure(true, |f| f.decode0),
@@ -327,10 +360,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         ),
     ];
     for (name, get, on, off, r) in rows {
-        if name == long_name && long_tokens == 0 {
+        if (name == long_name || name == decode_long_name) && long_tokens == 0 {
             continue;
         }
-        let name = if name == long_name {
+        let name = if name == long_name || name == decode_long_name {
             name.to_string()
         } else {
             name.replace("512", &args.prompt_tokens.to_string()).replace("64", &args.decode_tokens.to_string())
@@ -358,6 +391,34 @@ pub fn run(args: BenchArgs) -> Result<()> {
         )?;
     }
     writeln!(out)?;
+    if !first_ours.is_empty() {
+        writeln!(
+            out,
+            "Cold first suggestion (empty cache; plan, tokenize, prefill, one line), ms: ours {} (`{}`, K/V {}), \
+             llama-server {} ({}); ratio {}",
+            fmt_f(first_ms, 0),
+            first_ours[0].policy,
+            first_ours[0].kv,
+            fmt_f(first_lc_ms, 0),
+            LC_FIRST_SETTINGS,
+            fmt_f(first_ratio, 2)
+        )?;
+        for (i, f) in first_ours.iter().enumerate() {
+            let lc = first_lc.as_ref().and_then(|v| v.get(i));
+            writeln!(
+                out,
+                "  {:<16} ours {:>6.0} ms ({} prompt tokens, {} generated)   llama-server {:>6} ms ({} prompt tokens, {} generated)",
+                f.name,
+                f.ms,
+                f.prompt_tokens,
+                f.generated,
+                fmt_f(lc.map(|l| l.ms), 0),
+                lc.and_then(|l| l.prompt_tokens).map_or("?".into(), |n| n.to_string()),
+                lc.and_then(|l| l.generated).map_or("?".into(), |n| n.to_string()),
+            )?;
+        }
+        writeln!(out)?;
+    }
     writeln!(
         out,
         "Resident memory (VmRSS): ours {} before load, {} loaded; llama.cpp {} ({}); ratio {}",
@@ -407,6 +468,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let decode_pass = decode_ratio.map(|r| r >= TARGET_SPEED_RATIO);
     let kv_pass = kv_ratio.map(|r| r <= TARGET_KV_RATIO);
     let rss_pass = rss_ratio.map(|r| r <= TARGET_RSS_RATIO);
+    let first_ms_pass = first_ms.map(|v| v <= TARGET_FIRST_MS);
+    let first_ratio_pass = first_ratio.map(|r| r <= TARGET_FIRST_RATIO);
     writeln!(out, "Targets:")?;
     let targets_rows = [
         (
@@ -421,6 +484,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         ),
         (format!("anchor KV <= {TARGET_KV_RATIO}x full"), fmt_f(kv_ratio, 3), kv_pass),
         (format!("resident memory <= {TARGET_RSS_RATIO}x llama.cpp"), fmt_f(rss_ratio, 2), rss_pass),
+        (format!("first suggestion <= {TARGET_FIRST_MS} ms"), fmt_f(first_ms, 0), first_ms_pass),
+        (format!("first suggestion <= {TARGET_FIRST_RATIO}x llama-server"), fmt_f(first_ratio, 2), first_ratio_pass),
     ];
     for (what, value, pass) in targets_rows {
         writeln!(out, "  {what:<36} {value:>6}  {}", verdict(pass))?;
@@ -444,6 +509,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "prefill_tps": s.prefill(), "decode_tps": s.decode(), "decode_tps_depth0": s.decode0(),
                 "prefill_samples": s.prefill, "decode_samples": s.decode, "decode_depth0_samples": s.decode0,
                 "prefill_tps_long": s.prefill_long(), "prefill_long_samples": s.prefill_long,
+                "decode_tps_long": s.decode_long(), "decode_long_samples": s.decode_long,
             })
         })
         .collect();
@@ -466,7 +532,25 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "kv_ratio_max": TARGET_KV_RATIO, "rss_ratio_max": TARGET_RSS_RATIO,
         "prefill_pass": prefill_pass, "decode_pass": decode_pass,
         "kv_pass": kv_pass, "rss_pass": rss_pass,
+        "first_suggestion_ms_max": TARGET_FIRST_MS, "first_suggestion_ratio_max": TARGET_FIRST_RATIO,
+        "first_suggestion_ms_pass": first_ms_pass, "first_suggestion_ratio_pass": first_ratio_pass,
     });
+    let first_json: Vec<Value> = first_ours
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let lc = first_lc.as_ref().and_then(|v| v.get(i));
+            json!({
+                "file": f.path, "cursor": f.cursor, "ms": f.ms, "prompt_tokens": f.prompt_tokens,
+                "generated_tokens": f.generated, "prefill_ms": f.prefill_ms, "decode_ms": f.decode_ms,
+                "llama_cpp_ms": lc.map(|l| l.ms), "llama_cpp_prompt_tokens": lc.and_then(|l| l.prompt_tokens),
+                "llama_cpp_generated_tokens": lc.and_then(|l| l.generated),
+                "llama_cpp_prompt_ms": lc.and_then(|l| l.prompt_ms), "llama_cpp_predicted_ms": lc.and_then(|l| l.predicted_ms),
+            })
+        })
+        .collect();
+    let kv_precision = engine.model.new_cache(AttentionPolicy::full()).precision();
+    let kv_bytes_per_token = (!tokens.is_empty()).then(|| full_bytes / tokens.len());
     // Two halves: one json! of every key exceeds the macro's recursion limit.
     let mut report = json!({
         "date": date,
@@ -490,6 +574,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "prefill_tps_2048": ours.prefill_long(),
         "decode_tps": ours.decode(),
         "decode_tps_depth0": ours.decode0(),
+        "decode_tps_depth2048": ours.decode_long(),
         "anchor_speed": anchor_speed,
         "other_cpu_share": ours_other_cpu,
         "speed": speed_json,
@@ -500,6 +585,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "prefill_2048_ratio": prefill_long_ratio,
         "decode_ratio": decode_ratio,
         "decode_depth0_ratio": decode0_ratio,
+        "decode_depth2048_ratio": decode_long_ratio,
+        "first_suggestion_ms": first_ms,
+        "first_suggestion_llama_cpp_ms": first_lc_ms,
+        "first_suggestion_ratio": first_ratio,
+        "first_suggestion": {
+            "files": first_json, "policy": first_ours.first().map(|f| f.policy.clone()),
+            "llama_cpp_settings": LC_FIRST_SETTINGS,
+        },
+        "kv_precision": kv_precision.name(),
+        "kv_bytes_per_token": kv_bytes_per_token,
         "kv_bytes": kv_map,
         "kv_policies": kv_detail,
         "kv_ratio_anchor_vs_full": kv_ratio,
@@ -673,6 +768,8 @@ struct Speed {
     decode0: Vec<f64>,
     /// The long prompt's prefill (`--long-prompt-tokens`; headline policy only).
     prefill_long: Vec<f64>,
+    /// Decode right after the long prompt (depth `--long-prompt-tokens`).
+    decode_long: Vec<f64>,
 }
 
 impl Speed {
@@ -687,6 +784,9 @@ impl Speed {
     }
     fn prefill_long(&self) -> Option<f64> {
         median(&self.prefill_long)
+    }
+    fn decode_long(&self) -> Option<f64> {
+        median(&self.decode_long)
     }
 }
 
@@ -763,30 +863,261 @@ fn measure_speed(
 }
 
 /// Prefill of the long prompt (in `--chunk` passes, as [`measure_speed`]),
-/// tokens/s per repetition.
+/// then `--decode-tokens` at that depth: tokens/s per repetition of each.
 fn measure_long_prefill(
     engine: &Engine,
     policy: AttentionPolicy,
     prompt: &[u32],
     anchors: &[bool],
     args: &BenchArgs,
-) -> Result<Vec<f64>> {
-    let mut v = Vec::new();
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let (mut v, mut d) = (Vec::new(), Vec::new());
     for rep in 0..args.reps {
         let mut cache = engine.model.new_cache(policy);
         let t = Instant::now();
-        prefill(engine, &mut cache, prompt, anchors, args.chunk)?;
+        let logits = prefill(engine, &mut cache, prompt, anchors, args.chunk)?;
         v.push(prompt.len() as f64 / t.elapsed().as_secs_f64());
+        let n = args.decode_tokens;
+        d.push(n as f64 / decode(engine, &mut cache, logits, n)?.as_secs_f64());
         note(&format!(
-            "{}: rep {}/{}: prefill {} {:.1} tok/s",
+            "{}: rep {}/{}: prefill {} {:.1} tok/s, decode@{} {:.1} tok/s",
             policy.describe(),
             rep + 1,
             args.reps,
             prompt.len(),
-            v[rep]
+            v[rep],
+            prompt.len(),
+            d[rep]
         ));
     }
-    Ok(v)
+    Ok((v, d))
+}
+
+// ---------------------------------------------------------------------------
+// Cold first suggestion
+
+/// llama-server's settings in the first-suggestion test.
+const LC_FIRST_SETTINGS: &str =
+    "llama-server -c 4096 -np 1, default flash attention; /completion with cache_prompt false, temperature 0, \
+     n_predict = completion.maxTokens, stop at a line break";
+
+/// Modules of Python's standard library (real code, the same on every machine
+/// with that Python) for the first-suggestion test, in this order.
+const FIRST_FILES: [&str; 8] = [
+    "argparse.py",
+    "inspect.py",
+    "subprocess.py",
+    "typing.py",
+    "dataclasses.py",
+    "enum.py",
+    "pathlib.py",
+    "tarfile.py",
+];
+
+/// One cursor in a real file.
+struct FirstCase {
+    path: PathBuf,
+    text: String,
+    cursor: usize,
+}
+
+/// Up to `n` cases from [`FIRST_FILES`]: the cursor in the middle of the code
+/// of the first line at or after 60% of the file with at least 16 bytes of
+/// code, so that a full window of text precedes it and the suggestion is one
+/// line (text follows the cursor on its line).
+fn first_cases(n: usize) -> Vec<FirstCase> {
+    let Some(stdlib) = python_stdlib() else {
+        note("first suggestion: no Python standard library found; skipped");
+        return Vec::new();
+    };
+    FIRST_FILES
+        .iter()
+        .filter_map(|name| {
+            let path = stdlib.join(name);
+            let text = std::fs::read_to_string(&path).ok()?;
+            let cursor = first_cursor(&text)?;
+            Some(FirstCase { path, text, cursor })
+        })
+        .take(n)
+        .collect()
+}
+
+/// See [`first_cases`].
+fn first_cursor(text: &str) -> Option<usize> {
+    let from = text.floor_char_boundary(text.len() * 3 / 5);
+    let mut at = text[from..].find('\n').map(|i| from + i + 1)?;
+    for line in text[at..].split_inclusive('\n') {
+        let code = line.trim();
+        if code.len() >= 16 && !code.starts_with('#') {
+            let indent = line.len() - line.trim_start().len();
+            return Some(text.floor_char_boundary(at + indent + code.len() / 2));
+        }
+        at += line.len();
+    }
+    None
+}
+
+/// Our side of one first-suggestion case.
+struct FirstOurs {
+    name: String,
+    path: String,
+    cursor: usize,
+    ms: f64,
+    prompt_tokens: usize,
+    generated: usize,
+    prefill_ms: f64,
+    decode_ms: f64,
+    /// The prompt's text (window start to cursor), what llama-server gets.
+    prompt_text: String,
+    max_tokens: usize,
+    single_line: bool,
+    policy: String,
+    kv: &'static str,
+}
+
+/// A cold completion per case through the server's own path: a new document
+/// cache under the server's default policy and settings, `completion::prepare`
+/// (plan, tokenize) and `completion::complete` (prefill, one line).
+fn measure_first_ours(engine: &Engine, cases: &[FirstCase]) -> Result<Vec<FirstOurs>> {
+    use crate::completion;
+    use crate::engine::document::DocumentCache;
+    let settings = completion::Settings::from(&crate::config::CompletionConfig::default());
+    let d = crate::config::AttentionConfig::default();
+    let policy = engine.policy(AttentionPolicy::from_spec(&d)?, true);
+    let mut out = Vec::new();
+    for c in cases {
+        let t = Instant::now();
+        let mut doc = DocumentCache::new(&engine.model, policy);
+        let (prompt, _) = completion::prepare(engine, &mut doc, &c.text, c.cursor, None, &settings)?;
+        let s = completion::complete(engine, &mut doc, &prompt, &c.text[c.cursor..], &settings, 0, &|| false)?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        let name = c.path.file_name().map_or(String::new(), |n| n.to_string_lossy().to_string());
+        note(&format!(
+            "first suggestion, ours: {name}: {ms:.0} ms ({} prompt tokens, {} generated): {:?}",
+            doc.tokens().len(),
+            s.tokens,
+            s.text
+        ));
+        out.push(FirstOurs {
+            name,
+            path: c.path.display().to_string(),
+            cursor: c.cursor,
+            ms,
+            prompt_tokens: doc.tokens().len(),
+            generated: s.tokens,
+            prefill_ms: (s.prefill_time.saturating_sub(s.decode_time)).as_secs_f64() * 1e3,
+            decode_ms: s.decode_time.as_secs_f64() * 1e3,
+            prompt_text: c.text[prompt.window_start..c.cursor].to_string(),
+            max_tokens: settings.max_tokens,
+            single_line: prompt.single_line,
+            policy: policy.describe(),
+            kv: doc.kv().precision().name(),
+        });
+    }
+    Ok(out)
+}
+
+/// llama-server's side of one case.
+struct FirstLc {
+    ms: f64,
+    prompt_tokens: Option<u64>,
+    generated: Option<u64>,
+    prompt_ms: Option<f64>,
+    predicted_ms: Option<f64>,
+}
+
+/// Start `llama-server`, answer one untimed warm-up request, then time one
+/// `/completion` per case (the same prompt text, an empty cache each time).
+fn llama_server_first(server: &Path, model: &Path, args: &BenchArgs, cases: &[FirstOurs]) -> Result<Vec<FirstLc>> {
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let log = std::env::temp_dir().join(format!("anchorcoder-bench-llama-first-{}.log", std::process::id()));
+    let log_file = std::fs::File::create(&log)?;
+    let mut child = Command::new(server)
+        .arg("-m")
+        .arg(model)
+        .args(["-c", "4096", "-np", "1", "-t", &args.threads.to_string()])
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .spawn()
+        .context("cannot start llama-server")?;
+    let result = (|| -> Result<Vec<FirstLc>> {
+        let t = Instant::now();
+        while !health_ok(port) {
+            if let Some(st) = child.try_wait()? {
+                bail!("llama-server exited early ({st}); see {}", log.display());
+            }
+            if t.elapsed() > Duration::from_secs(180) {
+                bail!("llama-server did not become ready within 180 s; see {}", log.display());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let body = |prompt: &str, n: usize, single: bool| {
+            let mut b = json!({"prompt": prompt, "n_predict": n, "cache_prompt": false, "temperature": 0.0});
+            if single {
+                b["stop"] = json!(["\n"]);
+            }
+            b
+        };
+        http_post_json(port, "/completion", &body("def main():\n", 4, true))?;
+        let mut out = Vec::new();
+        for c in cases {
+            let t = Instant::now();
+            let v = http_post_json(port, "/completion", &body(&c.prompt_text, c.max_tokens, c.single_line))?;
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            let f = FirstLc {
+                ms,
+                prompt_tokens: v["tokens_evaluated"].as_u64().or_else(|| v["timings"]["prompt_n"].as_u64()),
+                generated: v["tokens_predicted"].as_u64().or_else(|| v["timings"]["predicted_n"].as_u64()),
+                prompt_ms: v["timings"]["prompt_ms"].as_f64(),
+                predicted_ms: v["timings"]["predicted_ms"].as_f64(),
+            };
+            note(&format!(
+                "first suggestion, llama-server: {}: {ms:.0} ms ({:?} prompt tokens, {:?} generated): {:?}",
+                c.name,
+                f.prompt_tokens,
+                f.generated,
+                v["content"].as_str().unwrap_or("")
+            ));
+            out.push(f);
+        }
+        Ok(out)
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    if result.is_ok() {
+        let _ = std::fs::remove_file(&log);
+    }
+    result
+}
+
+/// POST `body` as JSON to `127.0.0.1:port` and parse the JSON answer (HTTP/1.1,
+/// one request per connection; a 200 with a `Content-Length` body expected).
+fn http_post_json(port: u16, path: &str, body: &Value) -> Result<Value> {
+    let body = serde_json::to_vec(body)?;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).context("cannot connect to llama-server")?;
+    s.set_read_timeout(Some(Duration::from_secs(600)))?;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes())?;
+    s.write_all(&body)?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)?;
+    let text = String::from_utf8_lossy(&resp);
+    let (head, rest) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("no HTTP header in llama-server's answer"))?;
+    if head.split_whitespace().nth(1) != Some("200") {
+        bail!(
+            "llama-server answered {}: {}",
+            head.lines().next().unwrap_or(""),
+            rest.chars().take(300).collect::<String>()
+        );
+    }
+    serde_json::from_str(rest)
+        .with_context(|| format!("llama-server's answer is not JSON: {}", rest.chars().take(200).collect::<String>()))
 }
 
 fn argmax(v: &[f32]) -> u32 {
@@ -824,6 +1155,7 @@ struct KvFigures {
 /// server's `compact(false)` after each, `compact(true)` at the end) with one
 /// float per entry, and scale the byte figures to the model's `kv_dim`.
 fn replay_kv(policy: AttentionPolicy, n_layers: usize, kv_dim: usize, anchors: &[bool], chunk: usize) -> KvFigures {
+    // In the process's K/V precision, as the engine's caches.
     let mut cache = KvCache::new(policy, n_layers, 1);
     let zeros = vec![0f32; chunk];
     let mut peak = 0;
@@ -873,6 +1205,8 @@ struct LcFigures {
     prefill_long: Option<f64>,
     decode: Option<f64>,
     decode0: Option<f64>,
+    /// Decode at the long prompt's depth (tg64 @ d2048).
+    decode_long: Option<f64>,
 }
 
 struct LlamaCpp {
@@ -926,6 +1260,9 @@ impl LlamaCpp {
     fn prefill_long_tps(&self) -> Option<f64> {
         self.best(|f| f.prefill_long)
     }
+    fn decode_long_tps(&self) -> Option<f64> {
+        self.best(|f| f.decode_long)
+    }
 
     fn summary(&self) -> String {
         match &self.bin {
@@ -944,7 +1281,7 @@ impl LlamaCpp {
     }
 
     fn to_json(&self) -> Value {
-        let fig = |f: &LcFigures| json!({"prefill_tps": f.prefill, "prefill_tps_2048": f.prefill_long, "decode_tps": f.decode, "decode_tps_depth0": f.decode0});
+        let fig = |f: &LcFigures| json!({"prefill_tps": f.prefill, "prefill_tps_2048": f.prefill_long, "decode_tps": f.decode, "decode_tps_depth0": f.decode0, "decode_tps_depth2048": f.decode_long});
         json!({
             "bin_dir": self.bin.as_ref().map(|b| b.display().to_string()),
             "commit": self.commit,
@@ -952,6 +1289,7 @@ impl LlamaCpp {
             "prefill_tps_2048": self.prefill_long_tps(),
             "decode_tps": self.decode_tps(),
             "decode_tps_depth0": self.decode0_tps(),
+            "decode_tps_depth2048": self.decode_long_tps(),
             "flash_attn_on": fig(&self.fa_on),
             "flash_attn_off": fig(&self.fa_off),
             "rss_bytes": self.rss_bytes,
@@ -1053,17 +1391,27 @@ fn run_llama_cpp(args: &BenchArgs, model: &Path, long_tokens: usize) -> LlamaCpp
         }
         Err(e) => lc.errors.push(format!("llama-bench: {e:#}")),
     }
-    // tg64 after a 512-token context.
+    // tg64 after a 512-token context (and after the long prompt's).
     if lc.depth_supported {
         let mut c2 = Command::new(&bench);
         common(&mut c2);
-        c2.args(["-p", "0", "-n", &args.decode_tokens.to_string(), "-d", &args.prompt_tokens.to_string()]);
-        note(&format!("running llama-bench: decode at depth {}, flash attention on and off", args.prompt_tokens));
+        let depths = if long_tokens > 0 && long_tokens != args.prompt_tokens {
+            format!("{},{long_tokens}", args.prompt_tokens)
+        } else {
+            args.prompt_tokens.to_string()
+        };
+        c2.args(["-p", "0", "-n", &args.decode_tokens.to_string(), "-d", &depths]);
+        note(&format!("running llama-bench: decode at depth {depths}, flash attention on and off"));
         match run_llama_bench(c2) {
             Ok(rows) => {
                 for r in rows.into_iter().filter(|r| r.n_gen > 0 && r.n_depth > 0) {
                     let fig = if r.flash_attn { &mut lc.fa_on } else { &mut lc.fa_off };
-                    fig.decode = Some(r.tps);
+                    if r.n_depth == args.prompt_tokens as u64 {
+                        fig.decode = Some(r.tps);
+                    }
+                    if r.n_depth == long_tokens as u64 {
+                        fig.decode_long = Some(r.tps);
+                    }
                 }
             }
             Err(e) => lc.errors.push(format!("llama-bench -d: {e:#}")),
@@ -1383,6 +1731,29 @@ fn utc_date() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn first_cursor_is_mid_line_after_three_fifths() {
+        let text: String = (0..100)
+            .map(|i| {
+                if i == 61 {
+                    "# a comment line long enough\n".to_string()
+                } else if i % 2 == 0 {
+                    "\n".into()
+                } else {
+                    format!("    value_{i:03} = compute({i})\n")
+                }
+            })
+            .collect();
+        let c = first_cursor(&text).unwrap();
+        assert!(c >= text.len() * 3 / 5);
+        let line_start = text[..c].rfind('\n').unwrap() + 1;
+        let line = &text[line_start..line_start + text[line_start..].find('\n').unwrap()];
+        assert_eq!(line, "    value_063 = compute(63)", "comments and blank lines are skipped");
+        // Code on both sides of the cursor: a one-line suggestion.
+        assert!(!text[line_start..c].trim().is_empty() && !text[c..line_start + line.len()].trim().is_empty());
+        assert_eq!(first_cursor("short\n"), None);
+    }
 
     #[test]
     fn median_of_odd_and_even() {
