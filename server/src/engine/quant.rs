@@ -1293,6 +1293,112 @@ mod tests {
         assert_eq!(w.dequantize(), gguf_dequantize(Format::Q8_0, &raw));
     }
 
+    /// A GGUF mixed as llama-quantize's Q4_K_M/Q5_K_M write them loads every
+    /// quantized tensor natively, at the bytes above (Q4_K, Q5_K: +4 per 256
+    /// values; others as stored), rows of 288 (not a multiple of 256) in the
+    /// fallback types Q5_0/Q5_1, an F16 tensor as Q8_0; and it computes what
+    /// its weights say: logits next to the same file with every tensor
+    /// dequantized to `f32` (candle's `f32` matmul, no activation rounding).
+    /// The only difference left is the 8-bit activations (a relative error of
+    /// about 1/254 per value per product, a few products deep): within 3% of
+    /// the logits' range, and the same top token wherever the reference's
+    /// margin is larger than that.
+    #[test]
+    fn a_k_quant_mix_loads_natively_and_computes_what_its_weights_say() {
+        use crate::engine::llama::{Llama, Logits};
+        use crate::engine::policy::AttentionPolicy;
+        use candle_core::quantized::{gguf_file, QTensor};
+        use candle_core::{Device, Tensor};
+        let (hidden, ffn, vocab, heads, kv_heads, layers) = (256usize, 288usize, 64usize, 4u32, 2u32, 2usize);
+        let kv = hidden / heads as usize * kv_heads as usize;
+        let mut specs: Vec<(String, usize, usize, GgmlDType)> = vec![
+            ("token_embd.weight".into(), vocab, hidden, GgmlDType::Q4K),
+            ("output.weight".into(), vocab, hidden, GgmlDType::Q6K),
+        ];
+        for l in 0..layers {
+            let t = |n: &str| format!("blk.{l}.{n}.weight");
+            specs.extend([
+                (t("attn_q"), hidden, hidden, GgmlDType::Q4K),
+                (t("attn_k"), kv, hidden, GgmlDType::Q5K),
+                (t("attn_v"), kv, hidden, GgmlDType::Q6K),
+                (t("attn_output"), hidden, hidden, if l == 0 { GgmlDType::Q8_0 } else { GgmlDType::F16 }),
+                (t("ffn_gate"), ffn, hidden, GgmlDType::Q4K),
+                (t("ffn_up"), ffn, hidden, if l == 0 { GgmlDType::Q5K } else { GgmlDType::Q6K }),
+                (t("ffn_down"), hidden, ffn, if l == 0 { GgmlDType::Q5_0 } else { GgmlDType::Q5_1 }),
+            ]);
+        }
+        let mut quantized: Vec<(String, QTensor)> = Vec::new();
+        let mut exact: Vec<(String, QTensor)> = Vec::new();
+        let mut want_bytes = 0;
+        for (i, (name, n, k, dtype)) in specs.iter().enumerate() {
+            let scale = if name.starts_with("token_embd") { 1.0 } else { 1.5 / (*k as f32).sqrt() };
+            let v: Vec<f32> = weights(n * k, i as u64 + 11).iter().map(|x| x * scale).collect();
+            let q = QTensor::quantize(&Tensor::from_vec(v, (*n, *k), &Device::Cpu).unwrap(), *dtype).unwrap();
+            let f = q.dequantize(&Device::Cpu).unwrap();
+            want_bytes += match dtype {
+                GgmlDType::Q4K | GgmlDType::Q5K => q.storage_size_in_bytes() + n * k / QK_K * 4,
+                GgmlDType::F16 => n * k / QK * 34,
+                _ => q.storage_size_in_bytes(),
+            };
+            exact.push((name.clone(), QTensor::quantize(&f, GgmlDType::F32).unwrap()));
+            quantized.push((name.clone(), q));
+        }
+        for l in 0..layers {
+            for n in ["attn_norm", "ffn_norm"] {
+                let t = Tensor::ones(hidden, candle_core::DType::F32, &Device::Cpu).unwrap();
+                let q = QTensor::quantize(&t, GgmlDType::F32).unwrap();
+                quantized.push((format!("blk.{l}.{n}.weight"), q));
+                exact.push((format!("blk.{l}.{n}.weight"), QTensor::quantize(&t, GgmlDType::F32).unwrap()));
+            }
+        }
+        let t = Tensor::ones(hidden, candle_core::DType::F32, &Device::Cpu).unwrap();
+        quantized.push(("output_norm.weight".into(), QTensor::quantize(&t, GgmlDType::F32).unwrap()));
+        exact.push(("output_norm.weight".into(), QTensor::quantize(&t, GgmlDType::F32).unwrap()));
+        use gguf_file::Value as V;
+        let md = [
+            ("general.architecture", V::String("llama".into())),
+            ("llama.block_count", V::U32(layers as u32)),
+            ("llama.embedding_length", V::U32(hidden as u32)),
+            ("llama.feed_forward_length", V::U32(ffn as u32)),
+            ("llama.attention.head_count", V::U32(heads)),
+            ("llama.attention.head_count_kv", V::U32(kv_heads)),
+            ("llama.context_length", V::U32(512)),
+            ("llama.attention.layer_norm_rms_epsilon", V::F32(1e-5)),
+        ];
+        let load = |tensors: &[(String, QTensor)], tag: &str| {
+            let path = std::env::temp_dir().join(format!("anchorcoder-kmix-{tag}-{}.gguf", std::process::id()));
+            let mut f = std::fs::File::create(&path).unwrap();
+            let md: Vec<(&str, &V)> = md.iter().map(|(k, v)| (*k, v)).collect();
+            let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+            gguf_file::write(&mut f, &md, &ts).unwrap();
+            drop(f);
+            let m = Llama::from_gguf(&path).unwrap().0;
+            let _ = std::fs::remove_file(&path);
+            m
+        };
+        let (native, reference) = (load(&quantized, "q"), load(&exact, "f32"));
+        assert_eq!(native.weight_bytes(), want_bytes);
+        let tokens: Vec<u32> = (0..40).map(|i| (i * 13 + 5) % vocab as u32).collect();
+        let anchors = vec![false; tokens.len()];
+        let logits =
+            |m: &Llama| m.forward(&tokens, &anchors, &mut m.new_cache(AttentionPolicy::full()), Logits::All).unwrap();
+        let (got, want) = (logits(&native), logits(&reference));
+        let mut worst = 0f32;
+        for (p, (g, w)) in got.chunks_exact(vocab).zip(want.chunks_exact(vocab)).enumerate() {
+            let range = w.iter().fold(f32::MIN, |a, &b| a.max(b)) - w.iter().fold(f32::MAX, |a, &b| a.min(b));
+            let diff = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(diff <= 0.03 * range, "position {p}: logits differ by {diff} (range {range})");
+            worst = worst.max(diff / range);
+            let mut order: Vec<usize> = (0..vocab).collect();
+            order.sort_by(|&a, &b| w[b].total_cmp(&w[a]));
+            if w[order[0]] - w[order[1]] > 2.0 * diff {
+                let top = g.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+                assert_eq!(top, order[0], "position {p}");
+            }
+        }
+        eprintln!("K-quant mix: largest logit difference {:.2}% of the logits' range", 100.0 * worst);
+    }
+
     /// A speed check, not a test: a matrix of Qwen2.5-Coder-1.5B's FFN shape
     /// (8,960 × 1,536) at decode (1 row) and a prefill chunk (64 rows), our
     /// kernel in each format against our Q4_1 and candle's own K-quant matmul
