@@ -907,8 +907,9 @@ unsafe fn tile_vnni<const R: usize, const F: u8>(w: &QMatrix, g: usize, x: &QAct
                         let (blo, bhi) = (high_bit_of(hb, 2 * c), high_bit_of(hb, 2 * c + 1));
                         let flo = to_bit4!(_mm512_sll_epi16, _mm512_srl_epi16, reg, blo);
                         let fhi = to_bit4!(_mm512_sll_epi16, _mm512_srl_epi16, reg, bhi);
-                        lo = _mm512_or_si512(lo, _mm512_and_si512(flo, hmask));
-                        hi = _mm512_or_si512(hi, _mm512_and_si512(fhi, hmask));
+                        // lo | (flo & hmask) in one instruction (A | (B & C)).
+                        lo = _mm512_ternarylogic_epi32::<0xF8>(lo, flo, hmask);
+                        hi = _mm512_ternarylogic_epi32::<0xF8>(hi, fhi, hmask);
                     }
                     for (i, d) in dot.iter_mut().enumerate() {
                         let j = b * QK + 8 * c;
