@@ -146,6 +146,16 @@ fn attend_one(h: Heads, q: &[f32], k: KvRows, v: KvRows, bias: &[f32], out: &mut
     let stride = group * (hd + 2);
     let mut part = vec![0f32; n_items * stride];
     let part_ptr = part.as_mut_ptr() as usize;
+    // f16 rows: AVX-512 kernels widen each 16-value run in registers (a
+    // round trip through a buffer stalls on store forwarding).
+    let fast = match (k, v) {
+        (KvRows::F16(k), KvRows::F16(v))
+            if hd.is_multiple_of(16) && (1..=8).contains(&group) && avx512::available() =>
+        {
+            Some((k, v))
+        }
+        _ => None,
+    };
     candle_core::utils::barrier_pool().execute_chunked(n_items, |items| {
         let mut s = vec![0f32; group * slice_rows];
         let mut buf = vec![0f32; hd];
@@ -154,14 +164,20 @@ fn attend_one(h: Heads, q: &[f32], k: KvRows, v: KvRows, bias: &[f32], out: &mut
             let (a, b) = (sl * slice_rows, ((sl + 1) * slice_rows).min(n_kv));
             let m = b - a;
             let qs = &q[kvh * group * hd..(kvh + 1) * group * hd];
-            for (i, &bias_r) in bias[a..b].iter().enumerate() {
-                if bias_r == f32::NEG_INFINITY {
-                    (0..group).for_each(|g| s[g * slice_rows + i] = f32::NEG_INFINITY);
-                    continue;
-                }
-                let kr = k.row((a + i) * kv_dim + kvh * hd, &mut buf);
-                for (g, qh) in qs.chunks_exact(hd).enumerate() {
-                    s[g * slice_rows + i] = dot(qh, kr) * scale + bias_r;
+            let rows = avx512::Rows { a, b, kv_dim, off: kvh * hd, hd, stride: slice_rows };
+            if let Some((k16, _)) = fast {
+                // SAFETY: `available()` checked AVX-512F; the kernel checks its bounds.
+                unsafe { avx512::scores(group, k16, rows, qs, scale, bias, &mut s) };
+            } else {
+                for (i, &bias_r) in bias[a..b].iter().enumerate() {
+                    if bias_r == f32::NEG_INFINITY {
+                        (0..group).for_each(|g| s[g * slice_rows + i] = f32::NEG_INFINITY);
+                        continue;
+                    }
+                    let kr = k.row((a + i) * kv_dim + kvh * hd, &mut buf);
+                    for (g, qh) in qs.chunks_exact(hd).enumerate() {
+                        s[g * slice_rows + i] = dot(qh, kr) * scale + bias_r;
+                    }
                 }
             }
             // SAFETY: item `item` owns `part[item·stride..(item+1)·stride]`;
@@ -179,6 +195,11 @@ fn attend_one(h: Heads, q: &[f32], k: KvRows, v: KvRows, bias: &[f32], out: &mut
                 pg[2..].fill(0.0);
             }
             if !any {
+                continue;
+            }
+            if let Some((_, v16)) = fast {
+                // SAFETY: as for the scores.
+                unsafe { avx512::values(group, v16, rows, &s, p) };
                 continue;
             }
             for i in 0..m {
@@ -215,6 +236,132 @@ fn attend_one(h: Heads, q: &[f32], k: KvRows, v: KvRows, bias: &[f32], out: &mut
         }
         let inv = 1.0 / sum;
         o.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+/// Decode kernels for f16 K/V rows on AVX-512F (`vcvtph2ps` to 16 floats in
+/// a register), for groups of 1–8 query heads per KV head.
+mod avx512 {
+    use half::f16;
+
+    /// Rows `a..b` of a KV head at column `off` (rows `kv_dim` apart, `hd`
+    /// wide); the score rows of the group's heads are `stride` apart.
+    #[derive(Clone, Copy)]
+    pub struct Rows {
+        pub a: usize,
+        pub b: usize,
+        pub kv_dim: usize,
+        pub off: usize,
+        pub hd: usize,
+        pub stride: usize,
+    }
+
+    /// Whether this CPU runs the kernels.
+    pub fn available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    macro_rules! by_group {
+        ($group:expr, $f:ident ( $($arg:expr),* )) => {
+            match $group {
+                1 => $f::<1>($($arg),*),
+                2 => $f::<2>($($arg),*),
+                3 => $f::<3>($($arg),*),
+                4 => $f::<4>($($arg),*),
+                5 => $f::<5>($($arg),*),
+                6 => $f::<6>($($arg),*),
+                7 => $f::<7>($($arg),*),
+                8 => $f::<8>($($arg),*),
+                g => unreachable!("group {g} has no kernel"),
+            }
+        };
+    }
+
+    /// `s[g·stride + i] = q_g · k_(a+i) · scale + bias[a+i]` for the group's
+    /// heads `q_g` (`qs`, `hd` apart); masked rows get −∞ without a read.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F ([`available`]); `r.hd` a multiple of 16.
+    #[cfg(target_arch = "x86_64")]
+    pub unsafe fn scores(group: usize, k: &[f16], r: Rows, qs: &[f32], scale: f32, bias: &[f32], s: &mut [f32]) {
+        by_group!(group, scores_g(k, r, qs, scale, bias, s))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn scores_g<const G: usize>(k: &[f16], r: Rows, qs: &[f32], scale: f32, bias: &[f32], s: &mut [f32]) {
+        use std::arch::x86_64::*;
+        assert!(
+            r.hd.is_multiple_of(16) && r.off + r.hd <= r.kv_dim && r.b * r.kv_dim <= k.len() && qs.len() >= G * r.hd
+        );
+        assert!(r.b <= bias.len() && s.len() >= (G - 1) * r.stride + (r.b - r.a));
+        for (i, row) in (r.a..r.b).enumerate() {
+            let b = bias[row];
+            if b == f32::NEG_INFINITY {
+                (0..G).for_each(|g| s[g * r.stride + i] = f32::NEG_INFINITY);
+                continue;
+            }
+            // SAFETY: the asserts above keep every load inside `k` and `qs`.
+            let kp = k.as_ptr().add(row * r.kv_dim + r.off) as *const __m256i;
+            let mut acc = [_mm512_setzero_ps(); G];
+            for c in 0..r.hd / 16 {
+                let x = _mm512_cvtph_ps(_mm256_loadu_si256(kp.add(c)));
+                for (g, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm512_fmadd_ps(_mm512_loadu_ps(qs.as_ptr().add(g * r.hd + c * 16)), x, *acc);
+                }
+            }
+            for (g, acc) in acc.iter().enumerate() {
+                s[g * r.stride + i] = _mm512_reduce_add_ps(*acc) * scale + b;
+            }
+        }
+    }
+
+    /// `o_g += s[g·stride + i] · v_(a+i)` over the rows, where `o_g` is
+    /// `p[g·(hd+2) + 2..][..hd]`; rows all heads gave weight 0 are not read.
+    ///
+    /// # Safety
+    /// As [`scores`].
+    #[cfg(target_arch = "x86_64")]
+    pub unsafe fn values(group: usize, v: &[f16], r: Rows, s: &[f32], p: &mut [f32]) {
+        by_group!(group, values_g(v, r, s, p))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn values_g<const G: usize>(v: &[f16], r: Rows, s: &[f32], p: &mut [f32]) {
+        use std::arch::x86_64::*;
+        assert!(r.hd.is_multiple_of(16) && r.off + r.hd <= r.kv_dim && r.b * r.kv_dim <= v.len());
+        assert!(s.len() >= (G - 1) * r.stride + (r.b - r.a) && p.len() >= G * (r.hd + 2));
+        for (i, row) in (r.a..r.b).enumerate() {
+            let w: [f32; G] = std::array::from_fn(|g| s[g * r.stride + i]);
+            if w.iter().all(|&w| w == 0.0) {
+                continue;
+            }
+            // SAFETY: the asserts above keep every access inside `v` and `p`.
+            let vp = v.as_ptr().add(row * r.kv_dim + r.off) as *const __m256i;
+            for c in 0..r.hd / 16 {
+                let x = _mm512_cvtph_ps(_mm256_loadu_si256(vp.add(c)));
+                for (g, &w) in w.iter().enumerate() {
+                    let o = p.as_mut_ptr().add(g * (r.hd + 2) + 2 + c * 16);
+                    _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_set1_ps(w), x, _mm512_loadu_ps(o)));
+                }
+            }
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub unsafe fn scores(_: usize, _: &[f16], _: Rows, _: &[f32], _: f32, _: &[f32], _: &mut [f32]) {
+        unreachable!("no AVX-512 here")
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub unsafe fn values(_: usize, _: &[f16], _: Rows, _: &[f32], _: &mut [f32]) {
+        unreachable!("no AVX-512 here")
     }
 }
 
@@ -333,6 +480,9 @@ mod tests {
             (1, 11, 8, false),
             (1, 37, 24, false),
             (1, 700, 8, false),
+            // head_dim a multiple of 16: the AVX-512 f16 decode kernels where available.
+            (1, 700, 16, false),
+            (1, 45, 32, false),
         ] {
             check(n_q, n_kv, head_dim, causal);
         }
