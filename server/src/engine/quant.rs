@@ -948,7 +948,9 @@ unsafe fn tile_vnni<const R: usize, const F: u8>(w: &QMatrix, g: usize, x: &QAct
 /// rows, the same scheme as [`tile_vnni`] with `vpmaddubsw`. 4-bit products
 /// add up in 16 bits over a whole block (at most 16 · 15 · 128 = 30,720 per
 /// lane); 5- and 6-bit ones over 8 values (2 · 2 · 63 · 128 = 32,256), then
-/// widen to 32 bits; Q8_0 takes the sign trick (its unsigned values would
+/// widen to 32 bits (Q6_K: `vpmaddwd` by the half block's scale instead of
+/// by 1, so both halves sum in one integer dot and its zero comes off as
+/// `32·Σ sc_h·S_h` in one more `vpmaddwd`); Q8_0 takes the sign trick (its unsigned values would
 /// saturate) and widens each product to 32 bits.
 ///
 /// # Safety
@@ -960,7 +962,6 @@ unsafe fn tile_avx2<const R: usize, const F: u8>(w: &QMatrix, g: usize, x: &QAct
     let hb = high_bits(F);
     let (low4, ones, flip) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi16(1), _mm256_set1_epi8(-128));
     let hmask = _mm256_set1_epi8(if hb == 1 { 0x10 } else { 0x30 });
-    let halves = if F == F_Q6K { 2 } else { 1 };
     let half8 = |p: *const f16| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
     let bytes8 = |p: *const u8| _mm_loadl_epi64(p as *const __m128i);
     for h in 0..2 {
@@ -994,7 +995,22 @@ unsafe fn tile_avx2<const R: usize, const F: u8>(w: &QMatrix, g: usize, x: &QAct
                 if hb > 0 { _mm256_loadu_si256(hq as *const __m256i) } else { _mm256_setzero_si256() },
                 if hb == 2 { _mm256_loadu_si256(hq.add(4 * RG) as *const __m256i) } else { _mm256_setzero_si256() },
             ];
-            for hf in 0..halves {
+            // Q6_K: each half block's `i8` scale, in both 16-bit halves of its
+            // row's lane (`vpmaddwd` then scales and widens in one step), and
+            // the two scales side by side (for the zero's `32·Σ sc_h·S_h`).
+            let (sc6, sc_pair) = if F == F_Q6K {
+                let s: [__m256i; 2] = std::array::from_fn(|hf| {
+                    _mm256_cvtepi8_epi32(bytes8(w.sc.as_ptr().add((bi * 2 + hf) * RG + 8 * h)))
+                });
+                let low = |v: __m256i| _mm256_and_si256(v, _mm256_set1_epi32(0xFFFF));
+                (
+                    [0, 1].map(|hf| _mm256_or_si256(low(s[hf]), _mm256_slli_epi32::<16>(s[hf]))),
+                    _mm256_or_si256(low(s[0]), _mm256_slli_epi32::<16>(s[1])),
+                )
+            } else {
+                ([_mm256_setzero_si256(); 2], _mm256_setzero_si256())
+            };
+            {
                 let mut dot = [_mm256_setzero_si256(); R];
                 if F == F_Q8_0 {
                     let wq = w.qs.as_ptr().add(bi * RG * QK + 32 * h);
@@ -1009,8 +1025,7 @@ unsafe fn tile_avx2<const R: usize, const F: u8>(w: &QMatrix, g: usize, x: &QAct
                     }
                 } else {
                     let wq = w.qs.as_ptr().add(bi * RG * 16 + 32 * h);
-                    let per = 4 / halves;
-                    for c in hf * per..(hf + 1) * per {
+                    for c in 0..4 {
                         let packed = _mm256_loadu_si256(wq.add(c * 4 * RG) as *const __m256i);
                         let mut lo = _mm256_and_si256(packed, low4);
                         let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low4);
@@ -1027,10 +1042,10 @@ unsafe fn tile_avx2<const R: usize, const F: u8>(w: &QMatrix, g: usize, x: &QAct
                             let p = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(x4(x, i0 + i, j)));
                             let p =
                                 _mm256_add_epi16(p, _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x4(x, i0 + i, j + 4))));
-                            *d = if hb == 0 {
-                                _mm256_add_epi16(*d, p)
-                            } else {
-                                _mm256_add_epi32(*d, _mm256_madd_epi16(p, ones))
+                            *d = match hb {
+                                0 => _mm256_add_epi16(*d, p),
+                                1 => _mm256_add_epi32(*d, _mm256_madd_epi16(p, ones)),
+                                _ => _mm256_add_epi32(*d, _mm256_madd_epi16(p, sc6[c / 2])),
                             };
                         }
                     }
@@ -1041,12 +1056,15 @@ unsafe fn tile_avx2<const R: usize, const F: u8>(w: &QMatrix, g: usize, x: &QAct
                     }
                 }
                 if F == F_Q6K {
-                    let sc = _mm256_cvtepi8_epi32(bytes8(w.sc.as_ptr().add((bi * 2 + hf) * RG + 8 * h)));
-                    let dsc = _mm256_mul_ps(dw, _mm256_cvtepi32_ps(sc));
+                    // dot = Σ_h sc_h·Σ q·x already; take 32·Σ_h sc_h·S_h off
+                    // (|S_h| <= 16·128 fits 16 bits).
                     for (i, a) in acc.iter_mut().enumerate() {
                         let xb = (i0 + i) * nb + b;
-                        let t = _mm256_sub_epi32(dot[i], _mm256_set1_epi32(32 * *x.hs.get_unchecked(2 * xb + hf)));
-                        let scale = _mm256_mul_ps(dsc, _mm256_set1_ps(*x.d.get_unchecked(xb)));
+                        let (s0, s1) = (*x.hs.get_unchecked(2 * xb), *x.hs.get_unchecked(2 * xb + 1));
+                        let sums = _mm256_set1_epi32((s0 & 0xFFFF) | (s1 << 16));
+                        let zero = _mm256_slli_epi32::<5>(_mm256_madd_epi16(sc_pair, sums));
+                        let t = _mm256_sub_epi32(dot[i], zero);
+                        let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*x.d.get_unchecked(xb)));
                         *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), scale, *a);
                     }
                 } else {
