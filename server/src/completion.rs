@@ -40,6 +40,9 @@ use crate::engine::document::{line_start, DocumentCache, Update};
 use crate::engine::generate::{generate_with, Constraints, GenerateParams, StopReason};
 use crate::engine::Engine;
 
+/// Default token budget of project context (`completion.contextTokens`).
+pub const DEFAULT_CONTEXT_TOKENS: usize = 512;
+
 /// Knobs of one completion (the configuration's `completion` section).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {

@@ -251,9 +251,17 @@ pub fn resolve(import: &Import, file: &Path, root: &Path) -> Vec<PathBuf> {
                 // ancestor of the file inside the workspace (a package root).
                 let mut v = vec![root.to_path_buf(), root.join("src")];
                 let mut d = dir.to_path_buf();
-                while d.starts_with(root) && d != root {
+                while d.starts_with(root) {
                     v.push(d.clone());
-                    d.pop();
+                    // `import pkg.mod` inside the folder `pkg` itself (an installed package).
+                    if module.first().is_some_and(|m| d.file_name().is_some_and(|n| n == m.as_str())) {
+                        if let Some(parent) = d.parent() {
+                            v.push(parent.to_path_buf());
+                        }
+                    }
+                    if d == root || !d.pop() {
+                        break;
+                    }
                 }
                 v
             };
@@ -838,6 +846,9 @@ mod tests {
         let abs = imports(Lang::Python, "from pkg.util import helper\nimport os\n");
         assert_eq!(resolve(&abs[0], &root.join("pkg/sub/mod.py"), root), vec![root.join("pkg/util.py")]);
         assert!(resolve(&abs[1], &root.join("pkg/sub/mod.py"), root).is_empty());
+        // The workspace is the package folder itself (`import pkg.util` inside `pkg/`).
+        let pkg = root.join("pkg");
+        assert_eq!(resolve(&abs[0], &pkg.join("sub/mod.py"), &pkg), vec![pkg.join("util.py")]);
         let rs = imports(Lang::Rust, "mod engine;\nuse crate::engine::policy::Policy;\n");
         assert_eq!(resolve(&rs[0], &root.join("src/main.rs"), root), vec![root.join("src/engine/mod.rs")]);
         assert_eq!(resolve(&rs[1], &root.join("src/main.rs"), root)[0], root.join("src/engine/policy.rs"));

@@ -28,6 +28,7 @@
 //! same prompt tokens, greedy, its raw first line or block) and
 //! `"llama_cpp_rules"` (its text through [`completion::finish`]).
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -37,6 +38,7 @@ use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
 
 use crate::completion::{self, FreshLine, Settings};
+use crate::context;
 use crate::engine::document::DocumentCache;
 use crate::engine::policy::AttentionPolicy;
 use crate::engine::Engine;
@@ -91,10 +93,84 @@ pub struct EvalArgs {
     /// Token budget of the text before the cursor.
     #[arg(long, default_value_t = 2048)]
     pub prefix_tokens: usize,
+    /// Project context for tasks that carry their file and project (`eval
+    /// build-tasks` records them): `ours` (imports, open files, by relevance;
+    /// what the server does), `ring` (llama.vim's ring buffer of 64-line
+    /// chunks, the baseline), `off`.
+    #[arg(long, value_enum, default_value_t = ContextArg::Ours)]
+    pub context: ContextArg,
+    /// Token budget of the project context (`completion.contextTokens`).
+    #[arg(long, default_value_t = completion::DEFAULT_CONTEXT_TOKENS)]
+    pub context_tokens: usize,
     /// Keep the task lines already in `--out` and run only the missing tasks
     /// (a long run that was stopped goes on where it was).
     #[arg(long, requires = "out")]
     pub resume: bool,
+}
+
+/// Where eval's project context comes from (`--context`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ContextArg {
+    Off,
+    Ring,
+    Ours,
+}
+
+/// The project context tokens of `task` (empty without a file and project).
+pub fn task_context(engine: &Engine, task: &Task, mode: ContextArg, budget: usize) -> Vec<u32> {
+    let (Some(file), Some(root)) = (&task.path, &task.root) else { return Vec::new() };
+    if mode == ContextArg::Off || budget == 0 {
+        return Vec::new();
+    }
+    // The document as the task shows it (the file on disk still has the target).
+    let text = format!("{}{}", task.prefix, task.suffix);
+    let open: std::collections::HashMap<PathBuf, String> =
+        task.open.iter().filter_map(|p| Some((p.clone(), std::fs::read_to_string(p).ok()?))).collect();
+    let count = |c: &context::Chunk| completion::chunk_tokens(engine, c);
+    let set = match mode {
+        ContextArg::Ours => {
+            let recent = std::collections::HashMap::new();
+            let r = context::Request {
+                file,
+                text: &text,
+                cursor: task.prefix.len(),
+                root: Some(root),
+                open: &open,
+                recent: &recent,
+                budget,
+            };
+            context::gather(&r, &count)
+        }
+        _ => {
+            // The ring buffer sees the same files, imported ones first (seen last), no ranking.
+            let mut read = Vec::new();
+            let imported = context::imported(file, &text, root, &open, &mut read);
+            let mut cands: Vec<context::Candidate> = Vec::new();
+            for (shown, p) in &imported {
+                if let Some(t) = open.get(p).or_else(|| read.iter().find(|(q, _)| q == p).map(|(_, t)| t)) {
+                    cands.push(context::Candidate {
+                        path: shown.clone(),
+                        text: t,
+                        source: context::Source::Import,
+                        lines: vec![],
+                    });
+                }
+            }
+            for p in &task.open {
+                if let (Some(t), false) = (open.get(p), imported.iter().any(|(_, q)| q == p)) {
+                    let shown = context::display_path(p, root);
+                    cands.push(context::Candidate {
+                        path: shown,
+                        text: t,
+                        source: context::Source::OpenDocument,
+                        lines: vec![],
+                    });
+                }
+            }
+            context::ring_buffer(&cands, budget, &count)
+        }
+    };
+    completion::context_tokens(engine, &set, Some(&context::display_path(file, root))).unwrap_or_default()
 }
 
 /// [`FreshLine`] on the command line.
@@ -180,6 +256,15 @@ pub struct BuildTasksArgs {
     /// Most lines of a block task's target (`completion.maxLines`).
     #[arg(long, default_value_t = 8)]
     pub max_lines: usize,
+    /// Cross-file tasks: mid-line cursors at a name that the file uses but
+    /// only a file it imports defines (the target is that use: name and
+    /// arguments). Each `--from` folder is one project (imports resolve in it).
+    #[arg(long)]
+    pub cross_file: bool,
+    /// Other files of the file's folder taken as open in the editor (eval's
+    /// context sources besides the imports).
+    #[arg(long, default_value_t = 3)]
+    pub open_files: usize,
     /// Where to write the tasks (JSON lines).
     #[arg(long)]
     pub out: PathBuf,
@@ -196,6 +281,15 @@ pub struct Task {
     pub prefix: String,
     pub suffix: String,
     pub target: String,
+    /// The task's file (absolute) and its project's root: with them, eval
+    /// gathers project context as the server does (absent in older task files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<PathBuf>,
+    /// Other files of the project taken as open in the editor.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub open: Vec<PathBuf>,
 }
 
 /// Entry point of `anchorcoder eval`.
@@ -265,10 +359,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
             Some(l) => l,
             None => {
                 let settings = task_settings(&args, task.kind, main_rule);
+                let ctx = task_context(&engine, task, args.context, args.context_tokens);
                 let rs = if args.llama_only {
                     Vec::new()
                 } else {
-                    eval_task_rules(&engine, policy, task, &settings, &rules)
+                    eval_task_rules(&engine, policy, task, &settings, &rules, &ctx)
                 };
                 let mut line = match rs.first() {
                     Some(r) => r.to_json(task, policy),
@@ -276,12 +371,19 @@ pub fn run(args: EvalArgs) -> Result<()> {
                         serde_json::json!({ "id": task.id, "language": task.language, "policy": policy.describe() })
                     }
                 };
+                if !ctx.is_empty() {
+                    line["context_tokens"] = ctx.len().into();
+                }
                 for (r, rule) in rs.iter().zip(&rules).skip(1) {
                     line["variants"][fresh_line_name(*rule)] = r.to_json(task, policy);
                 }
                 if args.compare_full && !args.llama_only {
                     // Under `full` itself, the comparison is the run itself.
-                    let f = if compare { eval_task(&engine, full, task, &settings) } else { rs[0].clone() };
+                    let f = if compare {
+                        eval_task_rules(&engine, full, task, &settings, &[settings.fresh_line], &ctx).remove(0)
+                    } else {
+                        rs[0].clone()
+                    };
                     line["full"] = f.to_json(task, full);
                 }
                 if let Some(server) = &llama {
@@ -338,6 +440,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
         .collect();
     summary["kind"] = kinds.into_iter().collect::<Vec<_>>().join(",").into();
     summary["fresh_line"] = fresh_line_name(main_rule).into();
+    summary["context"] = format!("{:?}", args.context).to_lowercase().into();
+    summary["context_tokens"] = args.context_tokens.into();
     for (k, r) in &results {
         if let Some(name) = k.strip_prefix("variants.") {
             summary["variants"][name] = Summary::of(r).to_json();
@@ -463,7 +567,7 @@ fn read_done(
 
 /// Run one task under `policy` exactly as a user's completion runs.
 pub fn eval_task(engine: &Engine, policy: AttentionPolicy, task: &Task, settings: &Settings) -> TaskResult {
-    eval_task_rules(engine, policy, task, settings, &[settings.fresh_line]).remove(0)
+    eval_task_rules(engine, policy, task, settings, &[settings.fresh_line], &[]).remove(0)
 }
 
 /// [`eval_task`] once per fresh-line rule, on one prompt cache (prefilled
@@ -474,11 +578,13 @@ pub fn eval_task_rules(
     task: &Task,
     settings: &Settings,
     rules: &[FreshLine],
+    context: &[u32],
 ) -> Vec<TaskResult> {
     let text = format!("{}{}", task.prefix, task.suffix);
     let cursor = task.prefix.len();
     let prompt = completion::plan(&text, cursor, None, settings);
     let mut doc = DocumentCache::new(&engine.model, policy);
+    doc.set_context(context.to_vec());
     let set = completion::set_prompt(engine, &mut doc, &text[prompt.window_start..prompt.cut], settings);
     let mut runs = Vec::new();
     for &rule in rules {
@@ -804,7 +910,7 @@ pub fn tasks_in_file(
     rng: &mut Rng,
 ) -> Vec<Task> {
     let caps = Caps { max_prefix, max_suffix, min_prefix, max_lines: 8 };
-    tasks_of_kind(TaskKind::MidLine, text, language, id, k, &caps, rng)
+    tasks_of_kind(TaskKind::MidLine, text, language, id, k, &caps, rng, None)
 }
 
 /// Limits of a task's document and target.
@@ -835,7 +941,55 @@ fn opens_block(line: &str, language: &str) -> bool {
     }
 }
 
+/// Where `line` first uses one of `names` as a whole word, if it is not an
+/// import line (the byte offset in the line).
+fn cross_file_use(line: &str, names: &HashSet<String>) -> Option<usize> {
+    let t = line.trim_start();
+    if ["import ", "from ", "use ", "pub use ", "mod ", "export "].iter().any(|k| t.starts_with(k))
+        || t.contains("require(")
+    {
+        return None;
+    }
+    let is_word = |c: char| c == '_' || c.is_alphanumeric();
+    let mut at = 0;
+    for word in line.split(|c: char| !is_word(c)) {
+        let start = at;
+        at += word.len() + 1;
+        if !word.is_empty() && names.contains(word) {
+            // Not a field or method of something else (`x.name`).
+            if start > 0 && line[..start].ends_with('.') {
+                continue;
+            }
+            return Some(start);
+        }
+    }
+    None
+}
+
+/// The names that `file` (text `text`, in project `root`) can only know from
+/// the files it imports: defined there, not defined in `text` itself.
+pub fn imported_names(file: &Path, text: &str, root: &Path) -> HashSet<String> {
+    let items = context::items(text);
+    let own: HashSet<&str> = items.iter().flat_map(|(_, t)| context::defined_names(t)).collect();
+    let mut names = HashSet::new();
+    let lang = context::Lang::of(file);
+    for imp in context::imports(lang, text) {
+        for p in context::resolve(&imp, file, root) {
+            let Ok(other) = std::fs::read_to_string(&p) else { continue };
+            for (_, item) in context::items(&other) {
+                for n in context::defined_names(&item) {
+                    if n.len() >= 3 && !own.contains(n) {
+                        names.insert(n.to_string());
+                    }
+                }
+            }
+        }
+    }
+    names
+}
+
 /// Pick up to `k` tasks of `kind` in one file's `text`. `id` prefixes the task ids.
+#[allow(clippy::too_many_arguments)]
 pub fn tasks_of_kind(
     kind: TaskKind,
     text: &str,
@@ -844,6 +998,7 @@ pub fn tasks_of_kind(
     k: usize,
     caps: &Caps,
     rng: &mut Rng,
+    cross: Option<&HashSet<String>>,
 ) -> Vec<Task> {
     if text.contains('\r') {
         return Vec::new();
@@ -885,6 +1040,7 @@ pub fn tasks_of_kind(
             TaskKind::Block => block_last(i).is_some_and(|last| (i..=last).all(|j| line(j).len() <= 200)),
             _ => true,
         })
+        .filter(|&i| cross.is_none_or(|names| cross_file_use(line(i), names).is_some()))
         .collect();
     rng.shuffle(&mut candidates);
     candidates.truncate(k);
@@ -895,6 +1051,10 @@ pub fn tasks_of_kind(
         let indent = line(i).len() - line(i).trim_start().len();
         // The cursor, and the last line of the text removed after it.
         let (cursor, last) = match kind {
+            TaskKind::MidLine if cross.is_some() => {
+                // At the name from another file: the target is its use (name, arguments).
+                (ls + cross.and_then(|names| cross_file_use(line(i), names)).expect("a candidate"), i)
+            }
             TaskKind::MidLine => {
                 let content: Vec<(usize, char)> = line(i)[indent..].trim_end().char_indices().collect();
                 // Cursor at a character of the content, so that the target is never empty.
@@ -928,6 +1088,9 @@ pub fn tasks_of_kind(
             prefix: text[doc_start..cursor].to_string(),
             suffix: text[removed_end..doc_end].to_string(),
             target,
+            path: None,
+            root: None,
+            open: Vec::new(),
         });
     }
     tasks
@@ -1001,7 +1164,31 @@ pub fn build_tasks(a: &BuildTasksArgs) -> Result<Vec<Task>> {
                     min_prefix: a.min_prefix_bytes,
                     max_lines: a.max_lines,
                 };
-                let t = tasks_of_kind(a.kind, &text, lang, &id, a.per_file, &caps, &mut rng);
+                let names = a.cross_file.then(|| imported_names(f, &text, root));
+                if names.as_ref().is_some_and(HashSet::is_empty) {
+                    continue;
+                }
+                let kind = if a.cross_file { TaskKind::MidLine } else { a.kind };
+                let mut t = tasks_of_kind(kind, &text, lang, &id, a.per_file, &caps, &mut rng, names.as_ref());
+                // The file, its project and a few neighbours as open files (context sources).
+                let abs = std::fs::canonicalize(f).unwrap_or_else(|_| f.clone());
+                let project = std::fs::canonicalize(root).unwrap_or_else(|_| root.clone());
+                let siblings = f.parent().and_then(|d| std::fs::read_dir(d).ok());
+                let mut open: Vec<PathBuf> = siblings
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|g| g != f && g.is_file() && language_of(g).is_some())
+                    .filter_map(|g| std::fs::canonicalize(g).ok())
+                    .collect();
+                open.sort();
+                rng.shuffle(&mut open);
+                open.truncate(a.open_files);
+                for task in &mut t {
+                    task.path = Some(abs.clone());
+                    task.root = Some(project.clone());
+                    task.open = open.clone();
+                }
                 if !t.is_empty() {
                     tasks.extend(t);
                     used += 1;
@@ -1392,7 +1579,7 @@ mod tests {
     #[test]
     fn fresh_line_tasks_leave_the_line_indented_and_empty() {
         let caps = Caps { max_prefix: 10_000, max_suffix: 10_000, min_prefix: 0, max_lines: 8 };
-        let tasks = tasks_of_kind(TaskKind::FreshLine, PY, "python", "t.py", 10, &caps, &mut Rng::new(1));
+        let tasks = tasks_of_kind(TaskKind::FreshLine, PY, "python", "t.py", 10, &caps, &mut Rng::new(1), None);
         assert_eq!(tasks.len(), 3);
         for t in &tasks {
             assert_eq!(t.kind, TaskKind::FreshLine);
@@ -1408,7 +1595,7 @@ mod tests {
     #[test]
     fn block_tasks_remove_a_whole_indentation_level() {
         let caps = Caps { max_prefix: 10_000, max_suffix: 10_000, min_prefix: 0, max_lines: 8 };
-        let mut tasks = tasks_of_kind(TaskKind::Block, BLOCKS, "python", "t.py", 10, &caps, &mut Rng::new(1));
+        let mut tasks = tasks_of_kind(TaskKind::Block, BLOCKS, "python", "t.py", 10, &caps, &mut Rng::new(1), None);
         tasks.sort_by_key(|t| t.prefix.len());
         // `def f` (6 lines, the blank one inside kept), `for` (3 lines), `if x` (2);
         // `class A` has a one-line block.
@@ -1429,11 +1616,11 @@ mod tests {
         }
         // At most max_lines lines: the 6-line block goes at 4.
         let caps = Caps { max_lines: 4, ..caps };
-        let tasks = tasks_of_kind(TaskKind::Block, BLOCKS, "python", "t.py", 10, &caps, &mut Rng::new(1));
+        let tasks = tasks_of_kind(TaskKind::Block, BLOCKS, "python", "t.py", 10, &caps, &mut Rng::new(1), None);
         assert_eq!(tasks.len(), 2);
         // Braces open blocks in other languages.
         let rs = "fn main() {\n    let x = 1;\n    if x > 0 {\n        y();\n    }\n}\n";
-        let tasks = tasks_of_kind(TaskKind::Block, rs, "rust", "m.rs", 10, &caps, &mut Rng::new(1));
+        let tasks = tasks_of_kind(TaskKind::Block, rs, "rust", "m.rs", 10, &caps, &mut Rng::new(1), None);
         let targets: Vec<&str> = tasks.iter().map(|t| t.target.as_str()).collect();
         assert_eq!(targets, ["let x = 1;\n    if x > 0 {\n        y();\n    }"]);
     }
@@ -1512,6 +1699,8 @@ mod tests {
             min_file_lines: 0,
             kind: TaskKind::MidLine,
             max_lines: 8,
+            cross_file: false,
+            open_files: 3,
             out: dir.join("out.jsonl"),
         };
         let t1 = build_tasks(&args).unwrap();
@@ -1665,6 +1854,9 @@ mod tests {
             prefix: "x".into(),
             suffix: String::new(),
             target: "y".into(),
+            path: None,
+            root: None,
+            open: Vec::new(),
         };
         let r = TaskResult {
             suggestion: "y".into(),
@@ -1700,5 +1892,44 @@ mod tests {
         for t in &tasks {
             assert!(t.prefix.len() >= 1000, "{}", t.prefix.len());
         }
+    }
+
+    #[test]
+    fn cross_file_tasks_sit_at_names_only_imported_files_define() {
+        let dir = std::env::temp_dir().join(format!("anchorcoder-eval-cross-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let app = dir.join("app");
+        std::fs::create_dir_all(&app).unwrap();
+        std::fs::write(app.join("util.py"), "def compute_total(items, discount):\n    return 0\n").unwrap();
+        let mut main = String::from("from .util import compute_total\n\n\ndef local_helper(x):\n    return x\n\n\n");
+        for i in 0..6 {
+            main +=
+                &format!("def f{i}(items):\n    y = local_helper(items)\n    return compute_total(items, {i})\n\n\n");
+        }
+        std::fs::write(app.join("main.py"), &main).unwrap();
+        let args = BuildTasksArgs {
+            from: vec![app.clone()],
+            per_file: 3,
+            files: None,
+            seed: 3,
+            max_prefix_bytes: 6000,
+            max_suffix_bytes: 1500,
+            min_prefix_bytes: 0,
+            min_file_lines: 0,
+            kind: TaskKind::MidLine,
+            max_lines: 8,
+            cross_file: true,
+            open_files: 3,
+            out: dir.join("out.jsonl"),
+        };
+        let tasks = build_tasks(&args).unwrap();
+        assert_eq!(tasks.len(), 3, "{tasks:?}");
+        for t in &tasks {
+            assert!(t.target.starts_with("compute_total(items, "), "{t:?}");
+            assert!(t.prefix.ends_with("    return "), "{t:?}");
+            assert_eq!(t.path.as_deref(), Some(std::fs::canonicalize(app.join("main.py")).unwrap().as_path()));
+            assert_eq!(t.open, vec![std::fs::canonicalize(app.join("util.py")).unwrap()]);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
