@@ -20,6 +20,7 @@
 use rayon::prelude::*;
 
 use super::kv_cache::KvRows;
+use super::simd;
 
 /// Query rows per prefill work item.
 const ROW_BLOCK: usize = 64;
@@ -94,9 +95,14 @@ pub fn attend(h: Heads, q: &[f32], k: KvRows, v: KvRows, bias: &[f32], out: &mut
                 gemm::Parallelism::None,
             );
         }
-        for (r, row) in (r0..r1).zip(scores.chunks_mut(nk)) {
-            softmax_masked(row, &bias[r * n_kv..r * n_kv + nk]);
-        }
+        simd::run(
+            #[inline(always)]
+            || {
+                for (r, row) in (r0..r1).zip(scores.chunks_mut(nk)) {
+                    softmax_masked(row, &bias[r * n_kv..r * n_kv + nk]);
+                }
+            },
+        );
         // SAFETY: as above; each item writes only rows r0..r1 of its own head's
         // `head_dim` columns of `out` (row stride q_dim), so items never overlap.
         unsafe {
@@ -159,63 +165,70 @@ fn attend_one(h: Heads, q: &[f32], k: KvRows, v: KvRows, bias: &[f32], out: &mut
     candle_core::utils::barrier_pool().execute_chunked(n_items, |items| {
         let mut s = vec![0f32; group * slice_rows];
         let mut buf = vec![0f32; hd];
-        for item in items {
-            let (kvh, sl) = (item / n_slices, item % n_slices);
-            let (a, b) = (sl * slice_rows, ((sl + 1) * slice_rows).min(n_kv));
-            let m = b - a;
-            let qs = &q[kvh * group * hd..(kvh + 1) * group * hd];
-            let rows = avx512::Rows { a, b, kv_dim, off: kvh * hd, hd, stride: slice_rows };
-            if let Some((k16, _)) = fast {
-                // SAFETY: `available()` checked AVX-512F; the kernel checks its bounds.
-                unsafe { avx512::scores(group, k16, rows, qs, scale, bias, &mut s) };
-            } else {
-                for (i, &bias_r) in bias[a..b].iter().enumerate() {
-                    if bias_r == f32::NEG_INFINITY {
-                        (0..group).for_each(|g| s[g * slice_rows + i] = f32::NEG_INFINITY);
+        // Compiled for the CPU's best vector set: max, exp and sums below.
+        simd::run(
+            #[inline(always)]
+            || {
+                for item in items {
+                    let (kvh, sl) = (item / n_slices, item % n_slices);
+                    let (a, b) = (sl * slice_rows, ((sl + 1) * slice_rows).min(n_kv));
+                    let m = b - a;
+                    let qs = &q[kvh * group * hd..(kvh + 1) * group * hd];
+                    let rows = avx512::Rows { a, b, kv_dim, off: kvh * hd, hd, stride: slice_rows };
+                    if let Some((k16, _)) = fast {
+                        // SAFETY: `available()` checked AVX-512F; the kernel checks its bounds.
+                        unsafe { avx512::scores(group, k16, rows, qs, scale, bias, &mut s) };
+                    } else {
+                        for (i, &bias_r) in bias[a..b].iter().enumerate() {
+                            if bias_r == f32::NEG_INFINITY {
+                                (0..group).for_each(|g| s[g * slice_rows + i] = f32::NEG_INFINITY);
+                                continue;
+                            }
+                            let kr = k.row((a + i) * kv_dim + kvh * hd, &mut buf);
+                            for (g, qh) in qs.chunks_exact(hd).enumerate() {
+                                s[g * slice_rows + i] = dot(qh, kr) * scale + bias_r;
+                            }
+                        }
+                    }
+                    // SAFETY: item `item` owns `part[item·stride..(item+1)·stride]`;
+                    // `part` outlives the pool call and items never repeat.
+                    let p =
+                        unsafe { std::slice::from_raw_parts_mut((part_ptr as *mut f32).add(item * stride), stride) };
+                    let mut any = false;
+                    for g in 0..group {
+                        let sg = &mut s[g * slice_rows..g * slice_rows + m];
+                        let mx = max_of(sg);
+                        let sum = if mx == f32::NEG_INFINITY { 0.0 } else { exp_sum(sg, mx) };
+                        any |= sum > 0.0;
+                        let pg = &mut p[g * (hd + 2)..(g + 1) * (hd + 2)];
+                        pg[0] = mx;
+                        pg[1] = sum;
+                        pg[2..].fill(0.0);
+                    }
+                    if !any {
                         continue;
                     }
-                    let kr = k.row((a + i) * kv_dim + kvh * hd, &mut buf);
-                    for (g, qh) in qs.chunks_exact(hd).enumerate() {
-                        s[g * slice_rows + i] = dot(qh, kr) * scale + bias_r;
+                    if let Some((_, v16)) = fast {
+                        // SAFETY: as for the scores.
+                        unsafe { avx512::values(group, v16, rows, &s, p) };
+                        continue;
+                    }
+                    for i in 0..m {
+                        if (0..group).all(|g| s[g * slice_rows + i] == 0.0) {
+                            continue;
+                        }
+                        let vr = v.row((a + i) * kv_dim + kvh * hd, &mut buf);
+                        for g in 0..group {
+                            let w = s[g * slice_rows + i];
+                            if w != 0.0 {
+                                let o = &mut p[g * (hd + 2) + 2..(g + 1) * (hd + 2)];
+                                o.iter_mut().zip(vr).for_each(|(o, x)| *o += w * x);
+                            }
+                        }
                     }
                 }
-            }
-            // SAFETY: item `item` owns `part[item·stride..(item+1)·stride]`;
-            // `part` outlives the pool call and items never repeat.
-            let p = unsafe { std::slice::from_raw_parts_mut((part_ptr as *mut f32).add(item * stride), stride) };
-            let mut any = false;
-            for g in 0..group {
-                let sg = &mut s[g * slice_rows..g * slice_rows + m];
-                let mx = max_of(sg);
-                let sum = if mx == f32::NEG_INFINITY { 0.0 } else { exp_sum(sg, mx) };
-                any |= sum > 0.0;
-                let pg = &mut p[g * (hd + 2)..(g + 1) * (hd + 2)];
-                pg[0] = mx;
-                pg[1] = sum;
-                pg[2..].fill(0.0);
-            }
-            if !any {
-                continue;
-            }
-            if let Some((_, v16)) = fast {
-                // SAFETY: as for the scores.
-                unsafe { avx512::values(group, v16, rows, &s, p) };
-                continue;
-            }
-            for i in 0..m {
-                if (0..group).all(|g| s[g * slice_rows + i] == 0.0) {
-                    continue;
-                }
-                let vr = v.row((a + i) * kv_dim + kvh * hd, &mut buf);
-                for g in 0..group {
-                    let w = s[g * slice_rows + i];
-                    if w != 0.0 {
-                        let o = &mut p[g * (hd + 2) + 2..(g + 1) * (hd + 2)];
-                        o.iter_mut().zip(vr).for_each(|(o, x)| *o += w * x);
-                    }
-                }
-            }
-        }
+            },
+        );
     });
     // Merge the slices of each head: rescale each to the common max.
     for head in 0..h.n_heads {
@@ -366,7 +379,7 @@ mod avx512 {
 }
 
 /// Dot product with independent accumulators, so the compiler vectorizes it.
-#[inline]
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
@@ -401,6 +414,7 @@ pub(crate) fn exp_neg(x: f32) -> f32 {
 }
 
 /// Largest value (−∞ for an empty or all −∞ slice), lane-wise so it vectorizes.
+#[inline(always)]
 fn max_of(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 16];
     let c = x.chunks_exact(16);
@@ -414,6 +428,7 @@ fn max_of(x: &[f32]) -> f32 {
 }
 
 /// Replace each `x` by `e^(x − max)` and return their sum.
+#[inline(always)]
 fn exp_sum(x: &mut [f32], max: f32) -> f32 {
     let mut acc = [0f32; 16];
     let mut c = x.chunks_exact_mut(16);
@@ -432,6 +447,7 @@ fn exp_sum(x: &mut [f32], max: f32) -> f32 {
 }
 
 /// In-place softmax of `row + bias`; masked entries become exactly 0.
+#[inline(always)]
 fn softmax_masked(row: &mut [f32], bias: &[f32]) {
     row.iter_mut().zip(bias).for_each(|(x, &b)| *x += b);
     let max = max_of(row);

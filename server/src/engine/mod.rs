@@ -10,6 +10,7 @@ pub mod kv_cache;
 pub mod llama;
 pub mod policy;
 pub mod quant;
+pub mod simd;
 pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
