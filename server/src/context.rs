@@ -457,14 +457,14 @@ pub fn defined_names(item: &str) -> Vec<&str> {
         let words: Vec<&str> = l.split(|c: char| !(c == '_' || c == '!' || c.is_alphanumeric())).collect();
         let words: Vec<&str> = words.into_iter().filter(|w| !w.is_empty()).collect();
         for w in words.windows(2) {
-            if KEYWORDS.contains(&w[0]) && is_ident(w[1]) {
+            if KEYWORDS.contains(&w[0]) && is_ident(w[1]) && !COMMON.contains(&w[1]) {
                 out.push(w[1]);
             }
         }
         // `NAME = ...` / `NAME: T = ...` at column 0 (Python constants, JS exports aside).
         if !l.starts_with([' ', '\t']) {
             let head = l.split(['=', ':', '(']).next().unwrap_or("").trim();
-            if is_ident(head) && (l.contains('=') || l.contains(':')) {
+            if is_ident(head) && !COMMON.contains(&head) && (l.contains('=') || l.contains(':')) {
                 out.push(head);
             }
         }

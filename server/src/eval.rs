@@ -943,10 +943,15 @@ fn opens_block(line: &str, language: &str) -> bool {
 
 /// Where `line` first uses one of `names` as a whole word, if it is not an
 /// import line (the byte offset in the line).
-fn cross_file_use(line: &str, names: &HashSet<String>) -> Option<usize> {
+fn cross_file_use(line: &str, names: &HashSet<String>, language: &str) -> Option<usize> {
     let t = line.trim_start();
-    if ["import ", "from ", "use ", "pub use ", "mod ", "export "].iter().any(|k| t.starts_with(k))
-        || t.contains("require(")
+    // Rust visibility before `use` / `mod` (`pub(crate) use a::b;`).
+    let t = match t.strip_prefix("pub") {
+        Some(rest) if rest.starts_with('(') => rest.split_once(')').map_or(rest, |(_, r)| r).trim_start(),
+        Some(rest) => rest.trim_start(),
+        None => t,
+    };
+    if ["import ", "from ", "use ", "mod ", "export ", "#["].iter().any(|k| t.starts_with(k)) || t.contains("require(")
     {
         return None;
     }
@@ -960,10 +965,141 @@ fn cross_file_use(line: &str, names: &HashSet<String>) -> Option<usize> {
             if start > 0 && line[..start].ends_with('.') {
                 continue;
             }
+            // Not inside a string literal (`"feature"`, a message) or a comment.
+            if in_string(&line[..start], language) || in_comment(&line[..start], language) {
+                continue;
+            }
+            // Not a name being bound (a parameter `name: T`, a keyword argument
+            // or an assignment `name = ...`): a use, not a definition.
+            let after = line[start + word.len()..].trim_start();
+            let binds = (after.starts_with(':') && !after.starts_with("::"))
+                || (after.starts_with('=') && !after.starts_with("=="));
+            // Nor the name of a new definition (`def name`, `fn name`) or a
+            // binding of its own (`catch (name)`, `let name`).
+            let prev = line[..start].trim_end().trim_end_matches(['(', '*']).trim_end();
+            let prev_word = prev.rsplit(|c: char| !is_word(c)).next().unwrap_or("");
+            let defines = [
+                "def", "fn", "function", "class", "struct", "enum", "trait", "type", "let", "var", "const", "catch",
+                "as", "mut", "static",
+            ]
+            .contains(&prev_word);
+            if binds || defines {
+                continue;
+            }
             return Some(start);
         }
     }
     None
+}
+
+/// Whether the end of `before` (the start of a line up to a position) is
+/// inside a string literal: an odd number of unescaped quotes (in Rust only
+/// `"`, since `'` also starts lifetimes).
+fn in_string(before: &str, language: &str) -> bool {
+    let quotes: &[char] = match language {
+        "rust" => &['"'],
+        "python" => &['"', '\''],
+        _ => &['"', '\'', '`'],
+    };
+    let mut open: Option<char> = None;
+    let mut escaped = false;
+    for c in before.chars() {
+        if escaped {
+            escaped = false;
+        } else if c == '\\' {
+            escaped = true;
+        } else if let Some(q) = open {
+            if c == q {
+                open = None;
+            }
+        } else if quotes.contains(&c) {
+            open = Some(c);
+        }
+    }
+    open.is_some()
+}
+
+/// Whether `before` (a line up to a position) has opened a line comment
+/// outside any string.
+fn in_comment(before: &str, language: &str) -> bool {
+    let marker = if language == "python" { "#" } else { "//" };
+    let mut from = 0;
+    while let Some(i) = before[from..].find(marker) {
+        if !in_string(&before[..from + i], language) {
+            return true;
+        }
+        from += i + marker.len();
+    }
+    false
+}
+
+/// Lines inside a multi-line import list (`from a import (` ... `)`,
+/// `use a::{` ... `};`): names there are imported, not used.
+fn import_list_lines(text: &str) -> Vec<bool> {
+    let mut open: Option<char> = None;
+    text.split('\n')
+        .map(|line| {
+            let inside = open.is_some();
+            match open {
+                Some(close) => {
+                    if line.contains(close) {
+                        open = None;
+                    }
+                }
+                None => {
+                    let t = line.trim_start();
+                    let t = t.strip_prefix("pub ").unwrap_or(t);
+                    if t.starts_with("from ") || t.starts_with("import ") || t.starts_with("use ") {
+                        open = [('(', ')'), ('{', '}')]
+                            .into_iter()
+                            .find(|&(o, c)| line.matches(o).count() > line.matches(c).count())
+                            .map(|(_, c)| c);
+                    }
+                }
+            }
+            inside
+        })
+        .collect()
+}
+
+/// Lines that lie in a multi-line string or comment (Python's triple-quoted
+/// strings and docstrings, `/* ... */`): prose, not code, even where a line
+/// looks like code.
+fn prose_lines(text: &str, language: &str) -> Vec<bool> {
+    let delims: &[(&str, &str)] = match language {
+        "python" => &[("\"\"\"", "\"\"\""), ("'''", "'''")],
+        _ => &[("/*", "*/")],
+    };
+    let mut open: Option<&str> = None;
+    text.split('\n')
+        .map(|line| {
+            // Prose: the line starts inside one, or opens one first thing.
+            let prose = open.is_some() || delims.iter().any(|(o, _)| line.trim_start().starts_with(o));
+            let mut rest = line;
+            loop {
+                match open {
+                    Some(close) => match rest.find(close) {
+                        Some(i) => {
+                            rest = &rest[i + close.len()..];
+                            open = None;
+                        }
+                        None => break,
+                    },
+                    None => {
+                        let next = delims.iter().filter_map(|&(o, c)| rest.find(o).map(|i| (i, o, c))).min();
+                        match next {
+                            Some((i, o, c)) => {
+                                rest = &rest[i + o.len()..];
+                                open = Some(c);
+                            }
+                            None => break,
+                        }
+                    }
+                }
+            }
+            prose
+        })
+        .collect()
 }
 
 /// The names that `file` (text `text`, in project `root`) can only know from
@@ -977,7 +1113,10 @@ pub fn imported_names(file: &Path, text: &str, root: &Path) -> HashSet<String> {
         for p in context::resolve(&imp, file, root) {
             let Ok(other) = std::fs::read_to_string(&p) else { continue };
             for (_, item) in context::items(&other) {
-                for n in context::defined_names(&item) {
+                // Top-level definitions only: a local variable or a method
+                // (used as `x.m`) is not what another file imports.
+                let top: String = item.lines().filter(|l| !l.starts_with([' ', '\t'])).collect::<Vec<_>>().join("\n");
+                for n in context::defined_names(&top) {
                     if n.len() >= 3 && !own.contains(n) {
                         names.insert(n.to_string());
                     }
@@ -1033,6 +1172,11 @@ pub fn tasks_of_kind(
     };
     // Candidates: code lines after the first (the prompt must not be empty),
     // of reasonable length, with at least `min_prefix` bytes before them.
+    let prose: Vec<bool> = if cross.is_some() {
+        prose_lines(text, language).into_iter().zip(import_list_lines(text)).map(|(a, b)| a || b).collect()
+    } else {
+        Vec::new()
+    };
     let mut candidates: Vec<usize> = (1..starts.len())
         .filter(|&i| starts[i] >= caps.min_prefix)
         .filter(|&i| line(i).len() <= 200 && is_code_line(line(i), language))
@@ -1040,7 +1184,11 @@ pub fn tasks_of_kind(
             TaskKind::Block => block_last(i).is_some_and(|last| (i..=last).all(|j| line(j).len() <= 200)),
             _ => true,
         })
-        .filter(|&i| cross.is_none_or(|names| cross_file_use(line(i), names).is_some()))
+        .filter(|&i| {
+            cross.is_none_or(|names| {
+                !prose.get(i).copied().unwrap_or(false) && cross_file_use(line(i), names, language).is_some()
+            })
+        })
         .collect();
     rng.shuffle(&mut candidates);
     candidates.truncate(k);
@@ -1053,7 +1201,7 @@ pub fn tasks_of_kind(
         let (cursor, last) = match kind {
             TaskKind::MidLine if cross.is_some() => {
                 // At the name from another file: the target is its use (name, arguments).
-                (ls + cross.and_then(|names| cross_file_use(line(i), names)).expect("a candidate"), i)
+                (ls + cross.and_then(|names| cross_file_use(line(i), names, language)).expect("a candidate"), i)
             }
             TaskKind::MidLine => {
                 let content: Vec<(usize, char)> = line(i)[indent..].trim_end().char_indices().collect();
@@ -1892,6 +2040,36 @@ mod tests {
         for t in &tasks {
             assert!(t.prefix.len() >= 1000, "{}", t.prefix.len());
         }
+    }
+
+    #[test]
+    fn cross_file_uses_are_code_not_strings_or_docstrings() {
+        let names: HashSet<String> = ["compute_total".to_string()].into();
+        assert_eq!(cross_file_use("    x = compute_total(a)", &names, "python"), Some(8));
+        assert_eq!(cross_file_use("    log(\"compute_total failed\")", &names, "python"), None);
+        assert_eq!(cross_file_use("    s = 'it\\'s' + compute_total(a)", &names, "python"), Some(18));
+        assert_eq!(cross_file_use("#[cfg(feature = \"compute_total\")]", &names, "rust"), None);
+        assert_eq!(cross_file_use("fn f<'a>(x: &'a T) { compute_total(x) }", &names, "rust"), Some(21));
+        assert_eq!(cross_file_use("from .util import compute_total", &names, "python"), None);
+        assert_eq!(cross_file_use("pub(crate) use self::util::compute_total;", &names, "rust"), None);
+        assert_eq!(cross_file_use("    f(a)  # see compute_total", &names, "python"), None);
+        assert_eq!(cross_file_use("    f(\"#\", compute_total(a))", &names, "python"), Some(11));
+        assert_eq!(cross_file_use("def g(compute_total: int = 0):", &names, "python"), None);
+        assert_eq!(cross_file_use("    g(compute_total=1)", &names, "python"), None);
+        assert_eq!(cross_file_use("    def compute_total(self):", &names, "python"), None);
+        assert_eq!(cross_file_use("    } catch (compute_total) {", &names, "javascript"), None);
+        assert_eq!(cross_file_use("    let mut compute_total = 1;", &names, "rust"), None);
+        assert_eq!(cross_file_use("    return compute_total(1)", &names, "python"), Some(11));
+        assert_eq!(cross_file_use("    if compute_total == 1:", &names, "python"), Some(7));
+        assert_eq!(cross_file_use("    x = compute_total::new()", &names, "rust"), Some(8));
+        let imp = "from .a import (\n    compute_total,\n)\nx = compute_total(1)\nuse a::{\n    b,\n};\n";
+        assert_eq!(import_list_lines(imp), vec![false, true, true, false, false, true, true, false]);
+        let py = "def f():\n    \"\"\"Calls\n    compute_total(x) here.\n    \"\"\"\n    return compute_total(x)\n";
+        assert_eq!(prose_lines(py, "python"), vec![false, true, true, true, false, false]);
+        let js = "/**\n * compute_total(x)\n */\nconst y = compute_total(x); /* a */ z();\n";
+        assert_eq!(prose_lines(js, "javascript"), vec![true, true, true, false, false]);
+        let py2 = "x = f(\"\"\"a\nb\"\"\")\ny = 1\n";
+        assert_eq!(prose_lines(py2, "python"), vec![false, true, false, false]);
     }
 
     #[test]
