@@ -155,7 +155,7 @@ pub fn report() -> String {
         simd_features().into_iter().map(|(name, on)| format!("{}{name}", if on { "+" } else { "-" })).collect();
     let amx = Amx::detect();
     format!(
-        "arch: {}\nsimd: {}\nquantized kernel: {:?} (ANCHORCODER_KERNEL=scalar|avx2 forces a lower one)\n\
+        "arch: {}\nsimd: {}\nquantized kernel: {:?} (ANCHORCODER_KERNEL=scalar|avx2|neon forces a lower one)\n\
          amx: {amx}\namx use: none (the engine has no AMX kernel and executes no AMX instruction{})\n",
         std::env::consts::ARCH,
         features.join(" "),
@@ -177,6 +177,8 @@ mod tests {
         match Kernel::best() {
             Kernel::Avx512Vnni => assert!(has("avx512vnni") && has("avx512bw") && has("avx2"), "{r}"),
             Kernel::Avx2 => assert!(has("avx2") && has("fma") && has("f16c"), "{r}"),
+            Kernel::NeonDot => assert!(has("neon") && has("dotprod"), "{r}"),
+            Kernel::Neon => assert!(has("neon"), "{r}"),
             Kernel::Scalar => {}
         }
     }

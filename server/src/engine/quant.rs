@@ -54,10 +54,18 @@
 //! (AVX2, `vpmaddubsw`), each weight loaded once per tile, and a scalar
 //! reference, picked at run time ([`Kernel::best`]; the environment
 //! variable `ANCHORCODER_KERNEL=scalar|avx2|avx512vnni` forces a lower one for
-//! comparisons). Rows are split over candle's worker pool, the one the rest of
+//! comparisons). On aarch64, NEON tiles of 8 weight rows × up to 4 activation
+//! rows, with the dot-product extension or without (`quant_neon.rs`;
+//! `ANCHORCODER_KERNEL=scalar|neon|neondot`). Rows are split over candle's worker pool, the one the rest of
 //! the engine uses.
 
 use std::sync::OnceLock;
+
+#[cfg(target_arch = "aarch64")]
+#[path = "quant_neon.rs"]
+mod neon;
+#[cfg(target_arch = "aarch64")]
+use neon::{tile_neon, tile_neondot, TILE_NEON};
 
 use anyhow::{bail, Result};
 use half::f16;
@@ -607,8 +615,12 @@ unsafe fn quantize_block_avx2(x: &[f32], q: &mut [i8]) -> (f32, [i32; 2]) {
 /// Which dot-product code runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kernel {
-    /// Plain Rust: the reference, and what runs without AVX2.
+    /// Plain Rust: the reference, and what runs without AVX2 or NEON.
     Scalar,
+    /// aarch64 NEON (ARMv8.0: `smull`/`smlal`, pairwise widening adds).
+    Neon,
+    /// aarch64 NEON with the dot-product extension (`sdot`).
+    NeonDot,
     /// AVX2 + FMA + F16C.
     Avx2,
     /// AVX-512 (F, BW, VL) with VNNI.
@@ -624,6 +636,7 @@ impl Kernel {
                 is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
             match self {
                 Kernel::Scalar => true,
+                Kernel::Neon | Kernel::NeonDot => false,
                 Kernel::Avx2 => avx2,
                 Kernel::Avx512Vnni => {
                     avx2 && is_x86_feature_detected!("avx512f")
@@ -633,7 +646,15 @@ impl Kernel {
                 }
             }
         }
-        #[cfg(not(target_arch = "x86_64"))]
+        #[cfg(target_arch = "aarch64")]
+        {
+            match self {
+                Kernel::Scalar | Kernel::Neon => true,
+                Kernel::NeonDot => std::arch::is_aarch64_feature_detected!("dotprod"),
+                _ => false,
+            }
+        }
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         {
             self == Kernel::Scalar
         }
@@ -647,9 +668,12 @@ impl Kernel {
             let cap = match std::env::var("ANCHORCODER_KERNEL").as_deref() {
                 Ok("scalar") => Kernel::Scalar,
                 Ok("avx2") => Kernel::Avx2,
+                Ok("neon") => Kernel::Neon,
+                Ok("neondot") => Kernel::NeonDot,
                 _ => Kernel::Avx512Vnni,
             };
-            [Kernel::Avx512Vnni, Kernel::Avx2, Kernel::Scalar]
+            // One family runs on a CPU; a cap from the other one is no cap.
+            [Kernel::Avx512Vnni, Kernel::Avx2, Kernel::NeonDot, Kernel::Neon, Kernel::Scalar]
                 .into_iter()
                 .find(|k| *k <= cap && k.available())
                 .unwrap_or(Kernel::Scalar)
@@ -669,7 +693,9 @@ impl Kernel {
         match self {
             Kernel::Avx512Vnni => TILE_VNNI,
             Kernel::Avx2 => TILE_AVX2,
-            Kernel::Scalar => 1,
+            #[cfg(target_arch = "aarch64")]
+            Kernel::Neon | Kernel::NeonDot => TILE_NEON,
+            _ => 1,
         }
     }
 }
@@ -770,8 +796,16 @@ unsafe fn group_tile(kernel: Kernel, w: &QMatrix, g: usize, x: &QActs, i0: usize
         Kernel::Avx2 => by_format!(tile_avx2, 1 2 3 4),
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512Vnni => by_format!(tile_vnni, 1 2 3 4 5 6 7 8),
-        #[cfg(not(target_arch = "x86_64"))]
-        _ => unreachable!("only the scalar kernel exists off x86-64"),
+        // Formats the NEON tiles do not cover yet take the reference.
+        #[cfg(target_arch = "aarch64")]
+        Kernel::NeonDot | Kernel::Neon if !matches!(w.format, Format::Q4_0 | Format::Q4_1 | Format::Q8_0) => {
+            group_tile(Kernel::Scalar, w, g, x, i0, t, out)
+        }
+        #[cfg(target_arch = "aarch64")]
+        Kernel::NeonDot => by_format!(tile_neondot, 1 2 3 4),
+        #[cfg(target_arch = "aarch64")]
+        Kernel::Neon => by_format!(tile_neon, 1 2 3 4),
+        _ => unreachable!("{kernel:?} does not run on this CPU"),
     }
 }
 
@@ -1155,6 +1189,9 @@ mod tests {
         }
     }
 
+    /// Every kernel; the tests run those [`Kernel::available`] on this CPU.
+    const KERNELS: [Kernel; 5] = [Kernel::Scalar, Kernel::Neon, Kernel::NeonDot, Kernel::Avx2, Kernel::Avx512Vnni];
+
     #[test]
     fn layout_round_trips_gguf_blocks() {
         for format in FORMATS {
@@ -1213,7 +1250,7 @@ mod tests {
     #[test]
     fn kernels_match_reference_and_f32() {
         let kernels: Vec<Kernel> =
-            [Kernel::Scalar, Kernel::Avx2, Kernel::Avx512Vnni].into_iter().filter(|k| k.available()).collect();
+            KERNELS.into_iter().filter(|k| k.available()).collect();
         for format in FORMATS {
             let shapes: &[(usize, usize, usize)] = if format.is_k() {
                 &[
@@ -1284,6 +1321,7 @@ mod tests {
 
     /// The vector quantization gives the reference's bytes, scales and sums,
     /// ties (`k + 0.5`) included.
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn activation_quantization_simd_equals_scalar() {
         if !Kernel::Avx2.available() {
