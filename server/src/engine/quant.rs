@@ -1249,8 +1249,7 @@ mod tests {
     /// activation rows from 1 to several tiles, not a multiple of either tile.
     #[test]
     fn kernels_match_reference_and_f32() {
-        let kernels: Vec<Kernel> =
-            KERNELS.into_iter().filter(|k| k.available()).collect();
+        let kernels: Vec<Kernel> = KERNELS.into_iter().filter(|k| k.available()).collect();
         for format in FORMATS {
             let shapes: &[(usize, usize, usize)] = if format.is_k() {
                 &[

@@ -236,7 +236,8 @@ pub(super) unsafe fn tile_neon<const R: usize, const F: u8>(
                 macro_rules! q8_run {
                     ($run:literal, $reg:literal, $lane:literal) => {
                         let wv = wregs(w, bi, h, $run, true);
-                        let ws = [vreinterpretq_s8_u8(veorq_u8(wv[0], flip)), vreinterpretq_s8_u8(veorq_u8(wv[1], flip))];
+                        let ws =
+                            [vreinterpretq_s8_u8(veorq_u8(wv[0], flip)), vreinterpretq_s8_u8(veorq_u8(wv[1], flip))];
                         for i in 0..R {
                             let xb = bcast::<$lane>(xs[i][$reg]);
                             for q in 0..2 {
@@ -265,8 +266,10 @@ pub(super) unsafe fn tile_neon<const R: usize, const F: u8>(
                 macro_rules! q4_chunk {
                     ($c:literal, $reg:literal, $lo:literal, $hi:literal) => {
                         let wv = wregs(w, bi, h, $c, false);
-                        let lo = [vreinterpretq_s8_u8(vandq_u8(wv[0], low4)), vreinterpretq_s8_u8(vandq_u8(wv[1], low4))];
-                        let hi = [vreinterpretq_s8_u8(vshrq_n_u8::<4>(wv[0])), vreinterpretq_s8_u8(vshrq_n_u8::<4>(wv[1]))];
+                        let lo =
+                            [vreinterpretq_s8_u8(vandq_u8(wv[0], low4)), vreinterpretq_s8_u8(vandq_u8(wv[1], low4))];
+                        let hi =
+                            [vreinterpretq_s8_u8(vshrq_n_u8::<4>(wv[0])), vreinterpretq_s8_u8(vshrq_n_u8::<4>(wv[1]))];
                         for i in 0..R {
                             let (xl, xh) = (bcast::<$lo>(xs[i][$reg]), bcast::<$hi>(xs[i][$reg]));
                             for q in 0..2 {
