@@ -796,11 +796,6 @@ unsafe fn group_tile(kernel: Kernel, w: &QMatrix, g: usize, x: &QActs, i0: usize
         Kernel::Avx2 => by_format!(tile_avx2, 1 2 3 4),
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512Vnni => by_format!(tile_vnni, 1 2 3 4 5 6 7 8),
-        // Formats the NEON tiles do not cover yet take the reference.
-        #[cfg(target_arch = "aarch64")]
-        Kernel::NeonDot | Kernel::Neon if !matches!(w.format, Format::Q4_0 | Format::Q4_1 | Format::Q8_0) => {
-            group_tile(Kernel::Scalar, w, g, x, i0, t, out)
-        }
         #[cfg(target_arch = "aarch64")]
         Kernel::NeonDot => by_format!(tile_neondot, 1 2 3 4),
         #[cfg(target_arch = "aarch64")]

@@ -20,7 +20,14 @@
 //!   Q8_0 (`smull`, `smull2`) pairs every run into 32 bits (`sadalp`). Two
 //!   pairwise adds (`addp`) per block give one lane per row.
 //!
-//! Both multiply signed bytes: Q4 nibbles (0–15) are non-negative as they
+//! Q5_0, Q5_1, Q5_K and Q6_K put their high plane's bits at bit 4 with a
+//! per-byte shift (`vshlq_u8` by a constant: no bits leak between bytes)
+//! and an OR; 16-bit sums stay in range over a block for 5 bits (8 · 31 ·
+//! 127 = 31,496 per lane) and over a half block for Q6_K (4 · 63 · 127 =
+//! 32,004), whose two halves (a scale per 16 values) are applied one at a
+//! time, as in the AVX-512 kernel.
+//!
+//! Both multiply signed bytes: stored values (0–63) are non-negative as they
 //! are; Q8_0's stored `q + 128` becomes `q` again by flipping the top bit,
 //! so its block-sum term drops out (as in the AVX2 kernel). Scales: `f16` →
 //! `f32` with `fcvtl` (base ARMv8 AdvSIMD; Rust's intrinsic for it needs the
@@ -32,7 +39,7 @@ use std::arch::asm;
 
 use half::f16;
 
-use super::{QActs, QMatrix, F_Q4_1, F_Q8_0, QK, RG};
+use super::{high_bits, QActs, QMatrix, F_Q4K, F_Q4_1, F_Q5K, F_Q5_0, F_Q5_1, F_Q6K, F_Q8_0, QK, RG};
 
 /// Activation rows per tile of the NEON kernels (8 + 8 `f32` accumulators
 /// for 8 weight rows, the rest of the 32 registers for weights, activations
@@ -49,6 +56,18 @@ unsafe fn f16x4(p: *const f16) -> float32x4_t {
     o
 }
 
+/// Eight bytes at `p` as two registers of `f32`, unsigned or signed (`i8`).
+#[inline(always)]
+unsafe fn bytes8(p: *const u8, signed: bool) -> [float32x4_t; 2] {
+    if signed {
+        let v = vmovl_s8(vld1_s8(p as *const i8));
+        [vcvtq_f32_s32(vmovl_s16(vget_low_s16(v))), vcvtq_f32_s32(vmovl_high_s16(v))]
+    } else {
+        let v = vmovl_u8(vld1_u8(p));
+        [vcvtq_f32_u32(vmovl_u16(vget_low_u16(v))), vcvtq_f32_u32(vmovl_high_u16(v))]
+    }
+}
+
 /// `acc += ` 4 products per lane: weight bytes `4ρ..4ρ+4` of `$w` times
 /// activation bytes `4L..4L+4` of `$x` (`sdot` by element).
 macro_rules! sdot {
@@ -63,17 +82,33 @@ macro_rules! sdot {
     };
 }
 
-/// Per-block scales of rows `r..r + 8` of (row group, block) `bi`: `d_w` and
-/// the block-sum coefficient `c_w` (unused for Q8_0), two registers each.
+/// Per-block scales of rows `8h..8h + 8` of row group `g`, block `b`: `d_w`
+/// and the block-sum coefficient `c_w` (unused for Q8_0 and Q6_K), two
+/// registers each. K-quants: `d·sc` and `−dmin·m` (Q6_K: `d`, its `i8`
+/// scales come per half block in [`apply_q6k`]).
 #[inline(always)]
-unsafe fn block_scales<const F: u8>(w: &QMatrix, bi: usize, h: usize) -> ([float32x4_t; 2], [float32x4_t; 2]) {
-    let p = bi * RG + 8 * h;
-    let dw = [f16x4(w.d.as_ptr().add(p)), f16x4(w.d.as_ptr().add(p + 4))];
-    let coef = match F {
-        F_Q4_1 => [f16x4(w.m.as_ptr().add(p)), f16x4(w.m.as_ptr().add(p + 4))],
-        _ => [vmulq_n_f32(dw[0], -8.0), vmulq_n_f32(dw[1], -8.0)],
-    };
-    (dw, coef)
+unsafe fn block_scales<const F: u8>(w: &QMatrix, g: usize, b: usize, h: usize) -> ([float32x4_t; 2], [float32x4_t; 2]) {
+    let nb = w.nb;
+    let p = (g * nb + b) * RG + 8 * h;
+    let sup = (g * (nb / 8) + b / 8) * RG + 8 * h;
+    let half = |v: &[f16], i: usize| [f16x4(v.as_ptr().add(i)), f16x4(v.as_ptr().add(i + 4))];
+    match F {
+        F_Q4_1 | F_Q5_1 => (half(&w.d, p), half(&w.m, p)),
+        F_Q4K | F_Q5K => {
+            let (d, dmin) = (half(&w.d, sup), half(&w.m, sup));
+            let (sc, mn) = (bytes8(w.sc.as_ptr().add(p), false), bytes8(w.mn.as_ptr().add(p), false));
+            (
+                [vmulq_f32(d[0], sc[0]), vmulq_f32(d[1], sc[1])],
+                [vnegq_f32(vmulq_f32(dmin[0], mn[0])), vnegq_f32(vmulq_f32(dmin[1], mn[1]))],
+            )
+        }
+        F_Q6K => (half(&w.d, sup), [vdupq_n_f32(0.0); 2]),
+        _ => {
+            let dw = half(&w.d, p);
+            let z = if F == F_Q5_0 { -16.0 } else { -8.0 };
+            (dw, [vmulq_n_f32(dw[0], z), vmulq_n_f32(dw[1], z)])
+        }
+    }
 }
 
 /// The two activation registers (elements 0–15, 16–31) of row `i`'s block `b`.
@@ -105,6 +140,32 @@ unsafe fn apply<const R: usize, const F: u8>(
     }
 }
 
+/// Applies Q6_K's half block `hf` (values `16hf..16hf + 16`):
+/// `acc += d·sc_hf·d_x·(dot − 32·S_hf)`.
+#[inline(always)]
+unsafe fn apply_q6k<const R: usize>(
+    acc: &mut [[float32x4_t; 2]; R],
+    dot: &[[int32x4_t; 2]; R],
+    d: [float32x4_t; 2],
+    w: &QMatrix,
+    (g, b, h, hf): (usize, usize, usize, usize),
+    x: &QActs,
+    i0: usize,
+) {
+    let bi = g * w.nb + b;
+    let sc = bytes8(w.sc.as_ptr().add((bi * 2 + hf) * RG + 8 * h), true);
+    let dsc = [vmulq_f32(d[0], sc[0]), vmulq_f32(d[1], sc[1])];
+    for i in 0..R {
+        let xb = (i0 + i) * x.nb + b;
+        let dx = *x.d.get_unchecked(xb);
+        let zero = vdupq_n_s32(32 * *x.hs.get_unchecked(2 * xb + hf));
+        for q in 0..2 {
+            let t = vcvtq_f32_s32(vsubq_s32(dot[i][q], zero));
+            acc[i][q] = vfmaq_f32(acc[i][q], t, vmulq_n_f32(dsc[q], dx));
+        }
+    }
+}
+
 /// Stores rows `r0..r0 + 8` (those below `w.n`) of the tile's outputs.
 #[inline(always)]
 unsafe fn store<const R: usize>(acc: &[[float32x4_t; 2]; R], w: &QMatrix, r0: usize, i0: usize, out: *mut f32) {
@@ -118,12 +179,57 @@ unsafe fn store<const R: usize>(acc: &[[float32x4_t; 2]; R], w: &QMatrix, r0: us
 }
 
 /// Weights of (row group, block) `bi`, rows `8h..8h + 8`: the two 16-byte
-/// registers of chunk `c` (Q4: 64-byte chunks of two runs; Q8_0: one run).
+/// registers of chunk `c` (Q4/Q5/Q6 low nibbles: 64-byte chunks of two runs;
+/// Q8_0: one run).
 #[inline(always)]
 unsafe fn wregs(w: &QMatrix, bi: usize, h: usize, c: usize, q8: bool) -> [uint8x16_t; 2] {
     let p = if q8 { w.qs.as_ptr().add(bi * RG * QK) } else { w.qs.as_ptr().add(bi * RG * 16) };
     let p = p.add(c * 4 * RG + 32 * h);
     [vld1q_u8(p), vld1q_u8(p.add(16))]
+}
+
+/// The high plane of (row group, block) `bi`, rows `8h..8h + 8`: register 0
+/// (Q5: every run's bit; Q6_K: runs 0–3) and 1 (Q6_K: runs 4–7), two 16-byte
+/// halves each; zeros for formats without high bits.
+#[inline(always)]
+unsafe fn high_plane<const F: u8>(w: &QMatrix, bi: usize, h: usize) -> [[uint8x16_t; 2]; 2] {
+    let hb = high_bits(F);
+    let mut r = [[vdupq_n_u8(0); 2]; 2];
+    for (reg, v) in r.iter_mut().enumerate().take(hb) {
+        let p = w.qh.as_ptr().add(bi * RG * 4 * hb + reg * 4 * RG + 32 * h);
+        *v = [vld1q_u8(p), vld1q_u8(p.add(16))];
+    }
+    r
+}
+
+/// Chunk `c` of a block (runs `2c`, `2c + 1`) as signed bytes, rows `8h..8h
+/// + 8` in two registers each: the low nibbles, with the high plane's bits
+/// (of `qh`, from [`high_plane`]) moved to bit 4 and up.
+#[inline(always)]
+unsafe fn unpack<const F: u8>(
+    w: &QMatrix,
+    bi: usize,
+    h: usize,
+    c: usize,
+    qh: &[[uint8x16_t; 2]; 2],
+) -> [[int8x16_t; 2]; 2] {
+    let hb = high_bits(F);
+    let low4 = vdupq_n_u8(0x0F);
+    let wv = wregs(w, bi, h, c, false);
+    let mut v = [[vandq_u8(wv[0], low4), vandq_u8(wv[1], low4)], [vshrq_n_u8::<4>(wv[0]), vshrq_n_u8::<4>(wv[1])]];
+    if hb > 0 {
+        let hmask = vdupq_n_u8(if hb == 1 { 0x10 } else { 0x30 });
+        for (e, v) in v.iter_mut().enumerate() {
+            // Run t's field: bit t of register 0 (Q5), bits 2(t % 4).. of register t / 4 (Q6_K).
+            let t = 2 * c + e;
+            let (reg, bit) = if hb == 1 { (0, t) } else { (t / 4, 2 * (t % 4)) };
+            let shift = vdupq_n_s8(4 - bit as i8);
+            for q in 0..2 {
+                v[q] = vorrq_u8(v[q], vandq_u8(vshlq_u8(qh[reg][q], shift), hmask));
+            }
+        }
+    }
+    v.map(|v| [vreinterpretq_s8_u8(v[0]), vreinterpretq_s8_u8(v[1])])
 }
 
 /// Dot-product-extension tile: 8 weight rows (half of row group `g`) × `R`
@@ -140,7 +246,7 @@ pub(super) unsafe fn tile_neondot<const R: usize, const F: u8>(
     out: *mut f32,
 ) {
     let nb = w.nb;
-    let (low4, flip) = (vdupq_n_u8(0x0F), vdupq_n_u8(0x80));
+    let flip = vdupq_n_u8(0x80);
     for h in 0..2 {
         let r0 = g * RG + 8 * h;
         if r0 >= w.n {
@@ -149,35 +255,23 @@ pub(super) unsafe fn tile_neondot<const R: usize, const F: u8>(
         let mut acc = [[vdupq_n_f32(0.0); 2]; R];
         for b in 0..nb {
             let bi = g * nb + b;
-            let mut dot = [[vdupq_n_s32(0); 2]; R];
+            let scales = block_scales::<F>(w, g, b, h);
             let xs: [[int8x16_t; 2]; R] = std::array::from_fn(|i| acts(x, i0 + i, b));
-            // Elements 4·run.. of the block: activation register run / 4, lane run % 4.
-            macro_rules! q8_run {
-                ($run:literal, $reg:literal, $lane:literal) => {
-                    let wv = wregs(w, bi, h, $run, true);
-                    let ws = [vreinterpretq_s8_u8(veorq_u8(wv[0], flip)), vreinterpretq_s8_u8(veorq_u8(wv[1], flip))];
-                    for i in 0..R {
-                        for q in 0..2 {
-                            sdot!(dot[i][q], ws[q], xs[i][$reg], $lane);
-                        }
-                    }
-                };
-            }
-            // Chunk c: low nibbles are run 2c, high nibbles run 2c + 1.
-            macro_rules! q4_chunk {
-                ($c:literal, $reg:literal, $lo:literal, $hi:literal) => {
-                    let wv = wregs(w, bi, h, $c, false);
-                    let lo = [vreinterpretq_s8_u8(vandq_u8(wv[0], low4)), vreinterpretq_s8_u8(vandq_u8(wv[1], low4))];
-                    let hi = [vreinterpretq_s8_u8(vshrq_n_u8::<4>(wv[0])), vreinterpretq_s8_u8(vshrq_n_u8::<4>(wv[1]))];
-                    for i in 0..R {
-                        for q in 0..2 {
-                            sdot!(dot[i][q], lo[q], xs[i][$reg], $lo);
-                            sdot!(dot[i][q], hi[q], xs[i][$reg], $hi);
-                        }
-                    }
-                };
-            }
+            let mut dot = [[vdupq_n_s32(0); 2]; R];
             if F == F_Q8_0 {
+                // Elements 4·run.. of the block: activation register run / 4, lane run % 4.
+                macro_rules! q8_run {
+                    ($run:literal, $reg:literal, $lane:literal) => {
+                        let wv = wregs(w, bi, h, $run, true);
+                        let ws =
+                            [vreinterpretq_s8_u8(veorq_u8(wv[0], flip)), vreinterpretq_s8_u8(veorq_u8(wv[1], flip))];
+                        for i in 0..R {
+                            for q in 0..2 {
+                                sdot!(dot[i][q], ws[q], xs[i][$reg], $lane);
+                            }
+                        }
+                    };
+                }
                 q8_run!(0, 0, 0);
                 q8_run!(1, 0, 1);
                 q8_run!(2, 0, 2);
@@ -186,13 +280,35 @@ pub(super) unsafe fn tile_neondot<const R: usize, const F: u8>(
                 q8_run!(5, 1, 1);
                 q8_run!(6, 1, 2);
                 q8_run!(7, 1, 3);
-            } else {
-                q4_chunk!(0, 0, 0, 1);
-                q4_chunk!(1, 0, 2, 3);
-                q4_chunk!(2, 1, 0, 1);
-                q4_chunk!(3, 1, 2, 3);
+                apply::<R, F>(&mut acc, &dot, scales, x, i0, b);
+                continue;
             }
-            apply::<R, F>(&mut acc, &dot, block_scales::<F>(w, bi, h), x, i0, b);
+            let qh = high_plane::<F>(w, bi, h);
+            // Chunk c: low nibbles are run 2c, high nibbles run 2c + 1.
+            macro_rules! chunk {
+                ($c:literal, $reg:literal, $lo:literal, $hi:literal) => {
+                    let [lo, hi] = unpack::<F>(w, bi, h, $c, &qh);
+                    for i in 0..R {
+                        for q in 0..2 {
+                            sdot!(dot[i][q], lo[q], xs[i][$reg], $lo);
+                            sdot!(dot[i][q], hi[q], xs[i][$reg], $hi);
+                        }
+                    }
+                };
+            }
+            chunk!(0, 0, 0, 1);
+            chunk!(1, 0, 2, 3);
+            if F == F_Q6K {
+                apply_q6k::<R>(&mut acc, &dot, scales.0, w, (g, b, h, 0), x, i0);
+                dot = [[vdupq_n_s32(0); 2]; R];
+            }
+            chunk!(2, 1, 0, 1);
+            chunk!(3, 1, 2, 3);
+            if F == F_Q6K {
+                apply_q6k::<R>(&mut acc, &dot, scales.0, w, (g, b, h, 1), x, i0);
+            } else {
+                apply::<R, F>(&mut acc, &dot, scales, x, i0, b);
+            }
         }
         store(&acc, w, r0, i0, out);
     }
@@ -205,7 +321,7 @@ unsafe fn bcast<const L: i32>(x: int8x16_t) -> int8x16_t {
 }
 
 /// Plain-NEON tile (no dot-product extension): as [`tile_neondot`], products
-/// widened with `smull`/`smull2` and summed pairwise (`saddlp`/`sadalp`, `addp`).
+/// widened with `smull`/`smlal` and summed pairwise (`saddlp`/`sadalp`, `addp`).
 ///
 /// # Safety
 /// Indices as in `super::group_tile`, `R <= TILE_NEON`.
@@ -218,7 +334,7 @@ pub(super) unsafe fn tile_neon<const R: usize, const F: u8>(
     out: *mut f32,
 ) {
     let nb = w.nb;
-    let (low4, flip) = (vdupq_n_u8(0x0F), vdupq_n_u8(0x80));
+    let flip = vdupq_n_u8(0x80);
     for h in 0..2 {
         let r0 = g * RG + 8 * h;
         if r0 >= w.n {
@@ -227,9 +343,10 @@ pub(super) unsafe fn tile_neon<const R: usize, const F: u8>(
         let mut acc = [[vdupq_n_f32(0.0); 2]; R];
         for b in 0..nb {
             let bi = g * nb + b;
+            let scales = block_scales::<F>(w, g, b, h);
             let xs: [[int8x16_t; 2]; R] = std::array::from_fn(|i| acts(x, i0 + i, b));
             // Per activation row and 4-row register: rows 0–1 and rows 2–3 of
-            // the register, each lane pair one row (16-bit for Q4, 32-bit for Q8_0).
+            // the register, each lane pair one row (16-bit for Q4/Q5/Q6, 32-bit for Q8_0).
             let mut dot = [[vdupq_n_s32(0); 2]; R];
             if F == F_Q8_0 {
                 let mut pairs = [[[vdupq_n_s32(0); 2]; 2]; R];
@@ -261,38 +378,51 @@ pub(super) unsafe fn tile_neon<const R: usize, const F: u8>(
                         dot[i][q] = vpaddq_s32(pairs[i][q][0], pairs[i][q][1]);
                     }
                 }
-            } else {
-                let mut sums = [[[vdupq_n_s16(0); 2]; 2]; R];
-                macro_rules! q4_chunk {
-                    ($c:literal, $reg:literal, $lo:literal, $hi:literal) => {
-                        let wv = wregs(w, bi, h, $c, false);
-                        let lo =
-                            [vreinterpretq_s8_u8(vandq_u8(wv[0], low4)), vreinterpretq_s8_u8(vandq_u8(wv[1], low4))];
-                        let hi =
-                            [vreinterpretq_s8_u8(vshrq_n_u8::<4>(wv[0])), vreinterpretq_s8_u8(vshrq_n_u8::<4>(wv[1]))];
-                        for i in 0..R {
-                            let (xl, xh) = (bcast::<$lo>(xs[i][$reg]), bcast::<$hi>(xs[i][$reg]));
-                            for q in 0..2 {
-                                let s = &mut sums[i][q];
-                                s[0] = vmlal_s8(s[0], vget_low_s8(lo[q]), vget_low_s8(xl));
-                                s[0] = vmlal_s8(s[0], vget_low_s8(hi[q]), vget_low_s8(xh));
-                                s[1] = vmlal_high_s8(s[1], lo[q], xl);
-                                s[1] = vmlal_high_s8(s[1], hi[q], xh);
-                            }
-                        }
-                    };
-                }
-                q4_chunk!(0, 0, 0, 1);
-                q4_chunk!(1, 0, 2, 3);
-                q4_chunk!(2, 1, 0, 1);
-                q4_chunk!(3, 1, 2, 3);
-                for i in 0..R {
-                    for q in 0..2 {
-                        dot[i][q] = vpaddq_s32(vpaddlq_s16(sums[i][q][0]), vpaddlq_s16(sums[i][q][1]));
-                    }
-                }
+                apply::<R, F>(&mut acc, &dot, scales, x, i0, b);
+                continue;
             }
-            apply::<R, F>(&mut acc, &dot, block_scales::<F>(w, bi, h), x, i0, b);
+            let qh = high_plane::<F>(w, bi, h);
+            let mut sums = [[[vdupq_n_s16(0); 2]; 2]; R];
+            macro_rules! chunk {
+                ($c:literal, $reg:literal, $lo:literal, $hi:literal) => {
+                    let [lo, hi] = unpack::<F>(w, bi, h, $c, &qh);
+                    for i in 0..R {
+                        let (xl, xh) = (bcast::<$lo>(xs[i][$reg]), bcast::<$hi>(xs[i][$reg]));
+                        for q in 0..2 {
+                            let s = &mut sums[i][q];
+                            s[0] = vmlal_s8(s[0], vget_low_s8(lo[q]), vget_low_s8(xl));
+                            s[0] = vmlal_s8(s[0], vget_low_s8(hi[q]), vget_low_s8(xh));
+                            s[1] = vmlal_high_s8(s[1], lo[q], xl);
+                            s[1] = vmlal_high_s8(s[1], hi[q], xh);
+                        }
+                    }
+                };
+            }
+            // The 16-bit sums to one `i32` lane per row.
+            macro_rules! widen {
+                () => {
+                    for i in 0..R {
+                        for q in 0..2 {
+                            dot[i][q] = vpaddq_s32(vpaddlq_s16(sums[i][q][0]), vpaddlq_s16(sums[i][q][1]));
+                        }
+                    }
+                };
+            }
+            chunk!(0, 0, 0, 1);
+            chunk!(1, 0, 2, 3);
+            if F == F_Q6K {
+                widen!();
+                apply_q6k::<R>(&mut acc, &dot, scales.0, w, (g, b, h, 0), x, i0);
+                sums = [[[vdupq_n_s16(0); 2]; 2]; R];
+            }
+            chunk!(2, 1, 0, 1);
+            chunk!(3, 1, 2, 3);
+            widen!();
+            if F == F_Q6K {
+                apply_q6k::<R>(&mut acc, &dot, scales.0, w, (g, b, h, 1), x, i0);
+            } else {
+                apply::<R, F>(&mut acc, &dot, scales, x, i0, b);
+            }
         }
         store(&acc, w, r0, i0, out);
     }
