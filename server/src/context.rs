@@ -18,6 +18,7 @@
 //! The caller renders the choice ([`ContextSet`]) in front of the document's
 //! window, each chunk under its file's path (see `completion::context_lead`).
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::path::{Component, Path, PathBuf};
 
@@ -131,7 +132,7 @@ pub fn imports(lang: Lang, text: &str) -> Vec<Import> {
     let mut out = Vec::new();
     match lang {
         Lang::Python => {
-            for line in text.lines() {
+            for line in logical_lines(text) {
                 let l = line.trim_start();
                 if let Some(rest) = l.strip_prefix("from ") {
                     let Some((module, names)) = rest.split_once(" import ") else { continue };
@@ -215,6 +216,72 @@ pub fn imports(lang: Lang, text: &str) -> Vec<Import> {
             }
         }
         Lang::Other => {}
+    }
+    out
+}
+
+/// Python's lines with a parenthesized `from ... import (` list joined into
+/// one line (`from a import (b,\n    c)` → `from a import (b, c)`).
+fn logical_lines(text: &str) -> Vec<Cow<'_, str>> {
+    let mut out: Vec<Cow<'_, str>> = Vec::new();
+    let mut open: Option<String> = None;
+    for line in text.lines() {
+        if let Some(acc) = open.as_mut() {
+            acc.push(' ');
+            acc.push_str(line.trim());
+            if line.contains(')') {
+                out.push(Cow::Owned(open.take().unwrap_or_default()));
+            }
+            continue;
+        }
+        let t = line.trim_start();
+        if t.starts_with("from ") && t.contains("import (") && !t.contains(')') {
+            open = Some(line.to_string());
+        } else {
+            out.push(Cow::Borrowed(line));
+        }
+    }
+    out.extend(open.map(Cow::Owned));
+    out
+}
+
+/// The names a document imports by name (`from m import a`, `use m::{A, b}`,
+/// `import { a } from`, `const { a } = require(...)`, `import X from`): what it
+/// means to use from other files, so the chunks defining them matter most.
+pub fn named_imports(lang: Lang, text: &str) -> HashSet<String> {
+    let mut out = HashSet::new();
+    for imp in imports(lang, text) {
+        match imp {
+            Import::Python { names, .. } => out.extend(names),
+            Import::Rust { path, is_mod: false } => {
+                out.extend(path.last().filter(|n| !matches!(n.as_str(), "self" | "super" | "crate")).cloned())
+            }
+            _ => {}
+        }
+    }
+    if lang == Lang::Js {
+        for line in text.lines() {
+            let l = line.trim();
+            let binding = if let Some(rest) = l.strip_prefix("import ") {
+                rest.split_once(" from ").map(|(b, _)| b)
+            } else if l.contains("require(") {
+                l.split_once('=').map(|(b, _)| {
+                    let b = b.trim();
+                    ["const ", "let ", "var "].iter().fold(b, |b, k| b.strip_prefix(k).unwrap_or(b))
+                })
+            } else {
+                None
+            };
+            let Some(binding) = binding else { continue };
+            for part in binding.split([',', '{', '}']) {
+                // `a as b` / `a: b`: `a` is what the other file defines, `b` what this one uses.
+                for name in part.split([' ', ':']).filter(|w| !matches!(*w, "" | "as" | "type")) {
+                    if is_ident(name) {
+                        out.insert(name.to_string());
+                    }
+                }
+            }
+        }
     }
     out
 }
@@ -543,11 +610,40 @@ const COMMON: &[&str] = &[
     "module",
 ];
 
-/// How relevant a chunk is to the query identifiers: each name the chunk
-/// defines that the query uses counts 4, each other shared identifier 1,
-/// divided by the square root of the chunk's distinct identifiers (so a long
-/// chunk must share more to win). 0 when it shares nothing.
-pub fn score(chunk: &str, query: &HashSet<&str>) -> f32 {
+/// What the chunks are scored against, from the current document.
+#[derive(Clone, Debug, Default)]
+pub struct Query<'a> {
+    /// Identifiers of the lines around the cursor ([`query_text`]).
+    pub near: HashSet<&'a str>,
+    /// Names the document imports by name ([`named_imports`]).
+    pub named: HashSet<String>,
+    /// Identifiers anywhere in the document.
+    pub anywhere: HashSet<&'a str>,
+}
+
+impl<'a> Query<'a> {
+    /// The query of a document (`text`, in `lang`) at byte offset `cursor`.
+    pub fn new(lang: Lang, text: &'a str, cursor: usize) -> Query<'a> {
+        Query {
+            near: identifiers(query_text(text, cursor)),
+            named: named_imports(lang, text),
+            anywhere: identifiers(text),
+        }
+    }
+
+    /// Only the text near the cursor (no imports, no rest of the document).
+    pub fn near(query: &'a str) -> Query<'a> {
+        Query { near: identifiers(query), ..Default::default() }
+    }
+}
+
+/// How relevant a chunk is: each name the chunk defines counts 4 when the
+/// text near the cursor uses it or the document imports it by name, 2 when
+/// the document uses it elsewhere; each other identifier shared with the text
+/// near the cursor counts 1. The sum is divided by the square root of the
+/// chunk's distinct identifiers (a long chunk must share more to win). 0 when
+/// it shares nothing.
+pub fn score(chunk: &str, q: &Query) -> f32 {
     let ids = identifiers(chunk);
     if ids.is_empty() {
         return 0.0;
@@ -555,9 +651,19 @@ pub fn score(chunk: &str, query: &HashSet<&str>) -> f32 {
     let defined: HashSet<&str> = defined_names(chunk).into_iter().collect();
     let mut s = 0.0;
     for id in &ids {
-        if query.contains(id) {
-            s += if defined.contains(id) { 4.0 } else { 1.0 };
-        }
+        s += if defined.contains(id) {
+            if q.near.contains(id) || q.named.contains(*id) {
+                4.0
+            } else if q.anywhere.contains(id) {
+                2.0
+            } else {
+                0.0
+            }
+        } else if q.near.contains(id) {
+            1.0
+        } else {
+            0.0
+        };
     }
     s / (ids.len() as f32).sqrt()
 }
@@ -588,11 +694,10 @@ pub struct Candidate<'a> {
 /// tokens, path line included). Chunks that score 0 never go in; identical
 /// chunks go in once. The chosen chunks are ordered least relevant first, so
 /// the most relevant sit closest to the document's window.
-pub fn choose(candidates: &[Candidate], query: &str, budget: usize, count: &dyn Fn(&Chunk) -> usize) -> ContextSet {
+pub fn choose(candidates: &[Candidate], q: &Query, budget: usize, count: &dyn Fn(&Chunk) -> usize) -> ContextSet {
     if budget == 0 {
         return ContextSet::default();
     }
-    let q = identifiers(query);
     let mut scored: Vec<(f32, Chunk)> = Vec::new();
     let mut seen: HashSet<&str> = HashSet::new();
     for c in candidates {
@@ -603,7 +708,7 @@ pub fn choose(candidates: &[Candidate], query: &str, budget: usize, count: &dyn 
                     continue;
                 }
             }
-            let s = score(&text, &q)
+            let s = score(&text, q)
                 * match c.source {
                     Source::Import => 1.5,
                     Source::Recent => 1.2,
@@ -727,7 +832,7 @@ pub fn gather(r: &Request, count: &dyn Fn(&Chunk) -> usize) -> ContextSet {
             candidates.push(Candidate { path: shown, text, source: Source::Recent, lines: lines.clone() });
         }
     }
-    choose(&candidates, query_text(r.text, r.cursor), r.budget, count)
+    choose(&candidates, &Query::new(Lang::of(r.file), r.text, r.cursor), r.budget, count)
 }
 
 /// The llama.vim-style baseline the benchmarks compare against: chunks of 64
@@ -770,8 +875,34 @@ mod tests {
         );
         assert_eq!(
             got[3],
-            Import::Python { level: 2, module: vec!["pkg".into(), "mod".into()], names: vec!["a".into()] }
+            Import::Python { level: 2, module: vec!["pkg".into(), "mod".into()], names: vec!["a".into(), "b".into()] }
         );
+    }
+
+    #[test]
+    fn logical_lines_join_parenthesised_python_imports() {
+        let t = "from m import (a,\n    b,\n    c)\nx = f(1,\n  2)\n";
+        let lines = logical_lines(t);
+        assert_eq!(lines[0].split_whitespace().collect::<Vec<_>>(), ["from", "m", "import", "(a,", "b,", "c)"]);
+        assert_eq!(lines.len(), 3, "{lines:?}");
+    }
+
+    #[test]
+    fn named_imports_per_language() {
+        let py =
+            named_imports(Lang::Python, "import os\nfrom .util import helper, other as o\nfrom x import (p,\n  q)\n");
+        for n in ["helper", "other", "p", "q"] {
+            assert!(py.contains(n), "{n} in {py:?}");
+        }
+        assert!(!py.contains("os"), "a plain module import names no definition: {py:?}");
+        let rs = named_imports(Lang::Rust, "use crate::engine::{Engine, policy::Policy};\nuse std::io;\n");
+        for n in ["Engine", "Policy", "io"] {
+            assert!(rs.contains(n), "{n} in {rs:?}");
+        }
+        let js = named_imports(Lang::Js, "import { a, b as c } from './m';\nconst { d } = require('./n');\n");
+        for n in ["a", "b", "d"] {
+            assert!(js.contains(n), "{n} in {js:?}");
+        }
     }
 
     #[test]
@@ -886,7 +1017,7 @@ mod tests {
 
     #[test]
     fn a_chunk_defining_a_name_the_cursor_uses_wins() {
-        let q: HashSet<&str> = identifiers("    total = compute_total(items, discount)\n    return tot");
+        let q = Query::near("    total = compute_total(items, discount)\n    return tot");
         let defines = "def compute_total(items, discount):\n    return sum(items) * (1 - discount)\n";
         let mentions = "def report(items):\n    print(compute_total)\n    log(items, level, extra, more, words)\n";
         let unrelated = "def parse(line):\n    return line.split()\n";
@@ -903,12 +1034,12 @@ mod tests {
             Candidate { path: "copy.py".into(), text: util, source: Source::OpenDocument, lines: vec![] },
         ];
         let count = |c: &Chunk| c.text.len() / 4 + 4;
-        let set = choose(&cands, "x = compute_total(", 1000, &count);
+        let set = choose(&cands, &Query::near("x = compute_total("), 1000, &count);
         assert_eq!(set.chunks.len(), 1, "the same chunk in two files goes in once: {set:?}");
         assert_eq!(set.chunks[0].path, "util.py");
         assert!(set.chunks[0].text.starts_with("def compute_total"));
-        assert!(choose(&cands, "x = compute_total(", 5, &count).is_empty());
-        assert!(choose(&cands, "x = compute_total(", 0, &count).is_empty());
+        assert!(choose(&cands, &Query::near("x = compute_total("), 5, &count).is_empty());
+        assert!(choose(&cands, &Query::near("x = compute_total("), 0, &count).is_empty());
         assert_eq!(set.files(), vec![("util.py".to_string(), set.chunks[0].text.len())]);
     }
 

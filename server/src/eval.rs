@@ -102,6 +102,11 @@ pub struct EvalArgs {
     /// Token budget of the project context (`completion.contextTokens`).
     #[arg(long, default_value_t = completion::DEFAULT_CONTEXT_TOKENS)]
     pub context_tokens: usize,
+    /// Only choose each task's project context and report what it holds
+    /// (tokens, files, whether it defines the name a cross-file task's
+    /// target starts with); no generation, no scores. For tuning the choice.
+    #[arg(long)]
+    pub context_only: bool,
     /// Keep the task lines already in `--out` and run only the missing tasks
     /// (a long run that was stopped goes on where it was).
     #[arg(long, requires = "out")]
@@ -117,28 +122,24 @@ pub enum ContextArg {
 }
 
 /// The project context tokens of `task` (empty without a file and project).
-pub fn task_context(engine: &Engine, task: &Task, mode: ContextArg, budget: usize) -> Vec<u32> {
-    let (Some(file), Some(root)) = (&task.path, &task.root) else { return Vec::new() };
+pub fn task_context(engine: &Engine, task: &Task, mode: ContextArg, budget: usize) -> (context::ContextSet, Vec<u32>) {
+    let none = (context::ContextSet::default(), Vec::new());
+    let (Some(file), Some(root)) = (&task.path, &task.root) else { return none };
     if mode == ContextArg::Off || budget == 0 {
-        return Vec::new();
+        return none;
     }
-    // The document as the task shows it (the file on disk still has the target).
-    let text = format!("{}{}", task.prefix, task.suffix);
+    // The whole document, as the editor has it, without the target: a task's
+    // prefix and suffix are cut to a window, and the imports at the top of a
+    // long file would otherwise be missing.
+    let (text, cursor) = whole_document(task, file);
     let open: std::collections::HashMap<PathBuf, String> =
         task.open.iter().filter_map(|p| Some((p.clone(), std::fs::read_to_string(p).ok()?))).collect();
     let count = |c: &context::Chunk| completion::chunk_tokens(engine, c);
     let set = match mode {
         ContextArg::Ours => {
             let recent = std::collections::HashMap::new();
-            let r = context::Request {
-                file,
-                text: &text,
-                cursor: task.prefix.len(),
-                root: Some(root),
-                open: &open,
-                recent: &recent,
-                budget,
-            };
+            let r =
+                context::Request { file, text: &text, cursor, root: Some(root), open: &open, recent: &recent, budget };
             context::gather(&r, &count)
         }
         _ => {
@@ -170,7 +171,32 @@ pub fn task_context(engine: &Engine, task: &Task, mode: ContextArg, budget: usiz
             context::ring_buffer(&cands, budget, &count)
         }
     };
-    completion::context_tokens(engine, &set, Some(&context::display_path(file, root))).unwrap_or_default()
+    let tokens = completion::context_tokens(engine, &set, Some(&context::display_path(file, root))).unwrap_or_default();
+    (set, tokens)
+}
+
+/// The task's document in full (the file on disk around the task's window,
+/// the target left out) and the cursor in it; only the window when the file
+/// no longer holds the task's text.
+fn whole_document(task: &Task, file: &Path) -> (String, usize) {
+    let window = (format!("{}{}", task.prefix, task.suffix), task.prefix.len());
+    let Ok(disk) = std::fs::read_to_string(file) else { return window };
+    let middle = format!("{}{}{}", task.prefix, task.target, task.suffix);
+    match disk.find(&middle) {
+        Some(at) => {
+            let text = format!("{}{}{}{}", &disk[..at], task.prefix, task.suffix, &disk[at + middle.len()..]);
+            (text, at + task.prefix.len())
+        }
+        None => window,
+    }
+}
+
+/// Whether a chunk of `set` defines the first identifier of `target` (for a
+/// cross-file task: the name the cursor sits at): how often the context
+/// holds what the task needs, whatever the model then makes of it.
+pub fn context_defines_target(set: &context::ContextSet, target: &str) -> bool {
+    let name: String = target.chars().take_while(|c| *c == '_' || c.is_alphanumeric()).collect();
+    !name.is_empty() && set.chunks.iter().any(|c| context::defined_names(&c.text).contains(&name.as_str()))
 }
 
 /// [`FreshLine`] on the command line.
@@ -354,13 +380,15 @@ pub fn run(args: EvalArgs) -> Result<()> {
     // "llama_cpp", "llama_cpp_rules".
     let mut results: std::collections::BTreeMap<String, Vec<TaskResult>> = Default::default();
     let t0 = Instant::now();
+    // Context tokens in all, tasks with context, tasks whose context defines the target's name.
+    let mut context_used = (0usize, 0usize, 0usize);
     for (i, task) in tasks.iter().enumerate() {
         let line = match done.remove(&task.id) {
             Some(l) => l,
             None => {
                 let settings = task_settings(&args, task.kind, main_rule);
-                let ctx = task_context(&engine, task, args.context, args.context_tokens);
-                let rs = if args.llama_only {
+                let (set, ctx) = task_context(&engine, task, args.context, args.context_tokens);
+                let rs = if args.llama_only || args.context_only {
                     Vec::new()
                 } else {
                     eval_task_rules(&engine, policy, task, &settings, &rules, &ctx)
@@ -373,11 +401,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 };
                 if !ctx.is_empty() {
                     line["context_tokens"] = ctx.len().into();
+                    line["context_files"] = set.files().into_iter().map(|(p, _)| p).collect::<Vec<_>>().into();
+                    line["context_defines_target"] = context_defines_target(&set, &task.target).into();
                 }
                 for (r, rule) in rs.iter().zip(&rules).skip(1) {
                     line["variants"][fresh_line_name(*rule)] = r.to_json(task, policy);
                 }
-                if args.compare_full && !args.llama_only {
+                if args.compare_full && !args.llama_only && !args.context_only {
                     // Under `full` itself, the comparison is the run itself.
                     let f = if compare {
                         eval_task_rules(&engine, full, task, &settings, &[settings.fresh_line], &ctx).remove(0)
@@ -402,6 +432,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
             }
         };
         let v: serde_json::Value = serde_json::from_str(&line)?;
+        if let Some(n) = v["context_tokens"].as_u64() {
+            context_used.0 += n as usize;
+            context_used.1 += 1;
+        }
+        if let Some(d) = v["context_defines_target"].as_bool() {
+            context_used.2 += d as usize;
+        }
         let mut keys = vec![String::new(), "full".into(), "llama_cpp".into(), "llama_cpp_rules".into()];
         if let Some(m) = v["variants"].as_object() {
             keys.extend(m.keys().map(|k| format!("variants.{k}")));
@@ -442,6 +479,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
     summary["fresh_line"] = fresh_line_name(main_rule).into();
     summary["context"] = format!("{:?}", args.context).to_lowercase().into();
     summary["context_tokens"] = args.context_tokens.into();
+    if context_used.1 > 0 {
+        summary["context_tasks"] = context_used.1.into();
+        summary["context_tokens_mean"] = (context_used.0 as f64 / context_used.1 as f64).into();
+        summary["context_defines_target"] = (context_used.2 as f64 / context_used.1 as f64).into();
+    }
     for (k, r) in &results {
         if let Some(name) = k.strip_prefix("variants.") {
             summary["variants"][name] = Summary::of(r).to_json();
