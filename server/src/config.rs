@@ -205,11 +205,21 @@ pub struct CompletionConfig {
     pub debounce_ms: u64,
     /// Use fill-in-the-middle prompts (text after the cursor) when the model supports them.
     pub fim: bool,
+    /// Token budget of context from other files of the project (0 = none).
+    pub context_tokens: usize,
 }
 
 impl Default for CompletionConfig {
     fn default() -> Self {
-        Self { max_tokens: 64, max_lines: 8, prefix_tokens: 2048, suffix_tokens: 256, debounce_ms: 0, fim: true }
+        Self {
+            max_tokens: 64,
+            max_lines: 8,
+            prefix_tokens: 2048,
+            suffix_tokens: 256,
+            debounce_ms: 0,
+            fim: true,
+            context_tokens: crate::completion::DEFAULT_CONTEXT_TOKENS,
+        }
     }
 }
 
@@ -235,6 +245,8 @@ pub mod limits {
     pub const PREFIX_TOKENS: RangeInclusive<u64> = 64..=32768;
     /// `completion.suffixTokens`.
     pub const SUFFIX_TOKENS: RangeInclusive<u64> = 0..=32768;
+    /// `completion.contextTokens`.
+    pub const CONTEXT_TOKENS: RangeInclusive<u64> = 0..=8192;
     /// `completion.debounceMs`.
     pub const DEBOUNCE_MS: RangeInclusive<u64> = 0..=10_000;
     /// `threads`.
@@ -454,6 +466,13 @@ impl CompletionConfig {
                     default.debounce_ms,
                 ),
                 "fim" => u.boolean("completion.fim", value, &mut self.fim, default.fim),
+                "contextTokens" => u.uint(
+                    "completion.contextTokens",
+                    value,
+                    limits::CONTEXT_TOKENS,
+                    &mut self.context_tokens,
+                    default.context_tokens,
+                ),
                 _ => u.unknown(&format!("completion.{key}")),
             }
         }
@@ -718,7 +737,7 @@ mod tests {
                 "model": { "path": null, "adapter": null },
                 "attention": { "policy": "window", "recentLines": 8, "sinkTokens": 4, "denseEvery": 0, "windowTokens": 560 },
                 "cache": { "enabled": true, "memoryBudgetMiB": 512 },
-                "completion": { "maxTokens": 64, "maxLines": 8, "prefixTokens": 2048, "suffixTokens": 256, "debounceMs": 0, "fim": true },
+                "completion": { "maxTokens": 64, "maxLines": 8, "prefixTokens": 2048, "suffixTokens": 256, "debounceMs": 0, "fim": true, "contextTokens": 512 },
                 "threads": null,
                 "logFile": null,
                 "backend": { "kind": "local", "url": null, "model": null, "apiKeyEnv": null, "timeoutMs": 5000, "fallbackToLocal": false }
@@ -729,7 +748,7 @@ mod tests {
     }
 
     /// Every integer key and its allowed range.
-    fn ranges() -> [(&'static str, RangeInclusive<u64>); 12] {
+    fn ranges() -> [(&'static str, RangeInclusive<u64>); 13] {
         [
             ("attention.recentLines", limits::RECENT_LINES),
             ("attention.sinkTokens", limits::SINK_TOKENS),
@@ -741,6 +760,7 @@ mod tests {
             ("completion.prefixTokens", limits::PREFIX_TOKENS),
             ("completion.suffixTokens", limits::SUFFIX_TOKENS),
             ("completion.debounceMs", limits::DEBOUNCE_MS),
+            ("completion.contextTokens", limits::CONTEXT_TOKENS),
             ("threads", limits::THREADS),
             ("backend.timeoutMs", limits::TIMEOUT_MS),
         ]
@@ -821,7 +841,7 @@ mod tests {
             "model": { "path": "/m/coder.safetensors", "adapter": "/m/lora" },
             "attention": { "policy": "window", "recentLines": 0, "sinkTokens": 64, "denseEvery": 4, "windowTokens": 65536 },
             "cache": { "enabled": false, "memoryBudgetMiB": 65536 },
-            "completion": { "maxTokens": 1024, "maxLines": 100, "prefixTokens": 64, "suffixTokens": 0, "debounceMs": 75, "fim": false },
+            "completion": { "maxTokens": 1024, "maxLines": 100, "prefixTokens": 64, "suffixTokens": 0, "debounceMs": 75, "fim": false, "contextTokens": 0 },
             "threads": 256,
             "logFile": "/tmp/anchorcoder.log",
             "backend": { "kind": "openai", "url": "https://gpu.example:8000/", "model": "coder", "apiKeyEnv": "TEAM_KEY", "timeoutMs": 600000, "fallbackToLocal": true }
@@ -846,6 +866,7 @@ mod tests {
                     suffix_tokens: 0,
                     debounce_ms: 75,
                     fim: false,
+                    context_tokens: 0,
                 },
                 threads: Some(256),
                 log_file: Some("/tmp/anchorcoder.log".into()),

@@ -15,5 +15,6 @@ pub mod engine;
 pub mod eval;
 pub mod lsp;
 pub mod models;
+pub mod project;
 pub mod redact;
 pub mod worker;

@@ -37,6 +37,7 @@ use crate::engine::document::DocumentCache;
 use crate::engine::policy::AttentionPolicy;
 use crate::engine::Engine;
 use crate::models;
+use crate::project::Project;
 
 /// Freed cache bytes worth handing back to the OS ([`release_free_memory`]).
 const RELEASE_MIN_BYTES: usize = 1 << 20;
@@ -136,6 +137,9 @@ pub enum Job {
     Warm { uri: String, rope: Rope, cursor: usize, focus: bool },
     /// Forget a document and free its cache.
     Close { uri: String },
+    /// The workspace folders the editor named (project context resolves
+    /// imports under them).
+    Workspace { roots: Vec<PathBuf> },
     /// Apply a new configuration.
     Configure(Box<Config>),
 }
@@ -185,6 +189,11 @@ pub struct DocumentStatus {
     pub pending_tokens: usize,
     /// Prompt tokens whose K/V the last completion reused.
     pub reused_tokens: usize,
+    /// Tokens of project context (other files) in its prompt's lead.
+    pub context_tokens: usize,
+    /// The files that context came from (as the prompt shows them), with
+    /// the bytes of their chunks, least relevant first.
+    pub context_files: Vec<(String, usize)>,
 }
 
 /// A snapshot of the worker's state.
@@ -401,6 +410,10 @@ struct DocState {
     last_used: Instant,
     shown: Option<Shown>,
     last_reused: usize,
+    /// The files the project context came from, with their chunks' bytes.
+    context_files: Vec<(String, usize)>,
+    /// Whether this cache's context was chosen (a new cache chooses it again).
+    context_chosen: bool,
 }
 
 struct Worker {
@@ -419,6 +432,8 @@ struct Worker {
     focused: Option<String>,
     /// A completion or warm-up step is running (it counts in the queue depth).
     busy: bool,
+    /// Open documents, roots and recent lines: what project context is chosen from.
+    project: Project,
 }
 
 impl Worker {
@@ -437,6 +452,7 @@ impl Worker {
             warm: VecDeque::new(),
             focused: None,
             busy: false,
+            project: Project::default(),
         }
     }
 
@@ -510,9 +526,11 @@ impl Worker {
                     j.cancel.store(true, Ordering::SeqCst);
                     let _ = j.reply.send(Err(CompletionError::Superseded));
                 }
+                self.project.saw(&job.uri, &job.rope, job.cursor);
                 self.completions.push_back(job);
             }
             Job::Warm { uri, rope, cursor, focus } => {
+                self.project.saw(&uri, &rope, cursor);
                 self.warm.retain(|(u, _, _)| *u != uri);
                 if focus {
                     self.focused = Some(uri.clone());
@@ -520,6 +538,7 @@ impl Worker {
                 self.warm.push_back((uri, rope, cursor));
             }
             Job::Close { uri } => {
+                self.project.close(&uri);
                 self.warm.retain(|(u, _, _)| *u != uri);
                 if self.focused.as_deref() == Some(uri.as_str()) {
                     self.focused = None;
@@ -529,11 +548,15 @@ impl Worker {
                 }
             }
             Job::Configure(config) => self.configure(*config),
+            Job::Workspace { roots } => self.project.set_roots(roots),
         }
     }
 
     fn configure(&mut self, config: Config) {
         let old = std::mem::replace(&mut self.config, config);
+        if old.completion.context_tokens != self.config.completion.context_tokens {
+            self.project.invalidate();
+        }
         if old.attention != self.config.attention || old.cache.enabled != self.config.cache.enabled {
             self.docs.clear();
         }
@@ -648,7 +671,11 @@ impl Worker {
         let enabled = self.config.cache.enabled;
         let doc = self.docs.entry(uri.to_string()).or_insert_with(|| new_doc(engine, policy));
         if !enabled {
+            // No reuse between requests; the project context stays.
+            let (context, files) = (doc.cache.context().to_vec(), std::mem::take(&mut doc.context_files));
             *doc = new_doc(engine, policy);
+            doc.cache.set_context(context);
+            doc.context_files = files;
         }
         doc.last_used = Instant::now();
         let previous = doc.window_start.and_then(|p| p.checked_sub(lo));
@@ -730,10 +757,11 @@ impl Worker {
 
     /// One chunk of warm-up; returns whether more remains.
     fn warm_step(&mut self, uri: &str, rope: &Rope, cursor: usize) -> bool {
+        let cursor = cursor.min(rope.len_bytes());
+        self.refresh_context(uri, rope, cursor);
         if !self.config.cache.enabled || self.engine.is_none() {
             return false;
         }
-        let cursor = cursor.min(rope.len_bytes());
         if self.prepare(uri, rope, cursor).is_err() {
             return false;
         }
@@ -754,6 +782,42 @@ impl Worker {
                 let _ = self.events.send(Event::Log(format!("warm-up of {uri} failed: {e:#}")));
                 false
             }
+        }
+    }
+
+    /// Choose the document's project context again if what it depends on
+    /// changed (see [`Project`]); runs in warm-up only, so a keystroke never
+    /// waits for it. A different context restarts the document's cache at
+    /// the next prompt (this warm-up fills it again).
+    fn refresh_context(&mut self, uri: &str, rope: &Rope, cursor: usize) {
+        let budget = self.config.completion.context_tokens;
+        let Some(engine) = &self.engine else { return };
+        let chosen_here = self.docs.get(uri).is_some_and(|d| d.context_chosen);
+        if chosen_here && !self.project.stale(uri, rope, budget) {
+            return;
+        }
+        let started = Instant::now();
+        let chosen = self.project.choose(uri, rope, cursor, budget, &|c| completion::chunk_tokens(engine, c));
+        let tokens = match completion::context_tokens(engine, &chosen.set, chosen.shown_path.as_deref()) {
+            Ok(tokens) => tokens,
+            Err(e) => {
+                let _ = self.events.send(Event::Log(format!("project context for {uri} failed: {e:#}")));
+                Vec::new()
+            }
+        };
+        let policy = self.policy();
+        let doc = self.docs.entry(uri.to_string()).or_insert_with(|| new_doc(engine, policy));
+        doc.context_files = chosen.set.files();
+        doc.context_chosen = true;
+        if doc.cache.context() != tokens.as_slice() {
+            let files: Vec<String> = doc.context_files.iter().map(|(f, n)| format!("{f} ({n} bytes)")).collect();
+            let _ = self.events.send(Event::Log(format!(
+                "project context for {uri}: {} tokens from {} in {} ms",
+                tokens.len(),
+                if files.is_empty() { "no files".to_string() } else { files.join(", ") },
+                started.elapsed().as_millis()
+            )));
+            doc.cache.set_context(tokens);
         }
     }
 
@@ -799,6 +863,8 @@ impl Worker {
                     kv_bytes: s.kv.kv_bytes,
                     pending_tokens: s.pending_tokens,
                     reused_tokens: d.last_reused,
+                    context_tokens: d.cache.context().len(),
+                    context_files: d.context_files.clone(),
                 }
             })
             .collect();
@@ -1069,7 +1135,15 @@ fn remote_request(region: &str, at: usize, p: &Prompt, c: &CompletionConfig, hea
 fn new_doc(engine: &Engine, policy: AttentionPolicy) -> DocState {
     let mut cache = DocumentCache::new(&engine.model, policy);
     cache.set_eviction_slack(EVICTION_SLACK_LINES);
-    DocState { cache, window_start: None, last_used: Instant::now(), shown: None, last_reused: 0 }
+    DocState {
+        cache,
+        window_start: None,
+        last_used: Instant::now(),
+        shown: None,
+        last_reused: 0,
+        context_files: Vec::new(),
+        context_chosen: false,
+    }
 }
 
 /// The rest of the shown suggestion when the user typed its beginning.
@@ -1182,6 +1256,52 @@ mod tests {
                 w.step();
             }
             assert_eq!(w.docs["file:///long.py"].cache.pending(), 0, "and then finished");
+        }
+
+        #[test]
+        fn warm_up_puts_the_imported_files_definitions_in_the_lead_and_keeps_them_while_typing() {
+            let dir = std::env::temp_dir().join(format!("anchorcoder-worker-ctx-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("helpers.py"), "def parse_header(line):\n    return line.split(':', 1)\n").unwrap();
+            let mut h = harness();
+            let w = &mut h.worker;
+            accept(w, Job::Workspace { roots: vec![dir.clone()] });
+            let uri = format!("file://{}/main.py", dir.display());
+            let text = "from helpers import parse_header\n\ndef handle(line):\n    return parse_header(";
+            let warm = |t: &str| {
+                let rope = Rope::from_str(t);
+                Job::Warm { uri: uri.clone(), cursor: rope.len_bytes(), rope, focus: true }
+            };
+            accept(w, warm(text));
+            while !w.warm.is_empty() {
+                w.step();
+            }
+            let doc = &w.status().documents[0];
+            let definition = "def parse_header(line):\n    return line.split(':', 1)\n";
+            assert_eq!(doc.context_files, [("helpers.py".to_string(), definition.len())]);
+            assert!(doc.context_tokens > 0 && doc.pending_tokens == 0, "{doc:?}");
+            let lead = w.docs[&uri].cache.lead().to_vec();
+            let engine = w.engine.as_ref().unwrap();
+            let shown = engine.tokenizer.decode(&lead);
+            assert!(shown.contains("def parse_header") && shown.contains("main.py"), "{shown:?}");
+
+            // Typing does not choose again: the next completion reuses the whole warm prefix.
+            let (job, mut answer) = complete(&uri, &format!("{text}line"));
+            accept(w, job);
+            w.step();
+            let done = answer.try_recv().unwrap().unwrap();
+            assert!(done.reused_tokens >= lead.len(), "{done:?}");
+            assert_eq!(w.docs[&uri].cache.lead(), lead.as_slice());
+
+            // contextTokens = 0 turns it off at the next warm-up.
+            let mut config = w.config.clone();
+            config.completion.context_tokens = 0;
+            accept(w, Job::Configure(Box::new(config)));
+            accept(w, warm(text));
+            w.step();
+            assert_eq!(w.status().documents[0].context_tokens, 0);
+            let _ = std::fs::remove_dir_all(&dir);
         }
 
         #[test]

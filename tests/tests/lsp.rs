@@ -183,6 +183,51 @@ fn the_cursor_the_editor_reports_is_warmed_before_the_first_keystroke() {
 }
 
 #[test]
+fn definitions_from_imported_files_of_the_workspace_lead_the_prompt() {
+    let _ = default_model();
+    let root = std::env::temp_dir().join(format!("anchorcoder-e2e-ctx-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("geometry")).unwrap();
+    std::fs::write(root.join("geometry/__init__.py"), "").unwrap();
+    std::fs::write(
+        root.join("geometry/shapes.py"),
+        "import math\n\n\ndef area_of_circle(radius):\n    return math.pi * radius * radius\n\n\n\
+         def unrelated_helper():\n    return None\n",
+    )
+    .unwrap();
+    let mut s = Server::start(&[]);
+    let root_uri = format!("file://{}", root.display());
+    s.request(
+        "initialize",
+        json!({"processId": null, "rootUri": root_uri, "capabilities": {}, "initializationOptions": {}}),
+        Duration::from_secs(30),
+    );
+    s.notify("initialized", json!({}));
+    let uri = format!("{root_uri}/app.py");
+    let text = "from geometry.shapes import area_of_circle\n\n\ndef report(r):\n    return area_of_circle(";
+    s.open(&uri, "python", text);
+    wait_idle(&mut s);
+    let st = s.status();
+    let doc = &st["documents"][0];
+    assert_eq!(doc["contextFiles"][0]["path"], "geometry/shapes.py", "{st}");
+    assert!(doc["contextTokens"].as_u64().unwrap() > 10, "{st}");
+    assert_eq!(doc["pendingTokens"], 0, "warm-up filled the prompt, context included: {st}");
+    let (line, ch) = end_of(text);
+    let r = inline(&mut s, &uri, line, ch);
+    assert!(r["result"]["items"].is_array(), "{r}");
+    let st = s.status();
+    let doc = &st["documents"][0];
+    let (tokens, reused) = (doc["tokens"].as_u64().unwrap(), doc["reusedTokens"].as_u64().unwrap());
+    assert!(
+        reused > doc["contextTokens"].as_u64().unwrap() && reused + 16 >= tokens,
+        "the completion reused the warmed prompt with its context: {st}"
+    );
+    assert!(s.alive());
+    s.shutdown();
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
 fn cancel_request_stops_a_completion() {
     let _ = default_model();
     let mut s = started();

@@ -8,6 +8,10 @@ export interface DocumentStatus {
   kvBytes: number;
   pendingTokens: number;
   reusedTokens: number;
+  /** Tokens of project context (other files) at the head of the prompt. */
+  contextTokens?: number;
+  /** The files that context came from, least relevant first. */
+  contextFiles?: { path: string; bytes: number }[];
 }
 
 export interface BackendStatus {

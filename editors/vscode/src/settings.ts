@@ -34,6 +34,7 @@ const SERVER_KEYS = [
   'completion.suffixTokens',
   'completion.debounceMs',
   'completion.fim',
+  'completion.contextTokens',
   'threads',
   'logFile',
   'backend.kind',

@@ -296,6 +296,21 @@ pub struct DocumentCacheStatus {
     /// Prompt tokens whose K/V the last completion reused.
     #[serde(default)]
     pub reused_tokens: usize,
+    /// Tokens of project context (other files) at the head of its prompt.
+    #[serde(default)]
+    pub context_tokens: usize,
+    /// The files that context came from, least relevant first.
+    #[serde(default)]
+    pub context_files: Vec<ContextFileStatus>,
+}
+
+/// One file of a document's project context.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContextFileStatus {
+    /// The path as the prompt shows it (relative to the workspace root).
+    pub path: String,
+    /// Bytes of its chunks in the prompt.
+    pub bytes: usize,
 }
 
 #[cfg(test)]
@@ -440,7 +455,8 @@ mod tests {
                 "anchors": 40,
                 "keptTokens": 300,
                 "kvBytes": 1048576,
-                "pendingTokens": 12, "reusedTokens": 0
+                "pendingTokens": 12, "reusedTokens": 0,
+                "contextTokens": 90, "contextFiles": [{ "path": "src/util.rs", "bytes": 310 }]
             }],
             "cacheBytes": 1048576,
             "cacheBudgetBytes": 536870912,
@@ -452,6 +468,7 @@ mod tests {
         assert_eq!(status.model.state, ModelState::Error);
         assert_eq!(status.model.error.as_deref(), Some("file not found"));
         assert_eq!(status.documents[0].kept_tokens, 300);
+        assert_eq!(status.documents[0].context_files, [ContextFileStatus { path: "src/util.rs".into(), bytes: 310 }]);
         assert_eq!(status.last_latencies_ms, [12.5, 40.0]);
         assert_eq!(status.extra["uptimeS"], json!(31));
 

@@ -19,9 +19,9 @@ use tower_lsp::{Client, LanguageServer, LspService, Server};
 
 use super::documents::{ChangeOutcome, Documents, PositionEncoding};
 use super::protocol::{
-    set_inline_completion_provider, DidMoveCursor, DocumentCacheStatus, InlineCompletionItem, InlineCompletionList,
-    InlineCompletionOptions, InlineCompletionParams, InlineCompletionProvider, ModelSource, ModelState, ModelStatus,
-    StatusResult,
+    set_inline_completion_provider, ContextFileStatus, DidMoveCursor, DocumentCacheStatus, InlineCompletionItem,
+    InlineCompletionList, InlineCompletionOptions, InlineCompletionParams, InlineCompletionProvider, ModelSource,
+    ModelState, ModelStatus, StatusResult,
 };
 use super::transport;
 use crate::config::{Config, ConfigMessage};
@@ -281,6 +281,12 @@ impl Backend {
                         kv_bytes: d.kv_bytes as u64,
                         pending_tokens: d.pending_tokens,
                         reused_tokens: d.reused_tokens,
+                        context_tokens: d.context_tokens,
+                        context_files: d
+                            .context_files
+                            .into_iter()
+                            .map(|(path, bytes)| ContextFileStatus { path, bytes })
+                            .collect(),
                     })
                 })
                 .collect(),
@@ -451,7 +457,9 @@ impl LanguageServer for Backend {
             std::fs::OpenOptions::new().create(true).append(true).open(&log_path).ok();
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         tokio::spawn(Backend::forward_events(self.client.clone(), events_rx, progress, Some(log_path)));
-        let _ = self.worker.set(WorkerHandle::spawn(config.clone(), events_tx));
+        let worker = WorkerHandle::spawn(config.clone(), events_tx);
+        worker.send(Job::Workspace { roots: workspace_roots(&params) });
+        let _ = self.worker.set(worker);
         *self.config.lock().unwrap_or_else(|e| e.into_inner()) = config;
         self.report(messages).await;
 
@@ -567,6 +575,21 @@ impl LanguageServer for Backend {
         };
         Ok(Some(CompletionResponse::List(CompletionList { is_incomplete: true, items: vec![item] })))
     }
+}
+
+/// The local folders of the client's workspace (`workspaceFolders`, else the
+/// deprecated `rootUri`/`rootPath`).
+#[allow(deprecated)]
+fn workspace_roots(params: &InitializeParams) -> Vec<std::path::PathBuf> {
+    let folders = params.workspace_folders.iter().flatten().map(|f| &f.uri);
+    let mut roots: Vec<std::path::PathBuf> = folders.filter_map(|u| u.to_file_path().ok()).collect();
+    if roots.is_empty() {
+        roots.extend(params.root_uri.as_ref().and_then(|u| u.to_file_path().ok()));
+    }
+    if roots.is_empty() {
+        roots.extend(params.root_path.as_ref().map(std::path::PathBuf::from));
+    }
+    roots
 }
 
 #[cfg(test)]
