@@ -227,6 +227,41 @@ test('<M-Right> accepts one word, the rest stays as ghost text', function()
   end
 end)
 
+test('after Enter the suggestion starts on the new, indented line; accept-line takes its first line', function()
+  input('<Esc>')
+  local saved = lua('return vim.api.nvim_buf_get_lines(0, 0, -1, false)')
+  lua([[
+    vim.bo.autoindent = true
+    vim.api.nvim_buf_set_lines(0, 0, -1, false, {
+      'def parse_args():',
+      '\t"""Parse the command line: --input, --output and --verbose."""',
+    })
+  ]])
+  input('2GA')
+  input('<CR>')
+  local st = wait_ghost(2, 1)
+  eq('\t', st.lines[3], 'the editor left the new line indented and empty')
+  local text = st.suggestion
+  log('  suggestion: ' .. vim.inspect(text))
+  local first = text:match('^[^\n]*')
+  assert(first:match('%S'), "the first line has code on the cursor's line: " .. vim.inspect(text))
+  assert(not first:match('^[ \t]'), 'no indentation on top of the typed one: ' .. vim.inspect(text))
+  eq((text:gsub('\t', '        ')), shown(st), 'ghost text drawn = the suggestion (first line inline, the rest below)')
+  local accepted = lua('return require("anchorcoder.suggestion").stats.accepted')
+  input('<M-C-Right>')
+  local after = wait_for('the accepted line', [[
+    return require('anchorcoder.suggestion').stats.accepted > ... and vim.api.nvim_buf_get_lines(0, 0, -1, false) or nil
+  ]], 10000, accepted)
+  eq(with_insert(st.lines, st.row, st.col, first), after, 'buffer after accepting the first line')
+  local st2 = state()
+  local rest = text:sub(#first + 1)
+  if rest:match('%S') then
+    eq(rest, st2.suggestion, 'the lines below stay as ghost text')
+  end
+  input('<Esc>')
+  lua('vim.api.nvim_buf_set_lines(0, 0, -1, false, ...)', saved)
+end)
+
 test('the ghost text hides while the popup menu shows', function()
   input('<Esc>')
   lua([[vim.api.nvim_buf_set_lines(0, 5, -1, false, { '    return a' })]])
