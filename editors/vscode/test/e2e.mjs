@@ -138,6 +138,43 @@ try {
   } else {
     record('Tab inserts the ghost text into the editor and file', false, 'no ghost text to accept');
   }
+
+  // 5. A fresh line: Enter at the end of the docstring line leaves the new line indented and empty;
+  // the suggestion must start on it (not with a line break), and accept-line takes its first line.
+  await editor.locator('.view-lines').click();
+  await page.keyboard.press('Control+Home');
+  for (let i = 0; i < 5; i++) await page.keyboard.press('ArrowDown');
+  await page.keyboard.press('End');
+  await page.keyboard.press('Enter');
+  const viewLines = async () => norm(await page.evaluate(() =>
+    [...document.querySelectorAll('.editor-instance .monaco-editor .view-lines .view-line')]
+      .sort((a, b) => parseFloat(a.style.top) - parseFloat(b.style.top))
+      .map((e) => e.textContent).join('\n'))).split('\n');
+  const ghostText = async () => norm(await page.evaluate(() =>
+    [...document.querySelectorAll('.ghost-text-decoration')].map((e) => e.textContent).join('')));
+  let fresh = '';
+  const fDeadline = Date.now() + GHOST_TIMEOUT;
+  while (Date.now() < fDeadline) {
+    fresh = await ghostText();
+    if (fresh.trim() !== '') break;
+    await page.waitForTimeout(500);
+  }
+  await page.screenshot({ path: path.join(outDir, 'fresh-line.png') });
+  record('after Enter the ghost text starts on the new, indented line', fresh.trim() !== '' && !/^\s/.test(fresh),
+    `first line: ${JSON.stringify(fresh)}`);
+  if (fresh.trim() !== '') {
+    const before = await page.evaluate(() =>
+      [...document.querySelectorAll('.editor-instance .monaco-editor .view-lines .view-line')].length);
+    await page.keyboard.press('Control+Alt+L');
+    await page.waitForTimeout(1000);
+    const lines = await viewLines();
+    const line = lines.find((l) => l.trimEnd().endsWith(fresh.trimEnd()) && l.trim() === fresh.trim());
+    await page.screenshot({ path: path.join(outDir, 'fresh-line-accepted.png') });
+    record('accept-line inserts the first line at the typed indentation', !!line && /^ {4}\S/.test(line),
+      `line: ${JSON.stringify(line)}; view lines before ${before}, now ${JSON.stringify(lines.slice(4, 9))}`);
+  } else {
+    record('accept-line inserts the first line at the typed indentation', false, 'no ghost text on the fresh line');
+  }
 } catch (e) {
   console.log(`error: ${e.stack || e}`);
   if (page) await page.screenshot({ path: path.join(outDir, 'failure.png') }).catch(() => {});

@@ -83,6 +83,10 @@ cat > "$TMP/user/User/settings.json" <<EOF
   "files.autoSave": "off"
 }
 EOF
+# Accept one line of a suggestion (VS Code has the command, with no default key).
+cat > "$TMP/user/User/keybindings.json" <<EOF
+[{ "key": "ctrl+alt+l", "command": "editor.action.inlineSuggest.acceptNextLine", "when": "inlineSuggestionVisible" }]
+EOF
 cat > "$TMP/ws/fib.py" <<'EOF'
 def add(a, b):
     return a + b
