@@ -84,6 +84,13 @@ struct CompleteArgs {
     /// Token budget of the text before the cursor.
     #[arg(long, default_value_t = 2048)]
     prefix_tokens: usize,
+    /// The project folder: definitions from the files this one imports (resolved under it) go
+    /// ahead of the window, chosen as the server chooses them (no context without it).
+    #[arg(long)]
+    workspace: Option<PathBuf>,
+    /// Token budget of that project context (`completion.contextTokens`).
+    #[arg(long, default_value_t = anchorcoder::completion::DEFAULT_CONTEXT_TOKENS)]
+    context_tokens: usize,
     /// Also print timings and cache figures to stderr.
     #[arg(long)]
     verbose: bool,
@@ -145,6 +152,19 @@ fn complete(a: CompleteArgs) -> Result<()> {
         ..Settings::default()
     };
     let mut doc = DocumentCache::new(&engine.model, policy);
+    if let Some(workspace) = &a.workspace {
+        let root = std::fs::canonicalize(workspace)
+            .with_context(|| format!("--workspace {}: not a folder here", workspace.display()))?;
+        let file = std::fs::canonicalize(&a.path)?;
+        let chosen = anchorcoder::project::file_context(&file, &text, cursor, &root, a.context_tokens, &|c| {
+            completion::chunk_tokens(&engine, c)
+        });
+        let tokens = completion::context_tokens(&engine, &chosen.set, chosen.shown_path.as_deref())?;
+        if a.verbose {
+            eprintln!("project context: {} tokens from {:?}", tokens.len(), chosen.set.files());
+        }
+        doc.set_context(tokens);
+    }
     let (prompt, _) = completion::prepare(&engine, &mut doc, &text, cursor, None, &settings)?;
     let s = completion::complete(&engine, &mut doc, &prompt, &text[cursor..], &settings, 0, &|| false)?;
     println!("{}", s.text);

@@ -120,13 +120,7 @@ impl Project {
             recent: &recent,
             budget,
         };
-        let set = context::gather(&request, count);
-        let shown_path = Some(match &root {
-            Some(root) => context::display_path(&file, root),
-            None => file.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
-        })
-        .filter(|p| !p.is_empty());
-        Chosen { set, shown_path }
+        chosen(&request, count)
     }
 
     /// The workspace root holding `file`: the deepest folder the editor
@@ -160,6 +154,40 @@ impl Project {
         }
         h.finish()
     }
+}
+
+/// The context of one file on disk with no editor around it (`anchorcoder
+/// complete --workspace`): its imports under `root`, as the server chooses them.
+pub fn file_context(
+    file: &Path,
+    text: &str,
+    cursor: usize,
+    root: &Path,
+    budget: usize,
+    count: &dyn Fn(&Chunk) -> usize,
+) -> Chosen {
+    let none = HashMap::new();
+    let request = context::Request {
+        file,
+        text,
+        cursor: cursor.min(text.len()),
+        root: Some(root),
+        open: &none,
+        recent: &HashMap::new(),
+        budget,
+    };
+    chosen(&request, count)
+}
+
+/// [`context::gather`] and the document's path as the prompt shows it.
+fn chosen(r: &context::Request, count: &dyn Fn(&Chunk) -> usize) -> Chosen {
+    let set = context::gather(r, count);
+    let shown_path = Some(match r.root {
+        Some(root) => context::display_path(r.file, root),
+        None => r.file.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+    })
+    .filter(|p| !p.is_empty());
+    Chosen { set, shown_path }
 }
 
 /// A line that may import another file (in any language the context knows):
