@@ -28,7 +28,11 @@
 //! Prints p50/p95 of both (all keystrokes, and the first keystroke of each
 //! visit) and, last, one JSON object with the ratios (llama.cpp over ours).
 //!
-//! `typing-replay-files --llama-server BIN --model GGUF [--rounds 2] [--policy window|anchor|full] [--pause-ms 30] [--only ours|llama] [--no-visit-warm]`
+//! `--context-compare` also runs ours with `completion.contextTokens` 0 (project context
+//! off; `--context-tokens N` sets ours' budget) and prints the latency ratios and the
+//! K/V bytes per document of both.
+//!
+//! `typing-replay-files --llama-server BIN --model GGUF [--rounds 2] [--policy window|anchor|full] [--pause-ms 30] [--only ours|llama] [--no-visit-warm] [--context-tokens N] [--context-compare]`
 //! (ANCHORCODER_BIN picks our binary; tests/bench/typing-files.sh runs it).
 
 use std::path::Path;
@@ -165,10 +169,25 @@ fn stats(samples: &[Sample]) -> Value {
     })
 }
 
-fn ours(docs: &[Doc], rounds: usize, pause: Duration, policy: Option<&str>, visit_warm: bool) -> Vec<Sample> {
+/// Our side's settings.
+struct Ours<'a> {
+    policy: Option<&'a str>,
+    visit_warm: bool,
+    /// `completion.contextTokens` (None: the server's default).
+    context_tokens: Option<u64>,
+}
+
+/// Our server's keystroke samples, and its memory per document at the end
+/// (K/V bytes and context tokens from `anchorcoder/status`).
+fn ours(docs: &[Doc], rounds: usize, pause: Duration, o: &Ours) -> (Vec<Sample>, Value) {
+    let (policy, visit_warm) = (o.policy, o.visit_warm);
+    let mut completion = json!({"maxLines": 1, "maxTokens": 24});
+    if let Some(n) = o.context_tokens {
+        completion["contextTokens"] = json!(n);
+    }
     let mut s = Server::start(&[]);
     s.initialize(
-        json!({"attention": {"policy": policy}, "threads": 2, "completion": {"maxLines": 1, "maxTokens": 24}}),
+        json!({"attention": {"policy": policy}, "threads": 2, "completion": completion}),
         json!({"general": {"positionEncodings": ["utf-8"]}}),
     );
     for d in docs {
@@ -226,8 +245,18 @@ fn ours(docs: &[Doc], rounds: usize, pause: Duration, policy: Option<&str>, visi
             },
         )
     };
+    let st = s.status();
+    let per_doc: Vec<Value> = st["documents"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|d| json!({"uri": d["uri"], "kv_bytes": d["kvBytes"], "context_tokens": d["contextTokens"], "tokens": d["tokens"]}))
+        .collect();
+    let kv: Vec<f64> = per_doc.iter().filter_map(|d| d["kv_bytes"].as_f64()).collect();
+    let memory =
+        json!({"kv_bytes_per_document_mean": kv.iter().sum::<f64>() / kv.len().max(1) as f64, "documents": per_doc});
     s.shutdown();
-    samples
+    (samples, memory)
 }
 
 fn llama(docs: &[Doc], rounds: usize, pause: Duration, bin: &str, model: &str, visit_warm: bool) -> Vec<Sample> {
@@ -327,10 +356,29 @@ fn main() {
     }
 
     let mut report = serde_json::Map::new();
+    let context_tokens: Option<u64> = flag("--context-tokens").and_then(|v| v.parse().ok());
+    let o = Ours { policy: policy.as_deref(), visit_warm, context_tokens };
     if only.as_deref() != Some("llama") {
-        let s = stats(&ours(&docs, rounds, pause, policy.as_deref(), visit_warm));
+        let (samples, memory) = ours(&docs, rounds, pause, &o);
+        let mut s = stats(&samples);
+        s["memory"] = memory;
         println!("ours ({}):   {s}", policy.as_deref().unwrap_or("default policy"));
         report.insert("ours".into(), s);
+    }
+    if args.iter().any(|a| a == "--context-compare") {
+        // The same session with project context off: the latency and memory it costs.
+        let (samples, memory) = ours(&docs, rounds, pause, &Ours { context_tokens: Some(0), ..o });
+        let mut s = stats(&samples);
+        s["memory"] = memory;
+        println!("ours, context off: {s}");
+        if let Some(on) = report.get("ours").cloned() {
+            for k in ["p50_ms", "p95_ms"] {
+                let ratio = on[k].as_f64().unwrap() / s[k].as_f64().unwrap();
+                println!("{k}: context on / off = {ratio:.2}x");
+                report.insert(format!("{k}_ratio_context_on_over_off"), json!(ratio));
+            }
+        }
+        report.insert("ours_context_off".into(), s);
     }
     if only.as_deref() != Some("ours") {
         let bin = flag("--llama-server").expect("--llama-server BIN");
