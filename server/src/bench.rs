@@ -976,8 +976,8 @@ struct FirstOurs {
 }
 
 /// A cold completion per case through the server's own path: a new document
-/// cache under the server's default policy and settings, `completion::prepare`
-/// (plan, tokenize) and `completion::complete` (prefill, one line).
+/// cache under the server's default policy and settings, and the server's
+/// pipeline (`completion::Session`: plan, tokenize, prefill, one line).
 fn measure_first_ours(engine: &Engine, cases: &[FirstCase]) -> Result<Vec<FirstOurs>> {
     use crate::completion;
     use crate::engine::document::DocumentCache;
@@ -986,10 +986,11 @@ fn measure_first_ours(engine: &Engine, cases: &[FirstCase]) -> Result<Vec<FirstO
     let policy = engine.policy(AttentionPolicy::from_spec(&d)?, true);
     let mut out = Vec::new();
     for c in cases {
+        let rope = ropey::Rope::from_str(&c.text);
         let t = Instant::now();
         let mut doc = DocumentCache::new(&engine.model, policy);
-        let (prompt, _) = completion::prepare(engine, &mut doc, &c.text, c.cursor, None, &settings)?;
-        let s = completion::complete(engine, &mut doc, &prompt, &c.text[c.cursor..], &settings, 0, &|| false)?;
+        let mut session = completion::Session::default();
+        let s = session.complete_local(engine, &mut doc, &rope, c.cursor, &settings, &|| false)?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         let name = c.path.file_name().map_or(String::new(), |n| n.to_string_lossy().to_string());
         note(&format!(
@@ -1008,9 +1009,9 @@ fn measure_first_ours(engine: &Engine, cases: &[FirstCase]) -> Result<Vec<FirstO
             // Up to the first generated token (the prompt, healing, the FIM tail).
             prefill_ms: s.prefill_time.as_secs_f64() * 1e3,
             decode_ms: s.decode_time.as_secs_f64() * 1e3,
-            prompt_text: c.text[prompt.window_start..c.cursor].to_string(),
+            prompt_text: c.text[session.window_start().unwrap_or(0)..c.cursor].to_string(),
             max_tokens: settings.max_tokens,
-            single_line: prompt.single_line,
+            single_line: s.single_line,
             policy: policy.describe(),
             kv: doc.kv().precision().name(),
         });

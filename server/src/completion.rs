@@ -1,7 +1,8 @@
 //! From a document and a cursor to a suggestion: the prompt window, token
 //! healing, the single-/multi-line rules and the clean-up of what the model
-//! wrote. Plain Rust over text; the CLI (`anchorcoder complete`) and the
-//! server's worker both call [`complete`].
+//! wrote. Plain Rust over text; [`Session`] runs them in order for one
+//! document, over a [`Generator`] (the local model or a remote engine), and
+//! is what the server, `anchorcoder complete` and `anchorcoder eval` call.
 //!
 //! Rules:
 //! - The prompt is the text before the cursor, from a line start chosen so the
@@ -37,8 +38,12 @@ use anyhow::Result;
 
 use crate::context::{Chunk, ContextSet, Lang};
 use crate::engine::document::{line_start, DocumentCache, Update};
-use crate::engine::generate::{generate_with, Constraints, GenerateParams, StopReason};
+use crate::engine::generate::StopReason;
 use crate::engine::Engine;
+
+mod session;
+pub use session::REGION_AFTER_MIN_BYTES;
+pub use session::{region, type_through, Generator, Local, Prepared, Raw, Request, Session, Shown};
 
 /// Default token budget of project context (`completion.contextTokens`).
 pub const DEFAULT_CONTEXT_TOKENS: usize = 512;
@@ -138,13 +143,19 @@ pub struct Prompt {
     pub indent: String,
 }
 
-/// The outcome of one completion.
+/// The outcome of one completion ([`Session::complete`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Suggestion {
     /// Text to insert at the cursor (empty: nothing worth showing).
     pub text: String,
-    /// Why generation ended.
-    pub stop: StopReason,
+    /// Why generation ended; `None` when nothing was generated here (typed
+    /// through) or the generator does not say (a remote engine).
+    pub stop: Option<StopReason>,
+    /// The rest of the suggestion already shown, the user having typed its
+    /// beginning: no generation ran.
+    pub typed_through: bool,
+    /// Whether the rules made it one line (text follows the cursor).
+    pub single_line: bool,
     /// Tokens generated.
     pub tokens: usize,
     /// Document tokens that had to be run first (0 when the cache was warm).
@@ -299,37 +310,6 @@ pub fn set_prompt(engine: &Engine, doc: &mut DocumentCache, window: &str, s: &Se
     doc.set_text(&engine.tokenizer, window)
 }
 
-/// Plan the prompt for `cursor` in `text` and bring `doc` to it: what the
-/// server, `anchorcoder complete` and `anchorcoder eval` all do.
-/// `previous_start` is the window start kept while typing (see [`plan`]).
-/// Windows are sized in bytes; text far denser in tokens than code (digits
-/// are one token each) is planned again with the byte budget its own density
-/// gives, so that a prompt stays near `prefix_tokens`: a new window may reach
-/// 1.25× of it, a kept one 2× (it grows while the user types). Returns the
-/// prompt and the cache update of the final plan.
-pub fn prepare(
-    engine: &Engine,
-    doc: &mut DocumentCache,
-    text: &str,
-    cursor: usize,
-    previous_start: Option<usize>,
-    s: &Settings,
-) -> Result<(Prompt, Update)> {
-    let mut prompt = plan(text, cursor, previous_start, s);
-    let mut update = set_prompt(engine, doc, &text[prompt.window_start..prompt.cut], s)?;
-    let tokens = doc.tokens().len();
-    let p = s.prefix_tokens;
-    let cap = if previous_start == Some(prompt.window_start) { 2 * p } else { p + p / 4 };
-    if tokens > cap {
-        let bytes = prompt.cut - prompt.window_start;
-        let scaled = p * bytes / (tokens * BYTES_PER_TOKEN);
-        let denser = Settings { prefix_tokens: scaled.max(1), ..s.clone() };
-        prompt = plan(text, cursor, None, &denser);
-        update = set_prompt(engine, doc, &text[prompt.window_start..prompt.cut], s)?;
-    }
-    Ok((prompt, update))
-}
-
 /// The scratch tokens after the cached prefix: with FIM, `<fim_suffix>`, the
 /// text after the cursor (up to `suffix_tokens`, cut at a line end when it
 /// does not fit) and `<fim_middle>`; without, none.
@@ -343,46 +323,6 @@ pub fn fim_tail(engine: &Engine, following: &str, s: &Settings) -> Result<Vec<u3
     let mut suffix = engine.tokenizer.encode(text)?;
     suffix.truncate(s.suffix_tokens);
     Ok([f.suffix].into_iter().chain(suffix).chain([f.middle]).collect())
-}
-
-/// Generate a suggestion for `prompt` over `doc` (brought to the prompt by
-/// [`set_prompt`]); `following` is the document text after the cursor.
-pub fn complete(
-    engine: &Engine,
-    doc: &mut DocumentCache,
-    prompt: &Prompt,
-    following: &str,
-    s: &Settings,
-    reused: usize,
-    cancelled: &dyn Fn() -> bool,
-) -> Result<Suggestion> {
-    let mut stop = |t: &str| should_stop(t, prompt, s);
-    let tail = fim_tail(engine, following, s)?;
-    let code_first = prompt.fresh_line && s.fresh_line == FreshLine::Constrain;
-    let g = generate_with(
-        &engine.model,
-        &engine.tokenizer,
-        doc,
-        GenerateParams {
-            max_tokens: s.max_tokens,
-            forced_prefix: prompt.healed.as_bytes(),
-            extra_prompt: &tail,
-            chunk: 256,
-            stop: &mut stop,
-            cancelled,
-        },
-        Constraints { code_first },
-    )?;
-    let text = if g.stop == StopReason::Cancelled { String::new() } else { finish(&g.text, prompt, following, s) };
-    Ok(Suggestion {
-        text,
-        stop: g.stop,
-        tokens: g.tokens,
-        prefilled: g.prefilled,
-        reused,
-        prefill_time: g.prefill_time,
-        decode_time: g.decode_time,
-    })
 }
 
 /// The stop rule while generating: `text` is what follows the cursor so far.
@@ -528,9 +468,45 @@ mod tests {
     use super::*;
     use crate::engine::document::is_anchor;
     use crate::engine::document::tests::{test_tokenizer, test_tokenizer_with_specials};
+    use crate::engine::generate::{generate_with, Constraints, GenerateParams};
     use crate::engine::llama::tests::tiny_config;
     use crate::engine::llama::{Llama, Logits};
     use crate::engine::policy::{AttentionPolicy, PolicyKind};
+
+    /// Generate for `prompt` over `doc` with the local generator and apply
+    /// the rules: the pipeline's last two steps.
+    fn complete(
+        engine: &Engine,
+        doc: &mut DocumentCache,
+        prompt: &Prompt,
+        following: &str,
+        s: &Settings,
+    ) -> Result<Suggestion> {
+        let cancelled = || false;
+        let mut gen = Local { engine, doc, cancelled: &cancelled };
+        let req = Request { region: following, cursor: 0, prompt, settings: s };
+        let mut stop = |t: &str| should_stop(t, prompt, s);
+        let raw = futures_ready(gen.generate(&req, &mut stop))?;
+        Ok(Suggestion {
+            text: finish(&raw.text, prompt, following, s),
+            stop: raw.stop,
+            typed_through: false,
+            single_line: prompt.single_line,
+            tokens: raw.tokens,
+            prefilled: raw.prefilled,
+            reused: 0,
+            prefill_time: raw.prefill_time,
+            decode_time: raw.decode_time,
+        })
+    }
+
+    fn futures_ready<T>(f: impl std::future::Future<Output = T>) -> T {
+        let waker = std::task::Waker::noop();
+        match std::pin::pin!(f).poll(&mut std::task::Context::from_waker(waker)) {
+            std::task::Poll::Ready(v) => v,
+            std::task::Poll::Pending => panic!("the local generator waited"),
+        }
+    }
 
     fn engine_with(tok: crate::engine::tokenizer::Tokenizer) -> Engine {
         let model = Llama::random(tiny_config(tok.vocab_size()), 4).unwrap();
@@ -633,7 +609,7 @@ mod tests {
         doc.kv_mut().truncate(n);
 
         // A full generation leaves the cache holding the prefix only.
-        complete(&engine, &mut doc, &p, &text[cursor..], &s, 0, &|| false).unwrap();
+        complete(&engine, &mut doc, &p, &text[cursor..], &s).unwrap();
         assert_eq!((doc.kv().len(), doc.text()), (n, &text[..p.cut]));
 
         // The suffix budget cuts at a line end; `fim: false` means no FIM at all.
@@ -650,33 +626,6 @@ mod tests {
         let s = Settings::default();
         assert!(lead_tokens(&engine, &s).is_empty());
         assert!(fim_tail(&engine, "rest\n", &s).unwrap().is_empty());
-    }
-
-    /// Text far denser in tokens than code is planned again so the prompt
-    /// stays near the budget: a new window within 1.25x, a kept one within 2x;
-    /// ordinary code keeps its first plan.
-    #[test]
-    fn prepare_replans_token_dense_text_to_the_budget() {
-        let engine = engine_with(test_tokenizer());
-        let s = Settings { prefix_tokens: 128, ..Settings::default() };
-        let policy = AttentionPolicy::full();
-        // Digits and punctuation: about one token a byte with the test vocabulary.
-        let digits: String = (0..3000).map(|i| format!("{},", i % 97)).collect();
-        let mut doc = DocumentCache::new(&engine.model, policy);
-        let (p, _) = prepare(&engine, &mut doc, &digits, digits.len(), None, &s).unwrap();
-        let first = plan(&digits, digits.len(), None, &s);
-        assert!(p.window_start > first.window_start, "re-planned to a shorter window");
-        assert!(doc.tokens().len() <= 128 + 128 / 4, "{} tokens", doc.tokens().len());
-        // Typing on: the kept window may grow, up to twice the budget.
-        let typed = format!("{digits}1,2,3,");
-        let (q, _) = prepare(&engine, &mut doc, &typed, typed.len(), Some(p.window_start), &s).unwrap();
-        assert!(doc.tokens().len() <= 2 * 128, "{} tokens", doc.tokens().len());
-        assert!(q.window_start >= p.window_start);
-        // Text within the token cap keeps the plain plan.
-        let code: String = (0..100).map(|i| format!("def f{i}(x):\n    return x\n")).collect();
-        let mut doc = DocumentCache::new(&engine.model, policy);
-        let (c, _) = prepare(&engine, &mut doc, &code, code.len(), None, &Settings::default()).unwrap();
-        assert_eq!(c, plan(&code, code.len(), None, &Settings::default()));
     }
 
     fn at(text: &str, marker: &str) -> (String, usize) {
@@ -885,7 +834,7 @@ mod tests {
                 set_prompt(&engine, &mut doc, &t[p.window_start..p.cut], &s).unwrap();
                 for rule in [FreshLine::Continue, FreshLine::Constrain] {
                     let s = Settings { fresh_line: rule, ..s.clone() };
-                    let g = complete(&engine, &mut doc, &p, &t[c..], &s, 0, &|| false).unwrap();
+                    let g = complete(&engine, &mut doc, &p, &t[c..], &s).unwrap();
                     assert!(!g.text.starts_with(char::is_whitespace), "{seed} {rule:?} {doc_text:?}: {:?}", g.text);
                 }
                 // The generator's own text, before any clean-up.

@@ -10,7 +10,7 @@
 //! indentation, its code removed, the target that code) and `block` (the
 //! cursor after the indentation of a block's first line, the whole block
 //! removed, the target the block). Each task runs exactly the path users get
-//! ([`completion::plan`], a fresh [`DocumentCache`], [`completion::complete`]).
+//! (the server's pipeline, [`completion::Session`], on a fresh [`DocumentCache`]).
 //! Line kinds score the suggestion's first line, blocks the whole text (each
 //! line's trailing whitespace trimmed): exact match, edit similarity
 //! (1 − Levenshtein distance over characters / length of the longer string)
@@ -622,20 +622,18 @@ pub fn eval_task_rules(
     rules: &[FreshLine],
     context: &[u32],
 ) -> Vec<TaskResult> {
-    let text = format!("{}{}", task.prefix, task.suffix);
+    let text = ropey::Rope::from_str(&format!("{}{}", task.prefix, task.suffix));
     let cursor = task.prefix.len();
-    let prompt = completion::plan(&text, cursor, None, settings);
     let mut doc = DocumentCache::new(&engine.model, policy);
     doc.set_context(context.to_vec());
-    let set = completion::set_prompt(engine, &mut doc, &text[prompt.window_start..prompt.cut], settings);
+    // The server's pipeline; each rule plans the same prompt again (nothing
+    // to re-run) and generates anew (nothing was typed, nothing to type through).
+    let mut session = completion::Session::default();
     let mut runs = Vec::new();
     for &rule in rules {
         let t0 = Instant::now();
         let s = Settings { fresh_line: rule, ..settings.clone() };
-        let run = match &set {
-            Ok(_) => completion::complete(engine, &mut doc, &prompt, &text[cursor..], &s, 0, &|| false),
-            Err(e) => Err(anyhow::anyhow!("{e:#}")),
-        };
+        let run = session.complete_local(engine, &mut doc, &text, cursor, &s, &|| false);
         runs.push((run, t0.elapsed().as_secs_f64() * 1000.0));
     }
     doc.compact();
@@ -643,7 +641,7 @@ pub fn eval_task_rules(
     runs.into_iter()
         .map(|(run, latency_ms)| {
             let (text, stop) = match run {
-                Ok(s) => (s.text, format!("{:?}", s.stop)),
+                Ok(s) => (s.text, s.stop.map_or_else(String::new, |r| format!("{r:?}"))),
                 Err(e) => (String::new(), format!("error: {e:#}")),
             };
             TaskResult::scored(task, &text, stats.kv.kv_bytes, stats.tokens, latency_ms, stop)

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use anchorcoder::cli::{self, model_path, pull, PolicyArgs};
-use anchorcoder::completion::{self, Settings};
+use anchorcoder::completion::{self, Session, Settings};
 use anchorcoder::engine::document::DocumentCache;
 use anchorcoder::engine::Engine;
 use anchorcoder::models;
@@ -165,8 +165,8 @@ fn complete(a: CompleteArgs) -> Result<()> {
         }
         doc.set_context(tokens);
     }
-    let (prompt, _) = completion::prepare(&engine, &mut doc, &text, cursor, None, &settings)?;
-    let s = completion::complete(&engine, &mut doc, &prompt, &text[cursor..], &settings, 0, &|| false)?;
+    let rope = ropey::Rope::from_str(&text);
+    let s = Session::default().complete_local(&engine, &mut doc, &rope, cursor, &settings, &|| false)?;
     println!("{}", s.text);
     if a.verbose {
         let st = doc.stats();
@@ -178,7 +178,7 @@ fn complete(a: CompleteArgs) -> Result<()> {
             s.prefill_time.as_secs_f64(),
             s.tokens,
             s.decode_time.as_secs_f64(),
-            s.stop,
+            s.stop.expect("the local model says why it stopped"),
             policy.describe(),
             st.kv.kv_bytes,
             st.kv.tokens

@@ -9,12 +9,14 @@
 //! reported; that document's cache is dropped and the worker goes on. If the
 //! thread dies anyway, [`WorkerHandle::send`] starts a new one.
 //!
+//! A completion runs the one pipeline, [`completion::Session`], over the
+//! local model ([`completion::Local`]: the engine and the document's cache).
+//!
 //! The backend seam: with a remote `backend`, [`WorkerHandle::send`] hands
-//! completions to a [`RemoteRoute`] on the async runtime instead of the
-//! thread. The route keeps every local part (prompt window, healing,
-//! suggestion rules, typing-through, newest-wins) and lets `backend::Remote`
-//! generate; the thread then loads the local model only when
-//! `fallbackToLocal` needs it.
+//! completions to the remote route (`backend::route`) on the async runtime
+//! instead of the thread. The route runs the same pipeline over the remote
+//! engine; the thread then loads the local model only when `fallbackToLocal`
+//! needs it.
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -25,15 +27,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ropey::Rope;
-use serde_json::{json, Value};
-use tokio::sync::{mpsc::UnboundedSender, oneshot, Notify};
+use serde_json::json;
+use tokio::sync::{mpsc::UnboundedSender, oneshot};
 
-use crate::backend::{Notice, Reachability, Remote, RemoteRequest};
-use crate::completion::{self, Prompt, Settings};
-use crate::config::{BackendConfig, CompletionConfig, Config};
+use crate::backend::route::RemoteRoute;
+use crate::backend::{Notice, Remote};
+use crate::completion::{self, Session, Settings};
+use crate::config::{BackendConfig, Config};
 use crate::engine::adapter::Adapter;
-use crate::engine::document::line_start;
 use crate::engine::document::DocumentCache;
+use crate::engine::generate::StopReason;
 use crate::engine::policy::AttentionPolicy;
 use crate::engine::Engine;
 use crate::models;
@@ -221,7 +224,7 @@ pub struct WorkerStatus {
     pub last_latencies_ms: Vec<f64>,
     /// The backend: `{"kind": "local"}`, or a remote engine's health and
     /// counts (see `backend::Remote::status`).
-    pub backend: Value,
+    pub backend: serde_json::Value,
 }
 
 /// State the LSP side and the worker thread share.
@@ -323,8 +326,23 @@ impl WorkerHandle {
         self.to_thread(job);
     }
 
+    /// Where remote requests run.
+    pub(crate) fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.rt
+    }
+
+    /// The configuration last sent.
+    pub(crate) fn config(&self) -> Config {
+        lock(&self.config).clone()
+    }
+
+    /// Remember a completion's latency for the status.
+    pub(crate) fn record_latency(&self, ms: f64) {
+        self.shared.record_latency(ms);
+    }
+
     /// Queue a job on the worker thread.
-    fn to_thread(&self, job: Job) {
+    pub(crate) fn to_thread(&self, job: Job) {
         self.shared.queue_depth.fetch_add(1, Ordering::SeqCst);
         let mut tx = lock(&self.inner);
         if let Err(mpsc::SendError(job)) = tx.send(job) {
@@ -394,21 +412,12 @@ fn start_thread(config: Config, events: UnboundedSender<Event>, shared: Shared) 
     tx
 }
 
-/// What was last shown for a document, for typing through.
-struct Shown {
-    /// Text from the window start to the cursor.
-    before: String,
-    /// The rest of the cursor's line after it.
-    line_suffix: String,
-    /// The suggestion shown.
-    suggestion: String,
-}
-
+/// One document on the thread: its cache, its pipeline state (window start,
+/// what was shown) and figures for the budget and the status.
 struct DocState {
     cache: DocumentCache,
-    window_start: Option<usize>,
+    session: Session,
     last_used: Instant,
-    shown: Option<Shown>,
     last_reused: usize,
     /// The files the project context came from, with their chunks' bytes.
     context_files: Vec<(String, usize)>,
@@ -643,34 +652,27 @@ impl Worker {
         let _ = self.events.send(Event::Error(message));
     }
 
-    /// The bounded region of the document around `cursor` that prompts are
-    /// cut from, as text and its byte offset. Never the whole of a huge file.
-    fn region(&self, rope: &Rope, cursor: usize) -> (String, usize) {
-        region(rope, cursor, &self.config.completion)
-    }
-
-    /// Plan the prompt and bring the document's cache to it; returns the
-    /// region, its offset, the plan and how many tokens were reused.
-    fn prepare(
-        &mut self,
-        uri: &str,
-        rope: &Rope,
-        cursor: usize,
-    ) -> Result<(String, usize, Prompt, usize), CompletionError> {
+    /// The engine, loading it first when a remote engine is down and
+    /// `fallbackToLocal` asked for it.
+    fn engine(&mut self) -> Result<&Engine, CompletionError> {
         if self.engine.is_none() && self.model_state == ModelState::Unloaded {
-            // A remote engine is down and `fallbackToLocal` asked for us.
             self.load_model();
         }
-        let Some(engine) = &self.engine else {
-            let why = self.model_error.clone().unwrap_or_else(|| "the model is still loading".into());
-            return Err(CompletionError::ModelUnavailable(why));
-        };
-        let (region, lo) = self.region(rope, cursor);
-        let settings = self.settings();
+        self.engine.as_ref().ok_or_else(|| {
+            CompletionError::ModelUnavailable(
+                self.model_error.clone().unwrap_or_else(|| "the model is still loading".into()),
+            )
+        })
+    }
+
+    /// The document's state, created on first use (and anew for every use
+    /// while `cache.enabled` is off), marked used now.
+    fn doc(&mut self, uri: &str) -> Result<(&Engine, &mut DocState), CompletionError> {
         let policy = self.policy();
-        let enabled = self.config.cache.enabled;
+        self.engine()?;
+        let engine = self.engine.as_ref().expect("loaded above");
         let doc = self.docs.entry(uri.to_string()).or_insert_with(|| new_doc(engine, policy));
-        if !enabled {
+        if !self.config.cache.enabled {
             // No reuse between requests; the project context stays.
             let (context, files) = (doc.cache.context().to_vec(), std::mem::take(&mut doc.context_files));
             *doc = new_doc(engine, policy);
@@ -678,11 +680,7 @@ impl Worker {
             doc.context_files = files;
         }
         doc.last_used = Instant::now();
-        let previous = doc.window_start.and_then(|p| p.checked_sub(lo));
-        let (prompt, update) = completion::prepare(engine, &mut doc.cache, &region, cursor - lo, previous, &settings)
-            .map_err(|e| CompletionError::Failed(format!("{e:#}")))?;
-        doc.window_start = Some(lo + prompt.window_start);
-        Ok((region, lo, prompt, update.reused))
+        Ok((engine, doc))
     }
 
     fn complete(&mut self, job: CompleteJob) {
@@ -709,40 +707,22 @@ impl Worker {
         cancel: &AtomicBool,
         received: Instant,
     ) -> Result<Completed, CompletionError> {
-        let (region, lo, prompt, reused) = self.prepare(uri, rope, cursor)?;
         let settings = self.settings();
-        let before = &region[prompt.window_start..cursor - lo];
-        let latency = || received.elapsed().as_secs_f64() * 1000.0;
-        let doc = self.docs.get_mut(uri).expect("prepared above");
-        doc.last_reused = reused;
-        if let Some(rest) = doc.shown.as_ref().and_then(|s| type_through(s, before, &prompt.line_suffix)) {
-            return Ok(Completed {
-                text: rest,
-                latency_ms: latency(),
-                typed_through: true,
-                reused_tokens: reused,
-                prefilled_tokens: 0,
-            });
-        }
-        let engine = self.engine.as_ref().expect("prepare checked the model");
-        let s =
-            completion::complete(engine, &mut doc.cache, &prompt, &region[cursor - lo..], &settings, reused, &|| {
-                cancel.load(Ordering::SeqCst)
-            })
+        let (engine, doc) = self.doc(uri)?;
+        let cancelled = || cancel.load(Ordering::SeqCst);
+        let s = doc
+            .session
+            .complete_local(engine, &mut doc.cache, rope, cursor, &settings, &cancelled)
             .map_err(|e| CompletionError::Failed(format!("{e:#}")))?;
-        if s.stop == crate::engine::generate::StopReason::Cancelled {
+        doc.last_reused = s.reused;
+        if s.stop == Some(StopReason::Cancelled) {
             return Err(CompletionError::Cancelled);
         }
-        doc.shown = (!s.text.is_empty()).then(|| Shown {
-            before: before.to_string(),
-            line_suffix: prompt.line_suffix.clone(),
-            suggestion: s.text.clone(),
-        });
         Ok(Completed {
             text: s.text,
-            latency_ms: latency(),
-            typed_through: false,
-            reused_tokens: reused,
+            latency_ms: received.elapsed().as_secs_f64() * 1000.0,
+            typed_through: s.typed_through,
+            reused_tokens: s.reused,
             prefilled_tokens: s.prefilled,
         })
     }
@@ -762,11 +742,12 @@ impl Worker {
         if !self.config.cache.enabled || self.engine.is_none() {
             return false;
         }
-        if self.prepare(uri, rope, cursor).is_err() {
+        let settings = self.settings();
+        let Ok((engine, doc)) = self.doc(uri) else { return false };
+        let prepared = doc.session.prepare_local(engine, &mut doc.cache, rope, cursor, &settings);
+        if prepared.is_err() {
             return false;
         }
-        let engine = self.engine.as_ref().expect("checked above");
-        let doc = self.docs.get_mut(uri).expect("prepared above");
         match doc.cache.prefill(&engine.model, WARM_CHUNK) {
             Ok(_) if doc.cache.pending() > 0 => true,
             Ok(_) => {
@@ -884,276 +865,17 @@ impl Worker {
     }
 }
 
-/// Prompt windows the region reaches back (in bytes at
-/// [`completion::BYTES_PER_TOKEN`]): room for a kept window start to stay
-/// inside it while typing, and for the token-density re-plan.
-const REGION_WINDOWS_BACK: usize = 3;
-/// Bytes the region reaches past the cursor at least: the rest of the line and
-/// what follows, which the suggestion rules compare against.
-const REGION_AFTER_MIN_BYTES: usize = 8192;
-
-/// The bounded region of the document around `cursor` that prompts are cut
-/// from, as text and its byte offset. Never the whole of a huge file.
-fn region(rope: &Rope, cursor: usize, c: &CompletionConfig) -> (String, usize) {
-    let back = c.prefix_tokens * completion::BYTES_PER_TOKEN * REGION_WINDOWS_BACK;
-    let lo_line = rope.byte_to_line(cursor.saturating_sub(back));
-    let lo = rope.line_to_byte(lo_line);
-    // The suffix budget past the cursor, snapped back to the start of the
-    // character it may split (`byte_slice` panics off a character boundary).
-    let after = REGION_AFTER_MIN_BYTES.max(c.suffix_tokens * completion::SUFFIX_BYTES_PER_TOKEN);
-    let hi = rope.char_to_byte(rope.byte_to_char((cursor + after).min(rope.len_bytes())));
-    (rope.byte_slice(lo..hi).to_string(), lo)
-}
-
-/// Completions served by a remote engine. The local parts run here, the
-/// same as for the local model: the prompt window (a line start that stays
-/// put while typing, so the engine's prefix cache keeps matching),
-/// healing, the suggestion rules of `completion`, typing-through. Only
-/// generation goes to [`Remote`].
-///
-/// Newest wins per document: a new request stops the older one, and its HTTP
-/// request starts only once the older one's is dropped (`in_flight`), so at
-/// most one request per document is ever in flight to the engine.
-struct RemoteRoute {
-    remote: Arc<Remote>,
-    docs: Mutex<HashMap<String, RemoteDoc>>,
-    counts: Mutex<RouteCounts>,
-}
-
-#[derive(Default)]
-struct RemoteDoc {
-    /// Absolute byte offset of the last prompt window's start.
-    window_start: Option<usize>,
-    shown: Option<Shown>,
-    /// Stops the newest request (the older ones were stopped already).
-    stop: Option<Arc<Notify>>,
-    /// Held while a request is in flight to the engine.
-    in_flight: Arc<tokio::sync::Mutex<()>>,
-}
-
-/// How completions were served, for the status.
-#[derive(Default, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-struct RouteCounts {
-    remote: u64,
-    typed_through: u64,
-    local_fallback: u64,
-    failed: u64,
-}
-
-/// What a remote completion came to.
-enum Outcome {
-    /// Answer the request.
-    Reply(Result<Completed, CompletionError>),
-    /// Hand it to the local model (`fallbackToLocal` while the engine is down).
-    Local,
-}
-
-impl RemoteRoute {
-    fn new(remote: Remote) -> Self {
-        RemoteRoute { remote: Arc::new(remote), docs: Mutex::default(), counts: Mutex::default() }
-    }
-
-    /// Start serving `job` on the runtime; stops the document's older request.
-    fn complete(self: Arc<Self>, job: CompleteJob, worker: WorkerHandle) {
-        let stop = Arc::new(Notify::new());
-        let in_flight = {
-            let mut docs = lock(&self.docs);
-            let doc = docs.entry(job.uri.clone()).or_default();
-            if let Some(older) = doc.stop.replace(stop.clone()) {
-                older.notify_one();
-            }
-            doc.in_flight.clone()
-        };
-        let rt = worker.rt.clone();
-        rt.spawn(async move {
-            let config = lock(&worker.config).clone();
-            let cancel = job.cancel.clone();
-            let outcome = tokio::select! {
-                o = self.serve(&job, &in_flight, &config) => o,
-                _ = stop.notified() => Outcome::Reply(Err(CompletionError::Superseded)),
-                _ = cancelled(&cancel) => Outcome::Reply(Err(CompletionError::Cancelled)),
-            };
-            let mut counts = lock(&self.counts);
-            match outcome {
-                Outcome::Reply(r) => {
-                    match &r {
-                        Ok(c) if c.typed_through => counts.typed_through += 1,
-                        Ok(_) => counts.remote += 1,
-                        Err(e) if e.is_cancellation() => {}
-                        Err(_) => counts.failed += 1,
-                    }
-                    if let Ok(c) = &r {
-                        worker.shared.record_latency(c.latency_ms);
-                    }
-                    let _ = job.reply.send(r);
-                }
-                Outcome::Local => {
-                    counts.local_fallback += 1;
-                    drop(counts);
-                    worker.to_thread(Job::Complete(job));
-                }
-            }
-        });
-    }
-
-    async fn serve(&self, job: &CompleteJob, in_flight: &tokio::sync::Mutex<()>, config: &Config) -> Outcome {
-        let c = &config.completion;
-        let settings = Settings::from(c);
-        let latency = || job.received.elapsed().as_secs_f64() * 1000.0;
-        let cursor = job.cursor.min(job.rope.len_bytes());
-        let (region, lo) = region(&job.rope, cursor, c);
-        let at = cursor - lo;
-        let (prompt, typed_through) = {
-            let mut docs = lock(&self.docs);
-            let doc = docs.entry(job.uri.clone()).or_default();
-            let prompt = completion::plan(&region, at, doc.window_start.and_then(|p| p.checked_sub(lo)), &settings);
-            doc.window_start = Some(lo + prompt.window_start);
-            let before = &region[prompt.window_start..at];
-            (prompt.clone(), doc.shown.as_ref().and_then(|s| type_through(s, before, &prompt.line_suffix)))
-        };
-        if let Some(text) = typed_through {
-            let done =
-                Completed { text, latency_ms: latency(), typed_through: true, reused_tokens: 0, prefilled_tokens: 0 };
-            return Outcome::Reply(Ok(done));
-        }
-        let fallback = config.backend.fallback_to_local;
-        if fallback && self.remote.state() == Reachability::Down {
-            if self.remote.claim_probe() {
-                let remote = self.remote.clone();
-                tokio::spawn(async move { remote.probe().await });
-            }
-            return Outcome::Local;
-        }
-        let heal = remote_heal(&prompt, self.remote.forces_prefix());
-        let request = remote_request(&region, at, &prompt, c, heal);
-        let mut rule = |text: &str| match after_heal(text, heal) {
-            Ok(rest) => completion::should_stop(rest, &prompt, &settings),
-            Err(pending) => !pending,
-        };
-        let _in_flight = in_flight.lock().await;
-        match self.remote.generate(&request, &mut rule).await {
-            Ok(raw) => {
-                let following = &region[at..];
-                let text = after_heal(&raw, heal)
-                    .map_or(String::new(), |t| completion::finish(t, &prompt, following, &settings));
-                if let Some(doc) = lock(&self.docs).get_mut(&job.uri) {
-                    let before = region[prompt.window_start..at].to_string();
-                    doc.shown = (!text.is_empty()).then(|| Shown {
-                        before,
-                        line_suffix: prompt.line_suffix.clone(),
-                        suggestion: text.clone(),
-                    });
-                }
-                let done = Completed {
-                    text,
-                    latency_ms: latency(),
-                    typed_through: false,
-                    reused_tokens: 0,
-                    prefilled_tokens: 0,
-                };
-                Outcome::Reply(Ok(done))
-            }
-            Err(e) if e.down && fallback => Outcome::Local,
-            Err(e) => Outcome::Reply(Err(CompletionError::Failed(e.message))),
-        }
-    }
-
-    /// Forget a document; stop its request.
-    fn close(&self, uri: &str) {
-        if let Some(stop) = lock(&self.docs).remove(uri).and_then(|d| d.stop) {
-            stop.notify_one();
-        }
-    }
-
-    /// Stop every request (the backend changed).
-    fn stop_all(&self) {
-        for doc in lock(&self.docs).values() {
-            if let Some(stop) = &doc.stop {
-                stop.notify_one();
-            }
-        }
-    }
-
-    fn status(&self) -> Value {
-        let mut s = self.remote.status();
-        s["completions"] = serde_json::to_value(&*lock(&self.counts)).unwrap_or_default();
-        s
-    }
-}
-
-/// Resolves once `flag` is set (the LSP side cancelled the request).
-async fn cancelled(flag: &AtomicBool) {
-    while !flag.load(Ordering::SeqCst) {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-}
-
-/// What token healing cuts for a remote engine. One that can force its
-/// first bytes (llama.cpp) heals like the local engine. One that cannot
-/// heals only trailing whitespace (a prompt ending in indentation hurts
-/// most; a suggestion that does not start with it is dropped); a partial
-/// word is sent as typed.
-fn remote_heal(p: &Prompt, forces: bool) -> Option<&str> {
-    let heal = !p.healed.is_empty() && (forces || p.healed.chars().all(char::is_whitespace));
-    heal.then_some(p.healed.as_str())
-}
-
-/// The engine's text after the healed bytes: `Err(true)` while it has not
-/// spelled them all yet, `Err(false)` when it wrote something else.
-fn after_heal<'a>(text: &'a str, heal: Option<&str>) -> Result<&'a str, bool> {
-    match heal {
-        None => Ok(text),
-        Some(h) => text.strip_prefix(h).ok_or_else(|| h.starts_with(text)),
-    }
-}
-
-/// The request for a planned prompt: the window up to the cursor's line,
-/// the line (cut before healed whitespace), and for fill-in-the-middle the
-/// text after the cursor, whole lines within `suffixTokens`.
-fn remote_request(region: &str, at: usize, p: &Prompt, c: &CompletionConfig, heal: Option<&str>) -> RemoteRequest {
-    let line_begin = line_start(region, at).max(p.window_start);
-    let line_end = at - heal.map_or(0, str::len);
-    let suffix = (c.fim && c.suffix_tokens > 0).then(|| {
-        let following = &region[at..];
-        let end = following.floor_char_boundary(c.suffix_tokens * 3);
-        match following[..end].rfind('\n') {
-            Some(i) if end < following.len() => following[..=i].to_string(),
-            _ => following[..end].to_string(),
-        }
-    });
-    RemoteRequest {
-        context: region[p.window_start..line_begin].to_string(),
-        line: region[line_begin..line_end].to_string(),
-        forced: heal.unwrap_or_default().to_string(),
-        suffix,
-        max_tokens: c.max_tokens,
-        stop: vec![if p.single_line { "\n" } else { "\n\n\n" }.to_string()],
-    }
-}
-
 fn new_doc(engine: &Engine, policy: AttentionPolicy) -> DocState {
     let mut cache = DocumentCache::new(&engine.model, policy);
     cache.set_eviction_slack(EVICTION_SLACK_LINES);
     DocState {
         cache,
-        window_start: None,
+        session: Session::default(),
         last_used: Instant::now(),
-        shown: None,
         last_reused: 0,
         context_files: Vec::new(),
         context_chosen: false,
     }
-}
-
-/// The rest of the shown suggestion when the user typed its beginning.
-fn type_through(shown: &Shown, before: &str, line_suffix: &str) -> Option<String> {
-    let typed = before.strip_prefix(shown.before.as_str())?;
-    if typed.is_empty() || line_suffix != shown.line_suffix {
-        return None;
-    }
-    let rest = shown.suggestion.strip_prefix(typed)?;
-    (!rest.trim().is_empty()).then(|| rest.to_string())
 }
 
 #[cfg(test)]
@@ -1347,66 +1069,5 @@ mod tests {
             h.worker.step();
             assert!(answer.try_recv().unwrap().is_ok(), "the next request is served");
         }
-    }
-
-    #[test]
-    fn regions_end_on_character_boundaries() {
-        // Two- and four-byte characters put 8 KiB past the cursor inside one,
-        // at every cursor parity.
-        for text in [format!("x\n{}", "é".repeat(10_000)), format!("ab\n{}", "😀".repeat(5_000))] {
-            let rope = Rope::from_str(&text);
-            for cursor in (0..16).filter(|&c| text.is_char_boundary(c)) {
-                let (region, lo) = region(&rope, cursor, &CompletionConfig::default());
-                assert_eq!(lo, 0);
-                assert!(text.starts_with(&region) && region.len() > 8192 - 4, "{cursor}: {}", region.len());
-                // A suffix budget past 8 KiB widens the region to hold it.
-                let wide = CompletionConfig { suffix_tokens: 4096, ..CompletionConfig::default() };
-                let (longer, _) = super::region(&rope, cursor, &wide);
-                assert!(text.starts_with(&longer) && longer.len() > 4096 * 4 - 4, "{cursor}: {}", longer.len());
-            }
-        }
-    }
-
-    #[test]
-    fn typing_through_returns_the_rest_of_the_suggestion() {
-        let shown = Shown { before: "def f(".into(), line_suffix: String::new(), suggestion: "a, b):".into() };
-        assert_eq!(type_through(&shown, "def f(a", ""), Some(", b):".into()));
-        assert_eq!(type_through(&shown, "def f(a, b", ""), Some("):".into()));
-        // Nothing typed, a mismatch, a different line suffix, or nothing left: run the model.
-        assert_eq!(type_through(&shown, "def f(", ""), None);
-        assert_eq!(type_through(&shown, "def f(x", ""), None);
-        assert_eq!(type_through(&shown, "def f(a", ")"), None);
-        assert_eq!(type_through(&shown, "def f(a, b):", ""), None);
-    }
-
-    #[test]
-    fn remote_prompts_put_the_typed_line_last_and_heal_only_whitespace() {
-        let c = CompletionConfig { suffix_tokens: 4, ..CompletionConfig::default() };
-        let text = "import os\ndef f(x):\n    \n\nprint(f(1))\nmore()\n";
-        let at = text.find("    \n").unwrap() + 4;
-        let p = completion::plan(text, at, None, &Settings::default());
-        let heal = remote_heal(&p, false);
-        assert_eq!(heal, Some("    "));
-        let r = remote_request(text, at, &p, &c, heal);
-        assert_eq!(r.context, "import os\ndef f(x):\n");
-        assert_eq!((r.line.as_str(), r.forced.as_str()), ("", "    "), "the indentation is healed");
-        // Whole lines of what follows, within 4 tokens (12 bytes).
-        assert_eq!(r.suffix.as_deref(), Some("\n\n"));
-        assert_eq!(r.stop, ["\n\n\n"]);
-        assert_eq!(after_heal("  ", heal), Err(true));
-        assert_eq!(after_heal("    return x", heal), Ok("return x"));
-        assert_eq!(after_heal("return x", heal), Err(false));
-
-        // A partial word is sent as typed; one line when text follows the cursor.
-        let text = "def f(x):\n    return x.up)\n";
-        let at = text.find(")\n").unwrap();
-        let p = completion::plan(text, at, None, &Settings::default());
-        assert_eq!((remote_heal(&p, false), p.single_line), (None, true));
-        let r = remote_request(text, at, &p, &CompletionConfig { fim: false, ..c.clone() }, None);
-        assert_eq!((r.line.as_str(), r.suffix, r.stop), ("    return x.up", None, vec!["\n".to_string()]));
-        // An engine that can force its first bytes heals the word like the local engine.
-        let heal = remote_heal(&p, true);
-        let r = remote_request(text, at, &p, &c, heal);
-        assert_eq!((r.line.as_str(), r.forced.as_str()), ("    return x.", "up"));
     }
 }

@@ -23,6 +23,7 @@
 pub mod http;
 pub mod llamacpp;
 pub mod openai;
+pub mod route;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

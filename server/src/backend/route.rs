@@ -1,0 +1,288 @@
+//! Completions served by a remote engine: [`RemoteRoute`] runs the same
+//! pipeline as the local model ([`completion::Session`]: prompt window, a
+//! line start that stays put while typing so the engine's prefix cache keeps
+//! matching; healing; the suggestion rules; typing-through) over
+//! [`RemoteGenerator`], which only sends the prompt to [`Remote`] and
+//! streams the answer back.
+//!
+//! Newest wins per document: a new request stops the older one, and it
+//! starts only once the older one is dropped (the document's session is held
+//! by one request at a time), so at most one request per document is ever in
+//! flight to the engine.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+use tokio::sync::Notify;
+
+use super::{Reachability, Remote, RemoteError, RemoteRequest};
+use crate::completion::{Generator, Prepared, Prompt, Raw, Request, Session, Settings};
+use crate::config::Config;
+use crate::engine::document::line_start;
+use crate::worker::{CompleteJob, Completed, CompletionError, Job, WorkerHandle};
+
+/// The remote engine of the `backend` settings, and the documents it serves.
+pub(crate) struct RemoteRoute {
+    pub(crate) remote: Arc<Remote>,
+    docs: Mutex<HashMap<String, RemoteDoc>>,
+    counts: Mutex<RouteCounts>,
+}
+
+#[derive(Default)]
+struct RemoteDoc {
+    /// The document's pipeline state, held by the request being served.
+    session: Arc<tokio::sync::Mutex<Session>>,
+    /// Stops the newest request (the older ones were stopped already).
+    stop: Option<Arc<Notify>>,
+}
+
+/// How completions were served, for the status.
+#[derive(Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RouteCounts {
+    remote: u64,
+    typed_through: u64,
+    local_fallback: u64,
+    failed: u64,
+}
+
+/// What a remote completion came to.
+enum Outcome {
+    /// Answer the request.
+    Reply(Result<Completed, CompletionError>),
+    /// Hand it to the local model (`fallbackToLocal` while the engine is down).
+    Local,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl RemoteRoute {
+    pub(crate) fn new(remote: Remote) -> Self {
+        RemoteRoute { remote: Arc::new(remote), docs: Mutex::default(), counts: Mutex::default() }
+    }
+
+    /// Start serving `job` on the runtime; stops the document's older request.
+    pub(crate) fn complete(self: Arc<Self>, job: CompleteJob, worker: WorkerHandle) {
+        let stop = Arc::new(Notify::new());
+        let session = {
+            let mut docs = lock(&self.docs);
+            let doc = docs.entry(job.uri.clone()).or_default();
+            if let Some(older) = doc.stop.replace(stop.clone()) {
+                older.notify_one();
+            }
+            doc.session.clone()
+        };
+        let rt = worker.runtime().clone();
+        rt.spawn(async move {
+            let config = worker.config();
+            let cancel = job.cancel.clone();
+            let outcome = tokio::select! {
+                o = self.serve(&job, &session, &config) => o,
+                _ = stop.notified() => Outcome::Reply(Err(CompletionError::Superseded)),
+                _ = cancelled(&cancel) => Outcome::Reply(Err(CompletionError::Cancelled)),
+            };
+            let mut counts = lock(&self.counts);
+            match outcome {
+                Outcome::Reply(r) => {
+                    match &r {
+                        Ok(c) if c.typed_through => counts.typed_through += 1,
+                        Ok(_) => counts.remote += 1,
+                        Err(e) if e.is_cancellation() => {}
+                        Err(_) => counts.failed += 1,
+                    }
+                    if let Ok(c) = &r {
+                        worker.record_latency(c.latency_ms);
+                    }
+                    let _ = job.reply.send(r);
+                }
+                Outcome::Local => {
+                    counts.local_fallback += 1;
+                    drop(counts);
+                    worker.to_thread(Job::Complete(job));
+                }
+            }
+        });
+    }
+
+    async fn serve(&self, job: &CompleteJob, session: &tokio::sync::Mutex<Session>, config: &Config) -> Outcome {
+        let settings = Settings::from(&config.completion);
+        let mut session = session.lock().await;
+        let mut gen = RemoteGenerator { remote: &self.remote, fallback: config.backend.fallback_to_local };
+        match session.complete(&mut gen, &job.rope, job.cursor, &settings).await {
+            Ok(s) => Outcome::Reply(Ok(Completed {
+                text: s.text,
+                latency_ms: job.received.elapsed().as_secs_f64() * 1000.0,
+                typed_through: s.typed_through,
+                reused_tokens: 0,
+                prefilled_tokens: 0,
+            })),
+            Err(e) if e.down && gen.fallback => Outcome::Local,
+            Err(e) => Outcome::Reply(Err(CompletionError::Failed(e.message))),
+        }
+    }
+
+    /// Forget a document; stop its request.
+    pub(crate) fn close(&self, uri: &str) {
+        if let Some(stop) = lock(&self.docs).remove(uri).and_then(|d| d.stop) {
+            stop.notify_one();
+        }
+    }
+
+    /// Stop every request (the backend changed).
+    pub(crate) fn stop_all(&self) {
+        for doc in lock(&self.docs).values() {
+            if let Some(stop) = &doc.stop {
+                stop.notify_one();
+            }
+        }
+    }
+
+    /// The engine's health and how completions were served.
+    pub(crate) fn status(&self) -> Value {
+        let mut s = self.remote.status();
+        s["completions"] = serde_json::to_value(&*lock(&self.counts)).unwrap_or_default();
+        s
+    }
+}
+
+/// Resolves once `flag` is set (the LSP side cancelled the request).
+async fn cancelled(flag: &AtomicBool) {
+    while !flag.load(Ordering::SeqCst) {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// A remote engine as the pipeline's [`Generator`]. It cannot count tokens,
+/// so prompts are not re-planned by density. With `fallback`
+/// (`fallbackToLocal`) and the engine down, it fails at once as down (the
+/// route hands the request to the local model) and starts a probe.
+pub struct RemoteGenerator<'a> {
+    /// The engine.
+    pub remote: &'a Arc<Remote>,
+    /// `backend.fallbackToLocal`.
+    pub fallback: bool,
+}
+
+impl Generator for RemoteGenerator<'_> {
+    type Error = RemoteError;
+
+    fn set_prompt(&mut self, _window: &str, _s: &Settings) -> Result<Prepared, RemoteError> {
+        Ok(Prepared { tokens: None, reused: 0 })
+    }
+
+    fn generate(
+        &mut self,
+        req: &Request<'_>,
+        stop: &mut (dyn FnMut(&str) -> bool + Send),
+    ) -> impl Future<Output = Result<Raw, RemoteError>> + Send {
+        let remote = self.remote;
+        let fallback = self.fallback;
+        let heal = remote_heal(req.prompt, remote.forces_prefix());
+        let request = remote_request(req.region, req.cursor, req.prompt, req.settings, heal);
+        async move {
+            if fallback && remote.state() == Reachability::Down {
+                if remote.claim_probe() {
+                    let remote = remote.clone();
+                    tokio::spawn(async move { remote.probe().await });
+                }
+                return Err(RemoteError::down(format!(
+                    "the remote engine at {} is down",
+                    remote.config().url.as_deref().unwrap_or("")
+                )));
+            }
+            let mut rule = |text: &str| match after_heal(text, heal) {
+                Ok(rest) => stop(rest),
+                Err(pending) => !pending,
+            };
+            let raw = remote.generate(&request, &mut rule).await?;
+            // An answer that did not spell the healed bytes shows nothing.
+            let text = after_heal(&raw, heal).unwrap_or_default().to_string();
+            Ok(Raw { text, ..Raw::default() })
+        }
+    }
+}
+
+/// What token healing cuts for a remote engine. One that can force its
+/// first bytes (llama.cpp) heals like the local engine. One that cannot
+/// heals only trailing whitespace (a prompt ending in indentation hurts
+/// most; a suggestion that does not start with it is dropped); a partial
+/// word is sent as typed.
+fn remote_heal(p: &Prompt, forces: bool) -> Option<&str> {
+    let heal = !p.healed.is_empty() && (forces || p.healed.chars().all(char::is_whitespace));
+    heal.then_some(p.healed.as_str())
+}
+
+/// The engine's text after the healed bytes: `Err(true)` while it has not
+/// spelled them all yet, `Err(false)` when it wrote something else.
+fn after_heal<'a>(text: &'a str, heal: Option<&str>) -> Result<&'a str, bool> {
+    match heal {
+        None => Ok(text),
+        Some(h) => text.strip_prefix(h).ok_or_else(|| h.starts_with(text)),
+    }
+}
+
+/// The request for a planned prompt: the window up to the cursor's line,
+/// the line (cut before healed whitespace), and for fill-in-the-middle the
+/// text after the cursor, whole lines within `suffix_tokens`.
+fn remote_request(region: &str, at: usize, p: &Prompt, s: &Settings, heal: Option<&str>) -> RemoteRequest {
+    let line_begin = line_start(region, at).max(p.window_start);
+    let line_end = at - heal.map_or(0, str::len);
+    let suffix = (s.fim && s.suffix_tokens > 0).then(|| {
+        let following = &region[at..];
+        let end = following.floor_char_boundary(s.suffix_tokens * 3);
+        match following[..end].rfind('\n') {
+            Some(i) if end < following.len() => following[..=i].to_string(),
+            _ => following[..end].to_string(),
+        }
+    });
+    RemoteRequest {
+        context: region[p.window_start..line_begin].to_string(),
+        line: region[line_begin..line_end].to_string(),
+        forced: heal.unwrap_or_default().to_string(),
+        suffix,
+        max_tokens: s.max_tokens,
+        stop: vec![if p.single_line { "\n" } else { "\n\n\n" }.to_string()],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::completion;
+
+    #[test]
+    fn remote_prompts_put_the_typed_line_last_and_heal_only_whitespace() {
+        let c = Settings { suffix_tokens: 4, ..Settings::default() };
+        let text = "import os\ndef f(x):\n    \n\nprint(f(1))\nmore()\n";
+        let at = text.find("    \n").unwrap() + 4;
+        let p = completion::plan(text, at, None, &Settings::default());
+        let heal = remote_heal(&p, false);
+        assert_eq!(heal, Some("    "));
+        let r = remote_request(text, at, &p, &c, heal);
+        assert_eq!(r.context, "import os\ndef f(x):\n");
+        assert_eq!((r.line.as_str(), r.forced.as_str()), ("", "    "), "the indentation is healed");
+        // Whole lines of what follows, within 4 tokens (12 bytes).
+        assert_eq!(r.suffix.as_deref(), Some("\n\n"));
+        assert_eq!(r.stop, ["\n\n\n"]);
+        assert_eq!(after_heal("  ", heal), Err(true));
+        assert_eq!(after_heal("    return x", heal), Ok("return x"));
+        assert_eq!(after_heal("return x", heal), Err(false));
+
+        // A partial word is sent as typed; one line when text follows the cursor.
+        let text = "def f(x):\n    return x.up)\n";
+        let at = text.find(")\n").unwrap();
+        let p = completion::plan(text, at, None, &Settings::default());
+        assert_eq!((remote_heal(&p, false), p.single_line), (None, true));
+        let r = remote_request(text, at, &p, &Settings { fim: false, ..c.clone() }, None);
+        assert_eq!((r.line.as_str(), r.suffix, r.stop), ("    return x.up", None, vec!["\n".to_string()]));
+        // An engine that can force its first bytes heals the word like the local engine.
+        let heal = remote_heal(&p, true);
+        let r = remote_request(text, at, &p, &c, heal);
+        assert_eq!((r.line.as_str(), r.forced.as_str()), ("    return x.", "up"));
+    }
+}
