@@ -325,18 +325,55 @@ pub fn fim_tail(engine: &Engine, following: &str, s: &Settings) -> Result<Vec<u3
     Ok([f.suffix].into_iter().chain(suffix).chain([f.middle]).collect())
 }
 
+/// Where a suggestion ends: the one stop rule, which [`should_stop`] asks
+/// while text streams in (from the local model or a remote engine) and
+/// [`finish`] cuts with. `text` is what follows the cursor (after
+/// [`fresh_start`]); the answer is the length of `text` the suggestion keeps
+/// once the rule says it has ended, `None` while it may go on. `done`: no
+/// more text comes, so its last line counts as whole (a line is otherwise
+/// judged only once its line break arrived).
+///
+/// Text after the cursor on its line: the first line. Otherwise at most
+/// `max_lines` lines, ending before a line (not the first) indented below
+/// the cursor's block and before a second blank line in a row.
+pub fn suggestion_end(text: &str, p: &Prompt, s: &Settings, done: bool) -> Option<usize> {
+    if p.single_line {
+        return text.find('\n').or(done.then_some(text.len()));
+    }
+    let mut start = 0usize;
+    let mut blank_run = 0;
+    for (i, line) in text.split('\n').enumerate() {
+        // Ending before this line: at the line break that ends the previous one.
+        let before = start.saturating_sub(1);
+        if i >= s.max_lines {
+            return Some(before);
+        }
+        if !done && start + line.len() == text.len() {
+            return None;
+        }
+        let body = line.trim_end_matches('\r');
+        if i > 0 && ends_block(body, p) {
+            return Some(before);
+        }
+        blank_run = if body.trim().is_empty() { blank_run + 1 } else { 0 };
+        if blank_run >= 2 {
+            return Some(before);
+        }
+        start += line.len() + 1;
+    }
+    Some(text.len())
+}
+
+/// Texts at which a remote engine stops early (the rule still decides): a
+/// line break for one line, two blank lines in a row for several. Once the
+/// suggestion has code, [`suggestion_end`] ends it there too.
+pub fn stop_strings(p: &Prompt) -> Vec<String> {
+    vec![if p.single_line { "\n" } else { "\n\n\n" }.to_string()]
+}
+
 /// The stop rule while generating: `text` is what follows the cursor so far.
 pub fn should_stop(text: &str, p: &Prompt, s: &Settings) -> bool {
-    if p.single_line {
-        return text.contains('\n');
-    }
-    let text = &*fresh_start(text, p, s);
-    let lines: Vec<&str> = text.split('\n').collect();
-    let complete_lines = lines.len() - 1;
-    complete_lines >= s.max_lines
-        || text.contains("\n\n\n")
-        || text.contains("\r\n\r\n\r\n")
-        || lines[1..complete_lines.max(1)].iter().any(|l| ends_block(l, p))
+    suggestion_end(&fresh_start(text, p, s), p, s, false).is_some()
 }
 
 /// Whether a (non-first) line of the suggestion leaves the cursor's block.
@@ -349,31 +386,18 @@ fn ends_block(line: &str, p: &Prompt) -> bool {
 /// showing. `following` is the document text after the cursor.
 pub fn finish(raw: &str, p: &Prompt, following: &str, s: &Settings) -> String {
     let raw = &*fresh_start(raw, p, s);
+    let kept = &raw[..suggestion_end(raw, p, s, true).unwrap_or(raw.len())];
     let text = if p.single_line {
-        let first = raw.split('\n').next().unwrap_or("").trim_end_matches('\r');
         let suffix = p.line_suffix.trim();
-        let trimmed = first.trim_end();
+        let trimmed = kept.trim_end();
         match trimmed.strip_suffix(suffix) {
             Some(rest) if !suffix.is_empty() => rest.trim_end().to_string(),
             _ => trimmed.to_string(),
         }
     } else {
-        let mut kept: Vec<&str> = Vec::new();
-        let mut blank_run = 0;
-        for (i, line) in raw.split('\n').enumerate() {
-            let line = line.trim_end_matches('\r');
-            if i >= s.max_lines || (i > 0 && ends_block(line, p)) {
-                break;
-            }
-            blank_run = if line.trim().is_empty() { blank_run + 1 } else { 0 };
-            if blank_run >= 2 {
-                break;
-            }
-            kept.push(line);
-        }
         let eol = if following.contains("\r\n") { "\r\n" } else { "\n" };
-        let joined: Vec<&str> = kept.iter().map(|l| l.trim_end()).collect();
-        joined.join(eol).trim_end().to_string()
+        let lines: Vec<&str> = kept.split('\n').map(str::trim_end).collect();
+        lines.join(eol).trim_end().to_string()
     };
     if text.trim().is_empty() || repeats_following(&text, p, following) {
         return String::new();
@@ -671,6 +695,64 @@ mod tests {
         assert_eq!(finish("a\n\n\nb", &p, "", &s), "a");
         assert_eq!(finish("a\n        b\n        c\n        d", &p, "", &s), "a\n        b\n        c");
         assert_eq!(finish("   \n  ", &p, "", &s), "");
+    }
+
+    /// The one stop rule: stopping generation where [`should_stop`] first
+    /// says so gives the suggestion the whole text would (so stopping early
+    /// never changes a suggestion), for one line, blocks, fresh lines and
+    /// CRLF; and past the first code, a remote stop string is an end.
+    #[test]
+    fn stopping_where_the_rule_says_changes_no_suggestion() {
+        let docs = [
+            "print(|)\n",
+            "class A:\n    def f(self):\n        |",
+            "def f(x):\n    \"\"\"Doc.\"\"\"\n\n    |\n    return 1\n",
+            "def f():\r\n    |\r\n",
+            "fn f() {\n\t|\n}\n",
+        ];
+        let raws = [
+            "x + 1)\nmore",
+            "return 1\n        x = 2\n    def g(self):\n        pass",
+            "a\n\n\nb",
+            "a\n   \n  \nb\n",
+            "\n    return x\n",
+            "\n\n    if x:\n        y = 1\n    z = 2\nw",
+            "   if x:\n        y\n    z\nw",
+            "\n        a\n\n        b\n    c",
+            "a = 1\r\n    b = 2\r\n\r\n\r\nc",
+            "\n\tif x {\n\t\ty();\n\t}\n}",
+            "return 1\n    x\n        y\n        z\n        w\n        v",
+            "é😀\n  \n\n\n",
+        ];
+        let (mut early_stops, mut string_stops) = (0, 0);
+        for doc in docs {
+            let (t, c) = at(doc, "|");
+            let following = &t[c..];
+            for max_lines in [1, 2, 3, 8] {
+                for rule in [FreshLine::Continue, FreshLine::Off] {
+                    let s = Settings { max_lines, fresh_line: rule, ..Settings::default() };
+                    let p = plan(&t, c, None, &s);
+                    for raw in raws {
+                        let whole = finish(raw, &p, following, &s);
+                        let cuts = (1..=raw.len()).filter(|&n| raw.is_char_boundary(n));
+                        if let Some(n) = cuts.clone().find(|&n| should_stop(&raw[..n], &p, &s)) {
+                            let early = finish(&raw[..n], &p, following, &s);
+                            assert_eq!(early, whole, "{doc:?} {raw:?} max_lines {max_lines} {rule:?}: stopped at {n}");
+                            early_stops += usize::from(n < raw.len());
+                        }
+                        for stop in stop_strings(&p) {
+                            let has_code = |n: usize| !fresh_start(&raw[..n], &p, &s).trim().is_empty();
+                            let hit = raw.match_indices(&stop).map(|(i, _)| i).find(|&i| has_code(i));
+                            if let Some(i) = hit {
+                                assert!(should_stop(&raw[..i + stop.len()], &p, &s), "{doc:?} {raw:?} {stop:?}");
+                                string_stops += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(early_stops > 100 && string_stops > 50, "{early_stops} {string_stops}");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use serde_json::Value;
 use tokio::sync::Notify;
 
 use super::{Reachability, Remote, RemoteError, RemoteRequest};
-use crate::completion::{Generator, Prepared, Prompt, Raw, Request, Session, Settings};
+use crate::completion::{self, Generator, Prepared, Prompt, Raw, Request, Session, Settings, BYTES_PER_TOKEN};
 use crate::config::Config;
 use crate::engine::document::line_start;
 use crate::worker::{CompleteJob, Completed, CompletionError, Job, WorkerHandle};
@@ -228,13 +228,14 @@ fn after_heal<'a>(text: &'a str, heal: Option<&str>) -> Result<&'a str, bool> {
 
 /// The request for a planned prompt: the window up to the cursor's line,
 /// the line (cut before healed whitespace), and for fill-in-the-middle the
-/// text after the cursor, whole lines within `suffix_tokens`.
+/// text after the cursor, whole lines within `suffix_tokens` (sized at
+/// [`BYTES_PER_TOKEN`], erring low: there is no tokenizer here).
 fn remote_request(region: &str, at: usize, p: &Prompt, s: &Settings, heal: Option<&str>) -> RemoteRequest {
     let line_begin = line_start(region, at).max(p.window_start);
     let line_end = at - heal.map_or(0, str::len);
     let suffix = (s.fim && s.suffix_tokens > 0).then(|| {
         let following = &region[at..];
-        let end = following.floor_char_boundary(s.suffix_tokens * 3);
+        let end = following.floor_char_boundary(s.suffix_tokens * BYTES_PER_TOKEN);
         match following[..end].rfind('\n') {
             Some(i) if end < following.len() => following[..=i].to_string(),
             _ => following[..end].to_string(),
@@ -246,14 +247,13 @@ fn remote_request(region: &str, at: usize, p: &Prompt, s: &Settings, heal: Optio
         forced: heal.unwrap_or_default().to_string(),
         suffix,
         max_tokens: s.max_tokens,
-        stop: vec![if p.single_line { "\n" } else { "\n\n\n" }.to_string()],
+        stop: completion::stop_strings(p),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::completion;
 
     #[test]
     fn remote_prompts_put_the_typed_line_last_and_heal_only_whitespace() {

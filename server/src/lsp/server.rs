@@ -35,6 +35,10 @@ use crate::worker::{self, CompleteJob, Completed, CompletionError, Event, Job, W
 /// in flight, not keystrokes; output back-pressure still bounds what is read.
 const MAX_PENDING_REQUESTS: usize = 1024;
 
+/// A newly opened document is warmed at its top (the cursor is not known
+/// yet): up to the last line that starts within this many bytes.
+const OPEN_WARM_BYTES: usize = 8192;
+
 /// How long answers already on their way out may take to reach the client
 /// after `exit` (a client may send requests, `shutdown` and `exit` at once).
 const EXIT_GRACE: Duration = Duration::from_secs(1);
@@ -500,7 +504,7 @@ impl LanguageServer for Backend {
         self.documents.open(d.uri.clone(), &d.text, d.version, d.language_id);
         // Where the cursor is, the server cannot know yet: warm the top (the
         // start of the last line that begins in the first 8 KiB).
-        let head = &d.text[..d.text.floor_char_boundary(8192)];
+        let head = &d.text[..d.text.floor_char_boundary(OPEN_WARM_BYTES)];
         self.warm(&d.uri, Some(head.rfind('\n').map_or(0, |i| i + 1)));
     }
 
