@@ -1051,6 +1051,42 @@ mod tests {
             assert_eq!(w.docs.keys().collect::<Vec<_>>(), ["file:///1.py"]);
         }
 
+        /// The document's session lives with its cache: typing the beginning
+        /// of the shown suggestion is answered from it without the model, and
+        /// with `cache.enabled` off every request starts over.
+        #[test]
+        fn typing_the_shown_suggestion_is_answered_without_the_model() {
+            let mut h = harness();
+            let w = &mut h.worker;
+            let doc = "x = [1, 2, 3]\ny = x";
+            let (job, mut answer) = complete("file:///t.py", doc);
+            accept(w, job);
+            w.step();
+            let first = answer.try_recv().unwrap().unwrap();
+            assert!(!first.typed_through);
+            // The random weights' greedy choice for this text (seed 9).
+            let mut chars = first.text.chars();
+            let c = chars.next().filter(|c| !c.is_whitespace() && chars.as_str().trim().len() > 1);
+            let c = c.unwrap_or_else(|| panic!("too short a suggestion for this test: {:?}", first.text));
+            let typed = format!("{doc}{c}");
+            let (job, mut answer) = complete("file:///t.py", &typed);
+            accept(w, job);
+            w.step();
+            let second = answer.try_recv().unwrap().unwrap();
+            assert!(second.typed_through && second.prefilled_tokens == 0, "{second:?}");
+            assert_eq!(second.text, first.text[c.len_utf8()..]);
+
+            w.config.cache.enabled = false;
+            let (job, mut answer) = complete("file:///t.py", doc);
+            accept(w, job);
+            w.step();
+            assert_eq!(answer.try_recv().unwrap().unwrap().text, first.text, "greedy: the same suggestion");
+            let (job, mut answer) = complete("file:///t.py", &typed);
+            accept(w, job);
+            w.step();
+            assert!(!answer.try_recv().unwrap().unwrap().typed_through, "no cache, no session: the model ran");
+        }
+
         #[test]
         fn a_panicking_job_drops_that_documents_cache_and_the_worker_goes_on() {
             let mut h = harness();
