@@ -783,7 +783,11 @@ pub fn imported<'a>(
 /// `p` relative to `root` when inside it, with `/` separators.
 pub fn display_path(p: &Path, root: &Path) -> String {
     let rel = p.strip_prefix(root).unwrap_or(p);
-    rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/")
+    rel.components()
+        .filter(|c| matches!(c, Component::Normal(_) | Component::ParentDir))
+        .map(|c| c.as_os_str().to_string_lossy())
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 /// Everything [`gather`] needs about the document and its surroundings.
@@ -877,6 +881,12 @@ mod tests {
             got[3],
             Import::Python { level: 2, module: vec!["pkg".into(), "mod".into()], names: vec!["a".into(), "b".into()] }
         );
+    }
+
+    #[test]
+    fn display_paths_are_relative_with_forward_slashes() {
+        assert_eq!(display_path(Path::new("/w/pkg/a.py"), Path::new("/w")), "pkg/a.py");
+        assert_eq!(display_path(Path::new("/tmp/x/a.py"), Path::new("")), "tmp/x/a.py", "no root: no leading slashes");
     }
 
     #[test]
