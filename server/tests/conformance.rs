@@ -22,7 +22,7 @@
 //! Why the thresholds ([`FORMATS`], [`EXACT_RATIO`]) are what they are. With F32 weights both
 //! programs multiply in f32; what differs is summation order and f16 K/V rounding, so the
 //! log-probabilities agree to ~1e-4 on average and every top-1 and greedy token must agree
-//! (this pins the architecture: RoPE pairing and factors, biases, norms, tied embeddings).
+//! (this pins the architecture: RoPE pairing and factors, biases, norms, GELU, tied embeddings).
 //! With quantized weights both read the same stored blocks but quantize each activation row to
 //! 8 bits before the integer dot products, each in its own way (we use 32-value blocks for every
 //! format, llama.cpp 256-value Q8_K blocks for the K-quants), and these small random networks
@@ -44,7 +44,7 @@ use anchorcoder::engine::Engine;
 use serde_json::Value;
 
 /// The models `run.sh` makes (see `tests/conformance/make-models.py`).
-const MODELS: &[&str] = &["llama-spm", "llama3", "deepseek-coder", "qwen2"];
+const MODELS: &[&str] = &["llama-spm", "llama3", "deepseek-coder", "qwen2", "starcoder2"];
 
 /// Format, least top-1 agreement with llama.cpp, largest log-probability difference allowed.
 const FORMATS: &[(&str, f64, f64)] = &[

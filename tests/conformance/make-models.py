@@ -38,6 +38,8 @@ MODELS = {
     "deepseek-coder": ("llama", "deepseek-coder", {"linear_scale": 4.0}),
     # Qwen2.5-Coder: q/k/v biases, NeoX RoPE, tied embeddings (the 0.5B/1.5B have no output.weight).
     "qwen2": ("qwen2", "qwen2", {"tied": True}),
+    # StarCoder2: LayerNorm with bias, GELU MLP (up/down), biases everywhere, NeoX RoPE.
+    "starcoder2": ("starcoder2", "starcoder", {}),
 }
 
 

@@ -1,5 +1,5 @@
-//! The Llama family (Llama 2/3, CodeLlama, SmolLM2, Mistral, Qwen2/2.5) as one
-//! decoder with per-layer attention policies.
+//! The Llama family (Llama 2/3, CodeLlama, SmolLM2, Mistral, Qwen2/2.5) and
+//! StarCoder2 as one decoder with per-layer attention policies.
 //!
 //! Weights stay quantized. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K
 //! keep their GGUF bits and multiply through our own kernels
@@ -38,20 +38,26 @@ pub enum Architecture {
     Llama,
     /// Qwen2 / Qwen2.5(-Coder): biases on q, k and v.
     Qwen2,
+    /// StarCoder2: LayerNorm with bias, a GELU MLP (up, down), biases on
+    /// every linear layer, a sliding attention window in the config.
+    StarCoder2,
 }
 
 impl Architecture {
     /// Each family with the names checkpoints give it: GGUF's
     /// `general.architecture` and Hugging Face's `model_type`.
-    const NAMES: [(Architecture, &'static [&'static str]); 2] =
-        [(Architecture::Llama, &["llama", "mistral"]), (Architecture::Qwen2, &["qwen2"])];
+    const NAMES: [(Architecture, &'static [&'static str]); 3] = [
+        (Architecture::Llama, &["llama", "mistral"]),
+        (Architecture::Qwen2, &["qwen2"]),
+        (Architecture::StarCoder2, &["starcoder2"]),
+    ];
 
     /// The family a checkpoint names, or an error that lists what is supported.
     pub fn from_name(name: &str) -> Result<Architecture> {
         Self::NAMES.iter().find(|(_, names)| names.contains(&name)).map(|(a, _)| *a).ok_or_else(|| {
             anyhow!(
-                "architecture `{name}` is not supported (supported: llama, mistral, qwen2 — Llama 2/3, CodeLlama, \
-                 Mistral, DeepSeek-Coder, SmolLM, Qwen2/2.5-Coder)"
+                "architecture `{name}` is not supported (supported: llama, mistral, qwen2, starcoder2 — Llama 2/3, \
+                 CodeLlama, Mistral, DeepSeek-Coder, SmolLM, Qwen2/2.5-Coder, StarCoder2)"
             )
         })
     }
@@ -66,19 +72,60 @@ impl Architecture {
     pub fn gguf_rope_style(self) -> RopeStyle {
         match self {
             Architecture::Llama => RopeStyle::Interleaved,
-            Architecture::Qwen2 => RopeStyle::Half,
+            Architecture::Qwen2 | Architecture::StarCoder2 => RopeStyle::Half,
         }
     }
 
     /// Whether q, k and v projections carry biases.
     pub fn qkv_bias(self) -> bool {
-        self == Architecture::Qwen2
+        matches!(self, Architecture::Qwen2 | Architecture::StarCoder2)
+    }
+
+    /// Whether every other linear layer (attention output, MLP) and every
+    /// norm carries a bias too.
+    pub fn all_biases(self) -> bool {
+        self == Architecture::StarCoder2
+    }
+
+    /// How the family normalizes: RMSNorm, or LayerNorm (mean and variance,
+    /// then weight and bias).
+    pub fn norm(self) -> NormKind {
+        match self {
+            Architecture::StarCoder2 => NormKind::LayerNorm,
+            _ => NormKind::Rms,
+        }
+    }
+
+    /// The MLP: `down(silu(gate(x)) * up(x))`, or `down(gelu(up(x)))`.
+    pub fn mlp(self) -> MlpKind {
+        match self {
+            Architecture::StarCoder2 => MlpKind::Gelu,
+            _ => MlpKind::GatedSilu,
+        }
+    }
+
+    /// The GGUF metadata key (after `ARCH.`) of the norm epsilon, and the
+    /// Hugging Face `config.json` key.
+    fn norm_eps_keys(self) -> (&'static str, &'static str) {
+        match self.norm() {
+            NormKind::Rms => ("attention.layer_norm_rms_epsilon", "rms_norm_eps"),
+            NormKind::LayerNorm => ("attention.layer_norm_epsilon", "norm_epsilon"),
+        }
     }
 
     /// A tensor's name in a GGUF file and in a Hugging Face checkpoint
     /// (`{l}` stands for the block index), one map for both loaders.
     pub fn tensor_names(self, t: TensorRole) -> (&'static str, &'static str) {
-        // Every family here shares llama.cpp's and transformers' Llama names.
+        // GGUF names are llama.cpp's for every family; Hugging Face's are
+        // transformers' Llama names except StarCoder2's MLP.
+        match (self, t) {
+            (Architecture::StarCoder2, TensorRole::Up) => ("blk.{l}.ffn_up", "model.layers.{l}.mlp.c_fc"),
+            (Architecture::StarCoder2, TensorRole::Down) => ("blk.{l}.ffn_down", "model.layers.{l}.mlp.c_proj"),
+            _ => Self::llama_tensor_names(t),
+        }
+    }
+
+    fn llama_tensor_names(t: TensorRole) -> (&'static str, &'static str) {
         match t {
             TensorRole::Embed => ("token_embd", "model.embed_tokens"),
             TensorRole::Output => ("output", "lm_head"),
@@ -104,6 +151,25 @@ impl Architecture {
     pub fn hf_tensor(self, t: TensorRole, layer: usize) -> String {
         self.tensor_names(t).1.replace("{l}", &layer.to_string())
     }
+}
+
+/// How a family normalizes activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormKind {
+    /// `x / rms(x) * w`.
+    Rms,
+    /// `(x - mean) / std(x) * w + b`.
+    LayerNorm,
+}
+
+/// A family's MLP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MlpKind {
+    /// `down(silu(gate(x)) * up(x))`.
+    GatedSilu,
+    /// `down(gelu(up(x)))`, GELU's tanh approximation (transformers'
+    /// `gelu_pytorch_tanh`, llama.cpp's `ggml_gelu`).
+    Gelu,
 }
 
 /// What a tensor is for, whatever a file format calls it.
@@ -150,10 +216,16 @@ pub struct LlamaConfig {
     pub rope_freq_factors: Option<Vec<f32>>,
     /// How RoPE pairs dimensions.
     pub rope_style: RopeStyle,
-    /// RMSNorm epsilon.
+    /// The norm's epsilon (RMSNorm or LayerNorm, per the family).
     pub rms_eps: f32,
     /// Context length the model was trained for.
     pub context_len: usize,
+    /// The attention window the model was trained with (StarCoder2's
+    /// `sliding_window`), if its config names one. Recorded, not applied:
+    /// llama.cpp does not apply StarCoder2's either, and the released
+    /// StarCoder2 models' window (4,096) is longer than the prompts the
+    /// server builds (docs/models.md).
+    pub sliding_window: Option<usize>,
 }
 
 impl LlamaConfig {
@@ -245,14 +317,22 @@ impl Linear {
     }
 }
 
+/// A norm's weight and, for LayerNorm families, its bias.
+#[derive(Clone)]
+struct Norm {
+    w: Vec<f32>,
+    b: Option<Vec<f32>>,
+}
+
 struct Block {
-    attn_norm: Vec<f32>,
+    attn_norm: Norm,
     wq: Linear,
     wk: Linear,
     wv: Linear,
     wo: Linear,
-    ffn_norm: Vec<f32>,
-    gate: Linear,
+    ffn_norm: Norm,
+    /// None for a GELU MLP.
+    gate: Option<Linear>,
     up: Linear,
     down: Linear,
 }
@@ -274,7 +354,7 @@ pub struct Llama {
     /// `[vocab, hidden]`, also the output layer when embeddings are tied.
     embed: Linear,
     blocks: Vec<Block>,
-    norm: Vec<f32>,
+    norm: Norm,
     output: Option<Linear>,
     inv_freq: Vec<f32>,
     /// How new caches store K/V (`ANCHORCODER_KV`, default f16).
@@ -313,7 +393,10 @@ impl Llama {
         let lin: usize = self
             .blocks
             .iter()
-            .map(|b| [&b.wq, &b.wk, &b.wv, &b.wo, &b.gate, &b.up, &b.down].iter().map(|l| l.bytes()).sum::<usize>())
+            .map(|b| {
+                [&b.wq, &b.wk, &b.wv, &b.wo, &b.up, &b.down].iter().map(|l| l.bytes()).sum::<usize>()
+                    + b.gate.as_ref().map_or(0, |g| g.bytes())
+            })
             .sum();
         lin + self.embed.bytes() + self.output.as_ref().map_or(0, |o| o.bytes())
     }
@@ -382,8 +465,9 @@ impl Llama {
             rope_linear_scale,
             rope_freq_factors,
             rope_style: architecture.gguf_rope_style(),
-            rms_eps: md_f(md, &key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+            rms_eps: md_f(md, &key(architecture.norm_eps_keys().0)).unwrap_or(1e-5),
             context_len: md_u(md, &key("context_length")).unwrap_or(4096),
+            sliding_window: md_u(md, &key("attention.sliding_window")).ok().filter(|&w| w > 0),
         };
         cfg.validate()?;
 
@@ -429,9 +513,17 @@ impl Llama {
         } else {
             None
         };
-        let norm = |n: &str, file: &mut std::fs::File| -> Result<Vec<f32>> {
-            Ok(tensor(&format!("{n}.weight"), file)?.dequantize(&Device::Cpu)?.to_vec1::<f32>()?)
+        let norm = |n: &str, file: &mut std::fs::File| -> Result<Norm> {
+            let vec = |t: &str, file: &mut std::fs::File| -> Result<Vec<f32>> {
+                Ok(tensor(&format!("{n}.{t}"), file)?.dequantize(&Device::Cpu)?.to_vec1::<f32>()?)
+            };
+            let b = match architecture.norm() {
+                NormKind::LayerNorm => Some(vec("bias", file)?),
+                NormKind::Rms => None,
+            };
+            Ok(Norm { w: vec("weight", file)?, b })
         };
+        let gated = architecture.mlp() == MlpKind::GatedSilu;
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for l in 0..cfg.n_layers {
             blocks.push(Block {
@@ -441,7 +533,7 @@ impl Llama {
                 wv: linear(&name(TensorRole::V, l), &mut file)?,
                 wo: linear(&name(TensorRole::O, l), &mut file)?,
                 ffn_norm: norm(&name(TensorRole::FfnNorm, l), &mut file)?,
-                gate: linear(&name(TensorRole::Gate, l), &mut file)?,
+                gate: if gated { Some(linear(&name(TensorRole::Gate, l), &mut file)?) } else { None },
                 up: linear(&name(TensorRole::Up, l), &mut file)?,
                 down: linear(&name(TensorRole::Down, l), &mut file)?,
             });
@@ -499,8 +591,9 @@ impl Llama {
             rope_linear_scale,
             rope_freq_factors,
             rope_style: RopeStyle::Half,
-            rms_eps: get("rms_norm_eps").unwrap_or(1e-5) as f32,
+            rms_eps: get(architecture.norm_eps_keys().1).unwrap_or(1e-5) as f32,
             context_len: get("max_position_embeddings").unwrap_or(4096.0) as usize,
+            sliding_window: get("sliding_window").map(|w| w as usize).filter(|&w| w > 0),
         };
         cfg.validate()?;
         let mut files: Vec<_> = std::fs::read_dir(dir)?
@@ -530,7 +623,14 @@ impl Llama {
         };
         let (qd, kvd) = (cfg.n_heads * cfg.head_dim, cfg.kv_dim());
         let name = |t: TensorRole, l: usize| architecture.hf_tensor(t, l);
-        let norm = |n: String| tensor(&format!("{n}.weight"), &[hidden]);
+        let norm = |n: String| -> Result<Norm> {
+            let b = match architecture.norm() {
+                NormKind::LayerNorm => Some(tensor(&format!("{n}.bias"), &[hidden])?),
+                NormKind::Rms => None,
+            };
+            Ok(Norm { w: tensor(&format!("{n}.weight"), &[hidden])?, b })
+        };
+        let gated = architecture.mlp() == MlpKind::GatedSilu;
         let embed = linear(&name(TensorRole::Embed, 0), cfg.vocab, hidden)?;
         let tied = raw.get("tie_word_embeddings").and_then(|v| v.as_bool()).unwrap_or(false);
         let output_name = name(TensorRole::Output, 0);
@@ -548,7 +648,7 @@ impl Llama {
                 wv: linear(&name(TensorRole::V, l), kvd, hidden)?,
                 wo: linear(&name(TensorRole::O, l), hidden, qd)?,
                 ffn_norm: norm(name(TensorRole::FfnNorm, l))?,
-                gate: linear(&name(TensorRole::Gate, l), cfg.ffn, hidden)?,
+                gate: if gated { Some(linear(&name(TensorRole::Gate, l), cfg.ffn, hidden)?) } else { None },
                 up: linear(&name(TensorRole::Up, l), cfg.ffn, hidden)?,
                 down: linear(&name(TensorRole::Down, l), hidden, cfg.ffn)?,
             });
@@ -577,29 +677,34 @@ impl Llama {
             l
         };
         let (h, qd, kvd) = (cfg.hidden, cfg.n_heads * cfg.head_dim, cfg.kv_dim());
-        let qkv_bias = cfg.architecture.qkv_bias();
+        let arch = cfg.architecture;
+        let (qkv_bias, bias) = (arch.qkv_bias(), arch.all_biases());
+        let layer_norm = arch.norm() == NormKind::LayerNorm;
         let embed = linear(cfg.vocab, h, false);
+        // Unit weights; LayerNorm biases small and varied, so they count.
+        let norm =
+            || Norm { w: vec![1.0; h], b: layer_norm.then(|| (0..h).map(|i| 0.05 * (i % 7) as f32 - 0.15).collect()) };
         let blocks = (0..cfg.n_layers)
             .map(|_| Block {
-                attn_norm: vec![1.0; h],
+                attn_norm: norm(),
                 wq: linear(qd, h, qkv_bias),
                 wk: linear(kvd, h, qkv_bias),
                 wv: linear(kvd, h, qkv_bias),
-                wo: linear(h, qd, false),
-                ffn_norm: vec![1.0; h],
-                gate: linear(cfg.ffn, h, false),
-                up: linear(cfg.ffn, h, false),
-                down: linear(h, cfg.ffn, false),
+                wo: linear(h, qd, bias),
+                ffn_norm: norm(),
+                gate: (arch.mlp() == MlpKind::GatedSilu).then(|| linear(cfg.ffn, h, false)),
+                up: linear(cfg.ffn, h, bias),
+                down: linear(h, cfg.ffn, bias),
             })
             .collect();
-        Llama::assemble(cfg, embed, blocks, vec![1.0; h], None)
+        Llama::assemble(cfg, embed, blocks, norm(), None)
     }
 
     fn assemble(
         cfg: LlamaConfig,
         embed: Linear,
         blocks: Vec<Block>,
-        norm: Vec<f32>,
+        norm: Norm,
         output: Option<Linear>,
     ) -> Result<Llama> {
         let (qd, kvd) = (cfg.n_heads * cfg.head_dim, cfg.kv_dim());
@@ -609,10 +714,14 @@ impl Llama {
                 (b.wk.n_out, b.wk.n_in, kvd, cfg.hidden),
                 (b.wv.n_out, b.wv.n_in, kvd, cfg.hidden),
                 (b.wo.n_out, b.wo.n_in, cfg.hidden, qd),
-                (b.gate.n_out, b.gate.n_in, cfg.ffn, cfg.hidden),
+                (b.up.n_out, b.up.n_in, cfg.ffn, cfg.hidden),
                 (b.down.n_out, b.down.n_in, cfg.hidden, cfg.ffn),
             ];
-            if shapes.iter().any(|&(o, i, eo, ei)| o != eo || i != ei) {
+            let gate_ok = b.gate.as_ref().is_none_or(|g| g.n_out == cfg.ffn && g.n_in == cfg.hidden);
+            let norms_ok = [&b.attn_norm, &b.ffn_norm]
+                .iter()
+                .all(|n| n.w.len() == cfg.hidden && n.b.as_ref().is_none_or(|b| b.len() == cfg.hidden));
+            if shapes.iter().any(|&(o, i, eo, ei)| o != eo || i != ei) || !gate_ok || !norms_ok {
                 bail!("layer {l}: weight shapes do not match the configuration {cfg:?}");
             }
         }
@@ -657,7 +766,7 @@ impl Llama {
 
         let mut x = self.embed_rows(tokens)?;
         for (l, b) in self.blocks.iter().enumerate() {
-            let hn = rms_norm(&x, &b.attn_norm, cfg.rms_eps);
+            let hn = b.attn_norm.apply(&x, cfg.rms_eps);
             let [mut q, mut k, v] = three(Linear::forward_many(&[&b.wq, &b.wk, &b.wv], &hn, n)?);
             self.rope(&mut q, cfg.n_heads, &cos, &sin);
             self.rope(&mut k, cfg.n_kv_heads, &cos, &sin);
@@ -667,10 +776,20 @@ impl Llama {
             attend(heads, &q, view.k, view.v, &biases[view.group], &mut att);
             add_into(&mut x, &b.wo.forward(&att, n)?);
 
-            let hn = rms_norm(&x, &b.ffn_norm, cfg.rms_eps);
-            let [mut g, u] = two(Linear::forward_many(&[&b.gate, &b.up], &hn, n)?);
-            g.iter_mut().zip(&u).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
-            add_into(&mut x, &b.down.forward(&g, n)?);
+            let hn = b.ffn_norm.apply(&x, cfg.rms_eps);
+            let act = match &b.gate {
+                Some(gate) => {
+                    let [mut g, u] = two(Linear::forward_many(&[gate, &b.up], &hn, n)?);
+                    g.iter_mut().zip(&u).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+                    g
+                }
+                None => {
+                    let mut u = b.up.forward(&hn, n)?;
+                    u.iter_mut().for_each(|u| *u = gelu(*u));
+                    u
+                }
+            };
+            add_into(&mut x, &b.down.forward(&act, n)?);
         }
         let rows = match want {
             Logits::None => return Ok(Vec::new()),
@@ -678,7 +797,7 @@ impl Llama {
             Logits::All => &x[..],
         };
         let m = rows.len() / h;
-        let xn = rms_norm(rows, &self.norm, cfg.rms_eps);
+        let xn = self.norm.apply(rows, cfg.rms_eps);
         self.output.as_ref().unwrap_or(&self.embed).forward(&xn, m)
     }
 
@@ -745,6 +864,34 @@ fn three(v: Vec<Vec<f32>>) -> [Vec<f32>; 3] {
 
 fn add_into(x: &mut [f32], y: &[f32]) {
     x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
+}
+
+impl Norm {
+    /// RMSNorm, or LayerNorm with its bias, of each row of `x`.
+    fn apply(&self, x: &[f32], eps: f32) -> Vec<f32> {
+        match &self.b {
+            None => rms_norm(x, &self.w, eps),
+            Some(b) => layer_norm(x, &self.w, b, eps),
+        }
+    }
+}
+
+/// GELU, tanh approximation.
+fn gelu(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
+}
+
+/// LayerNorm of each row of `x` (rows as wide as `w`): `(x - mean) / sqrt(var + eps) * w + b`.
+fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks(w.len()) {
+        let mean = row.iter().sum::<f32>() / row.len() as f32;
+        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / row.len() as f32;
+        let r = 1.0 / (var + eps).sqrt();
+        out.extend(row.iter().zip(w).zip(b).map(|((v, w), b)| (v - mean) * r * w + b));
+    }
+    out
 }
 
 /// RMSNorm of each row of `x` (rows as wide as `w`), scaled by `w`.
@@ -883,7 +1030,17 @@ pub(crate) mod tests {
         assert_eq!(Architecture::from_name("mistral").unwrap(), Architecture::Llama);
         assert_eq!(Architecture::from_name("qwen2").unwrap(), Architecture::Qwen2);
         let e = Architecture::from_name("gemma3").unwrap_err().to_string();
-        assert!(e.contains("`gemma3` is not supported") && e.contains("llama, mistral, qwen2"), "{e}");
+        assert!(e.contains("`gemma3` is not supported") && e.contains("llama, mistral, qwen2, starcoder2"), "{e}");
+        assert_eq!(Architecture::from_name("starcoder2").unwrap(), Architecture::StarCoder2);
+        let sc2 = Architecture::StarCoder2;
+        assert!(sc2.qkv_bias() && sc2.all_biases() && !Architecture::Qwen2.all_biases());
+        assert_eq!((sc2.norm(), sc2.mlp()), (NormKind::LayerNorm, MlpKind::Gelu));
+        assert_eq!((Architecture::Llama.norm(), Architecture::Llama.mlp()), (NormKind::Rms, MlpKind::GatedSilu));
+        assert_eq!(sc2.gguf_rope_style(), RopeStyle::Half);
+        assert_eq!(sc2.gguf_tensor(TensorRole::Up, 1), "blk.1.ffn_up");
+        assert_eq!(sc2.hf_tensor(TensorRole::Up, 1), "model.layers.1.mlp.c_fc");
+        assert_eq!(sc2.hf_tensor(TensorRole::Down, 1), "model.layers.1.mlp.c_proj");
+        assert_eq!(sc2.hf_tensor(TensorRole::Q, 1), "model.layers.1.self_attn.q_proj");
         assert_eq!(Architecture::Qwen2.name(), "qwen2");
         assert!(Architecture::Qwen2.qkv_bias() && !Architecture::Llama.qkv_bias());
         assert_eq!(Architecture::Llama.gguf_rope_style(), RopeStyle::Interleaved);
@@ -910,6 +1067,7 @@ pub(crate) mod tests {
             rope_style: RopeStyle::Interleaved,
             rms_eps: 1e-5,
             context_len: 4096,
+            sliding_window: None,
         }
     }
 
@@ -940,7 +1098,7 @@ pub(crate) mod tests {
                     wv: g(&b.wv),
                     wo: g(&b.wo),
                     ffn_norm: b.ffn_norm.clone(),
-                    gate: g(&b.gate),
+                    gate: b.gate.as_ref().map(g),
                     up: g(&b.up),
                     down: g(&b.down),
                 })
@@ -950,17 +1108,25 @@ pub(crate) mod tests {
         }
     }
 
-    /// A Hugging Face folder (config.json + safetensors, Qwen2 names and
-    /// q/k/v biases) loads into the model whose weights it holds: the same
-    /// logits as those weights quantized to Q8_0 the same way, to the bit.
+    /// A Hugging Face folder (config.json + safetensors; Qwen2's names and
+    /// q/k/v biases, StarCoder2's MLP names, LayerNorm and biases) loads into
+    /// the model whose weights it holds: the same logits as those weights
+    /// quantized to Q8_0 the same way, to the bit.
     #[test]
     fn a_hugging_face_folder_computes_what_its_weights_say() {
+        hugging_face_folder_round_trip(Architecture::Qwen2, "qwen2");
+        hugging_face_folder_round_trip(Architecture::StarCoder2, "starcoder2");
+    }
+
+    fn hugging_face_folder_round_trip(arch: Architecture, model_type: &str) {
         use std::collections::HashMap;
         let mut cfg = tiny_config(40);
-        cfg.architecture = Architecture::Qwen2;
+        cfg.architecture = arch;
         cfg.rope_style = RopeStyle::Half;
+        if arch == Architecture::StarCoder2 {
+            cfg.sliding_window = Some(16);
+        }
         let weights = Llama::random(cfg.clone(), 21).unwrap();
-        let arch = cfg.architecture;
         let mut tensors: HashMap<String, candle_core::Tensor> = HashMap::new();
         let mut put = |name: String, shape: &[usize], v: Vec<f32>| {
             tensors.insert(name, candle_core::Tensor::from_vec(v, shape, &Device::Cpu).unwrap());
@@ -978,27 +1144,37 @@ pub(crate) mod tests {
                 (TensorRole::K, &b.wk),
                 (TensorRole::V, &b.wv),
                 (TensorRole::O, &b.wo),
-                (TensorRole::Gate, &b.gate),
                 (TensorRole::Up, &b.up),
                 (TensorRole::Down, &b.down),
             ] {
                 linear(role, l, lin);
             }
+            if let Some(gate) = &b.gate {
+                linear(TensorRole::Gate, l, gate);
+            }
         }
+        let mut norm = |role: TensorRole, l: usize, n: &Norm| {
+            put(format!("{}.weight", arch.hf_tensor(role, l)), &[cfg.hidden], n.w.clone());
+            if let Some(b) = &n.b {
+                put(format!("{}.bias", arch.hf_tensor(role, l)), &[cfg.hidden], b.clone());
+            }
+        };
         for (l, b) in weights.blocks.iter().enumerate() {
-            put(format!("{}.weight", arch.hf_tensor(TensorRole::AttnNorm, l)), &[cfg.hidden], b.attn_norm.clone());
-            put(format!("{}.weight", arch.hf_tensor(TensorRole::FfnNorm, l)), &[cfg.hidden], b.ffn_norm.clone());
+            norm(TensorRole::AttnNorm, l, &b.attn_norm);
+            norm(TensorRole::FfnNorm, l, &b.ffn_norm);
         }
-        put(format!("{}.weight", arch.hf_tensor(TensorRole::OutputNorm, 0)), &[cfg.hidden], weights.norm.clone());
-        let dir = std::env::temp_dir().join(format!("anchorcoder-hf-{}", std::process::id()));
+        norm(TensorRole::OutputNorm, 0, &weights.norm);
+        let dir = std::env::temp_dir().join(format!("anchorcoder-hf-{model_type}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
-        let config = serde_json::json!({
-            "model_type": "qwen2", "hidden_size": cfg.hidden, "intermediate_size": cfg.ffn,
+        let mut config = serde_json::json!({
+            "model_type": model_type, "hidden_size": cfg.hidden, "intermediate_size": cfg.ffn,
             "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
             "num_hidden_layers": cfg.n_layers, "vocab_size": cfg.vocab, "rope_theta": cfg.rope_base,
-            "rms_norm_eps": cfg.rms_eps, "max_position_embeddings": cfg.context_len, "tie_word_embeddings": true
+            "max_position_embeddings": cfg.context_len, "tie_word_embeddings": true,
+            "sliding_window": cfg.sliding_window
         });
+        config[arch.norm_eps_keys().1] = serde_json::json!(cfg.rms_eps);
         std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
         let loaded = Llama::from_hf_dir(&dir).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
@@ -1009,6 +1185,31 @@ pub(crate) mod tests {
         let logits =
             |m: &Llama| m.forward(&tokens, &anchors, &mut m.new_cache(AttentionPolicy::full()), Logits::Last).unwrap();
         assert_eq!(logits(&loaded), logits(&want));
+    }
+
+    /// StarCoder2's block (LayerNorm with bias, GELU MLP, biases on every
+    /// linear layer, NeoX RoPE) through the cache and policies equals the
+    /// textbook forward, and its parts matter: without the norm biases or with
+    /// a SiLU MLP the logits move.
+    #[test]
+    fn starcoder2_block_equals_the_reference_forward() {
+        let mut cfg = tiny_config(40);
+        cfg.architecture = Architecture::StarCoder2;
+        cfg.rope_style = RopeStyle::Half;
+        let mut m = Llama::random(cfg, 9).unwrap();
+        m.set_kv_precision(KvPrecision::F32);
+        assert!(m.blocks.iter().all(|b| b.gate.is_none() && b.wo.bias.is_some() && b.down.bias.is_some()));
+        let tokens: Vec<u32> = (0..23).map(|i| (i * 5 + 1) % 40).collect();
+        let anchors = vec![false; tokens.len()];
+        let want = reference_causal_forward(&m, &tokens);
+        let got = m.forward(&tokens, &anchors, &mut m.new_cache(AttentionPolicy::full()), Logits::All).unwrap();
+        assert!(max_diff(&got, &want) < 1e-4, "{}", max_diff(&got, &want));
+        for b in &mut m.blocks {
+            b.attn_norm.b = Some(vec![0.0; b.attn_norm.w.len()]);
+        }
+        let changed = m.forward(&tokens, &anchors, &mut m.new_cache(AttentionPolicy::full()), Logits::All).unwrap();
+        assert!(max_diff(&changed, &want) > 1e-3, "the norm biases are applied");
+        assert!((gelu(1.0) - 0.841_192).abs() < 1e-5 && (gelu(-2.0) + 0.045_402).abs() < 1e-5);
     }
 
     /// The default model's native 4-bit path against the same weights in
@@ -1114,7 +1315,7 @@ pub(crate) mod tests {
         let mut x = m.embed_rows(tokens).unwrap();
         let (cos, sin) = m.rope_tables(0, n);
         for b in &m.blocks {
-            let hn = rms_norm(&x, &b.attn_norm, cfg.rms_eps);
+            let hn = b.attn_norm.apply(&x, cfg.rms_eps);
             let mut q = b.wq.forward(&hn, n).unwrap();
             let mut k = b.wk.forward(&hn, n).unwrap();
             let v = b.wv.forward(&hn, n).unwrap();
@@ -1140,14 +1341,25 @@ pub(crate) mod tests {
                 }
             }
             add_into(&mut x, &b.wo.forward(&att, n).unwrap());
-            let hn = rms_norm(&x, &b.ffn_norm, cfg.rms_eps);
-            let mut g = b.gate.forward(&hn, n).unwrap();
+            let hn = b.ffn_norm.apply(&x, cfg.rms_eps);
             let u = b.up.forward(&hn, n).unwrap();
-            g.iter_mut().zip(&u).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
-            add_into(&mut x, &b.down.forward(&g, n).unwrap());
+            let act: Vec<f32> = match &b.gate {
+                Some(gate) => {
+                    let g = gate.forward(&hn, n).unwrap();
+                    g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect()
+                }
+                // GELU written out with erf's tanh approximation's constants.
+                None => u
+                    .iter()
+                    .map(|&v| {
+                        0.5 * v * (1.0 + ((2.0 / std::f32::consts::PI).sqrt() * (v + 0.044715 * v * v * v)).tanh())
+                    })
+                    .collect(),
+            };
+            add_into(&mut x, &b.down.forward(&act, n).unwrap());
         }
         let _ = h;
-        let xn = rms_norm(&x, &m.norm, cfg.rms_eps);
+        let xn = m.norm.apply(&x, cfg.rms_eps);
         m.embed.forward(&xn, n).unwrap()
     }
 }
