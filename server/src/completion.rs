@@ -373,7 +373,10 @@ pub fn stop_strings(p: &Prompt) -> Vec<String> {
 
 /// The stop rule while generating: `text` is what follows the cursor so far.
 pub fn should_stop(text: &str, p: &Prompt, s: &Settings) -> bool {
-    suggestion_end(&fresh_start(text, p, s), p, s, false).is_some()
+    // A fresh line's block that already ended at a dedent is complete: what
+    // follows can no longer change it.
+    let (kept, ended) = fresh_start_ended(text, p, s);
+    suggestion_end(&kept, p, s, ended).is_some()
 }
 
 /// Whether a (non-first) line of the suggestion leaves the cursor's block.
@@ -416,8 +419,14 @@ pub fn finish(raw: &str, p: &Prompt, following: &str, s: &Settings) -> String {
 /// prompts, and text that starts with code at the typed indentation:
 /// unchanged.
 pub fn fresh_start<'a>(raw: &'a str, p: &Prompt, s: &Settings) -> Cow<'a, str> {
+    fresh_start_ended(raw, p, s).0
+}
+
+/// [`fresh_start`], and whether its text ended at a line indented less than
+/// its first (so nothing after can change it).
+fn fresh_start_ended<'a>(raw: &'a str, p: &Prompt, s: &Settings) -> (Cow<'a, str>, bool) {
     if !p.fresh_line || p.single_line || s.fresh_line == FreshLine::Off {
-        return Cow::Borrowed(raw);
+        return (Cow::Borrowed(raw), false);
     }
     let mut lines = raw.split('\n').enumerate().peekable();
     // The first line with code; a last, incomplete line may still get some.
@@ -428,16 +437,17 @@ pub fn fresh_start<'a>(raw: &'a str, p: &Prompt, s: &Settings) -> Cow<'a, str> {
             break;
         }
         if lines.peek().is_none() {
-            return Cow::Borrowed("");
+            return (Cow::Borrowed(""), false);
         }
     }
-    let Some((i, line)) = first else { return Cow::Borrowed("") };
+    let Some((i, line)) = first else { return (Cow::Borrowed(""), false) };
     let own = indent_width(line);
     if i == 0 {
-        return match own {
-            0 => Cow::Borrowed(raw),
-            _ => Cow::Borrowed(raw.trim_start_matches([' ', '\t'])),
+        let text = match own {
+            0 => raw,
+            _ => raw.trim_start_matches([' ', '\t']),
         };
+        return (Cow::Borrowed(text), false);
     }
     let typed = &p.indent;
     let mut out = vec![Cow::Borrowed(line.trim_start())];
@@ -449,11 +459,11 @@ pub fn fresh_start<'a>(raw: &'a str, p: &Prompt, s: &Settings) -> Cow<'a, str> {
         }
         let w = indent_width(l);
         if w < own {
-            break;
+            return (Cow::Owned(out.join("\n")), true);
         }
         out.push(Cow::Owned(format!("{typed}{}", strip_columns(l, own))));
     }
-    Cow::Owned(out.join("\n"))
+    (Cow::Owned(out.join("\n")), false)
 }
 
 /// `line` without its first `cols` columns of indentation (a tab counts 4).
@@ -885,6 +895,12 @@ mod tests {
         let one = Settings { max_lines: 1, ..s.clone() };
         assert!(!should_stop("\n", &p, &one) && !should_stop("\n    ret", &p, &one));
         assert!(should_stop("\n    return x\n", &p, &one));
+        // A block moved from a blank line ends at its dedent: generation stops there
+        // (it ran on to max_tokens before), with what finish keeps.
+        let raw = "\n        a\n\n        b\n    c";
+        assert!(!should_stop(&raw[..raw.len() - 2], &p, &s), "the dedent is not written yet");
+        assert!(should_stop(raw, &p, &s));
+        assert_eq!(finish(raw, &p, "", &s), "a\n\n    b");
         // Off: as before (the first line stays empty).
         let off = Settings { fresh_line: FreshLine::Off, ..s.clone() };
         assert_eq!(finish("\n    return x", &p, "", &off), "\n    return x");
