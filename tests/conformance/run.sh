@@ -24,9 +24,10 @@ root="$(cd "$here/../.." && pwd)"
 log() { printf '[conformance] %s\n' "$*" >&2; }
 
 FORMATS=(Q4_0 Q4_1 Q8_0 Q4_K_M Q5_K_M Q6_K)
-# Real source files of several languages (this repository's own), compared up to 256 tokens each.
-FILES=(server/src/engine/policy.rs server/training/fim.py editors/vscode/src/settings.ts
-    editors/nvim/lua/anchorcoder/init.lua)
+# Real source files of several languages (copies of this repository's own, frozen in prompts/ so
+# that editing the originals does not rebuild the cache), compared up to 256 tokens each.
+FILES=(tests/conformance/prompts/policy.rs.txt tests/conformance/prompts/fim.py.txt
+    tests/conformance/prompts/settings.ts.txt tests/conformance/prompts/init.lua.txt)
 GGUF_PY=gguf==0.19.0
 NUMPY=numpy==2.4.6
 
