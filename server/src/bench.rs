@@ -24,6 +24,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
 use crate::engine::document::is_anchor;
+use crate::engine::generate::argmax;
 use crate::engine::kv_cache::KvCache;
 use crate::engine::llama::Logits;
 use crate::engine::policy::{AttentionPolicy, PolicyKind, PolicySpec};
@@ -1120,16 +1121,6 @@ fn http_post_json(port: u16, path: &str, body: &Value) -> Result<Value> {
     }
     serde_json::from_str(rest)
         .with_context(|| format!("llama-server's answer is not JSON: {}", rest.chars().take(200).collect::<String>()))
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 fn median(v: &[f64]) -> Option<f64> {

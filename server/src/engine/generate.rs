@@ -191,6 +191,18 @@ fn pick(tok: &Tokenizer, logits: &[f32], force: &[u8], code_at: Option<usize>) -
         .map(|(id, _)| id as u32)
 }
 
+/// The id of the largest logit, the first of equal ones (llama.cpp's greedy
+/// choice): what the benchmarks and the conformance tests compare on.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in logits.iter().enumerate() {
+        if x > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
 /// The longest prefix of `b` that is valid UTF-8 (drops a cut-off character).
 fn valid_utf8_prefix(b: &[u8]) -> &[u8] {
     match std::str::from_utf8(b) {
