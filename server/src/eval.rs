@@ -136,12 +136,7 @@ pub fn task_context(engine: &Engine, task: &Task, mode: ContextArg, budget: usiz
         task.open.iter().filter_map(|p| Some((p.clone(), std::fs::read_to_string(p).ok()?))).collect();
     let count = |c: &context::Chunk| completion::chunk_tokens(engine, c);
     let set = match mode {
-        ContextArg::Ours => {
-            let recent = std::collections::HashMap::new();
-            let r =
-                context::Request { file, text: &text, cursor, root: Some(root), open: &open, recent: &recent, budget };
-            context::gather(&r, &count)
-        }
+        ContextArg::Ours => crate::project::file_context(file, &text, cursor, root, &open, budget, &count).set,
         _ => {
             // The ring buffer sees the same files, imported ones first (seen last), no ranking.
             let mut read = Vec::new();

@@ -156,9 +156,9 @@ fn complete(a: CompleteArgs) -> Result<()> {
         let root = std::fs::canonicalize(workspace)
             .with_context(|| format!("--workspace {}: not a folder here", workspace.display()))?;
         let file = std::fs::canonicalize(&a.path)?;
-        let chosen = anchorcoder::project::file_context(&file, &text, cursor, &root, a.context_tokens, &|c| {
-            completion::chunk_tokens(&engine, c)
-        });
+        let none = std::collections::HashMap::new();
+        let count = |c: &anchorcoder::context::Chunk| completion::chunk_tokens(&engine, c);
+        let chosen = anchorcoder::project::file_context(&file, &text, cursor, &root, &none, a.context_tokens, &count);
         let tokens = completion::context_tokens(&engine, &chosen.set, chosen.shown_path.as_deref())?;
         if a.verbose {
             eprintln!("project context: {} tokens from {:?}", tokens.len(), chosen.set.files());

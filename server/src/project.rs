@@ -146,7 +146,8 @@ impl Project {
         others.sort();
         others.hash(&mut h);
         for line in rope.lines() {
-            let line = line.to_string();
+            // Borrowed unless the line spans two of the rope's chunks.
+            let line: std::borrow::Cow<str> = line.into();
             let t = line.trim_start();
             if is_import_line(t) {
                 t.trim_end().hash(&mut h);
@@ -157,22 +158,23 @@ impl Project {
 }
 
 /// The context of one file on disk with no editor around it (`anchorcoder
-/// complete --workspace`): its imports under `root`, as the server chooses them.
+/// complete --workspace`, `anchorcoder eval --context ours`): its imports under
+/// `root` and the `open` files (path → text), as the server chooses them.
 pub fn file_context(
     file: &Path,
     text: &str,
     cursor: usize,
     root: &Path,
+    open: &HashMap<PathBuf, String>,
     budget: usize,
     count: &dyn Fn(&Chunk) -> usize,
 ) -> Chosen {
-    let none = HashMap::new();
     let request = context::Request {
         file,
         text,
         cursor: cursor.min(text.len()),
         root: Some(root),
-        open: &none,
+        open,
         recent: &HashMap::new(),
         budget,
     };
