@@ -130,8 +130,9 @@ export PATH="$VENV/bin:$PATH"
 SDIST="$WORK/llama_cpp_python-$VERSION.tar.gz"
 if [[ ! -f "$SDIST" ]]; then
     log "downloading llama-cpp-python==$VERSION sdist"
+    # Its progress goes to stderr: callers take the bin folder from stdout (`bin=$(...)`).
     timeout 900 "$VENV/bin/python" -m pip download --no-deps --no-binary llama-cpp-python \
-        --no-build-isolation "llama-cpp-python==$VERSION" -d "$WORK"
+        --no-build-isolation "llama-cpp-python==$VERSION" -d "$WORK" >&2
     # pip may name it with a dash
     if [[ ! -f "$SDIST" ]]; then
         found="$(ls "$WORK"/llama[-_]cpp[-_]python-"$VERSION".tar.gz 2>/dev/null | head -n1 || true)"
