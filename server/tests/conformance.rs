@@ -8,6 +8,9 @@
 //! next tokens with their log-probabilities at every position, and 64 greedy tokens. Without the
 //! variable the tests say so and pass; with it, a missing file fails them.
 //!
+//! `fim_prompt_matches_llama_cpp_infill` compares our fill-in-the-middle prompts with those of
+//! llama.cpp's `/infill` (`$ANCHORCODER_FIM_DIR` from `tests/conformance/fim.sh`; skipped likewise).
+//!
 //! What is compared, per model and format, over every position of every file (4 files, up to 256
 //! tokens each):
 //! - tokens: our tokenizer's ids for the file equal llama.cpp's;
@@ -338,4 +341,141 @@ fn greedy_64_tokens_match_llama_cpp() {
         }
     }
     assert!(failures.is_empty(), "greedy decoding differs from llama.cpp's:\n{}", failures.join("\n"));
+}
+
+/// Fill-in-the-middle: the prompt we run (the cached lead and text before the cursor, then the
+/// scratch `<FIM suffix>` text after it `<FIM middle>`) against the prompt llama.cpp's `/infill`
+/// builds for the same prefix and suffix, token for token. `tests/conformance/fim.sh` records
+/// llama.cpp's (`$ANCHORCODER_FIM_DIR`, one `NAME.jsonl` per model, the cases in `cases.json`).
+///
+/// From the FIM prefix token on, the two must be identical. Before it, llama.cpp adds what this
+/// test strips and our prompt deliberately leaves out (docs/models.md, "Fill-in-the-middle
+/// layout"): `<repo token>myproject\n` (a placeholder project name) for a vocabulary with a
+/// repository token, and, without other files, `<|file_sep|>filename\n` (a placeholder file
+/// name). With other files the current file is named `filename` here as llama.cpp names it, and
+/// the lead is compared where llama.cpp renders files as we do (with `<|file_sep|>`); for the
+/// others (it writes `--- snippet ---` lines, and puts the files before BOS) only the FIM part is.
+/// Token healing is the other deliberate difference: the case's `heal` is cut from our prompt
+/// (the model must spell it first), so llama.cpp is sent the prefix without it.
+#[test]
+fn fim_prompt_matches_llama_cpp_infill() {
+    use anchorcoder::completion::{context_tokens, fim_tail, Session, Settings};
+    use anchorcoder::context::{Chunk, ContextSet, Source};
+    use anchorcoder::engine::document::DocumentCache;
+
+    let Some(dir) = std::env::var_os("ANCHORCODER_FIM_DIR").map(PathBuf::from) else {
+        eprintln!("skipped: ANCHORCODER_FIM_DIR is not set (ANCHORCODER_FIM_DIR=$(tests/conformance/fim.sh) makes and names the folder)");
+        return;
+    };
+    let cases: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).expect("cases.json"))
+        .expect("cases.json is JSON");
+    let cases = cases["cases"].as_array().expect("a list of cases");
+    let s = Settings::default();
+    let mut failures = Vec::new();
+    let mut compared = 0;
+    for name in ["qwen25-coder", "codellama", "starcoder2", "deepseek-coder", "llama-spm"] {
+        let model = dir.join(format!("{name}.f32.gguf"));
+        let engine = Engine::load(&model).unwrap_or_else(|e| panic!("cannot load {}: {e:#}", model.display()));
+        let tok = &engine.tokenizer;
+        let recorded = std::fs::read_to_string(dir.join(format!("{name}.jsonl"))).expect("fim.sh's record");
+        let theirs: BTreeMap<String, Value> = recorded
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).expect("JSON lines"))
+            .map(|r| (r["case"].as_str().expect("a case name").to_string(), r))
+            .collect();
+        for case in cases {
+            let case_name = case["name"].as_str().expect("a name");
+            let rec = theirs.get(case_name).unwrap_or_else(|| panic!("{name}: no record of case {case_name}"));
+            let Some(fim) = tok.fim_ids() else {
+                // No FIM tokens: llama.cpp refuses /infill, we complete from the prefix only.
+                if rec["status"] != 501 {
+                    failures
+                        .push(format!("{name} {case_name}: no FIM tokens here, llama.cpp answered {}", rec["status"]));
+                }
+                continue;
+            };
+            let (prefix, suffix, heal) =
+                (case["prefix"].as_str().unwrap(), case["suffix"].as_str().unwrap(), case["heal"].as_str().unwrap());
+            let extra = case.get("extra").and_then(Value::as_array).cloned().unwrap_or_default();
+
+            // Ours, as the server builds it: the document's cache after planning, then the scratch tail.
+            let text = format!("{prefix}{suffix}");
+            let mut doc = DocumentCache::new(&engine.model, AttentionPolicy::full());
+            let set = ContextSet {
+                chunks: extra
+                    .iter()
+                    .map(|e| Chunk {
+                        path: e["filename"].as_str().unwrap().to_string(),
+                        line: 0,
+                        text: e["text"].as_str().unwrap().to_string(),
+                        source: Source::Import,
+                    })
+                    .collect(),
+            };
+            doc.set_context(context_tokens(&engine, &set, Some("filename")).expect("context tokens"));
+            let (prompt, _) = Session::default()
+                .prepare_local(&engine, &mut doc, &ropey::Rope::from_str(&text), prefix.len(), &s)
+                .expect("plan the prompt");
+            if prompt.healed != heal {
+                failures
+                    .push(format!("{name} {case_name}: token healing cut {:?}, the case says {heal:?}", prompt.healed));
+                continue;
+            }
+            let mut ours = doc.tokens().to_vec();
+            ours.extend(fim_tail(&engine, suffix, &s).expect("FIM tail"));
+
+            let Some(theirs) = rec.get("tokens").map(ids) else {
+                failures.push(format!("{name} {case_name}: llama.cpp answered {} ({})", rec["status"], rec["error"]));
+                continue;
+            };
+            compared += 1;
+            let split = |t: &[u32]| t.iter().position(|&id| id == fim.prefix);
+            let (Some(a), Some(b)) = (split(&ours), split(&theirs)) else {
+                failures.push(format!(
+                    "{name} {case_name}: no FIM prefix token in ours {ours:?} or llama.cpp's {theirs:?}"
+                ));
+                continue;
+            };
+            if ours[a..] != theirs[b..] {
+                failures.push(format!(
+                    "{name} {case_name}: FIM part differs\n  ours:      {:?}\n  llama.cpp: {:?}",
+                    &ours[a..],
+                    &theirs[b..]
+                ));
+            }
+            // The lead: strip llama.cpp's placeholder lines, then compare where it renders files as we do.
+            let named = |names: &[&str]| names.iter().find_map(|n| tok.token_to_id(n));
+            let mut lead = &theirs[..b];
+            if let Some(rep) = named(&["<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"]) {
+                let line: Vec<u32> = std::iter::once(rep).chain(tok.encode("myproject\n").unwrap()).collect();
+                match lead.strip_prefix(line.as_slice()) {
+                    Some(rest) => lead = rest,
+                    None => failures.push(format!("{name} {case_name}: llama.cpp's lead {lead:?} lacks {line:?}")),
+                }
+            }
+            let file_sep = tok.token_to_id("<|file_sep|>");
+            if let (Some(sep), true) = (file_sep, extra.is_empty()) {
+                let line: Vec<u32> = std::iter::once(sep).chain(tok.encode("filename\n").unwrap()).collect();
+                match lead.strip_suffix(line.as_slice()) {
+                    Some(rest) => lead = rest,
+                    None => failures.push(format!("{name} {case_name}: llama.cpp's lead {lead:?} lacks {line:?}")),
+                }
+            }
+            if (extra.is_empty() || file_sep.is_some()) && lead != &ours[..a] {
+                failures.push(format!(
+                    "{name} {case_name}: lead differs\n  ours:      {:?}\n  llama.cpp: {lead:?} (placeholder lines stripped)",
+                    &ours[..a]
+                ));
+            }
+            eprintln!(
+                "fim {name:<15} {case_name:<22} {} tokens; llama.cpp's {} (lead {} vs {})",
+                ours.len(),
+                theirs.len(),
+                a,
+                b
+            );
+        }
+    }
+    assert!(compared > 0, "no FIM prompt compared");
+    assert!(failures.is_empty(), "FIM prompts differ from llama.cpp's /infill:\n{}", failures.join("\n"));
 }
