@@ -43,6 +43,8 @@ use crate::engine::document::DocumentCache;
 use crate::engine::policy::AttentionPolicy;
 use crate::engine::Engine;
 
+pub mod exec;
+
 /// Flags of `anchorcoder eval`.
 #[derive(Args, Debug)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -241,6 +243,9 @@ pub enum EvalCommand {
     BuildTasks(BuildTasksArgs),
     /// Draw edit similarity against KV bytes from a grid's results (SVG).
     Plot(PlotArgs),
+    /// Run the file's own doctests with each suggested block in place
+    /// (runnable Python block tasks: `build-tasks --runnable`).
+    Exec(exec::ExecArgs),
 }
 
 /// Flags of `anchorcoder eval build-tasks`.
@@ -286,6 +291,15 @@ pub struct BuildTasksArgs {
     /// context sources besides the imports).
     #[arg(long, default_value_t = 3)]
     pub open_files: usize,
+    /// Block tasks in Python files: record the file's doctests that run the
+    /// block (each file with doctests is loaded and its doctests traced), for
+    /// `eval exec`. The tasks drawn stay the same.
+    #[arg(long)]
+    pub runnable: bool,
+    /// Block tasks only where the file's doctests run the block (a set for
+    /// `eval exec`; implies --runnable; files without doctests are skipped).
+    #[arg(long)]
+    pub runnable_only: bool,
     /// Where to write the tasks (JSON lines).
     #[arg(long)]
     pub out: PathBuf,
@@ -311,6 +325,10 @@ pub struct Task {
     /// Other files of the project taken as open in the editor.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub open: Vec<PathBuf>,
+    /// A Python block that the file's own doctests run (`build-tasks
+    /// --runnable`): what `eval exec` needs to run them on a suggestion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runnable: Option<exec::Runnable>,
 }
 
 /// Entry point of `anchorcoder eval`.
@@ -318,6 +336,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     match &args.command {
         Some(EvalCommand::BuildTasks(b)) => return build_tasks_cmd(b),
         Some(EvalCommand::Plot(p)) => return plot_cmd(p),
+        Some(EvalCommand::Exec(e)) => return exec::exec_cmd(e),
         None => {}
     }
     let Some(tasks_path) = &args.tasks else { bail!("eval needs --tasks TASKS.jsonl (or the build-tasks subcommand)") };
@@ -346,7 +365,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let mut done = std::collections::HashMap::new();
     if args.resume {
         if let Some(p) = args.out.as_ref().filter(|p| p.exists()) {
-            done = read_done(p, policy, args.compare_full)?;
+            done = read_done(p, policy, args.compare_full && !args.llama_only, args.llama_only)?;
         }
     }
     let mut out: Box<dyn Write> = match &args.out {
@@ -412,7 +431,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
                     line["full"] = f.to_json(task, full);
                 }
                 if let Some(server) = &llama {
-                    match llama_task(&engine, server, task, &settings) {
+                    match llama_task(&engine, server, task, &settings, &ctx) {
                         Ok((raw, rules)) => {
                             line["llama_cpp"] = raw.to_json(task, full);
                             line["llama_cpp_rules"] = rules.to_json(task, full);
@@ -580,10 +599,12 @@ impl TaskResult {
 
 /// The task lines of an earlier run (`--out` of `--resume`), by task id.
 /// Lines of another policy are an error (the file belongs to another run).
+/// A `--llama-only` run's lines are done when they carry llama.cpp's answer.
 fn read_done(
     path: &Path,
     policy: AttentionPolicy,
     need_full: bool,
+    llama_only: bool,
 ) -> Result<std::collections::HashMap<String, String>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut done = std::collections::HashMap::new();
@@ -593,7 +614,8 @@ fn read_done(
         if v["policy"] != serde_json::Value::String(policy.describe()) {
             bail!("{} holds results of {} , not {}: use another --out", path.display(), v["policy"], policy.describe());
         }
-        let (Some(id), Some(_)) = (v["id"].as_str(), TaskResult::from_json(&v)) else { continue };
+        let main = if llama_only { &v["llama_cpp"] } else { &v };
+        let (Some(id), Some(_)) = (v["id"].as_str(), TaskResult::from_json(main)) else { continue };
         if need_full && TaskResult::from_json(&v["full"]).is_none() {
             continue;
         }
@@ -683,21 +705,23 @@ impl LlamaServer {
 }
 
 /// One task answered by llama.cpp's `/completion` on the same prompt tokens
-/// as ours (lead tokens, the window up to the cursor — not cut for healing —
-/// and the fill-in-the-middle tail), greedy: scored raw (its first line, or
-/// its first `max_lines` lines for blocks) and through our clean-up rules.
+/// as ours (lead tokens with the task's project context, the window up to
+/// the cursor — not cut for healing — and the fill-in-the-middle tail),
+/// greedy: scored raw (its first line, or its first `max_lines` lines for
+/// blocks) and through our clean-up rules.
 fn llama_task(
     engine: &Engine,
     server: &LlamaServer,
     task: &Task,
     settings: &Settings,
+    context: &[u32],
 ) -> Result<(TaskResult, TaskResult)> {
     let t0 = Instant::now();
     let text = format!("{}{}", task.prefix, task.suffix);
     let cursor = task.prefix.len();
     let p = completion::plan(&text, cursor, None, settings);
     let following = &text[cursor..];
-    let mut prompt = completion::lead_tokens(engine, settings);
+    let mut prompt = completion::lead_with_context(engine, settings, context);
     prompt.extend(engine.tokenizer.encode(&text[p.window_start..cursor])?);
     prompt.extend(completion::fim_tail(engine, following, settings)?);
     let answer = server.post(
@@ -1174,6 +1198,34 @@ pub fn tasks_of_kind(
     rng: &mut Rng,
     cross: Option<&HashSet<String>>,
 ) -> Vec<Task> {
+    draw_tasks(kind, text, language, id, k, caps, rng, cross, None).into_iter().map(|d| d.task).collect()
+}
+
+/// A task as drawn from its file: where its cursor and removed text are.
+#[derive(Clone, Debug)]
+pub struct Drawn {
+    pub task: Task,
+    /// The removed text's byte range in the file (from the cursor).
+    pub removed: std::ops::Range<usize>,
+    /// The first and last line of the removed text (1-based).
+    pub lines: (usize, usize),
+}
+
+/// [`tasks_of_kind`] with each task's place in the file, drawing only among
+/// the candidates whose removed lines (1-based, first and last) `keep`
+/// accepts, when given.
+#[allow(clippy::too_many_arguments)]
+pub fn draw_tasks(
+    kind: TaskKind,
+    text: &str,
+    language: &str,
+    id: &str,
+    k: usize,
+    caps: &Caps,
+    rng: &mut Rng,
+    cross: Option<&HashSet<String>>,
+    keep: Option<&dyn Fn(usize, usize) -> bool>,
+) -> Vec<Drawn> {
     if text.contains('\r') {
         return Vec::new();
     }
@@ -1224,6 +1276,12 @@ pub fn tasks_of_kind(
                 !prose.get(i).copied().unwrap_or(false) && cross_file_use(line(i), names, language).is_some()
             })
         })
+        .filter(|&i| {
+            keep.is_none_or(|keep| {
+                let last = if kind == TaskKind::Block { block_last(i).expect("a candidate") } else { i };
+                keep(i + 1, last + 1)
+            })
+        })
         .collect();
     rng.shuffle(&mut candidates);
     candidates.truncate(k);
@@ -1264,7 +1322,7 @@ pub fn tasks_of_kind(
             doc_end = e;
         }
         let col = text[ls..cursor].chars().count() + 1;
-        tasks.push(Task {
+        let task = Task {
             id: format!("{id}:{}:{col}", i + 1),
             language: language.to_string(),
             kind,
@@ -1274,7 +1332,9 @@ pub fn tasks_of_kind(
             path: None,
             root: None,
             open: Vec::new(),
-        });
+            runnable: None,
+        };
+        tasks.push(Drawn { task, removed: cursor..removed_end, lines: (i + 1, last + 1) });
     }
     tasks
 }
@@ -1352,7 +1412,30 @@ pub fn build_tasks(a: &BuildTasksArgs) -> Result<Vec<Task>> {
                     continue;
                 }
                 let kind = if a.cross_file { TaskKind::MidLine } else { a.kind };
-                let mut t = tasks_of_kind(kind, &text, lang, &id, a.per_file, &caps, &mut rng, names.as_ref());
+                // Python blocks: the file's doctests and the lines each one runs.
+                let module = (kind == TaskKind::Block && lang == "python" && (a.runnable || a.runnable_only))
+                    .then(|| exec::module_name(root, f))
+                    .flatten()
+                    .filter(|m| exec::has_doctests(m, &text));
+                if a.runnable_only && module.is_none() {
+                    continue;
+                }
+                let traced = match &module {
+                    Some(m) => exec::trace(f, m)?,
+                    None => Vec::new(),
+                };
+                let exercised = |first: usize, last: usize| !exec::exercising(&traced, first, last).is_empty();
+                let keep: Option<&dyn Fn(usize, usize) -> bool> = a.runnable_only.then_some(&exercised);
+                let drawn = draw_tasks(kind, &text, lang, &id, a.per_file, &caps, &mut rng, names.as_ref(), keep);
+                let mut t = Vec::new();
+                for Drawn { mut task, removed, lines } in drawn {
+                    let doctests = exec::exercising(&traced, lines.0, lines.1);
+                    if let Some(module) = module.clone().filter(|_| !doctests.is_empty()) {
+                        task.runnable =
+                            Some(exec::Runnable { module, start: removed.start, end: removed.end, doctests });
+                    }
+                    t.push(task);
+                }
                 // The file, its project and a few neighbours as open files (context sources).
                 let abs = std::fs::canonicalize(f).unwrap_or_else(|_| f.clone());
                 let project = std::fs::canonicalize(root).unwrap_or_else(|_| root.clone());
@@ -1400,6 +1483,10 @@ fn build_tasks_cmd(a: &BuildTasksArgs) -> Result<()> {
     }
     w.flush()?;
     eprintln!("wrote {} tasks to {}", tasks.len(), a.out.display());
+    if a.runnable || a.runnable_only {
+        let n = tasks.iter().filter(|t| t.runnable.is_some()).count();
+        eprintln!("{n} of them runnable (the file's doctests run the block)");
+    }
     Ok(())
 }
 
@@ -1884,6 +1971,8 @@ mod tests {
             max_lines: 8,
             cross_file: false,
             open_files: 3,
+            runnable: false,
+            runnable_only: false,
             out: dir.join("out.jsonl"),
         };
         let t1 = build_tasks(&args).unwrap();
@@ -2040,6 +2129,7 @@ mod tests {
             path: None,
             root: None,
             open: Vec::new(),
+            runnable: None,
         };
         let r = TaskResult {
             suggestion: "y".into(),
@@ -2059,11 +2149,17 @@ mod tests {
         line["id"] = "b".into();
         let line_b = line.to_string();
         std::fs::write(&path, format!("{line_a}\n{line_b}\n{{\"id\": \"c\", \"trunc")).unwrap();
-        let done = read_done(&path, policy, false).unwrap();
+        let done = read_done(&path, policy, false, false).unwrap();
         assert_eq!(done.len(), 2, "the cut-off line is dropped");
-        assert_eq!(TaskResult::from_json(&serde_json::from_str(&done["a"]).unwrap()), Some(r));
-        assert!(read_done(&path, policy, true).unwrap().is_empty(), "lines without the full run don't count");
-        assert!(read_done(&path, AttentionPolicy::full(), false).is_err(), "another policy's file");
+        assert_eq!(TaskResult::from_json(&serde_json::from_str(&done["a"]).unwrap()), Some(r.clone()));
+        assert!(read_done(&path, policy, true, false).unwrap().is_empty(), "lines without the full run don't count");
+        assert!(read_done(&path, AttentionPolicy::full(), false, false).is_err(), "another policy's file");
+        // A --llama-only run's lines: done when llama.cpp's answer is there.
+        assert!(read_done(&path, policy, false, true).unwrap().is_empty());
+        let mut llama = serde_json::json!({ "id": "a", "language": "python", "policy": policy.describe() });
+        llama["llama_cpp"] = r.to_json(&task, AttentionPolicy::full());
+        std::fs::write(&path, format!("{llama}\n")).unwrap();
+        assert_eq!(read_done(&path, policy, false, true).unwrap().len(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -2133,6 +2229,8 @@ mod tests {
             max_lines: 8,
             cross_file: true,
             open_files: 3,
+            runnable: false,
+            runnable_only: false,
             out: dir.join("out.jsonl"),
         };
         let tasks = build_tasks(&args).unwrap();
