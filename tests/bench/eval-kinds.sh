@@ -23,7 +23,8 @@
 # than eval-devset.sh's 6000 so three kinds fit in a bounded run on two
 # cores), LLAMA_SERVER_BIN (default
 # ~/.cache/anchorcoder/tools/llama.cpp/bin/llama-server; NO_LLAMA=1 skips it),
-# OUT (default target/eval/kinds).
+# OUT (default target/eval/kinds), COMPARE_RULES=0 (skip --fresh-line-compare:
+# a quarter less time), FULL=0 (skip --compare-full).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -78,7 +79,10 @@ for kind in ${KINDS:-mid-line fresh-line block}; do
   fi
   echo "== $kind" >&2
   if [[ $passes == *ours* ]]; then
-    "$BIN" eval --tasks "$TASKS" "${model[@]}" --compare-full --fresh-line-compare \
+    compare=()
+    [[ ${FULL:-1} != 0 ]] && compare+=(--compare-full)
+    [[ ${COMPARE_RULES:-1} != 0 ]] && compare+=(--fresh-line-compare)
+    "$BIN" eval --tasks "$TASKS" "${model[@]}" "${compare[@]}" \
       --out "$OUT/results-$kind-s$SEED.jsonl" --resume | tail -n 1 >"$OUT/summary-$kind-s$SEED.json"
   fi
   if ((${#llama[@]})); then
