@@ -335,13 +335,17 @@ pub fn fim_tail(engine: &Engine, following: &str, s: &Settings) -> Result<Vec<u3
 ///
 /// Text after the cursor on its line: the first line. Otherwise at most
 /// `max_lines` lines, ending before a line (not the first) indented below
-/// the cursor's block and before a second blank line in a row.
+/// the cursor's block, before a second blank line in a row, and before a
+/// line that opens a block exactly as a line above it did at a smaller
+/// indentation (the model nesting the same block in itself: a loop).
 pub fn suggestion_end(text: &str, p: &Prompt, s: &Settings, done: bool) -> Option<usize> {
     if p.single_line {
         return text.find('\n').or(done.then_some(text.len()));
     }
     let mut start = 0usize;
     let mut blank_run = 0;
+    // The lines so far that open a block: (indentation, text).
+    let mut openers: Vec<(usize, &str)> = Vec::new();
     for (i, line) in text.split('\n').enumerate() {
         // Ending before this line: at the line break that ends the previous one.
         let before = start.saturating_sub(1);
@@ -359,9 +363,25 @@ pub fn suggestion_end(text: &str, p: &Prompt, s: &Settings, done: bool) -> Optio
         if blank_run >= 2 {
             return Some(before);
         }
+        if let Some(opener) = opens_block(body) {
+            // The first line starts at the cursor, in the cursor's block.
+            let indent = if i == 0 { p.block_indent } else { indent_width(body) };
+            if openers.iter().any(|&(w, o)| o == opener && w < indent) {
+                return Some(before);
+            }
+            openers.push((indent, opener));
+        }
         start += line.len() + 1;
     }
     Some(text.len())
+}
+
+/// A line's text if it opens a block (ends with `:`, `{`, `[` or `(`) and
+/// has at least four characters besides indentation (a lone `{` repeats
+/// in real code).
+fn opens_block(line: &str) -> Option<&str> {
+    let t = line.trim();
+    (t.chars().count() >= 4 && t.ends_with([':', '{', '[', '('])).then_some(t)
 }
 
 /// Texts at which a remote engine stops early (the rule still decides): a
@@ -707,6 +727,25 @@ mod tests {
         assert_eq!(finish("   \n  ", &p, "", &s), "");
     }
 
+    #[test]
+    fn multi_line_stops_where_the_model_nests_a_block_in_itself() {
+        let (t, c) = at("def f(cs):\n    for c in cs:\n        |", "|");
+        let p = plan(&t, c, None, &Settings::default());
+        let s = Settings::default();
+        let looped = "if isinstance(c, int):\n            x = c\n            if isinstance(c, int):\n                y";
+        assert_eq!(finish(looped, &p, "", &s), "if isinstance(c, int):\n            x = c");
+        let js = "\"refs\": [\n          {\n            \"refs\": [\n              {";
+        assert_eq!(finish(js, &p, "", &s), "\"refs\": [\n          {");
+        // The same opener at the same indentation (one block after another), a
+        // lone brace, and a different opener nested are all real code.
+        let siblings = "if a:\n            x = 1\n        if a:\n            y = 2";
+        assert_eq!(finish(siblings, &p, "", &s), siblings);
+        let braces = "x = [\n            {\n                {\n            }";
+        assert_eq!(finish(braces, &p, "", &s), braces);
+        let nested = "for a in b:\n            for c in a:\n                print(c)";
+        assert_eq!(finish(nested, &p, "", &s), nested);
+    }
+
     /// The one stop rule: stopping generation where [`should_stop`] first
     /// says so gives the suggestion the whole text would (so stopping early
     /// never changes a suggestion), for one line, blocks, fresh lines and
@@ -733,6 +772,7 @@ mod tests {
             "\n\tif x {\n\t\ty();\n\t}\n}",
             "return 1\n    x\n        y\n        z\n        w\n        v",
             "é😀\n  \n\n\n",
+            "if a(x):\n        if a(x):\n            if a(x):\n",
         ];
         let (mut early_stops, mut string_stops) = (0, 0);
         for doc in docs {
