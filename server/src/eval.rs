@@ -27,6 +27,10 @@
 //! `--llama-server URL` `"llama_cpp"` (that server's `/completion` on the
 //! same prompt tokens, greedy, its raw first line or block) and
 //! `"llama_cpp_rules"` (its text through [`completion::finish`]).
+//!
+//! Python block tasks whose file's own doctests run the block carry
+//! `"runnable"` (`build-tasks --runnable`); `eval exec` runs those doctests
+//! on each suggestion of a results file ([`exec`]).
 
 use std::collections::HashSet;
 use std::io::Write;
