@@ -17,7 +17,7 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -1477,6 +1477,23 @@ fn run_llama_bench(mut cmd: Command) -> Result<Vec<BenchRow>> {
     Ok(rows)
 }
 
+/// Wait for `child` for at most `limit`, polling every `poll`: its exit
+/// status, or `None` when it ran past the limit (it is killed and reaped).
+pub(crate) fn wait_timeout(child: &mut Child, limit: Duration, poll: Duration) -> Result<Option<ExitStatus>> {
+    let t = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait()? {
+            return Ok(Some(st));
+        }
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(None);
+        }
+        std::thread::sleep(poll);
+    }
+}
+
 /// Wait for `child` with a time limit, collecting its output.
 fn wait_output(mut child: Child, limit: Duration) -> Result<std::process::Output> {
     // Drain the pipes on threads so a chatty child cannot block.
@@ -1496,17 +1513,8 @@ fn wait_output(mut child: Child, limit: Duration) -> Result<std::process::Output
         }
         b
     });
-    let t = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait()? {
-            break st;
-        }
-        if t.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("timed out after {} s", limit.as_secs());
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    let Some(status) = wait_timeout(&mut child, limit, Duration::from_millis(100))? else {
+        bail!("timed out after {} s", limit.as_secs());
     };
     Ok(std::process::Output { status, stdout: ho.join().unwrap_or_default(), stderr: he.join().unwrap_or_default() })
 }

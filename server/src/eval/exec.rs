@@ -19,10 +19,12 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+
+use crate::bench::wait_timeout;
 
 /// The Python side, run with `python3 -I -S`.
 const HELPER: &str = include_str!("doctests.py");
@@ -129,17 +131,8 @@ fn helper(dir: &Path, args: &[&str], names: &[String], timeout: Duration) -> Res
         .stderr(Stdio::null())
         .spawn()
         .with_context(|| format!("cannot start {} (set ANCHORCODER_PYTHON)", python().to_string_lossy()))?;
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break s;
-        }
-        if t0.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Ok(None);
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let Some(status) = wait_timeout(&mut child, timeout, Duration::from_millis(20))? else {
+        return Ok(None);
     };
     let text = std::fs::read_to_string(&answer).unwrap_or_default();
     let v = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
