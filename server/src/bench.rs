@@ -1046,16 +1046,7 @@ fn llama_server_first(server: &Path, model: &Path, args: &BenchArgs, cases: &[Fi
         .spawn()
         .context("cannot start llama-server")?;
     let result = (|| -> Result<Vec<FirstLc>> {
-        let t = Instant::now();
-        while !health_ok(port) {
-            if let Some(st) = child.try_wait()? {
-                bail!("llama-server exited early ({st}); see {}", log.display());
-            }
-            if t.elapsed() > Duration::from_secs(180) {
-                bail!("llama-server did not become ready within 180 s; see {}", log.display());
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_ready(&mut child, port, &log)?;
         let body = |prompt: &str, n: usize, single: bool| {
             let mut b = json!({"prompt": prompt, "n_predict": n, "cache_prompt": false, "temperature": 0.0});
             if single {
@@ -1477,6 +1468,24 @@ fn run_llama_bench(mut cmd: Command) -> Result<Vec<BenchRow>> {
     Ok(rows)
 }
 
+/// Wait until the `llama-server` in `child` answers /health on `port` (at most
+/// 180 s); an error naming its `log` when it exits first or takes longer.
+fn wait_ready(child: &mut Child, port: u16, log: &Path) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait()? {
+            bail!("llama-server exited early ({st}); see {}", log.display());
+        }
+        if health_ok(port) {
+            return Ok(());
+        }
+        if t.elapsed() > Duration::from_secs(180) {
+            bail!("llama-server did not become ready within 180 s; see {}", log.display());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Wait for `child` for at most `limit`, polling every `poll`: its exit
 /// status, or `None` when it ran past the limit (it is killed and reaped).
 pub(crate) fn wait_timeout(child: &mut Child, limit: Duration, poll: Duration) -> Result<Option<ExitStatus>> {
@@ -1536,19 +1545,7 @@ fn llama_server_rss(server: &Path, model: &Path, args: &BenchArgs) -> Result<u64
         .spawn()
         .context("cannot start llama-server")?;
     let result = (|| -> Result<u64> {
-        let t = Instant::now();
-        loop {
-            if let Some(st) = child.try_wait()? {
-                bail!("llama-server exited early ({st}); see {}", log.display());
-            }
-            if health_ok(port) {
-                break;
-            }
-            if t.elapsed() > Duration::from_secs(180) {
-                bail!("llama-server did not become ready within 180 s; see {}", log.display());
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_ready(&mut child, port, &log)?;
         std::thread::sleep(Duration::from_millis(500));
         vm_rss_of(&format!("/proc/{}/status", child.id()))
             .ok_or_else(|| anyhow!("cannot read VmRSS of llama-server (pid {})", child.id()))
