@@ -17,7 +17,10 @@
 # (default: the default model), OUT (default target/eval/context), CONTEXTS
 # (default "off ring ours"), TOKENS (`--context-tokens`, default 512),
 # ONLY_CHOICE=1 (only `--context-only`: what each task's context holds, no
-# generation — seconds, for tuning the choice). Each run resumes.
+# generation — seconds, for tuning the choice), DRAW_SEED (the random draw of
+# both sets; default 7 for cross-file, 11 for in-file: another seed gives
+# another sample of the same task pool, to check a change is not tuned to one
+# draw). Each run resumes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -67,8 +70,8 @@ if [[ ! -s $OUT/infile-all.jsonl ]]; then
   "$BIN" eval build-tasks --files 200 --min-prefix-bytes 1500 --max-prefix-bytes 3000 --per-file 1 --seed 11 \
     --from "${from[@]}" --out "$OUT/infile-all.jsonl"
 fi
-sample "$OUT/cross-all.jsonl" "$CROSS" 7 "$OUT/cross.jsonl"
-sample "$OUT/infile-all.jsonl" "$INFILE" 11 "$OUT/infile.jsonl"
+sample "$OUT/cross-all.jsonl" "$CROSS" "${DRAW_SEED:-7}" "$OUT/cross.jsonl"
+sample "$OUT/infile-all.jsonl" "$INFILE" "${DRAW_SEED:-11}" "$OUT/infile.jsonl"
 echo "eval-context: $(wc -l <"$OUT/cross.jsonl") cross-file tasks (of $(wc -l <"$OUT/cross-all.jsonl")), $(wc -l <"$OUT/infile.jsonl") in-file (of $(wc -l <"$OUT/infile-all.jsonl"))" >&2
 
 for set in cross infile; do
