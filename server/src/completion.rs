@@ -295,6 +295,20 @@ pub fn context_tokens(engine: &Engine, set: &ContextSet, current: Option<&str>) 
     Ok(out)
 }
 
+/// A project context as text, for engines without our tokenizer (remote
+/// ones): each file under a comment line with its path, a blank line between
+/// files, then `current` (the document's own path) the same way, so the text
+/// that follows reads as that file. Empty for an empty set.
+pub fn context_text(set: &ContextSet, current: Option<&str>) -> String {
+    if set.is_empty() {
+        return String::new();
+    }
+    let comment = |path: &str| Lang::of(Path::new(path)).comment(path);
+    let mut out: Vec<String> = set.by_file().iter().map(|(path, text)| comment(path) + text).collect();
+    out.extend(current.map(comment));
+    out.join("\n")
+}
+
 /// Tokens of a chunk in the prompt, path line included (the budget's unit).
 pub fn chunk_tokens(engine: &Engine, c: &Chunk) -> usize {
     let t = &engine.tokenizer;
@@ -578,6 +592,17 @@ mod tests {
                 chunk("pkg/a.py", 9, "A = 1\n"),
             ],
         }
+    }
+
+    #[test]
+    fn context_text_puts_each_file_under_its_path() {
+        let set = two_file_context();
+        let files = set.by_file();
+        assert_eq!(files.len(), 2);
+        let text = context_text(&set, Some("pkg/main.py"));
+        let expect: String = files.iter().map(|(p, t)| format!("# {p}\n{t}\n")).collect::<String>() + "# pkg/main.py\n";
+        assert_eq!(text, expect);
+        assert_eq!(context_text(&ContextSet::default(), Some("x.py")), "");
     }
 
     #[test]

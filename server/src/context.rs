@@ -101,6 +101,18 @@ impl ContextSet {
         self.chunks.is_empty()
     }
 
+    /// The chunks' text joined per file, files in prompt order: `(path, text)`.
+    pub fn by_file(&self) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = Vec::new();
+        for c in &self.chunks {
+            match out.last_mut() {
+                Some((p, t)) if *p == c.path => t.push_str(&c.text),
+                _ => out.push((c.path.clone(), c.text.clone())),
+            }
+        }
+        out
+    }
+
     /// The files in the set with their chunks' total bytes (for status).
     pub fn files(&self) -> Vec<(String, usize)> {
         let mut out: Vec<(String, usize)> = Vec::new();

@@ -239,6 +239,8 @@ struct Shared {
     /// status is read from here, never by waiting for the thread, which may
     /// be busy with the model for seconds.
     snapshot: Arc<Mutex<Option<WorkerStatus>>>,
+    /// The workspace folders the editor named (a new remote route starts with them).
+    roots: Arc<Mutex<Vec<PathBuf>>>,
 }
 
 impl Shared {
@@ -313,8 +315,23 @@ impl WorkerHandle {
                 Some(route) => return route.complete(job, self.clone()),
                 None => Job::Complete(job),
             },
-            // Nothing to warm: the remote engine caches its own prompts.
-            Job::Warm { .. } if self.shared.route().is_some() => return,
+            // The remote engine caches its own prompts; warming there is
+            // choosing the document's project context (it reads files: off
+            // this thread).
+            Job::Warm { uri, rope, cursor, .. } if self.shared.route().is_some() => {
+                if let Some(route) = self.shared.route() {
+                    let budget = lock(&self.config).completion.context_tokens;
+                    self.rt.spawn_blocking(move || route.warm(&uri, &rope, cursor, budget));
+                }
+                return;
+            }
+            Job::Workspace { roots } => {
+                *lock(&self.shared.roots) = roots.clone();
+                if let Some(route) = self.shared.route() {
+                    route.set_roots(roots.clone());
+                }
+                Job::Workspace { roots }
+            }
             Job::Close { uri } => {
                 if let Some(route) = self.shared.route() {
                     route.close(&uri);
@@ -372,7 +389,7 @@ impl WorkerHandle {
                     Notice::Log(m) => Event::Log(m),
                 });
             });
-            let route = Arc::new(RemoteRoute::new(Remote::new(backend, notify)));
+            let route = Arc::new(RemoteRoute::new(Remote::new(backend, notify), lock(&self.shared.roots).clone()));
             let remote = route.remote.clone();
             self.rt.spawn(async move { remote.probe().await });
             let _ = self.events.send(Event::Log(format!(

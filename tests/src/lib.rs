@@ -395,6 +395,7 @@ struct ProxyState {
     max_in_flight: std::sync::atomic::AtomicUsize,
     raw_overlaps: std::sync::atomic::AtomicUsize,
     requests: std::sync::Mutex<Vec<String>>,
+    bodies: std::sync::Mutex<Vec<String>>,
 }
 
 impl Proxy {
@@ -450,6 +451,11 @@ impl Proxy {
     pub fn requests(&self) -> Vec<String> {
         self.state.requests.lock().unwrap().clone()
     }
+
+    /// The bodies of the POST requests forwarded so far, as text.
+    pub fn bodies(&self) -> Vec<String> {
+        self.state.bodies.lock().unwrap().clone()
+    }
 }
 
 fn proxy_connection(client: std::net::TcpStream, st: &std::sync::Arc<ProxyState>) {
@@ -496,10 +502,14 @@ fn proxy_connection(client: std::net::TcpStream, st: &std::sync::Arc<ProxyState>
                 let now = st2.in_flight.fetch_add(1, SeqCst) + 1;
                 st2.max_in_flight.fetch_max(now, SeqCst);
             }
+            let post = line.starts_with("POST ");
             st2.requests.lock().unwrap().push(line);
             let mut body = vec![0; len];
             if w.write_all(&head).is_err() || r.read_exact(&mut body).is_err() || w.write_all(&body).is_err() {
                 break;
+            }
+            if post {
+                st2.bodies.lock().unwrap().push(String::from_utf8_lossy(&body).into_owned());
             }
         }
         // The client hung up: whatever it had asked is no longer in flight.

@@ -338,6 +338,67 @@ fn fallback_to_local_serves_while_the_remote_is_down() {
     s.shutdown();
 }
 
+#[test]
+fn the_remote_engine_gets_the_project_context() {
+    let _ = default_model();
+    let engine = LlamaServer::start(&[]);
+    let proxy = Proxy::start(engine.port);
+    let root = std::env::temp_dir().join(format!("anchorcoder-remote-ctx-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("geometry")).unwrap();
+    std::fs::write(root.join("geometry/__init__.py"), "").unwrap();
+    std::fs::write(
+        root.join("geometry/shapes.py"),
+        "import math\n\n\ndef area_of_circle(radius):\n    return math.pi * radius * radius\n",
+    )
+    .unwrap();
+    let mut s = Server::start(&[]);
+    let root_uri = format!("file://{}", root.display());
+    s.request(
+        "initialize",
+        json!({"processId": null, "rootUri": root_uri, "capabilities": {},
+               "initializationOptions": backend("llamacpp", &proxy.url(), json!({}))}),
+        Duration::from_secs(30),
+    );
+    s.notify("initialized", json!({}));
+    let uri = format!("{root_uri}/app.py");
+    let text = "from geometry.shapes import area_of_circle\n\n\ndef report(r):\n    return area_of_circle(";
+    s.open(&uri, "python", text);
+    // Opening warms the document: for a remote engine, that chooses its context.
+    let t = Instant::now();
+    let files = loop {
+        let st = s.status();
+        let files = st["backend"]["documents"][0]["contextFiles"].clone();
+        if files.as_array().is_some_and(|f| !f.is_empty()) || t.elapsed() > LONG {
+            break files;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(files[0]["path"], "geometry/shapes.py", "{files}");
+    let (line, ch) = end_of(text);
+    let r = s.request(
+        "textDocument/inlineCompletion",
+        json!({"textDocument": {"uri": uri}, "position": {"line": line, "character": ch},
+               "context": {"triggerKind": 1}}),
+        LONG,
+    );
+    assert!(r["result"]["items"].is_array(), "{r}");
+    // The default model has no FIM tokens: llama.cpp refuses /infill and the
+    // prompt goes to /completion as text, the context first under path comments.
+    let bodies = proxy.bodies();
+    let sent: Vec<Value> = bodies.iter().filter_map(|b| serde_json::from_str(b).ok()).collect();
+    let with_context = sent.iter().find(|b| {
+        let extra = b["input_extra"].to_string();
+        let prompt = b["prompt"].as_str().unwrap_or_default();
+        (extra.contains("geometry/shapes.py") && extra.contains("def area_of_circle(radius): ..."))
+            || prompt.starts_with("# geometry/shapes.py\ndef area_of_circle(radius): ...\n\n# app.py\nfrom geometry")
+    });
+    assert!(with_context.is_some(), "no request carried the context: {bodies:?}");
+    assert!(s.alive());
+    s.shutdown();
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 /// A fake engine on loopback: each connection's request head (request line
 /// and headers) goes to `answer`, which writes the whole response.
 fn fake_engine(answer: fn(&str, &mut std::net::TcpStream)) -> String {

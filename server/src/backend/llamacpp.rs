@@ -57,7 +57,8 @@ pub fn infill_body(r: &RemoteRequest) -> Value {
     let mut b = common(r);
     b["input_prefix"] = r.context.clone().into();
     b["input_suffix"] = r.suffix.clone().unwrap_or_default().into();
-    b["input_extra"] = json!([]);
+    b["input_extra"] =
+        r.extra.iter().map(|(path, text)| json!({ "filename": path, "text": text })).collect::<Vec<_>>().into();
     b["prompt"] = r.line.clone().into();
     b
 }
@@ -92,6 +93,8 @@ mod tests {
             suffix: Some("\n\nprint(add(1, 2))\n".into()),
             max_tokens: 16,
             stop: vec!["\n".into()],
+            extra: vec![],
+            extra_text: String::new(),
         }
     }
 
@@ -114,6 +117,21 @@ mod tests {
         assert_eq!(b["prompt"], "def add(a, b):\n    return");
         assert!(b.get("input_suffix").is_none());
         assert_eq!(b["cache_prompt"], true);
+    }
+
+    #[test]
+    fn project_context_goes_in_input_extra_or_before_the_prompt() {
+        let r = RemoteRequest {
+            extra: vec![("util.py".into(), "def helper(x): ...\n".into())],
+            extra_text: "# util.py\ndef helper(x): ...\n\n# main.py\n".into(),
+            ..request()
+        };
+        assert_eq!(infill_body(&r)["input_extra"], json!([{ "filename": "util.py", "text": "def helper(x): ...\n" }]));
+        assert_eq!(infill_body(&r)["input_prefix"], "def add(a, b):\n", "the extra is not repeated in the prefix");
+        assert_eq!(
+            completion_body(&r)["prompt"],
+            "# util.py\ndef helper(x): ...\n\n# main.py\ndef add(a, b):\n    return"
+        );
     }
 
     #[test]

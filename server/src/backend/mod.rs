@@ -63,12 +63,20 @@ pub struct RemoteRequest {
     pub max_tokens: usize,
     /// Stop sequences (the engine stops early; the worker's rules decide).
     pub stop: Vec<String>,
+    /// Project context (other files), least relevant first, as `(path, text)`
+    /// per file: for an engine that lays it out itself (llama.cpp's
+    /// `input_extra`).
+    pub extra: Vec<(String, String)>,
+    /// The same context as text (each file under a comment line with its
+    /// path, the document's own path last), put before `context` by engines
+    /// that take one prompt. Empty without context.
+    pub extra_text: String,
 }
 
 impl RemoteRequest {
-    /// The text before the cursor, as one prompt.
+    /// The text before the cursor, as one prompt (project context first).
     pub fn prompt(&self) -> String {
-        format!("{}{}", self.context, self.line)
+        format!("{}{}{}", self.extra_text, self.context, self.line)
     }
 }
 
@@ -621,6 +629,8 @@ mod tests {
             suffix: None,
             max_tokens: 4,
             stop: vec![],
+            extra: vec![],
+            extra_text: String::new(),
         }
     }
 

@@ -60,6 +60,8 @@ mod tests {
             suffix: Some(")\n".into()),
             max_tokens: 32,
             stop: vec!["\n".into(), "a".into(), "b".into(), "c".into(), "d".into()],
+            extra: vec![],
+            extra_text: String::new(),
         };
         let b = body("coder", &r);
         assert_eq!(b["model"], "coder");

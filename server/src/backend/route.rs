@@ -12,16 +12,20 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use serde_json::Value;
+use ropey::Rope;
+use serde_json::{json, Value};
 use tokio::sync::Notify;
 
 use super::{Reachability, Remote, RemoteError, RemoteRequest};
 use crate::completion::{self, Generator, Prepared, Prompt, Raw, Request, Session, Settings, BYTES_PER_TOKEN};
 use crate::config::Config;
+use crate::context::Chunk;
 use crate::engine::document::line_start;
+use crate::project::Project;
 use crate::worker::{CompleteJob, Completed, CompletionError, Job, WorkerHandle};
 
 /// The remote engine of the `backend` settings, and the documents it serves.
@@ -29,6 +33,9 @@ pub(crate) struct RemoteRoute {
     pub(crate) remote: Arc<Remote>,
     docs: Mutex<HashMap<String, RemoteDoc>>,
     counts: Mutex<RouteCounts>,
+    /// Open documents, roots and recent lines: what project context is
+    /// chosen from (the same rules as the local model's, in the worker).
+    project: Mutex<Project>,
 }
 
 #[derive(Default)]
@@ -37,6 +44,26 @@ struct RemoteDoc {
     session: Arc<tokio::sync::Mutex<Session>>,
     /// Stops the newest request (the older ones were stopped already).
     stop: Option<Arc<Notify>>,
+    /// The project context its prompts carry, chosen in [`RemoteRoute::warm`].
+    context: Arc<Context>,
+    /// Whether `context` was chosen here (the project's record may be the
+    /// local model's, for the same document).
+    context_chosen: bool,
+}
+
+/// A document's project context, ready for requests.
+#[derive(Default)]
+struct Context {
+    /// `(path, text)` per file, least relevant first.
+    files: Vec<(String, String)>,
+    /// The same as text, the document's own path last ([`completion::context_text`]).
+    text: String,
+}
+
+/// Tokens of a chunk as the budget counts them without a tokenizer: its
+/// text and path at [`BYTES_PER_TOKEN`] (erring high: the budget holds).
+fn chunk_tokens(c: &Chunk) -> usize {
+    (c.text.len() + c.path.len()).div_ceil(BYTES_PER_TOKEN) + 2
 }
 
 /// How completions were served, for the status.
@@ -62,27 +89,80 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl RemoteRoute {
-    pub(crate) fn new(remote: Remote) -> Self {
-        RemoteRoute { remote: Arc::new(remote), docs: Mutex::default(), counts: Mutex::default() }
+    /// A route to `remote`; project context resolves imports under `roots`.
+    pub(crate) fn new(remote: Remote, roots: Vec<PathBuf>) -> Self {
+        let mut project = Project::default();
+        project.set_roots(roots);
+        RemoteRoute {
+            remote: Arc::new(remote),
+            docs: Mutex::default(),
+            counts: Mutex::default(),
+            project: Mutex::new(project),
+        }
+    }
+
+    /// The workspace folders the editor named.
+    pub(crate) fn set_roots(&self, roots: Vec<PathBuf>) {
+        lock(&self.project).set_roots(roots);
+    }
+
+    /// The user opened, edited or rests in `uri` (text `rope`, at byte
+    /// `cursor`): remember it, and choose the document's project context
+    /// again if what it depends on changed (`budget` tokens; 0: none). Called
+    /// in idle time, never on a completion request: a request uses the
+    /// context chosen last. Reads imported files: run it off the LSP thread.
+    pub(crate) fn warm(&self, uri: &str, rope: &Rope, cursor: usize, budget: usize) {
+        let mut project = lock(&self.project);
+        project.saw(uri, rope, cursor);
+        let chosen_here = lock(&self.docs).get(uri).is_some_and(|d| d.context_chosen);
+        if chosen_here && !project.stale(uri, rope, budget) {
+            return;
+        }
+        let chosen = project.choose(uri, rope, cursor, budget, &chunk_tokens);
+        drop(project);
+        let context = Context {
+            files: chosen.set.by_file(),
+            text: completion::context_text(&chosen.set, chosen.shown_path.as_deref()),
+        };
+        let mut docs = lock(&self.docs);
+        let doc = docs.entry(uri.to_string()).or_default();
+        doc.context = Arc::new(context);
+        doc.context_chosen = true;
+    }
+
+    /// The files of each document's project context with their bytes (for status).
+    fn context_status(&self) -> Value {
+        let docs = lock(&self.docs);
+        let mut uris: Vec<&String> = docs.keys().collect();
+        uris.sort();
+        uris.into_iter()
+            .map(|u| {
+                let files: Vec<Value> =
+                    docs[u].context.files.iter().map(|(p, t)| json!({ "path": p, "bytes": t.len() })).collect();
+                json!({ "uri": u, "contextFiles": files })
+            })
+            .collect()
     }
 
     /// Start serving `job` on the runtime; stops the document's older request.
     pub(crate) fn complete(self: Arc<Self>, job: CompleteJob, worker: WorkerHandle) {
         let stop = Arc::new(Notify::new());
+        lock(&self.project).saw(&job.uri, &job.rope, job.cursor);
         let session = {
             let mut docs = lock(&self.docs);
             let doc = docs.entry(job.uri.clone()).or_default();
             if let Some(older) = doc.stop.replace(stop.clone()) {
                 older.notify_one();
             }
-            doc.session.clone()
+            (doc.session.clone(), doc.context.clone())
         };
+        let (session, context) = session;
         let rt = worker.runtime().clone();
         rt.spawn(async move {
             let config = worker.config();
             let cancel = job.cancel.clone();
             let outcome = tokio::select! {
-                o = self.serve(&job, &session, &config) => o,
+                o = self.serve(&job, &session, &context, &config) => o,
                 _ = stop.notified() => Outcome::Reply(Err(CompletionError::Superseded)),
                 _ = cancelled(&cancel) => Outcome::Reply(Err(CompletionError::Cancelled)),
             };
@@ -109,10 +189,21 @@ impl RemoteRoute {
         });
     }
 
-    async fn serve(&self, job: &CompleteJob, session: &tokio::sync::Mutex<Session>, config: &Config) -> Outcome {
+    async fn serve(
+        &self,
+        job: &CompleteJob,
+        session: &tokio::sync::Mutex<Session>,
+        context: &Context,
+        config: &Config,
+    ) -> Outcome {
         let settings = Settings::from(&config.completion);
         let mut session = session.lock().await;
-        let mut gen = RemoteGenerator { remote: &self.remote, fallback: config.backend.fallback_to_local };
+        let mut gen = RemoteGenerator {
+            remote: &self.remote,
+            fallback: config.backend.fallback_to_local,
+            extra: &context.files,
+            extra_text: &context.text,
+        };
         match session.complete(&mut gen, &job.rope, job.cursor, &settings).await {
             Ok(s) => Outcome::Reply(Ok(Completed {
                 text: s.text,
@@ -128,6 +219,7 @@ impl RemoteRoute {
 
     /// Forget a document; stop its request.
     pub(crate) fn close(&self, uri: &str) {
+        lock(&self.project).close(uri);
         if let Some(stop) = lock(&self.docs).remove(uri).and_then(|d| d.stop) {
             stop.notify_one();
         }
@@ -146,6 +238,7 @@ impl RemoteRoute {
     pub(crate) fn status(&self) -> Value {
         let mut s = self.remote.status();
         s["completions"] = serde_json::to_value(&*lock(&self.counts)).unwrap_or_default();
+        s["documents"] = self.context_status();
         s
     }
 }
@@ -166,6 +259,10 @@ pub struct RemoteGenerator<'a> {
     pub remote: &'a Arc<Remote>,
     /// `backend.fallbackToLocal`.
     pub fallback: bool,
+    /// The document's project context per file (see [`RemoteRequest::extra`]).
+    pub extra: &'a [(String, String)],
+    /// The same as text (see [`RemoteRequest::extra_text`]).
+    pub extra_text: &'a str,
 }
 
 impl Generator for RemoteGenerator<'_> {
@@ -183,7 +280,9 @@ impl Generator for RemoteGenerator<'_> {
         let remote = self.remote;
         let fallback = self.fallback;
         let heal = remote_heal(req.prompt, remote.forces_prefix());
-        let request = remote_request(req.region, req.cursor, req.prompt, req.settings, heal);
+        let mut request = remote_request(req.region, req.cursor, req.prompt, req.settings, heal);
+        request.extra = self.extra.to_vec();
+        request.extra_text = self.extra_text.to_string();
         async move {
             if fallback && remote.state() == Reachability::Down {
                 if remote.claim_probe() {
@@ -248,6 +347,8 @@ fn remote_request(region: &str, at: usize, p: &Prompt, s: &Settings, heal: Optio
         suffix,
         max_tokens: s.max_tokens,
         stop: completion::stop_strings(p),
+        extra: Vec::new(),
+        extra_text: String::new(),
     }
 }
 
