@@ -438,11 +438,6 @@ fn normalize(p: &Path) -> PathBuf {
 /// definitions (an outline of a class or an `impl`).
 pub fn items(text: &str) -> Vec<(usize, String)> {
     let lines: Vec<&str> = text.lines().collect();
-    whole_items(&lines).into_iter().map(|(start, end)| (start, shorten(&lines[start..end]))).collect()
-}
-
-/// A file's top-level items as line ranges `start..end`, whole.
-fn whole_items(lines: &[&str]) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < lines.len() {
@@ -474,19 +469,7 @@ fn whole_items(lines: &[&str]) -> Vec<(usize, usize)> {
         while end > start + 1 && lines[end - 1].trim().is_empty() {
             end -= 1;
         }
-        out.push((start, end));
-    }
-    out
-}
-
-/// The chunks a file offers as context: each top-level item's [`outline`]
-/// (its pieces), in file order.
-pub fn outlines(text: &str, lang: Lang) -> Vec<(usize, String)> {
-    let lines: Vec<&str> = text.lines().collect();
-    let mut out = Vec::new();
-    for (start, end) in whole_items(&lines) {
-        let item = lines[start..end].join("\n");
-        out.extend(outline(&item, lang).into_iter().map(|(k, t)| (start + k, t)));
+        out.push((start, shorten(&lines[start..end])));
     }
     out
 }
@@ -525,218 +508,6 @@ fn is_signature(l: &str) -> bool {
     ["def ", "class ", "fn ", "function ", "struct ", "enum ", "trait ", "interface ", "type "]
         .iter()
         .any(|k| t.starts_with(k))
-}
-
-/// An item as its outline: what a caller of it needs (names, parameters,
-/// fields, variants, class attributes) in few tokens. A function's body is
-/// left out (`def f(x): ...`; `fn f(x) -> u32 {` and no body, no closing
-/// brace, in brace languages), as are comments and
-/// attributes inside the item and docstrings; the item's own leading comment
-/// keeps its first [`OUTLINE_DOC_LINES`] lines. An outline longer than
-/// [`CHUNK_LINES`] is split into pieces, each after the first led by the
-/// item's head line (`impl X {`, `class X:`), so a long class or `impl`
-/// offers each part on its own. Returns `(line offset in the item, text)`.
-pub fn outline(item: &str, lang: Lang) -> Vec<(usize, String)> {
-    let lines: Vec<&str> = item.lines().collect();
-    let brace = lang != Lang::Python;
-    let mut kept: Vec<(usize, String)> = Vec::new();
-    let mut doc = 0;
-    let mut head: Option<usize> = None;
-    let mut i = 0;
-    while i < lines.len() {
-        let l = lines[i];
-        let t = l.trim_start();
-        let indent = l.len() - t.len();
-        if t.is_empty() {
-            i += 1;
-            continue;
-        }
-        if head.is_none() && is_preamble(l) {
-            // The item's leading comment: its first lines; decorators and attributes all.
-            if t.starts_with('@') || t.starts_with("#[") {
-                kept.push((i, l.to_string()));
-            } else if doc < OUTLINE_DOC_LINES {
-                doc += 1;
-                kept.push((i, l.to_string()));
-            }
-            i += 1;
-            continue;
-        }
-        if indent > 0 && is_comment(t, lang) {
-            i += 1;
-            continue;
-        }
-        if lang == Lang::Python && indent > 0 && is_docstring_start(t) {
-            i = docstring_end(&lines, i) + 1;
-            continue;
-        }
-        if head.is_none() {
-            head = Some(kept.len());
-        }
-        if !is_function(t, lang) {
-            kept.push((i, l.to_string()));
-            i += 1;
-            continue;
-        }
-        // A function: its signature (up to where its body opens), then its body skipped.
-        let mut end = i;
-        let mut depth = 0i32;
-        loop {
-            depth += bracket_balance(lines[end]);
-            let s = code_part(lines[end], lang);
-            let done = if brace { s.ends_with('{') || s.ends_with(';') || s.ends_with('}') } else { s.ends_with(':') };
-            if depth <= 0 && done || end + 1 >= lines.len() || end - i >= 8 {
-                break;
-            }
-            end += 1;
-        }
-        let mut j = end + 1;
-        while j < lines.len() && (lines[j].trim().is_empty() || indent_of(lines[j]) > indent) {
-            j += 1;
-        }
-        let last = code_part(lines[end], lang);
-        let closes =
-            brace && j < lines.len() && indent_of(lines[j]) == indent && lines[j].trim_start().starts_with('}');
-        let opens = if brace { last.ends_with('{') } else { last.ends_with(':') };
-        for (k, s) in lines.iter().enumerate().take(end).skip(i) {
-            kept.push((k, s.to_string()));
-        }
-        if opens && (j > end + 1 || closes) {
-            // Python's stub form (`def f(x): ...`); in brace languages the signature's own
-            // line, as the code has it: a `{ ... }` there is text a model copies into a
-            // suggestion that ends a signature.
-            let lead = &lines[end][..indent_of(lines[end])];
-            let short = if brace { lines[end].to_string() } else { format!("{lead}{last} ...") };
-            kept.push((end, short));
-            i = if closes { j + 1 } else { j };
-        } else {
-            kept.push((end, lines[end].to_string()));
-            i = end + 1;
-        }
-    }
-    let head = head.map(|h| kept[h].1.clone());
-    let mut out: Vec<(usize, String)> = Vec::new();
-    let mut piece: Vec<&str> = Vec::new();
-    let mut first = 0;
-    for (k, (line, text)) in kept.iter().enumerate() {
-        if piece.is_empty() {
-            first = *line;
-            if k > 0 {
-                if let Some(h) = &head {
-                    piece.push(h);
-                }
-            }
-        }
-        piece.push(text);
-        if piece.len() >= CHUNK_LINES {
-            out.push((first, piece.join("\n") + "\n"));
-            piece.clear();
-        }
-    }
-    if piece.len() > usize::from(!out.is_empty() && head.is_some()) {
-        out.push((first, piece.join("\n") + "\n"));
-    }
-    out
-}
-
-/// Lines of an item's leading comment an outline keeps.
-pub const OUTLINE_DOC_LINES: usize = 2;
-
-fn indent_of(l: &str) -> usize {
-    l.len() - l.trim_start().len()
-}
-
-fn is_comment(t: &str, lang: Lang) -> bool {
-    t.starts_with("//")
-        || t.starts_with("/*")
-        || t.starts_with("* ")
-        || t == "*"
-        || t.starts_with("*/")
-        || (t.starts_with('#') && (lang == Lang::Python || t.starts_with("#[")))
-}
-
-fn is_docstring_start(t: &str) -> bool {
-    let t = t.trim_start_matches(['r', 'b', 'u', 'R', 'B', 'U']);
-    t.starts_with("\"\"\"") || t.starts_with("'''")
-}
-
-/// The line where the docstring opened at `lines[i]` closes.
-fn docstring_end(lines: &[&str], i: usize) -> usize {
-    let t = lines[i].trim_start().trim_start_matches(['r', 'b', 'u', 'R', 'B', 'U']);
-    let quote = &t[..3];
-    if t[3..].contains(quote) {
-        return i;
-    }
-    (i + 1..lines.len()).find(|&k| lines[k].contains(quote)).unwrap_or(lines.len() - 1)
-}
-
-/// A line without its trailing line comment, trimmed.
-fn code_part(l: &str, lang: Lang) -> &str {
-    let cut = if lang == Lang::Python { l.find(" #") } else { l.find(" //") };
-    cut.map_or(l, |c| &l[..c]).trim()
-}
-
-/// Opening minus closing parentheses and brackets of a line.
-fn bracket_balance(l: &str) -> i32 {
-    l.chars()
-        .map(|c| match c {
-            '(' | '[' => 1,
-            ')' | ']' => -1,
-            _ => 0,
-        })
-        .sum()
-}
-
-/// Whether a (trimmed) line starts a function or method definition.
-fn is_function(t: &str, lang: Lang) -> bool {
-    let mut t = t;
-    loop {
-        let before = t;
-        for q in [
-            "pub(crate) ",
-            "pub(super) ",
-            "pub(self) ",
-            "pub ",
-            "export ",
-            "default ",
-            "async ",
-            "static ",
-            "const ",
-            "unsafe ",
-            "public ",
-            "private ",
-            "protected ",
-            "override ",
-            "extern \"C\" ",
-            "get ",
-            "set ",
-        ] {
-            t = t.strip_prefix(q).unwrap_or(t);
-        }
-        if t == before {
-            break;
-        }
-    }
-    match lang {
-        Lang::Python => t.starts_with("def "),
-        Lang::Rust => t.starts_with("fn "),
-        Lang::Js | Lang::Other => {
-            if t.starts_with("function") || t.starts_with("func ") || t.starts_with("fn ") {
-                return true;
-            }
-            // `name(args) {` (a method) or `name = (args) => {`.
-            const CONTROL: &[&str] = &[
-                "if", "for", "while", "switch", "catch", "return", "else", "do", "try", "with", "new", "await",
-                "throw", "typeof", "super", "this",
-            ];
-            let word: &str = t.split(|c: char| !(c == '_' || c == '$' || c.is_alphanumeric())).next().unwrap_or("");
-            let code = t.trim_end();
-            !word.is_empty()
-                && !CONTROL.contains(&word)
-                && code.ends_with('{')
-                && (t[word.len()..].starts_with('(') || code.contains("=>"))
-        }
-    }
 }
 
 /// The names an item defines (after `def`, `class`, `fn`, `struct`, …, or
@@ -942,13 +713,7 @@ pub fn choose(candidates: &[Candidate], q: &Query, budget: usize, count: &dyn Fn
     let mut scored: Vec<(f32, Chunk)> = Vec::new();
     let mut seen: HashSet<&str> = HashSet::new();
     for c in candidates {
-        // Imports and open documents offer outlines (names and parameters,
-        // many per budget); a recent region is offered whole, as the user saw it.
-        let chunks = match c.source {
-            Source::Recent => items(c.text),
-            Source::Import | Source::OpenDocument => outlines(c.text, Lang::of(Path::new(&c.path))),
-        };
-        for (line, text) in chunks {
+        for (line, text) in items(c.text) {
             if c.source == Source::Recent {
                 let n = text.lines().count().max(1);
                 if !c.lines.iter().any(|&l| l >= line && l < line + n) {
@@ -1270,45 +1035,6 @@ mod tests {
                 (5, "impl X {\n    fn g() {}\n}\n".to_string())
             ]
         );
-    }
-
-    #[test]
-    fn outlines_keep_signatures_fields_and_attributes_without_bodies() {
-        let py = "# Totals.\n# More words.\n# Even more.\n@dataclass\nclass Cart(Base):\n    \"\"\"A cart.\n\n    Long.\n    \"\"\"\n    limit: int = 5\n\n    @property\n    def total(self,\n              tax=0.2) -> float:\n        # Sum.\n        return sum(self.items)\n\n    def add(self, item): self.items.append(item)\n";
-        let o = outline(py, Lang::Python);
-        assert_eq!(o.len(), 1);
-        assert_eq!(
-            o[0].1,
-            "# Totals.\n# More words.\n@dataclass\nclass Cart(Base):\n    limit: int = 5\n    @property\n    def total(self,\n              tax=0.2) -> float: ...\n    def add(self, item): self.items.append(item)\n"
-        );
-        assert_eq!(o[0].0, 0);
-        let rs = "/// A thing.\n#[derive(Clone)]\npub struct Thing {\n    /// Its name.\n    pub name: String,\n}\n";
-        assert_eq!(outline(rs, Lang::Rust)[0].1, rs.replace("    /// Its name.\n", ""));
-        let imp = "impl<T> Thing<T>\nwhere\n    T: Clone,\n{\n    #[inline]\n    pub fn new(name: &str) -> Self {\n        Thing { name: name.into() }\n    }\n\n    pub(crate) async fn go<F>(\n        &self,\n        f: F,\n    ) -> u32\n    where\n        F: Fn(),\n    {\n        f();\n        0\n    }\n    fn empty() {}\n}\n";
-        assert_eq!(
-            outline(imp, Lang::Rust)[0].1,
-            "impl<T> Thing<T>\nwhere\n    T: Clone,\n{\n    pub fn new(name: &str) -> Self {\n    pub(crate) async fn go<F>(\n        &self,\n        f: F,\n    ) -> u32\n    where\n        F: Fn(),\n    {\n    fn empty() {}\n}\n"
-        );
-        let js = "export class Client {\n  constructor(opts) {\n    this.opts = opts;\n  }\n  async send(method, params) {\n    if (x) {\n      return 1;\n    }\n  }\n}\n";
-        assert_eq!(
-            outline(js, Lang::Js)[0].1,
-            "export class Client {\n  constructor(opts) {\n  async send(method, params) {\n}\n"
-        );
-        // A long outline: pieces of at most CHUNK_LINES lines, each led by the head line.
-        let mut big = String::from("class Big:\n");
-        for k in 0..70 {
-            big += &format!("    def m{k}(self, x):\n        return x + {k}\n");
-        }
-        let pieces = outline(&big, Lang::Python);
-        assert_eq!(pieces.len(), 3, "{pieces:?}");
-        assert!(pieces.iter().all(|(_, p)| p.starts_with("class Big:\n") && p.lines().count() <= CHUNK_LINES));
-        assert!(pieces[1].1.contains("    def m31(self, x): ...") && !pieces[1].1.contains("return"));
-        assert_eq!(pieces[1].0, 1 + 2 * 31, "a piece's line is its first outlined line's");
-        let all: usize = pieces.iter().map(|(_, p)| p.lines().filter(|l| l.contains("def m")).count()).sum();
-        assert_eq!(all, 70);
-        // Whole files: each item outlined at its line.
-        let f = outlines("import os\n\ndef f(x):\n    return x\n", Lang::Python);
-        assert_eq!(f, vec![(0, "import os\n".to_string()), (2, "def f(x): ...\n".to_string())]);
     }
 
     #[test]

@@ -1017,8 +1017,7 @@ mod tests {
                 w.step();
             }
             let doc = &w.status().documents[0];
-            // Its outline: the signature, in the stub form (context::outline).
-            let definition = "def parse_header(line): ...\n";
+            let definition = "def parse_header(line):\n    return line.split(':', 1)\n";
             assert_eq!(doc.context_files, [("helpers.py".to_string(), definition.len())]);
             assert!(doc.context_tokens > 0 && doc.pending_tokens == 0, "{doc:?}");
             let lead = w.docs[&uri].cache.lead().to_vec();

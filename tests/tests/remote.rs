@@ -390,8 +390,9 @@ fn the_remote_engine_gets_the_project_context() {
     let with_context = sent.iter().find(|b| {
         let extra = b["input_extra"].to_string();
         let prompt = b["prompt"].as_str().unwrap_or_default();
-        (extra.contains("geometry/shapes.py") && extra.contains("def area_of_circle(radius): ..."))
-            || prompt.starts_with("# geometry/shapes.py\ndef area_of_circle(radius): ...\n\n# app.py\nfrom geometry")
+        let definition = "def area_of_circle(radius):\n    return math.pi * radius * radius\n";
+        (extra.contains("geometry/shapes.py") && extra.contains(&definition.replace('\n', "\\n")))
+            || prompt.starts_with(&format!("# geometry/shapes.py\n{definition}\n# app.py\nfrom geometry"))
     });
     assert!(with_context.is_some(), "no request carried the context: {bodies:?}");
     assert!(s.alive());
