@@ -101,13 +101,14 @@ impl ContextSet {
         self.chunks.is_empty()
     }
 
-    /// The chunks' text joined per file, files in prompt order: `(path, text)`.
+    /// The chunks' text joined per file, files in the order they first
+    /// appear in the prompt: `(path, text)`.
     pub fn by_file(&self) -> Vec<(String, String)> {
         let mut out: Vec<(String, String)> = Vec::new();
         for c in &self.chunks {
-            match out.last_mut() {
-                Some((p, t)) if *p == c.path => t.push_str(&c.text),
-                _ => out.push((c.path.clone(), c.text.clone())),
+            match out.iter_mut().find(|(p, _)| *p == c.path) {
+                Some((_, t)) => t.push_str(&c.text),
+                None => out.push((c.path.clone(), c.text.clone())),
             }
         }
         out
@@ -115,14 +116,7 @@ impl ContextSet {
 
     /// The files in the set with their chunks' total bytes (for status).
     pub fn files(&self) -> Vec<(String, usize)> {
-        let mut out: Vec<(String, usize)> = Vec::new();
-        for c in &self.chunks {
-            match out.iter_mut().find(|(p, _)| *p == c.path) {
-                Some((_, n)) => *n += c.text.len(),
-                None => out.push((c.path.clone(), c.text.len())),
-            }
-        }
-        out
+        self.by_file().into_iter().map(|(p, t)| (p, t.len())).collect()
     }
 }
 

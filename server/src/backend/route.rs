@@ -148,7 +148,7 @@ impl RemoteRoute {
     pub(crate) fn complete(self: Arc<Self>, job: CompleteJob, worker: WorkerHandle) {
         let stop = Arc::new(Notify::new());
         lock(&self.project).saw(&job.uri, &job.rope, job.cursor);
-        let session = {
+        let (session, context) = {
             let mut docs = lock(&self.docs);
             let doc = docs.entry(job.uri.clone()).or_default();
             if let Some(older) = doc.stop.replace(stop.clone()) {
@@ -156,7 +156,6 @@ impl RemoteRoute {
             }
             (doc.session.clone(), doc.context.clone())
         };
-        let (session, context) = session;
         let rt = worker.runtime().clone();
         rt.spawn(async move {
             let config = worker.config();
