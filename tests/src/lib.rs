@@ -193,9 +193,14 @@ impl Server {
 
     /// `initialize` + `initialized` with the given options and capabilities.
     pub fn initialize(&mut self, options: Value, capabilities: Value) -> Value {
+        self.initialize_at(None, options, capabilities)
+    }
+
+    /// [`Server::initialize`] with a workspace root (`rootUri`).
+    pub fn initialize_at(&mut self, root_uri: Option<&str>, options: Value, capabilities: Value) -> Value {
         let r = self.request(
             "initialize",
-            json!({"processId": null, "rootUri": null, "capabilities": capabilities, "initializationOptions": options}),
+            json!({"processId": null, "rootUri": root_uri, "capabilities": capabilities, "initializationOptions": options}),
             Duration::from_secs(30),
         );
         self.notify("initialized", json!({}));
@@ -252,6 +257,19 @@ pub fn llama_server_binary() -> PathBuf {
     let bin = tools.join("llama.cpp/bin/llama-server");
     assert!(bin.exists(), "{} is missing: run tests/bench/build-llamacpp.sh (scripts/test does)", bin.display());
     bin
+}
+
+/// A fresh folder `$TMPDIR/NAME-PID` holding `files` (relative path, text);
+/// an older one of that name is removed first.
+pub fn workspace(name: &str, files: &[(&str, &str)]) -> PathBuf {
+    let root = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    for (path, text) in files {
+        let p = root.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+    root
 }
 
 /// A port nobody listens on right now.

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use anchorcoder_e2e::{default_model, Server};
+use anchorcoder_e2e::{default_model, workspace, Server};
 use serde_json::{json, Value};
 
 /// The example of the README's run command; the cursor goes at its end, on
@@ -185,24 +185,20 @@ fn the_cursor_the_editor_reports_is_warmed_before_the_first_keystroke() {
 #[test]
 fn definitions_from_imported_files_of_the_workspace_lead_the_prompt() {
     let _ = default_model();
-    let root = std::env::temp_dir().join(format!("anchorcoder-e2e-ctx-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(root.join("geometry")).unwrap();
-    std::fs::write(root.join("geometry/__init__.py"), "").unwrap();
-    std::fs::write(
-        root.join("geometry/shapes.py"),
-        "import math\n\n\ndef area_of_circle(radius):\n    return math.pi * radius * radius\n\n\n\
-         def unrelated_helper():\n    return None\n",
-    )
-    .unwrap();
+    let root = workspace(
+        "anchorcoder-e2e-ctx",
+        &[
+            ("geometry/__init__.py", ""),
+            (
+                "geometry/shapes.py",
+                "import math\n\n\ndef area_of_circle(radius):\n    return math.pi * radius * radius\n\n\n\
+                 def unrelated_helper():\n    return None\n",
+            ),
+        ],
+    );
     let mut s = Server::start(&[]);
     let root_uri = format!("file://{}", root.display());
-    s.request(
-        "initialize",
-        json!({"processId": null, "rootUri": root_uri, "capabilities": {}, "initializationOptions": {}}),
-        Duration::from_secs(30),
-    );
-    s.notify("initialized", json!({}));
+    s.initialize_at(Some(&root_uri), json!({}), json!({}));
     let uri = format!("{root_uri}/app.py");
     let text = "from geometry.shapes import area_of_circle\n\n\ndef report(r):\n    return area_of_circle(";
     s.open(&uri, "python", text);

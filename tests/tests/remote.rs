@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use anchorcoder_e2e::{default_model, free_port, LlamaServer, Proxy, ProxyMode, Server};
+use anchorcoder_e2e::{default_model, free_port, workspace, LlamaServer, Proxy, ProxyMode, Server};
 use serde_json::{json, Value};
 
 const SOURCE: &str = include_str!("../data/words.py");
@@ -343,24 +343,19 @@ fn the_remote_engine_gets_the_project_context() {
     let _ = default_model();
     let engine = LlamaServer::start(&[]);
     let proxy = Proxy::start(engine.port);
-    let root = std::env::temp_dir().join(format!("anchorcoder-remote-ctx-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(root.join("geometry")).unwrap();
-    std::fs::write(root.join("geometry/__init__.py"), "").unwrap();
-    std::fs::write(
-        root.join("geometry/shapes.py"),
-        "import math\n\n\ndef area_of_circle(radius):\n    return math.pi * radius * radius\n",
-    )
-    .unwrap();
+    let root = workspace(
+        "anchorcoder-remote-ctx",
+        &[
+            ("geometry/__init__.py", ""),
+            (
+                "geometry/shapes.py",
+                "import math\n\n\ndef area_of_circle(radius):\n    return math.pi * radius * radius\n",
+            ),
+        ],
+    );
     let mut s = Server::start(&[]);
     let root_uri = format!("file://{}", root.display());
-    s.request(
-        "initialize",
-        json!({"processId": null, "rootUri": root_uri, "capabilities": {},
-               "initializationOptions": backend("llamacpp", &proxy.url(), json!({}))}),
-        Duration::from_secs(30),
-    );
-    s.notify("initialized", json!({}));
+    s.initialize_at(Some(&root_uri), backend("llamacpp", &proxy.url(), json!({})), json!({}));
     let uri = format!("{root_uri}/app.py");
     let text = "from geometry.shapes import area_of_circle\n\n\ndef report(r):\n    return area_of_circle(";
     s.open(&uri, "python", text);
