@@ -440,6 +440,37 @@ struct DocState {
     context_files: Vec<(String, usize)>,
     /// Whether this cache's context was chosen (a new cache chooses it again).
     context_chosen: bool,
+    /// A newly chosen project context, filling beside `cache` in idle time.
+    staged: Option<Staged>,
+}
+
+impl DocState {
+    /// K/V bytes held, a staged cache's included.
+    fn allocated_bytes(&self) -> usize {
+        let staged = self.staged.as_ref().map_or(0, |s| s.cache.stats().kv.allocated_bytes);
+        self.cache.stats().kv.allocated_bytes + staged
+    }
+
+    /// Make the staged cache the one completions use.
+    fn promote(&mut self) {
+        if let Some(s) = self.staged.take() {
+            self.cache = s.cache;
+            self.session.adopt_window(&s.session);
+            self.context_files = s.context_files;
+        }
+    }
+}
+
+/// A document's cache under a newly chosen project context. A new context
+/// changes the prompt's lead, so nothing of the cache can be reused: rather
+/// than make the next keystroke pay for it, warm-up fills this second cache
+/// once the document's own is warm, and it replaces that one when it is warm
+/// too — or earlier, at a completion it would serve with no more work.
+struct Staged {
+    cache: DocumentCache,
+    /// Its window (the same cursor may plan differently from the old one's).
+    session: Session,
+    context_files: Vec<(String, usize)>,
 }
 
 struct Worker {
@@ -569,7 +600,7 @@ impl Worker {
                 if self.focused.as_deref() == Some(uri.as_str()) {
                     self.focused = None;
                 }
-                if self.docs.remove(&uri).is_some_and(|d| d.cache.stats().kv.allocated_bytes >= RELEASE_MIN_BYTES) {
+                if self.docs.remove(&uri).is_some_and(|d| d.allocated_bytes() >= RELEASE_MIN_BYTES) {
                     release_free_memory();
                 }
             }
@@ -726,11 +757,19 @@ impl Worker {
     ) -> Result<Completed, CompletionError> {
         let settings = self.settings();
         let (engine, doc) = self.doc(uri)?;
+        let failed = |e: anyhow::Error| CompletionError::Failed(format!("{e:#}"));
+        if let Some(staged) = doc.staged.as_mut() {
+            // A new context still filling serves this completion only if it
+            // needs no more work than the cache in use.
+            doc.session.prepare_local(engine, &mut doc.cache, rope, cursor, &settings).map_err(failed)?;
+            staged.session.prepare_local(engine, &mut staged.cache, rope, cursor, &settings).map_err(failed)?;
+            if staged.cache.pending() <= doc.cache.pending() {
+                doc.promote();
+            }
+        }
         let cancelled = || cancel.load(Ordering::SeqCst);
-        let s = doc
-            .session
-            .complete_local(engine, &mut doc.cache, rope, cursor, &settings, &cancelled)
-            .map_err(|e| CompletionError::Failed(format!("{e:#}")))?;
+        let s =
+            doc.session.complete_local(engine, &mut doc.cache, rope, cursor, &settings, &cancelled).map_err(failed)?;
         doc.last_reused = s.reused;
         if s.stop == Some(StopReason::Cancelled) {
             return Err(CompletionError::Cancelled);
@@ -752,7 +791,9 @@ impl Worker {
         self.warm.remove(at)
     }
 
-    /// One chunk of warm-up; returns whether more remains.
+    /// One chunk of warm-up; returns whether more remains. The cache
+    /// completions use fills first, then a staged one (a new project
+    /// context), which replaces it once warm.
     fn warm_step(&mut self, uri: &str, rope: &Rope, cursor: usize) -> bool {
         let cursor = cursor.min(rope.len_bytes());
         self.refresh_context(uri, rope, cursor);
@@ -761,20 +802,32 @@ impl Worker {
         }
         let settings = self.settings();
         let Ok((engine, doc)) = self.doc(uri) else { return false };
-        let prepared = doc.session.prepare_local(engine, &mut doc.cache, rope, cursor, &settings);
-        if prepared.is_err() {
+        if doc.session.prepare_local(engine, &mut doc.cache, rope, cursor, &settings).is_err() {
             return false;
         }
-        match doc.cache.prefill(&engine.model, WARM_CHUNK) {
-            Ok(_) if doc.cache.pending() > 0 => true,
+        let staging = doc.cache.pending() == 0 && doc.staged.is_some();
+        let (cache, session) = match doc.staged.as_mut().filter(|_| staging) {
+            Some(s) => (&mut s.cache, &mut s.session),
+            None => (&mut doc.cache, &mut doc.session),
+        };
+        if staging && session.prepare_local(engine, cache, rope, cursor, &settings).is_err() {
+            doc.staged = None;
+            return false;
+        }
+        match cache.prefill(&engine.model, WARM_CHUNK) {
+            Ok(_) if cache.pending() > 0 => true,
             Ok(_) => {
                 // Warm and idle: keep only what the policy keeps.
-                let before = doc.cache.stats().kv.allocated_bytes;
+                let before = doc.allocated_bytes();
+                if staging {
+                    doc.promote();
+                }
                 doc.cache.settle();
-                if before.saturating_sub(doc.cache.stats().kv.allocated_bytes) >= RELEASE_MIN_BYTES {
+                if before.saturating_sub(doc.allocated_bytes()) >= RELEASE_MIN_BYTES {
                     release_free_memory();
                 }
-                false
+                // A staged context still has to fill.
+                doc.staged.is_some()
             }
             Err(e) => {
                 let _ = self.events.send(Event::Log(format!("warm-up of {uri} failed: {e:#}")));
@@ -785,8 +838,8 @@ impl Worker {
 
     /// Choose the document's project context again if what it depends on
     /// changed (see [`Project`]); runs in warm-up only, so a keystroke never
-    /// waits for it. A different context restarts the document's cache at
-    /// the next prompt (this warm-up fills it again).
+    /// waits for it. A different context goes into a staged cache (see
+    /// [`Staged`]) unless the cache is off.
     fn refresh_context(&mut self, uri: &str, rope: &Rope, cursor: usize) {
         let budget = self.config.completion.context_tokens;
         let Some(engine) = &self.engine else { return };
@@ -805,25 +858,39 @@ impl Worker {
         };
         let policy = self.policy();
         let doc = self.docs.entry(uri.to_string()).or_insert_with(|| new_doc(engine, policy));
-        doc.context_files = chosen.set.files();
         doc.context_chosen = true;
-        if doc.cache.context() != tokens.as_slice() {
-            let files: Vec<String> = doc.context_files.iter().map(|(f, n)| format!("{f} ({n} bytes)")).collect();
-            let _ = self.events.send(Event::Log(format!(
-                "project context for {uri}: {} tokens from {} in {} ms",
-                tokens.len(),
-                if files.is_empty() { "no files".to_string() } else { files.join(", ") },
-                started.elapsed().as_millis()
-            )));
-            doc.cache.set_context(tokens);
+        let files = chosen.set.files();
+        if doc.cache.context() == tokens.as_slice() {
+            doc.context_files = files;
+            doc.staged = None;
+            return;
         }
+        if let Some(staged) = doc.staged.as_mut().filter(|s| s.cache.context() == tokens.as_slice()) {
+            staged.context_files = files;
+            return;
+        }
+        let shown: Vec<String> = files.iter().map(|(f, n)| format!("{f} ({n} bytes)")).collect();
+        let _ = self.events.send(Event::Log(format!(
+            "project context for {uri}: {} tokens from {} in {} ms",
+            tokens.len(),
+            if shown.is_empty() { "no files".to_string() } else { shown.join(", ") },
+            started.elapsed().as_millis()
+        )));
+        if !self.config.cache.enabled {
+            doc.cache.set_context(tokens);
+            doc.context_files = files;
+            return;
+        }
+        let mut cache = new_cache(engine, policy);
+        cache.set_context(tokens);
+        doc.staged = Some(Staged { cache, session: doc.session.clone(), context_files: files });
     }
 
     /// Drop least-recently-used document caches until all fit the budget.
     fn enforce_budget(&mut self, budget: usize) {
         let mut dropped = false;
         loop {
-            let total: usize = self.docs.values().map(|d| d.cache.stats().kv.allocated_bytes).sum();
+            let total: usize = self.docs.values().map(DocState::allocated_bytes).sum();
             if total <= budget || self.docs.len() <= 1 {
                 if dropped {
                     release_free_memory();
@@ -872,7 +939,7 @@ impl Worker {
             model_state: self.model_state.clone(),
             model_error: self.model_error.clone(),
             policy: self.policy().to_json(),
-            cache_bytes: self.docs.values().map(|d| d.cache.stats().kv.allocated_bytes).sum(),
+            cache_bytes: self.docs.values().map(DocState::allocated_bytes).sum(),
             cache_budget_bytes: self.config.cache.memory_budget_bytes() as usize,
             queue_depth: self.completions.len() + self.warm.len() + usize::from(self.busy),
             last_latencies_ms: lock(&self.shared.latencies).iter().copied().collect(),
@@ -882,16 +949,21 @@ impl Worker {
     }
 }
 
-fn new_doc(engine: &Engine, policy: AttentionPolicy) -> DocState {
+fn new_cache(engine: &Engine, policy: AttentionPolicy) -> DocumentCache {
     let mut cache = DocumentCache::new(&engine.model, policy);
     cache.set_eviction_slack(EVICTION_SLACK_LINES);
+    cache
+}
+
+fn new_doc(engine: &Engine, policy: AttentionPolicy) -> DocState {
     DocState {
-        cache,
+        cache: new_cache(engine, policy),
         session: Session::default(),
         last_used: Instant::now(),
         last_reused: 0,
         context_files: Vec::new(),
         context_chosen: false,
+        staged: None,
     }
 }
 
@@ -1040,6 +1112,55 @@ mod tests {
             accept(w, warm(text));
             w.step();
             assert_eq!(w.status().documents[0].context_tokens, 0);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+
+        #[test]
+        fn a_new_context_fills_beside_the_cache_in_use_and_no_keystroke_pays_for_it() {
+            let dir = std::env::temp_dir().join(format!("anchorcoder-worker-staged-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let helpers: String = (0..12).map(|i| format!("def helper_{i}(line):\n    return line[{i}:]\n")).collect();
+            std::fs::write(dir.join("helpers.py"), helpers).unwrap();
+            let mut h = harness();
+            let w = &mut h.worker;
+            accept(w, Job::Workspace { roots: vec![dir.clone()] });
+            let uri = format!("file://{}/main.py", dir.display());
+            let text =
+                format!("from helpers import helper_3\n\n{}def handle(line):\n    return helper_3(", text(1, 12));
+            let rope = Rope::from_str(&text);
+            accept(w, Job::Warm { uri: uri.clone(), cursor: rope.len_bytes(), rope, focus: true });
+            w.step();
+            let doc = &w.docs[&uri];
+            let staged = doc.staged.as_ref().expect("the chosen context is staged");
+            assert!(!staged.cache.context().is_empty());
+            assert!(doc.cache.context().is_empty(), "the cache in use keeps its (empty) context");
+            assert_eq!(staged.cache.kv().len(), 0, "the cache in use warms first");
+            assert!(doc.cache.pending() > 0 && !doc.cache.kv().is_empty(), "{:?}", doc.cache.stats());
+
+            // A keystroke now: the cache in use needs less work, so it serves.
+            let (job, mut answer) = complete(&uri, &format!("{text}l"));
+            accept(w, job);
+            w.step();
+            assert!(answer.try_recv().unwrap().is_ok());
+            let doc = &w.docs[&uri];
+            assert!(doc.cache.context().is_empty() && doc.staged.is_some(), "the keystroke took no new context");
+            assert_eq!(doc.cache.pending(), 0);
+
+            // Idle: the staged cache fills and replaces it.
+            while !w.warm.is_empty() {
+                w.step();
+            }
+            let doc = &w.docs[&uri];
+            assert!(doc.staged.is_none() && !doc.cache.context().is_empty(), "promoted once warm");
+            assert_eq!(doc.context_files[0].0, "helpers.py");
+            assert_eq!(doc.cache.pending(), 0);
+            let lead = doc.cache.lead().len();
+            let (job, mut answer) = complete(&uri, &format!("{text}li"));
+            accept(w, job);
+            w.step();
+            let done = answer.try_recv().unwrap().unwrap();
+            assert!(done.reused_tokens > lead, "the warm window was reused: {done:?}");
             let _ = std::fs::remove_dir_all(&dir);
         }
 

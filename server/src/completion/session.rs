@@ -136,6 +136,12 @@ impl Session {
         self.window_start
     }
 
+    /// Take `other`'s window start (its cache was filled for that window),
+    /// keeping what this session showed.
+    pub fn adopt_window(&mut self, other: &Session) {
+        self.window_start = other.window_start;
+    }
+
     /// Plan the prompt for `cursor` in `region` (at byte `lo` of the
     /// document) and put it in place. Windows are sized in bytes; text far
     /// denser in tokens than code (digits are one token each) is planned
