@@ -24,7 +24,8 @@
 # cores), LLAMA_SERVER_BIN (default
 # ~/.cache/anchorcoder/tools/llama.cpp/bin/llama-server; NO_LLAMA=1 skips it),
 # OUT (default target/eval/kinds), COMPARE_RULES=0 (skip --fresh-line-compare:
-# a quarter less time), FULL=0 (skip --compare-full).
+# a quarter less time), FULL=0 (skip --compare-full), MAX_TOKENS (eval's
+# --max-tokens for both passes; default: eval's, 48 for lines, 64 for blocks).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -42,8 +43,9 @@ fi
 source tests/bench/devset-sources.sh
 echo "sources: ${sources[*]}" >&2
 
-model=()
-[[ -n ${MODEL:-} ]] && model=(--model "$MODEL")
+common=()
+[[ -n ${MODEL:-} ]] && common=(--model "$MODEL")
+[[ -n ${MAX_TOKENS:-} ]] && common+=(--max-tokens "$MAX_TOKENS")
 MODEL_PATH=${MODEL:-$HOME/.cache/anchorcoder/models/SmolLM2-135M-Instruct.Q4_1.gguf}
 
 passes=${PASSES:-ours llama}
@@ -82,11 +84,11 @@ for kind in ${KINDS:-mid-line fresh-line block}; do
     compare=()
     [[ ${FULL:-1} != 0 ]] && compare+=(--compare-full)
     [[ ${COMPARE_RULES:-1} != 0 ]] && compare+=(--fresh-line-compare)
-    "$BIN" eval --tasks "$TASKS" "${model[@]}" "${compare[@]}" \
+    "$BIN" eval --tasks "$TASKS" "${common[@]}" "${compare[@]}" \
       --out "$OUT/results-$kind-s$SEED.jsonl" --resume | tail -n 1 >"$OUT/summary-$kind-s$SEED.json"
   fi
   if ((${#llama[@]})); then
-    "$BIN" eval --tasks "$TASKS" "${model[@]}" "${llama[@]}" --llama-only \
+    "$BIN" eval --tasks "$TASKS" "${common[@]}" "${llama[@]}" --llama-only \
       --out "$OUT/results-$kind-llama-s$SEED.jsonl" --resume | tail -n 1 >"$OUT/summary-$kind-llama-s$SEED.json"
   fi
   if [[ $kind == block || $kind == runnable ]]; then
