@@ -590,6 +590,39 @@ pub(crate) mod tests {
         assert!(doc.logits(&model, 8, &|| false).unwrap().is_some());
     }
 
+    /// A window that moves (new text from its first token) keeps a lead of
+    /// project context however much of the old window was evicted: the lead
+    /// is sinks, and nothing after them is needed to recompute from there.
+    #[test]
+    fn a_moved_window_keeps_the_context_lead_after_eviction() {
+        let tok = test_tokenizer();
+        let model = Llama::random(tiny_config(tok.vocab_size()), 13).unwrap();
+        let lead: Vec<u32> = (0..24).map(|i| 20 + (i * 7) % 40).collect();
+        let cases = [
+            AttentionPolicy { kind: PolicyKind::Window { window_tokens: 13 }, sink_tokens: 2 },
+            AttentionPolicy { kind: PolicyKind::Anchor { recent_lines: 0, dense_every: 0 }, sink_tokens: 1 },
+        ];
+        for (i, policy) in cases.into_iter().enumerate() {
+            let mut rng = Rng::new(40 + i as u64);
+            let mut doc = DocumentCache::new(&model, policy);
+            doc.set_lead(&tok, &lead);
+            doc.set_text(&tok, &random_text(&mut rng, 80)).unwrap();
+            while doc.prefill(&model, 16).unwrap() > 0 {}
+            doc.compact();
+            let layers = model.config().n_layers;
+            assert!(doc.kv().stats().kept_entries < doc.kv().len() * layers, "{policy:?}: something was evicted");
+            let moved = format!("x{}", random_text(&mut rng, 60));
+            let upd = doc.set_text(&tok, &moved).unwrap();
+            assert_eq!(upd.reused, lead.len(), "{policy:?}: the lead is kept");
+            let got = doc.logits(&model, 7, &|| false).unwrap().unwrap();
+            let tokens: Vec<u32> = lead.iter().copied().chain(tok.encode(moved.as_str()).unwrap()).collect();
+            let anchors: Vec<bool> = tokens.iter().map(|&t| is_anchor(&tok, t)).collect();
+            let mut fresh = model.new_cache(doc.policy());
+            let want = model.forward(&tokens, &anchors, &mut fresh, Logits::Last).unwrap();
+            assert!(max_diff(&got, &want) < 1e-4, "{policy:?}: {}", max_diff(&got, &want));
+        }
+    }
+
     #[test]
     fn an_empty_document_generates_nothing_or_from_the_extra_prompt() {
         let tok = test_tokenizer();

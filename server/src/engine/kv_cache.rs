@@ -396,6 +396,8 @@ impl KvCache {
         for g in &mut self.groups {
             let keep = g.positions.partition_point(|&p| (p as usize) < len);
             g.positions.truncate(keep);
+            // What was evicted at or after `len` is gone with the rest.
+            g.evicted_upto = g.evicted_upto.min(len);
         }
         for l in &mut self.layers {
             let keep = self.groups[l.group].positions.len() * self.kv_dim;
@@ -406,20 +408,22 @@ impl KvCache {
 
     /// The longest prefix that stays exact if the tokens from `pos` on change:
     /// `pos` itself, unless recomputing from there needs K/V that a sparse
-    /// group already evicted; then 0 (recompute everything).
+    /// group already evicted; then the sink tokens (never evicted, and
+    /// recomputing after them needs nothing else). So a window that moved
+    /// keeps a lead of project context (its sinks) however much of the old
+    /// text was evicted.
     pub fn reusable_prefix(&self, pos: usize) -> usize {
         if pos >= self.lines.len() {
             return pos.min(self.lines.len());
         }
         let sinks = self.policy.sink_tokens;
-        let ok = self
-            .groups
-            .iter()
-            .all(|g| g.evicted_upto == 0 || g.rule.needs_from(sinks, pos, &self.lines) >= g.evicted_upto);
+        // Evicted entries lie below `evicted_upto`; the tokens from `pos` on
+        // need the entries from `needs_from` up to `pos`.
+        let ok = self.groups.iter().all(|g| g.rule.needs_from(sinks, pos, &self.lines) >= g.evicted_upto.min(pos));
         if ok {
             pos
         } else {
-            0
+            (sinks as usize).min(pos)
         }
     }
 
@@ -646,20 +650,26 @@ mod tests {
         assert_eq!(c.reusable_prefix(5), 5);
         c.compact(true);
         // Ten lines are closed: lines 0..=8 lost their non-anchor K/V, so an edit
-        // in line 9 (which needs line 8) recomputes everything.
-        assert_eq!(c.reusable_prefix(95), 0);
+        // in line 9 (which needs line 8) recomputes all but the sink.
+        assert_eq!(c.reusable_prefix(95), 1);
         // With two lines of slack only lines 0..=6 go: line 9 is still local.
         slack.set_eviction_slack(2);
         slack.compact(true);
         // Kept: the sink, 7 anchors of lines 0..=6, and lines 7..=9 whole.
         assert_eq!(slack.layer(0).positions.len(), 1 + 7 + 30);
         assert_eq!(slack.reusable_prefix(95), 95);
-        assert_eq!(slack.reusable_prefix(75), 0);
+        assert_eq!(slack.reusable_prefix(75), 1);
         c = slack;
         c.truncate(95);
         assert_eq!(c.len(), 95);
         let v = c.layer(1);
         assert!(v.positions.iter().all(|&p| p < 95));
         assert_eq!(v.k.len(), v.positions.len() * 2);
+        // Truncating below every eviction forgets it: any prefix is reusable again.
+        c.truncate(60);
+        assert_eq!(c.reusable_prefix(55), 1);
+        c.truncate(1);
+        fill(&mut c, &anchors[..40], 2);
+        assert_eq!(c.reusable_prefix(25), 25, "nothing was evicted since");
     }
 }
