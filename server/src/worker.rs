@@ -876,9 +876,12 @@ impl Worker {
             if shown.is_empty() { "no files".to_string() } else { shown.join(", ") },
             started.elapsed().as_millis()
         )));
-        if !self.config.cache.enabled {
+        // A cache that holds nothing yet (a document just opened) has no
+        // completion to protect: it takes the context at once.
+        if !self.config.cache.enabled || doc.cache.kv().is_empty() {
             doc.cache.set_context(tokens);
             doc.context_files = files;
+            doc.staged = None;
             return;
         }
         let mut cache = new_cache(engine, policy);
@@ -1085,6 +1088,12 @@ mod tests {
                 Job::Warm { uri: uri.clone(), cursor: rope.len_bytes(), rope, focus: true }
             };
             accept(w, warm(text));
+            w.step();
+            let doc = &w.docs[&uri];
+            assert!(
+                doc.staged.is_none() && !doc.cache.context().is_empty(),
+                "a new document takes its context at once"
+            );
             while !w.warm.is_empty() {
                 w.step();
             }
@@ -1126,8 +1135,13 @@ mod tests {
             let w = &mut h.worker;
             accept(w, Job::Workspace { roots: vec![dir.clone()] });
             let uri = format!("file://{}/main.py", dir.display());
-            let text =
-                format!("from helpers import helper_3\n\n{}def handle(line):\n    return helper_3(", text(1, 12));
+            // The document is open and warming without an import; then the user adds one.
+            let body = format!("{}def handle(line):\n    return helper_3(", text(1, 12));
+            let rope = Rope::from_str(&body);
+            accept(w, Job::Warm { uri: uri.clone(), cursor: rope.len_bytes(), rope, focus: true });
+            w.step();
+            assert!(w.docs[&uri].cache.context().is_empty() && !w.docs[&uri].cache.kv().is_empty());
+            let text = format!("from helpers import helper_3\n\n{body}");
             let rope = Rope::from_str(&text);
             accept(w, Job::Warm { uri: uri.clone(), cursor: rope.len_bytes(), rope, focus: true });
             w.step();
