@@ -283,14 +283,46 @@ impl Local<'_> {
         let (engine, s, prompt) = (self.engine, req.settings, req.prompt);
         let tail = fim_tail(engine, req.following(), s)?;
         let code_first = prompt.fresh_line && s.fresh_line == FreshLine::Constrain;
+        // On a fresh line, a run of spaces past the typed indentation leads
+        // nowhere (the rules drop extra indentation): stop it early.
+        let mut stop = |t: &str| stop(t) || (prompt.fresh_line && only_indentation(t) && t.len() >= MAX_EXTRA_INDENT);
+        let first = self.generate(s, prompt.healed.as_bytes(), &tail, code_first, &mut stop)?;
+        // Healing cut the typed indentation from the prompt and forces it as
+        // the suggestion's start; on a fresh line that sometimes leaves a
+        // small model writing nothing but spaces. Then ask once more with the
+        // indentation in the prompt, as the editor has it.
+        if !retry_unhealed(prompt, &first) {
+            return Ok(first);
+        }
+        let mut extra = engine.tokenizer.encode(&prompt.healed)?;
+        extra.extend_from_slice(&tail);
+        let second = self.generate(s, b"", &extra, code_first, &mut stop)?;
+        Ok(Raw {
+            tokens: first.tokens + second.tokens,
+            prefilled: first.prefilled + second.prefilled,
+            prefill_time: first.prefill_time + second.prefill_time,
+            decode_time: first.decode_time + second.decode_time,
+            ..second
+        })
+    }
+
+    fn generate(
+        &mut self,
+        s: &Settings,
+        forced_prefix: &[u8],
+        extra_prompt: &[u32],
+        code_first: bool,
+        stop: &mut (dyn FnMut(&str) -> bool + Send),
+    ) -> Result<Raw> {
+        let engine = self.engine;
         let g = generate_with(
             &engine.model,
             &engine.tokenizer,
             self.doc,
             GenerateParams {
                 max_tokens: s.max_tokens,
-                forced_prefix: prompt.healed.as_bytes(),
-                extra_prompt: &tail,
+                forced_prefix,
+                extra_prompt,
                 chunk: 256,
                 stop,
                 cancelled: self.cancelled,
@@ -306,6 +338,25 @@ impl Local<'_> {
             decode_time: g.decode_time,
         })
     }
+}
+
+/// Spaces past the typed indentation after which a fresh line's generation
+/// stops (no code line starts that much deeper than the editor indented).
+const MAX_EXTRA_INDENT: usize = 16;
+
+/// Whether generation that gave `first` under `prompt` should run again
+/// with the healed bytes in the prompt: a fresh line whose healed
+/// indentation led to no code at all.
+fn retry_unhealed(prompt: &Prompt, first: &Raw) -> bool {
+    prompt.fresh_line
+        && !prompt.healed.is_empty()
+        && first.stop != Some(StopReason::Cancelled)
+        && first.text.trim().is_empty()
+}
+
+/// Whether `t` is only spaces and tabs (no line break, no code).
+fn only_indentation(t: &str) -> bool {
+    t.bytes().all(|b| b == b' ' || b == b'\t')
 }
 
 impl Generator for Local<'_> {
@@ -341,6 +392,32 @@ mod tests {
     use crate::engine::llama::tests::tiny_config;
     use crate::engine::llama::Llama;
     use crate::engine::policy::AttentionPolicy;
+
+    /// Only a fresh line whose healed indentation gave no code at all asks
+    /// again with the indentation in the prompt; a run of spaces stops early.
+    #[test]
+    fn a_fresh_line_that_gave_only_spaces_is_asked_again_unhealed() {
+        let s = Settings::default();
+        let text = "def f(x):\n    y = x\n    ";
+        let fresh = crate::completion::plan(text, text.len(), None, &s);
+        assert!(fresh.fresh_line && fresh.healed == "    ", "{fresh:?}");
+        let raw = |text: &str, stop| Raw {
+            text: text.into(),
+            stop: Some(stop),
+            tokens: 0,
+            prefilled: 0,
+            prefill_time: Default::default(),
+            decode_time: Default::default(),
+        };
+        assert!(retry_unhealed(&fresh, &raw("                ", StopReason::Rule)));
+        assert!(retry_unhealed(&fresh, &raw("", StopReason::MaxTokens)));
+        assert!(!retry_unhealed(&fresh, &raw("  return y", StopReason::Rule)));
+        assert!(!retry_unhealed(&fresh, &raw("\n    return y", StopReason::Rule)));
+        assert!(!retry_unhealed(&fresh, &raw("   ", StopReason::Cancelled)));
+        let mid = crate::completion::plan("def f(x):\n    ret", 17, None, &s);
+        assert!(!mid.fresh_line && !retry_unhealed(&mid, &raw("", StopReason::MaxTokens)));
+        assert!(only_indentation(" \t  ") && !only_indentation("  \n") && !only_indentation(" x"));
+    }
 
     /// Text far denser in tokens than code is planned again so the prompt
     /// stays near the budget: a new window within 1.25x, a kept one within 2x;
