@@ -468,9 +468,14 @@ pub fn run(args: EvalArgs) -> Result<()> {
             }
         }
         if (i + 1) % 10 == 0 || i + 1 == tasks.len() {
-            let s = Summary::of(results.get("").map_or(&[][..], |v| v));
+            // The pass that runs: ours, else (--llama-only) llama.cpp's.
+            let (shown, label) = match results.get("") {
+                Some(v) if !v.is_empty() => (&v[..], ""),
+                _ => (results.get("llama_cpp").map_or(&[][..], |v| &v[..]), " (llama.cpp)"),
+            };
+            let s = Summary::of(shown);
             eprintln!(
-                "eval: {}/{} tasks, exact {:.3}, edit similarity {:.3}, empty first line {:.3}, {:.0}s",
+                "eval{label}: {}/{} tasks, exact {:.3}, edit similarity {:.3}, empty first line {:.3}, {:.0}s",
                 i + 1,
                 tasks.len(),
                 s.exact_match,
