@@ -665,9 +665,10 @@ mod tests {
         let v = c.layer(1);
         assert!(v.positions.iter().all(|&p| p < 95));
         assert_eq!(v.k.len(), v.positions.len() * 2);
-        // Truncating below every eviction forgets it: any prefix is reusable again.
+        // A cut keeps the evictions below it (lines 0..=6 still need recomputing)...
         c.truncate(60);
         assert_eq!(c.reusable_prefix(55), 1);
+        // ...and a cut below every eviction forgets them: any prefix is reusable again.
         c.truncate(1);
         fill(&mut c, &anchors[..40], 2);
         assert_eq!(c.reusable_prefix(25), 25, "nothing was evicted since");
