@@ -213,7 +213,7 @@ pub fn plan(text: &str, cursor: usize, previous_start: Option<usize>, s: &Settin
         single_line: !line_suffix.trim().is_empty(),
         line_suffix,
         block_indent,
-        fresh_line: before.chars().all(|c| c == ' ' || c == '\t'),
+        fresh_line: only_indentation(before),
         indent: before[..before.len() - before.trim_start_matches([' ', '\t']).len()].to_string(),
     }
 }
@@ -524,6 +524,12 @@ fn repeats_following(text: &str, p: &Prompt, following: &str) -> bool {
         && !next_lines.is_empty()
         && ours.iter().zip(&next_lines).all(|(a, b)| a == b)
         && ours.len() <= next_lines.len()
+}
+
+/// Whether `t` is only spaces and tabs (no line break, no code): a line's
+/// indentation, or the text before a cursor on a fresh line.
+pub(crate) fn only_indentation(t: &str) -> bool {
+    t.bytes().all(|b| b == b' ' || b == b'\t')
 }
 
 /// Width of the leading whitespace (a tab counts 4).

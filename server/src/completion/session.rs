@@ -13,7 +13,9 @@ use std::task::{Context, Poll, Waker};
 use anyhow::Result;
 use ropey::Rope;
 
-use super::{fim_tail, finish, plan, set_prompt, should_stop, FreshLine, Prompt, Settings, Suggestion};
+use super::{
+    fim_tail, finish, only_indentation, plan, set_prompt, should_stop, FreshLine, Prompt, Settings, Suggestion,
+};
 use super::{BYTES_PER_TOKEN, SUFFIX_BYTES_PER_TOKEN};
 use crate::engine::document::DocumentCache;
 use crate::engine::generate::{generate_with, Constraints, GenerateParams, StopReason};
@@ -352,11 +354,6 @@ fn retry_unhealed(prompt: &Prompt, first: &Raw) -> bool {
         && !prompt.healed.is_empty()
         && first.stop != Some(StopReason::Cancelled)
         && first.text.trim().is_empty()
-}
-
-/// Whether `t` is only spaces and tabs (no line break, no code).
-fn only_indentation(t: &str) -> bool {
-    t.bytes().all(|b| b == b' ' || b == b'\t')
 }
 
 impl Generator for Local<'_> {
