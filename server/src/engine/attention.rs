@@ -450,48 +450,136 @@ mod f16k {
         _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)))
     }
 
+    /// Rows at a time, scored by [`scores_rows_256`] (`R·G` sums, `R` rows
+    /// widened and one query run: at most 15 of AVX2's 16 registers), so that
+    /// each run of a query head is loaded once for `R` rows.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn scores_256<const G: usize>(k: &[f16], r: Rows, qs: &[f32], scale: f32, bias: &[f32], s: &mut [f32]) {
-        use std::arch::x86_64::*;
-        for (i, row) in (r.a..r.b).enumerate() {
-            let b = bias[row];
-            if b == f32::NEG_INFINITY {
-                (0..G).for_each(|g| s[g * r.stride + i] = f32::NEG_INFINITY);
-                continue;
-            }
-            let kp = k.as_ptr().add(row * r.kv_dim + r.off) as *const __m128i;
-            let mut acc = [_mm256_setzero_ps(); G];
-            for c in 0..r.hd / 8 {
-                let x = _mm256_cvtph_ps(_mm_loadu_si128(kp.add(c)));
-                for (g, acc) in acc.iter_mut().enumerate() {
-                    *acc = _mm256_fmadd_ps(_mm256_loadu_ps(qs.as_ptr().add(g * r.hd + c * 8)), x, *acc);
-                }
-            }
-            for (g, acc) in acc.iter().enumerate() {
-                s[g * r.stride + i] = sum_256(*acc) * scale + b;
-            }
+        let at_once = match G {
+            1 | 2 => 4,
+            3 => 3,
+            4..=6 => 2,
+            _ => 1,
+        };
+        let mut row = r.a;
+        while row + at_once <= r.b && at_once > 1 {
+            row = match at_once {
+                4 => scores_rows_256::<G, 4>(k, r, qs, scale, bias, s, row),
+                3 => scores_rows_256::<G, 3>(k, r, qs, scale, bias, s, row),
+                _ => scores_rows_256::<G, 2>(k, r, qs, scale, bias, s, row),
+            };
+        }
+        while row < r.b {
+            row = scores_rows_256::<G, 1>(k, r, qs, scale, bias, s, row);
         }
     }
 
+    /// [`scores_256`] for rows `row..row + R`; returns `row + R`. Masked rows
+    /// are read with the others and get −∞.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn scores_rows_256<const G: usize, const R: usize>(
+        k: &[f16],
+        r: Rows,
+        qs: &[f32],
+        scale: f32,
+        bias: &[f32],
+        s: &mut [f32],
+        row: usize,
+    ) -> usize {
+        use std::arch::x86_64::*;
+        assert!(row >= r.a && row + R <= r.b);
+        let kp: [*const __m128i; R] =
+            std::array::from_fn(|j| k.as_ptr().add((row + j) * r.kv_dim + r.off) as *const __m128i);
+        let mut acc = [[_mm256_setzero_ps(); R]; G];
+        for c in 0..r.hd / 8 {
+            let x: [__m256; R] = std::array::from_fn(|j| _mm256_cvtph_ps(_mm_loadu_si128(kp[j].add(c))));
+            for (g, acc) in acc.iter_mut().enumerate() {
+                let q = _mm256_loadu_ps(qs.as_ptr().add(g * r.hd + c * 8));
+                for (acc, x) in acc.iter_mut().zip(&x) {
+                    *acc = _mm256_fmadd_ps(q, *x, *acc);
+                }
+            }
+        }
+        for (j, row) in (row..row + R).enumerate() {
+            let (b, i) = (bias[row], row - r.a);
+            for (g, acc) in acc.iter().enumerate() {
+                s[g * r.stride + i] =
+                    if b == f32::NEG_INFINITY { f32::NEG_INFINITY } else { sum_256(acc[j]) * scale + b };
+            }
+        }
+        row + R
+    }
+
+    /// AVX2 has half AVX-512's registers, so the output is summed in passes
+    /// of `N` runs of 8 columns (`N·G` sums of at most 12 registers of the
+    /// 16): each pass keeps its sums in registers over all the rows and adds
+    /// them to `p` once (a load and a store of every sum per row would cost
+    /// more than the arithmetic).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn values_256<const G: usize>(v: &[f16], r: Rows, s: &[f32], p: &mut [f32]) {
+        let runs = r.hd / 8;
+        // Runs per pass (a multiple of them first, then one at a time).
+        let n = match G {
+            1 => 8,
+            2 => 6,
+            3 => 4,
+            4 => 3,
+            5 | 6 => 2,
+            _ => 1,
+        };
+        let mut c0 = 0;
+        while c0 + n <= runs && n > 1 {
+            c0 = match n {
+                8 => values_pass_256::<G, 8>(v, r, s, p, c0),
+                6 => values_pass_256::<G, 6>(v, r, s, p, c0),
+                4 => values_pass_256::<G, 4>(v, r, s, p, c0),
+                3 => values_pass_256::<G, 3>(v, r, s, p, c0),
+                _ => values_pass_256::<G, 2>(v, r, s, p, c0),
+            };
+        }
+        while c0 < runs {
+            c0 = values_pass_256::<G, 1>(v, r, s, p, c0);
+        }
+    }
+
+    /// One pass of [`values_256`]: runs `c0..c0 + N`; returns `c0 + N`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::needless_range_loop)] // [head][run] indices read as the layout
+    unsafe fn values_pass_256<const G: usize, const N: usize>(
+        v: &[f16],
+        r: Rows,
+        s: &[f32],
+        p: &mut [f32],
+        c0: usize,
+    ) -> usize {
         use std::arch::x86_64::*;
+        assert!((c0 + N) * 8 <= r.hd);
+        let mut acc = [[_mm256_setzero_ps(); N]; G];
         for (i, row) in (r.a..r.b).enumerate() {
             let w: [f32; G] = std::array::from_fn(|g| s[g * r.stride + i]);
             if w.iter().all(|&w| w == 0.0) {
                 continue;
             }
-            let vp = v.as_ptr().add(row * r.kv_dim + r.off) as *const __m128i;
-            for c in 0..r.hd / 8 {
+            let vp = (v.as_ptr().add(row * r.kv_dim + r.off) as *const __m128i).add(c0);
+            for c in 0..N {
                 let x = _mm256_cvtph_ps(_mm_loadu_si128(vp.add(c)));
-                for (g, &w) in w.iter().enumerate() {
-                    let o = p.as_mut_ptr().add(g * (r.hd + 2) + 2 + c * 8);
-                    _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_set1_ps(w), x, _mm256_loadu_ps(o)));
+                for g in 0..G {
+                    acc[g][c] = _mm256_fmadd_ps(_mm256_set1_ps(w[g]), x, acc[g][c]);
                 }
             }
         }
+        for (g, acc) in acc.iter().enumerate() {
+            for (c, acc) in acc.iter().enumerate() {
+                let o = p.as_mut_ptr().add(g * (r.hd + 2) + 2 + (c0 + c) * 8);
+                _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), *acc));
+            }
+        }
+        c0 + N
     }
 
     #[cfg(not(target_arch = "x86_64"))]
