@@ -476,7 +476,7 @@ mod f16k {
     }
 
     /// [`scores_256`] for rows `row..row + R`; returns `row + R`. Masked rows
-    /// are read with the others and get −∞.
+    /// get −∞ (read with the others unless all `R` are masked).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
@@ -491,6 +491,13 @@ mod f16k {
     ) -> usize {
         use std::arch::x86_64::*;
         assert!(row >= r.a && row + R <= r.b);
+        // Evicted rows wait for compaction masked, in runs: not read.
+        if bias[row..row + R].iter().all(|&b| b == f32::NEG_INFINITY) {
+            for g in 0..G {
+                s[g * r.stride + row - r.a..][..R].fill(f32::NEG_INFINITY);
+            }
+            return row + R;
+        }
         let kp: [*const __m128i; R] =
             std::array::from_fn(|j| k.as_ptr().add((row + j) * r.kv_dim + r.off) as *const __m128i);
         let mut acc = [[_mm256_setzero_ps(); R]; G];

@@ -429,9 +429,12 @@ impl KvCache {
 
     /// Evict entries that no later token can attend to. Unless `force`, a group
     /// is compacted only once enough entries are dead to pay for the copy (64,
-    /// or a quarter of its entries while it grows).
+    /// or a quarter of its entries past the sinks while it grows: a long
+    /// context lead, all sinks, must not let dead rows pile up that every
+    /// decoded token still walks past).
     pub fn compact(&mut self, force: bool) {
-        self.compact_when(|entries| if force { 1 } else { 64.max(entries / 4) });
+        let sinks = self.policy.sink_tokens as usize;
+        self.compact_when(|entries| if force { 1 } else { 64.max(entries.saturating_sub(sinks) / 4) });
     }
 
     /// Compaction for a cache at rest (the document idle): every group with 64
