@@ -6,9 +6,10 @@
 //! - Prefill (several query rows): the layer's K/V are widened once, then
 //!   every (query head, block of [`ROW_BLOCK`] query rows) is two `gemm`
 //!   products on strided slices (scores, then probabilities × values),
-//!   written straight into the output. A block only multiplies the columns
-//!   up to the last one any of its rows may see (causality: the first chunk
-//!   of a prompt does about half the work of the full square).
+//!   written straight into the output. A block only multiplies the runs of
+//!   columns some of its rows may see (causality: the first chunk of a prompt
+//!   does about half the work of the full square; a window cache's evicted
+//!   rows, masked until compaction, are skipped).
 //! - Decode (one query row): each K and V row is read (and widened) once for
 //!   all the query heads that share it (grouped-query attention), over
 //!   (KV head, slice of rows) items on candle's pool; the slices' partial
@@ -60,81 +61,139 @@ pub fn attend(h: Heads, q: &[f32], k: KvRows, v: KvRows, bias: &[f32], out: &mut
     let (k, v) = (k.to_f32(), v.to_f32());
     let (k, v) = (&k[..], &v[..]);
     let blocks = n_q.div_ceil(ROW_BLOCK);
+    // Per block of query rows, the runs of columns any of its rows may see.
+    let runs: Vec<Vec<(usize, usize)>> =
+        (0..blocks).map(|blk| visible_runs(bias, n_kv, blk * ROW_BLOCK, ((blk + 1) * ROW_BLOCK).min(n_q))).collect();
     let out_ptr = out.as_mut_ptr() as usize;
-    (0..h.n_heads * blocks).into_par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, item| {
-        let (head, blk) = (item / blocks, item % blocks);
-        let kvh = head / group;
-        let (r0, r1) = (blk * ROW_BLOCK, ((blk + 1) * ROW_BLOCK).min(n_q));
-        let rows = r1 - r0;
-        // Columns past the last one any row of the block may see are all −∞.
-        let nk = (r0..r1).map(|r| visible_end(&bias[r * n_kv..(r + 1) * n_kv])).max().unwrap_or(0).max(1);
-        scores.clear();
-        scores.resize(rows * nk, 0.0);
-        // SAFETY: all pointers and strides stay inside the slices checked above:
-        // q rows are q_dim apart, k/v rows kv_dim apart, head offsets < row width,
-        // rows r0..r1 < n_q and columns < nk ≤ n_kv.
-        unsafe {
-            gemm::gemm(
-                rows,
-                nk,
-                h.head_dim,
-                scores.as_mut_ptr(),
-                1,
-                nk as isize,
-                false,
-                q.as_ptr().add(r0 * q_dim + head * h.head_dim),
-                1,
-                q_dim as isize,
-                k.as_ptr().add(kvh * h.head_dim),
-                kv_dim as isize,
-                1,
-                0.0,
-                scale,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
-        simd::run(
-            #[inline(always)]
-            || {
-                for (r, row) in (r0..r1).zip(scores.chunks_mut(nk)) {
-                    softmax_masked(row, &bias[r * n_kv..r * n_kv + nk]);
+    (0..h.n_heads * blocks).into_par_iter().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(scores, row_bias): &mut (Vec<f32>, Vec<f32>), item| {
+            let (head, blk) = (item / blocks, item % blocks);
+            let kvh = head / group;
+            let (r0, r1) = (blk * ROW_BLOCK, ((blk + 1) * ROW_BLOCK).min(n_q));
+            let rows = r1 - r0;
+            let runs = &runs[blk];
+            // The scores of the runs' columns, packed side by side.
+            let width: usize = runs.iter().map(|(a, b)| b - a).sum();
+            scores.clear();
+            scores.resize(rows * width, 0.0);
+            let mut at = 0;
+            for &(c0, c1) in runs {
+                // SAFETY: all pointers and strides stay inside the slices checked
+                // above: q rows are q_dim apart, k rows kv_dim apart, head offsets
+                // < row width, rows r0..r1 < n_q, columns c0..c1 ≤ n_kv and
+                // at + (c1 − c0) ≤ width.
+                unsafe {
+                    gemm::gemm(
+                        rows,
+                        c1 - c0,
+                        h.head_dim,
+                        scores.as_mut_ptr().add(at),
+                        1,
+                        width as isize,
+                        false,
+                        q.as_ptr().add(r0 * q_dim + head * h.head_dim),
+                        1,
+                        q_dim as isize,
+                        k.as_ptr().add(c0 * kv_dim + kvh * h.head_dim),
+                        kv_dim as isize,
+                        1,
+                        0.0,
+                        scale,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
                 }
-            },
-        );
-        // SAFETY: as above; each item writes only rows r0..r1 of its own head's
-        // `head_dim` columns of `out` (row stride q_dim), so items never overlap.
-        unsafe {
-            gemm::gemm(
-                rows,
-                h.head_dim,
-                nk,
-                (out_ptr as *mut f32).add(r0 * q_dim + head * h.head_dim),
-                1,
-                q_dim as isize,
-                false,
-                scores.as_ptr(),
-                1,
-                nk as isize,
-                v.as_ptr().add(kvh * h.head_dim),
-                1,
-                kv_dim as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
+                at += c1 - c0;
+            }
+            simd::run(
+                #[inline(always)]
+                || {
+                    for (r, row) in (r0..r1).zip(scores.chunks_mut(width)) {
+                        let full = &bias[r * n_kv..(r + 1) * n_kv];
+                        row_bias.clear();
+                        runs.iter().for_each(|&(c0, c1)| row_bias.extend_from_slice(&full[c0..c1]));
+                        softmax_masked(row, row_bias);
+                    }
+                },
             );
-        }
-    });
+            let mut at = 0;
+            for (i, &(c0, c1)) in runs.iter().enumerate() {
+                // SAFETY: as above; each item writes only rows r0..r1 of its own
+                // head's `head_dim` columns of `out` (row stride q_dim), so items
+                // never overlap; the first run sets them, the others add to them.
+                unsafe {
+                    gemm::gemm(
+                        rows,
+                        h.head_dim,
+                        c1 - c0,
+                        (out_ptr as *mut f32).add(r0 * q_dim + head * h.head_dim),
+                        1,
+                        q_dim as isize,
+                        i > 0,
+                        scores.as_ptr().add(at),
+                        1,
+                        width as isize,
+                        v.as_ptr().add(c0 * kv_dim + kvh * h.head_dim),
+                        1,
+                        kv_dim as isize,
+                        if i > 0 { 1.0 } else { 0.0 },
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                at += c1 - c0;
+            }
+        },
+    );
 }
 
-/// One past the last entry of a bias row that is not −∞.
-fn visible_end(bias: &[f32]) -> usize {
-    bias.iter().rposition(|&b| b != f32::NEG_INFINITY).map_or(0, |i| i + 1)
+/// Columns a gap must span to be skipped (shorter ones cost less to multiply
+/// than a separate product).
+const MIN_GAP: usize = 32;
+/// Runs per block at most: past that, one run from the first visible column.
+const MAX_RUNS: usize = 4;
+
+/// The runs `[c0, c1)` of columns that some row of `r0..r1` may see (bias
+/// not −∞), in order; gaps under [`MIN_GAP`] columns are kept inside a run.
+/// A window cache's evicted rows wait masked until compaction and the rows a
+/// block cannot see yet lie past its end: neither is multiplied. Never empty
+/// (every row sees something).
+fn visible_runs(bias: &[f32], n_kv: usize, r0: usize, r1: usize) -> Vec<(usize, usize)> {
+    let mut seen = vec![false; n_kv];
+    for r in r0..r1 {
+        for (s, &b) in seen.iter_mut().zip(&bias[r * n_kv..(r + 1) * n_kv]) {
+            *s |= b != f32::NEG_INFINITY;
+        }
+    }
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    let mut c = 0;
+    while c < n_kv {
+        if !seen[c] {
+            c += 1;
+            continue;
+        }
+        let start = c;
+        while c < n_kv && seen[c] {
+            c += 1;
+        }
+        match runs.last_mut() {
+            Some(last) if start - last.1 < MIN_GAP => last.1 = c,
+            _ => runs.push((start, c)),
+        }
+    }
+    if runs.len() > MAX_RUNS {
+        runs = vec![(runs[0].0, runs[runs.len() - 1].1)];
+    }
+    if runs.is_empty() {
+        runs.push((0, 1));
+    }
+    runs
 }
 
 /// [`attend`] for a single query row: (KV head, slice of rows) items over
@@ -768,6 +827,38 @@ mod tests {
             assert!((a - b).abs() < 1e-5, "{n_q}x{n_kv} f16: {a} vs {b}");
             assert!((a - c).abs() < 5e-3, "{n_q}x{n_kv} f16 vs f32: {a} vs {c}");
         }
+    }
+
+    #[test]
+    fn prefill_skips_the_columns_no_row_of_a_block_sees() {
+        // A window-like mask: 3 sinks, then each row sees the 40 positions up
+        // to itself, so later blocks leave a long run of columns out.
+        let (h, n_q, n_kv) = (Heads { n_heads: 6, n_kv_heads: 2, head_dim: 8 }, 150, 300);
+        let (q, k, v, _) = inputs(n_q, n_kv, 8, true);
+        let first = n_kv - n_q;
+        let bias: Vec<f32> = (0..n_q * n_kv)
+            .map(|i| {
+                let (r, c) = (i / n_kv, i % n_kv);
+                let pos = first + r;
+                if c < 3 || (c <= pos && c + 40 > pos) {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        assert_eq!(visible_runs(&bias, n_kv, 64, 128), vec![(0, 3), (first + 64 - 39, first + 128)]);
+        let mut out = vec![f32::NAN; n_q * 6 * 8];
+        attend(h, &q, KvRows::F32(&k), KvRows::F32(&v), &bias, &mut out);
+        for (a, b) in out.iter().zip(&naive(h, &q, &k, &v, &bias)) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        // Runs closer than MIN_GAP merge; more than MAX_RUNS become one.
+        let row = |n: usize, cols: &[usize]| -> Vec<f32> {
+            (0..n).map(|c| if cols.contains(&c) { 0.0 } else { f32::NEG_INFINITY }).collect()
+        };
+        assert_eq!(visible_runs(&row(100, &[0, 1, 10, 50, 99]), 100, 0, 1), vec![(0, 11), (50, 51), (99, 100)]);
+        assert_eq!(visible_runs(&row(200, &[0, 40, 80, 120, 160]), 200, 0, 1), vec![(0, 161)]);
     }
 
     #[test]
