@@ -414,7 +414,8 @@ mod f16k {
     }
 
     /// `s[g·stride + i] = q_g · k_(a+i) · scale + bias[a+i]` for the group's
-    /// heads `q_g` (`qs`, `hd` apart); masked rows get −∞ without a read.
+    /// heads `q_g` (`qs`, `hd` apart); masked rows get −∞ (AVX2 reads a few
+    /// rows together, so a masked row is read unless its whole group is).
     ///
     /// # Safety
     /// `isa` must be available ([`Isa::available`]); the kernels check their
