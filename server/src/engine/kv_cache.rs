@@ -643,6 +643,24 @@ mod tests {
     }
 
     #[test]
+    fn a_long_lead_of_sinks_does_not_let_dead_rows_pile_up() {
+        // A project context of 460 tokens kept as sinks before a 500-token
+        // window: the dead rows allowed before compacting are a quarter of
+        // the window's entries (~170), not of all of them (~320).
+        let policy = AttentionPolicy { kind: PolicyKind::Window { window_tokens: 500 }, sink_tokens: 460 };
+        let mut c = KvCache::new(policy, 1, 2);
+        let anchors: Vec<bool> = (0..2000).map(|i| i % 16 == 15).collect();
+        let mut most = 0;
+        for chunk in anchors.chunks(16) {
+            fill(&mut c, chunk, 1);
+            most = most.max(c.stats().kept_entries);
+            c.compact(false);
+        }
+        assert!(most > 460 + 500 + 64, "compaction is still lazy: {most}");
+        assert!(most <= 460 + 500 + 170 + 16, "{most} entries kept at most");
+    }
+
+    #[test]
     fn truncate_and_reusable_prefix() {
         let policy = AttentionPolicy { kind: PolicyKind::Anchor { recent_lines: 1, dense_every: 0 }, sink_tokens: 1 };
         let mut c = KvCache::new(policy, 2, 2);
