@@ -113,9 +113,16 @@ pub fn attend(h: Heads, q: &[f32], k: KvRows, v: KvRows, bias: &[f32], out: &mut
                 || {
                     for (r, row) in (r0..r1).zip(scores.chunks_mut(width)) {
                         let full = &bias[r * n_kv..(r + 1) * n_kv];
-                        row_bias.clear();
-                        runs.iter().for_each(|&(c0, c1)| row_bias.extend_from_slice(&full[c0..c1]));
-                        softmax_masked(row, row_bias);
+                        // One run (a causal block, the usual case) needs no packed copy.
+                        let packed: &[f32] = match runs[..] {
+                            [(c0, c1)] => &full[c0..c1],
+                            _ => {
+                                row_bias.clear();
+                                runs.iter().for_each(|&(c0, c1)| row_bias.extend_from_slice(&full[c0..c1]));
+                                row_bias
+                            }
+                        };
+                        softmax_masked(row, packed);
                     }
                 },
             );
@@ -399,18 +406,13 @@ mod f16k {
         };
     }
 
+    /// The bounds both kernels need: `kv` holds rows `a..b` of width `hd` at
+    /// `off`, and `s` the group's score rows for them.
     #[cfg(target_arch = "x86_64")]
-    fn check_scores(lanes: usize, group: usize, k: &[f16], r: Rows, qs: &[f32], bias: &[f32], s: &[f32]) {
+    fn check_rows(lanes: usize, group: usize, kv: &[f16], r: Rows, s: &[f32]) {
         assert!((1..=8).contains(&group) && r.a <= r.b);
-        assert!(r.hd.is_multiple_of(lanes) && r.off + r.hd <= r.kv_dim && r.b * r.kv_dim <= k.len());
-        assert!(qs.len() >= group * r.hd && r.b <= bias.len() && s.len() >= (group - 1) * r.stride + (r.b - r.a));
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    fn check_values(lanes: usize, group: usize, v: &[f16], r: Rows, s: &[f32], p: &[f32]) {
-        assert!((1..=8).contains(&group) && r.a <= r.b);
-        assert!(r.hd.is_multiple_of(lanes) && r.off + r.hd <= r.kv_dim && r.b * r.kv_dim <= v.len());
-        assert!(s.len() >= (group - 1) * r.stride + (r.b - r.a) && p.len() >= group * (r.hd + 2));
+        assert!(r.hd.is_multiple_of(lanes) && r.off + r.hd <= r.kv_dim && r.b * r.kv_dim <= kv.len());
+        assert!(s.len() >= (group - 1) * r.stride + (r.b - r.a));
     }
 
     /// `s[g·stride + i] = q_g · k_(a+i) · scale + bias[a+i]` for the group's
@@ -432,7 +434,8 @@ mod f16k {
         bias: &[f32],
         s: &mut [f32],
     ) {
-        check_scores(isa.lanes(), group, k, r, qs, bias, s);
+        check_rows(isa.lanes(), group, k, r, s);
+        assert!(qs.len() >= group * r.hd && r.b <= bias.len());
         match isa {
             Isa::Avx512 => by_group!(group, scores_512(k, r, qs, scale, bias, s)),
             Isa::Avx2 => by_group!(group, scores_256(k, r, qs, scale, bias, s)),
@@ -446,7 +449,8 @@ mod f16k {
     /// As [`scores`].
     #[cfg(target_arch = "x86_64")]
     pub unsafe fn values(isa: Isa, group: usize, v: &[f16], r: Rows, s: &[f32], p: &mut [f32]) {
-        check_values(isa.lanes(), group, v, r, s, p);
+        check_rows(isa.lanes(), group, v, r, s);
+        assert!(p.len() >= group * (r.hd + 2));
         match isa {
             Isa::Avx512 => by_group!(group, values_512(v, r, s, p)),
             Isa::Avx2 => by_group!(group, values_256(v, r, s, p)),
