@@ -380,12 +380,29 @@ mod f16k {
         }
 
         /// The widest set this CPU runs for heads of `hd` floats and `group`
-        /// query heads per KV head, if any.
+        /// query heads per KV head, if any, under the `ANCHORCODER_KERNEL`
+        /// cap (`avx2`: not AVX-512; `scalar`: none).
         pub fn best(hd: usize, group: usize) -> Option<Isa> {
+            Isa::best_under(hd, group, crate::engine::quant::Kernel::cap())
+        }
+
+        /// [`Isa::best`] under the cap `cap`.
+        pub(super) fn best_under(hd: usize, group: usize, cap: crate::engine::quant::Kernel) -> Option<Isa> {
             if !(1..=8).contains(&group) {
                 return None;
             }
-            [Isa::Avx512, Isa::Avx2].into_iter().find(|i| hd.is_multiple_of(i.lanes()) && i.available())
+            [Isa::Avx512, Isa::Avx2]
+                .into_iter()
+                .find(|i| hd.is_multiple_of(i.lanes()) && i.available() && cap >= i.quant_peer())
+        }
+
+        /// The quantized kernel of the same vector width (what a cap names).
+        fn quant_peer(self) -> crate::engine::quant::Kernel {
+            use crate::engine::quant::Kernel;
+            match self {
+                Isa::Avx512 => Kernel::Avx512Vnni,
+                Isa::Avx2 => Kernel::Avx2,
+            }
         }
     }
 
@@ -864,6 +881,19 @@ mod tests {
         };
         assert_eq!(visible_runs(&row(100, &[0, 1, 10, 50, 99]), 100, 0, 1), vec![(0, 11), (50, 51), (99, 100)]);
         assert_eq!(visible_runs(&row(200, &[0, 40, 80, 120, 160]), 200, 0, 1), vec![(0, 161)]);
+    }
+
+    /// `ANCHORCODER_KERNEL` caps the attention kernels as it does the
+    /// quantized ones: `avx2` never picks AVX-512, `scalar` picks none.
+    #[test]
+    fn the_kernel_cap_limits_the_attention_kernels() {
+        use crate::engine::quant::Kernel;
+        let avail = |i: f16k::Isa| i.available().then_some(i);
+        let widest = avail(f16k::Isa::Avx512).or(avail(f16k::Isa::Avx2));
+        assert_eq!(f16k::Isa::best_under(64, 3, Kernel::Avx512Vnni), widest);
+        assert_eq!(f16k::Isa::best_under(64, 3, Kernel::Avx2), avail(f16k::Isa::Avx2));
+        assert_eq!(f16k::Isa::best_under(64, 3, Kernel::Scalar), None);
+        assert_eq!(f16k::Isa::best_under(64, 9, Kernel::Avx512Vnni), None, "no kernel for groups past 8");
     }
 
     #[test]

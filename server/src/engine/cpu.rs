@@ -155,7 +155,7 @@ pub fn report() -> String {
         simd_features().into_iter().map(|(name, on)| format!("{}{name}", if on { "+" } else { "-" })).collect();
     let amx = Amx::detect();
     format!(
-        "arch: {}\nsimd: {}\nquantized kernel: {:?} (ANCHORCODER_KERNEL=scalar|avx2|neon forces a lower one)\n\
+        "arch: {}\nsimd: {}\nquantized kernel: {:?} (ANCHORCODER_KERNEL=scalar|avx2|neon forces a lower one, for attention too)\n\
          amx: {amx}\namx use: none (the engine has no AMX kernel and executes no AMX instruction{})\n",
         std::env::consts::ARCH,
         features.join(" "),

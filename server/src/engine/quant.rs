@@ -660,18 +660,25 @@ impl Kernel {
         }
     }
 
+    /// The highest kernel `ANCHORCODER_KERNEL` allows (no cap when unset);
+    /// the attention kernels honour it too.
+    pub fn cap() -> Kernel {
+        static CAP: OnceLock<Kernel> = OnceLock::new();
+        *CAP.get_or_init(|| match std::env::var("ANCHORCODER_KERNEL").as_deref() {
+            Ok("scalar") => Kernel::Scalar,
+            Ok("avx2") => Kernel::Avx2,
+            Ok("neon") => Kernel::Neon,
+            Ok("neondot") => Kernel::NeonDot,
+            _ => Kernel::Avx512Vnni,
+        })
+    }
+
     /// The fastest available kernel, capped by `ANCHORCODER_KERNEL` if set
     /// (detected once).
     pub fn best() -> Kernel {
         static BEST: OnceLock<Kernel> = OnceLock::new();
         *BEST.get_or_init(|| {
-            let cap = match std::env::var("ANCHORCODER_KERNEL").as_deref() {
-                Ok("scalar") => Kernel::Scalar,
-                Ok("avx2") => Kernel::Avx2,
-                Ok("neon") => Kernel::Neon,
-                Ok("neondot") => Kernel::NeonDot,
-                _ => Kernel::Avx512Vnni,
-            };
+            let cap = Kernel::cap();
             // One family runs on a CPU; a cap from the other one is no cap.
             [Kernel::Avx512Vnni, Kernel::Avx2, Kernel::NeonDot, Kernel::Neon, Kernel::Scalar]
                 .into_iter()
