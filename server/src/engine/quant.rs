@@ -54,7 +54,7 @@
 //! (AVX2, `vpmaddubsw`), each weight loaded once per tile, and a scalar
 //! reference, picked at run time ([`Kernel::best`]; the environment
 //! variable `ANCHORCODER_KERNEL=scalar|avx2|avx512vnni` forces a lower one for
-//! comparisons). On aarch64, NEON tiles of 8 weight rows × up to 4 activation
+//! comparisons, and caps the attention kernels too: [`Kernel::cap`]). On aarch64, NEON tiles of 8 weight rows × up to 4 activation
 //! rows, with the dot-product extension or without (`quant_neon.rs`;
 //! `ANCHORCODER_KERNEL=scalar|neon|neondot`). Rows are split over candle's worker pool, the one the rest of
 //! the engine uses.
