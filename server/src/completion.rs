@@ -10,7 +10,11 @@
 //!   user types (so the cached prefix is reused) and only jumps when the window
 //!   outgrows twice the budget.
 //! - Token healing: the last token of the cursor's line is cut from the prompt
-//!   and the model must spell it first.
+//!   and the model must spell it first. On a fresh line that is all the
+//!   whitespace back to the last code: the indentation with the line break(s)
+//!   before it, which BPE vocabularies spell together (a prompt ending in a
+//!   bare line break misleads the model about the indentation of every line
+//!   it writes; remote engines heal the indentation only).
 //! - Fill-in-the-middle, when the model has FIM tokens and `fim` is on: the
 //!   cached prompt is `<fim_prefix>` + the text before the cursor, exactly as
 //!   without FIM, so typing still only changes its tail. The suffix goes in the
@@ -204,7 +208,14 @@ pub fn plan(text: &str, cursor: usize, previous_start: Option<usize>, s: &Settin
     // of spaces, longer than the budget) nor further back than any token.
     let healable =
         &text[text.floor_char_boundary(window_start.max(line_begin).max(cursor.saturating_sub(MAX_HEAL)))..cursor];
-    let healed = heal_split(healable);
+    let mut healed = heal_split(healable);
+    // A fresh line heals the line break(s) with its indentation: BPE
+    // vocabularies spell a line break and the next line's indentation as one
+    // token, so a prompt ending in a bare line break is one the model never
+    // saw, and it then indents the suggestion's lines wrongly.
+    if !before.is_empty() && healed.len() == before.len() && only_indentation(before) {
+        healed = &text[fresh_heal_start(text, window_start, line_begin, cursor)..cursor];
+    }
     let block_indent = indent_width(before);
     Prompt {
         window_start,
@@ -216,6 +227,22 @@ pub fn plan(text: &str, cursor: usize, previous_start: Option<usize>, s: &Settin
         fresh_line: only_indentation(before),
         indent: before[..before.len() - before.trim_start_matches([' ', '\t']).len()].to_string(),
     }
+}
+
+/// Where healing starts on a fresh line: at the end of the last code before
+/// it, so the whole run of whitespace (line breaks, blank lines and the
+/// indentation), which BPE pre-tokenizers keep in one piece, is spelled by
+/// the model. Never before the window nor more than [`MAX_HEAL`] bytes back
+/// (then from the first line break in reach, or the line's start).
+fn fresh_heal_start(text: &str, window_start: usize, line_begin: usize, cursor: usize) -> usize {
+    let floor = text.floor_char_boundary(window_start.max(cursor.saturating_sub(MAX_HEAL)).min(line_begin));
+    let reach = &text[floor..line_begin];
+    let code_end = floor + reach.trim_end_matches([' ', '\t', '\r', '\n']).len();
+    if code_end > floor || floor == 0 {
+        return code_end;
+    }
+    // The whole reach is whitespace and more of it lies before: start at a line break.
+    reach.find(['\r', '\n']).map_or(line_begin, |i| floor + i)
 }
 
 /// The part of the cursor's line (text before the cursor) that healing cuts:
@@ -921,8 +948,13 @@ mod tests {
                                 let p = plan(&text, cursor, previous, &s);
                                 let at = text.floor_char_boundary(cursor);
                                 let from = line_start(&text, at).max(p.window_start);
+                                // A fresh line heals the whitespace before it too.
+                                let before_line = &text[p.cut.min(from)..from];
                                 let ok = p.window_start <= p.cut
-                                    && from <= p.cut
+                                    && (before_line.is_empty()
+                                        || (p.fresh_line
+                                            && before_line.trim().is_empty()
+                                            && before_line.contains('\n')))
                                     && text.is_char_boundary(p.window_start)
                                     && text.is_char_boundary(p.cut)
                                     && text[p.cut..at] == p.healed
@@ -946,7 +978,22 @@ mod tests {
         let s = Settings::default();
         let p = plan(&t, c, None, &s);
         assert!(p.fresh_line && !p.single_line);
-        assert_eq!((p.indent.as_str(), p.healed.as_str(), p.block_indent), ("    ", "    ", 4));
+        // Healing takes the whitespace back to the last code (BPE keeps such
+        // a run in one piece), never before the window.
+        assert_eq!((p.indent.as_str(), p.healed.as_str(), p.block_indent), ("    ", "\n\n    ", 4));
+        assert_eq!(&t[p.window_start..p.cut], "def f(x):\n    \"\"\"Doc.\"\"\"");
+        let line = t[..c].rfind('\n').unwrap() + 1;
+        assert_eq!(plan(&t, c, Some(line), &s).healed, "    ");
+        assert_eq!(plan(&t, c, Some(line - 1), &s).healed, "\n    ");
+        let crlf = t.replace('\n', "\r\n");
+        assert_eq!(plan(&crlf, crlf.rfind("    ").unwrap() + 4, None, &s).healed, "\r\n\r\n    ");
+        let (t1, c1) = at("x = 1  \n    |", "|");
+        assert_eq!(plan(&t1, c1, None, &s).healed, "  \n    ");
+        // More whitespace than any token spells: from a line break in reach.
+        let long = format!("x = 1{}    ", "\n".repeat(80));
+        assert_eq!(plan(&long, long.len(), None, &s).healed, format!("{}    ", "\n".repeat(MAX_HEAL - 4)));
+        let (t0, c0) = at("def f(x):\n|", "|");
+        assert_eq!(plan(&t0, c0, None, &s).healed, "", "no indentation: nothing to heal");
         // The model ended the whitespace-only line first.
         assert_eq!(finish("\n    return x\n", &p, &t[c..], &s), "return x");
         assert_eq!(finish("\n\n    if x:\n        y = 1\n    z = 2\nw", &p, "", &s), "if x:\n        y = 1\n    z = 2");

@@ -309,10 +309,13 @@ impl Generator for RemoteGenerator<'_> {
 /// first bytes (llama.cpp) heals like the local engine. One that cannot
 /// heals only trailing whitespace (a prompt ending in indentation hurts
 /// most; a suggestion that does not start with it is dropped); a partial
-/// word is sent as typed.
+/// word is sent as typed. On a fresh line neither heals past the line's
+/// indentation: an engine matches its stop strings (a line break for one
+/// line) on the whole answer, forced bytes included.
 fn remote_heal(p: &Prompt, forces: bool) -> Option<&str> {
-    let heal = !p.healed.is_empty() && (forces || p.healed.chars().all(char::is_whitespace));
-    heal.then_some(p.healed.as_str())
+    let healed = if p.fresh_line { p.healed.rsplit('\n').next().unwrap_or_default() } else { p.healed.as_str() };
+    let heal = !healed.is_empty() && (forces || healed.chars().all(char::is_whitespace));
+    heal.then_some(healed)
 }
 
 /// The engine's text after the healed bytes: `Err(true)` while it has not
@@ -358,13 +361,14 @@ mod tests {
     #[test]
     fn remote_prompts_put_the_typed_line_last_and_heal_only_whitespace() {
         let c = Settings { suffix_tokens: 4, ..Settings::default() };
-        let text = "import os\ndef f(x):\n    \n\nprint(f(1))\nmore()\n";
+        let text = "import os\ndef f(x):  \n    \n\nprint(f(1))\nmore()\n";
         let at = text.find("    \n").unwrap() + 4;
         let p = completion::plan(text, at, None, &Settings::default());
         let heal = remote_heal(&p, false);
-        assert_eq!(heal, Some("    "));
+        assert_eq!((p.healed.as_str(), heal), ("  \n    ", Some("    ")), "not the line break");
+        assert_eq!(remote_heal(&p, true), Some("    "));
         let r = remote_request(text, at, &p, &c, heal);
-        assert_eq!(r.context, "import os\ndef f(x):\n");
+        assert_eq!(r.context, "import os\ndef f(x):  \n");
         assert_eq!((r.line.as_str(), r.forced.as_str()), ("", "    "), "the indentation is healed");
         // Whole lines of what follows, within 4 tokens (12 bytes).
         assert_eq!(r.suffix.as_deref(), Some("\n\n"));

@@ -397,7 +397,7 @@ mod tests {
         let s = Settings::default();
         let text = "def f(x):\n    y = x\n    ";
         let fresh = crate::completion::plan(text, text.len(), None, &s);
-        assert!(fresh.fresh_line && fresh.healed == "    ", "{fresh:?}");
+        assert!(fresh.fresh_line && fresh.healed == "\n    ", "{fresh:?}");
         let raw = |text: &str, stop| Raw {
             text: text.into(),
             stop: Some(stop),
