@@ -293,7 +293,7 @@ impl Local<'_> {
         // the suggestion's start; on a fresh line that sometimes leaves a
         // small model writing nothing but spaces. Then ask once more with the
         // indentation in the prompt, as the editor has it.
-        if !retry_unhealed(prompt, &first) {
+        if !retry_unhealed(prompt, &first, req.following(), s) {
             return Ok(first);
         }
         let mut extra = engine.tokenizer.encode(&prompt.healed)?;
@@ -348,12 +348,14 @@ const MAX_EXTRA_INDENT: usize = 16;
 
 /// Whether generation that gave `first` under `prompt` should run again
 /// with the healed bytes in the prompt: a fresh line whose healed
-/// indentation led to no code at all.
-fn retry_unhealed(prompt: &Prompt, first: &Raw) -> bool {
+/// whitespace led to nothing to show (no code at all, or only the lines
+/// that already follow the cursor, which a model given the suffix tends to
+/// copy).
+fn retry_unhealed(prompt: &Prompt, first: &Raw, following: &str, s: &Settings) -> bool {
     prompt.fresh_line
         && !prompt.healed.is_empty()
         && first.stop != Some(StopReason::Cancelled)
-        && first.text.trim().is_empty()
+        && finish(&first.text, prompt, following, s).is_empty()
 }
 
 impl Generator for Local<'_> {
@@ -390,8 +392,8 @@ mod tests {
     use crate::engine::llama::Llama;
     use crate::engine::policy::AttentionPolicy;
 
-    /// Only a fresh line whose healed indentation gave no code at all asks
-    /// again with the indentation in the prompt; a run of spaces stops early.
+    /// Only a fresh line whose healed whitespace gave nothing to show asks
+    /// again with it in the prompt; a run of spaces stops early.
     #[test]
     fn a_fresh_line_that_gave_only_spaces_is_asked_again_unhealed() {
         let s = Settings::default();
@@ -406,13 +408,18 @@ mod tests {
             prefill_time: Default::default(),
             decode_time: Default::default(),
         };
-        assert!(retry_unhealed(&fresh, &raw("                ", StopReason::Rule)));
-        assert!(retry_unhealed(&fresh, &raw("", StopReason::MaxTokens)));
-        assert!(!retry_unhealed(&fresh, &raw("  return y", StopReason::Rule)));
-        assert!(!retry_unhealed(&fresh, &raw("\n    return y", StopReason::Rule)));
-        assert!(!retry_unhealed(&fresh, &raw("   ", StopReason::Cancelled)));
+        let retry = |p: &Prompt, r: Raw, following: &str| retry_unhealed(p, &r, following, &s);
+        assert!(retry(&fresh, raw("                ", StopReason::Rule), ""));
+        assert!(retry(&fresh, raw("", StopReason::MaxTokens), ""));
+        assert!(!retry(&fresh, raw("  return y", StopReason::Rule), ""));
+        assert!(!retry(&fresh, raw("\n    return y", StopReason::Rule), ""));
+        assert!(!retry(&fresh, raw("   ", StopReason::Cancelled), ""));
+        // Only a copy of the lines that follow the cursor: nothing to show either.
+        let following = "\n    return y\n";
+        assert!(retry(&fresh, raw("return y", StopReason::Rule), following));
+        assert!(!retry(&fresh, raw("y += 1", StopReason::Rule), following));
         let mid = crate::completion::plan("def f(x):\n    ret", 17, None, &s);
-        assert!(!mid.fresh_line && !retry_unhealed(&mid, &raw("", StopReason::MaxTokens)));
+        assert!(!mid.fresh_line && !retry(&mid, raw("", StopReason::MaxTokens), ""));
         assert!(only_indentation(" \t  ") && !only_indentation("  \n") && !only_indentation(" x"));
     }
 
