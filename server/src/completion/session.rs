@@ -291,8 +291,9 @@ impl Local<'_> {
         let first = self.generate(s, prompt.healed.as_bytes(), &tail, code_first, &mut stop)?;
         // Healing cut the typed indentation from the prompt and forces it as
         // the suggestion's start; on a fresh line that sometimes leaves a
-        // small model writing nothing but spaces. Then ask once more with the
-        // indentation in the prompt, as the editor has it.
+        // small model writing nothing but spaces, or copying the lines after
+        // the cursor. Then ask once more with that whitespace in the prompt,
+        // as the editor has it.
         if !retry_unhealed(prompt, &first, req.following(), s) {
             return Ok(first);
         }
