@@ -209,11 +209,12 @@ pub fn plan(text: &str, cursor: usize, previous_start: Option<usize>, s: &Settin
     let healable =
         &text[text.floor_char_boundary(window_start.max(line_begin).max(cursor.saturating_sub(MAX_HEAL)))..cursor];
     let mut healed = heal_split(healable);
+    let fresh_line = only_indentation(before);
     // A fresh line heals the line break(s) with its indentation: BPE
     // vocabularies spell a line break and the next line's indentation as one
     // token, so a prompt ending in a bare line break is one the model never
     // saw, and it then indents the suggestion's lines wrongly.
-    if !before.is_empty() && healed.len() == before.len() && only_indentation(before) {
+    if fresh_line && !before.is_empty() && healed.len() == before.len() {
         healed = &text[fresh_heal_start(text, window_start, line_begin, cursor)..cursor];
     }
     let block_indent = indent_width(before);
@@ -224,7 +225,7 @@ pub fn plan(text: &str, cursor: usize, previous_start: Option<usize>, s: &Settin
         single_line: !line_suffix.trim().is_empty(),
         line_suffix,
         block_indent,
-        fresh_line: only_indentation(before),
+        fresh_line,
         indent: before[..before.len() - before.trim_start_matches([' ', '\t']).len()].to_string(),
     }
 }
