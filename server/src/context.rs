@@ -11,9 +11,14 @@
 //! - **chunks**: a file's top-level items (a function, a class, an `impl`,
 //!   with the comments and decorators above them), at most [`CHUNK_LINES`]
 //!   lines; a longer item keeps its head and the signatures inside it;
-//! - **choice**: each chunk scores by the identifiers it shares with the text
-//!   near the cursor, the names it *defines* counting most ([`score`]);
-//!   the best go in, deduplicated, until the token budget is spent.
+//! - **similar code**: windows of [`SIMILAR_LINES`] lines of those files
+//!   that share the most identifiers with the lines just before the cursor
+//!   ([`similar`]): how the project already calls what the cursor is about
+//!   to call;
+//! - **choice**: similar code takes up to [`SIMILAR_SHARE`] of the token
+//!   budget; items fill the rest, each scored by the identifiers it shares
+//!   with the text near the cursor, the names it *defines* counting most
+//!   ([`score`]); deduplicated, until the budget is spent ([`choose`]).
 //!
 //! The caller renders the choice ([`ContextSet`]) in front of the document's
 //! window, each chunk under its file's path (see `completion::context_lead`).
@@ -32,6 +37,15 @@ pub const MAX_IMPORTED_FILES: usize = 16;
 /// Lines before the cursor (and after it) whose identifiers make the query.
 pub const QUERY_LINES_BEFORE: usize = 40;
 pub const QUERY_LINES_AFTER: usize = 8;
+/// Lines of a similar-code window ([`similar`]); windows start every half of it.
+pub const SIMILAR_LINES: usize = 16;
+/// Lines just before the cursor that similar code is matched against.
+pub const SIMILAR_QUERY_LINES: usize = 12;
+/// A window shares at least this part of its and the query's identifiers
+/// (Jaccard) to count as similar.
+pub const SIMILAR_MIN: f32 = 0.1;
+/// Similar windows [`similar`] returns at most.
+pub const SIMILAR_KEEP: usize = 64;
 
 /// The languages whose imports are understood.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -625,6 +639,9 @@ pub struct Query<'a> {
     pub named: HashSet<String>,
     /// Identifiers anywhere in the document.
     pub anywhere: HashSet<&'a str>,
+    /// Identifiers of the [`SIMILAR_QUERY_LINES`] lines before the cursor:
+    /// what similar code elsewhere is matched against.
+    pub tail: HashSet<&'a str>,
 }
 
 impl<'a> Query<'a> {
@@ -634,12 +651,14 @@ impl<'a> Query<'a> {
             near: identifiers(query_text(text, cursor)),
             named: named_imports(lang, text),
             anywhere: identifiers(text),
+            tail: identifiers(tail_text(text, cursor)),
         }
     }
 
-    /// Only the text near the cursor (no imports, no rest of the document).
+    /// Only the text near the cursor (no imports, no rest of the document);
+    /// the cursor is at its end.
     pub fn near(query: &'a str) -> Query<'a> {
-        Query { near: identifiers(query), ..Default::default() }
+        Query { near: identifiers(query), tail: identifiers(tail_text(query, query.len())), ..Default::default() }
     }
 }
 
@@ -684,6 +703,54 @@ pub fn query_text(text: &str, cursor: usize) -> &str {
     &text[start..end]
 }
 
+/// The [`SIMILAR_QUERY_LINES`] lines before byte offset `cursor` of `text`, up to the cursor.
+pub fn tail_text(text: &str, cursor: usize) -> &str {
+    let cursor = text.floor_char_boundary(cursor.min(text.len()));
+    let before = &text[..cursor];
+    let start = before.rmatch_indices('\n').nth(SIMILAR_QUERY_LINES).map(|(i, _)| i + 1).unwrap_or(0);
+    &before[start..]
+}
+
+/// Code like the code just before the cursor (the retrieval of RepoCoder
+/// and of Copilot's neighbouring tabs): windows of [`SIMILAR_LINES`] lines
+/// of the candidate files, every half window, scored by the Jaccard
+/// similarity of their identifiers with [`Query::tail`]'s. A small model
+/// copies such code's calls, argument order and names far more readily than
+/// it uses a definition. Best first; windows under [`SIMILAR_MIN`] or
+/// without code are left out.
+pub fn similar(candidates: &[Candidate], q: &Query) -> Vec<(f32, Chunk)> {
+    let mut out = Vec::new();
+    if q.tail.is_empty() {
+        return out;
+    }
+    for c in candidates.iter().filter(|c| c.source != Source::Recent) {
+        let lines: Vec<&str> = c.text.lines().collect();
+        let step = SIMILAR_LINES / 2;
+        let mut start = 0;
+        while start < lines.len() {
+            let end = (start + SIMILAR_LINES).min(lines.len());
+            let mut text = lines[start..end].join("\n");
+            text.push('\n');
+            let ids = identifiers(&text);
+            let shared = ids.intersection(&q.tail).count();
+            let jaccard = shared as f32 / (ids.len() + q.tail.len() - shared).max(1) as f32;
+            if jaccard >= SIMILAR_MIN {
+                out.push((jaccard, Chunk { path: c.path.clone(), line: start, text, source: c.source }));
+            }
+            if end == lines.len() {
+                break;
+            }
+            start += step;
+        }
+    }
+    // Ties: an imported file's window first (the same code in an open copy goes in once).
+    let rank = |c: &Chunk| (c.source != Source::Import, c.path.clone(), c.line);
+    out.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| rank(&a.1).cmp(&rank(&b.1))));
+    // A budget of hundreds of tokens takes a few windows; the rest need not be counted.
+    out.truncate(SIMILAR_KEEP);
+    out
+}
+
 /// Another file the context may draw from.
 pub struct Candidate<'a> {
     /// The path the prompt shows.
@@ -697,15 +764,18 @@ pub struct Candidate<'a> {
 
 /// Choose chunks from `candidates` for a document whose text near the
 /// cursor is `query`, within `budget` tokens (`count` counts a chunk's
-/// tokens, path line included). Chunks that score 0 never go in; identical
-/// chunks go in once. The chosen chunks are ordered least relevant first, so
-/// the most relevant sit closest to the document's window.
+/// tokens, path line included). Two kinds of chunk compete: code
+/// [`similar`] to the lines before the cursor, up to [`SIMILAR_SHARE`] of
+/// the budget, then top-level items by [`score`] (definitions of names the
+/// cursor uses), then similar code again with what is left. Chunks that
+/// score 0 never go in; identical or overlapping chunks go in once. Files
+/// are ordered least relevant first, so the most relevant sit closest to
+/// the document's window; a file's chunks keep their order in the file.
 pub fn choose(candidates: &[Candidate], q: &Query, budget: usize, count: &dyn Fn(&Chunk) -> usize) -> ContextSet {
     if budget == 0 {
         return ContextSet::default();
     }
     let mut scored: Vec<(f32, Chunk)> = Vec::new();
-    let mut seen: HashSet<&str> = HashSet::new();
     for c in candidates {
         for (line, text) in items(c.text) {
             if c.source == Source::Recent {
@@ -726,18 +796,12 @@ pub fn choose(candidates: &[Candidate], q: &Query, budget: usize, count: &dyn Fn
         }
     }
     scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.path.cmp(&b.1.path)).then(a.1.line.cmp(&b.1.line)));
+    let like = similar(candidates, q);
     let mut left = budget;
     let mut chosen = Vec::new();
-    for (_, chunk) in &scored {
-        if !seen.insert(chunk.text.trim()) {
-            continue;
-        }
-        let n = count(chunk);
-        if n <= left {
-            left -= n;
-            chosen.push(chunk.clone());
-        }
-    }
+    fill(&like, (budget as f32 * SIMILAR_SHARE) as usize, &mut left, &mut chosen, count);
+    fill(&scored, left, &mut left, &mut chosen, count);
+    fill(&like, left, &mut left, &mut chosen, count);
     // Group by file (chunks of one file together, in file order), files least relevant first.
     let mut order: HashMap<&str, usize> = HashMap::new();
     for (i, c) in chosen.iter().enumerate() {
@@ -746,6 +810,38 @@ pub fn choose(candidates: &[Candidate], q: &Query, budget: usize, count: &dyn Fn
     let mut grouped = chosen.clone();
     grouped.sort_by(|a, b| order[b.path.as_str()].cmp(&order[a.path.as_str()]).then(a.line.cmp(&b.line)));
     ContextSet { chunks: grouped }
+}
+
+/// The part of the budget code similar to the cursor's may take first.
+pub const SIMILAR_SHARE: f32 = 0.5;
+
+/// Add chunks of `list` (best first) to `chosen` while they fit `cap` tokens
+/// and what is `left` of the budget; skip one whose text is already in or
+/// whose lines overlap a chosen chunk of the same file (or that holds or is
+/// held by a chosen chunk's text: the same code in two files goes in once).
+fn fill(list: &[(f32, Chunk)], cap: usize, left: &mut usize, chosen: &mut Vec<Chunk>, count: &dyn Fn(&Chunk) -> usize) {
+    let span = |c: &Chunk| c.line..c.line + c.text.lines().count().max(1);
+    let mut spent = 0;
+    for (_, chunk) in list {
+        if *left == 0 || spent >= cap {
+            break;
+        }
+        let s = span(chunk);
+        let clash = chosen.iter().any(|c| {
+            c.text.contains(chunk.text.trim())
+                || chunk.text.contains(c.text.trim())
+                || c.path == chunk.path && span(c).start < s.end && s.start < span(c).end
+        });
+        if clash {
+            continue;
+        }
+        let n = count(chunk);
+        if n <= *left && spent + n <= cap {
+            *left -= n;
+            spent += n;
+            chosen.push(chunk.clone());
+        }
+    }
 }
 
 /// The imported files of a document as candidates (read from disk unless
@@ -1057,6 +1153,31 @@ mod tests {
         assert!(choose(&cands, &Query::near("x = compute_total("), 5, &count).is_empty());
         assert!(choose(&cands, &Query::near("x = compute_total("), 0, &count).is_empty());
         assert_eq!(set.files(), vec![("util.py".to_string(), set.chunks[0].text.len())]);
+    }
+
+    #[test]
+    fn similar_code_is_found_by_the_lines_before_the_cursor() {
+        let mut other = String::new();
+        for k in 0..40 {
+            other += &format!("def unrelated_{k}(value):\n    return value * {k}\n");
+        }
+        let at = other.lines().count();
+        other += "def load(path):\n    config = read_config(path, strict=True)\n    cache.store(config)\n";
+        let cands = [Candidate { path: "loader.py".into(), text: &other, source: Source::OpenDocument, lines: vec![] }];
+        let q = Query::near("def reload(path):\n    config = read_config(path, ");
+        let found = similar(&cands, &q);
+        assert!(!found.is_empty());
+        let best = &found[0].1;
+        assert!(best.text.contains("read_config(path, strict=True)"), "{best:?}");
+        assert!(best.line <= at && at < best.line + SIMILAR_LINES);
+        assert!(found.windows(2).all(|w| w[0].0 >= w[1].0), "best first");
+        // In the choice, the similar window goes in beside the items, within the budget.
+        let count = |c: &Chunk| c.text.len() / 4 + 4;
+        let set = choose(&cands, &q, 200, &count);
+        assert!(set.chunks.iter().any(|c| c.text.contains("strict=True")), "{set:?}");
+        assert!(set.chunks.iter().map(count).sum::<usize>() <= 200);
+        // No identifiers before the cursor: nothing is similar.
+        assert!(similar(&cands, &Query::near("\n")).is_empty());
     }
 
     #[test]
