@@ -46,6 +46,8 @@ pub const SIMILAR_QUERY_LINES: usize = 12;
 pub const SIMILAR_MIN: f32 = 0.1;
 /// Similar windows [`similar`] returns at most.
 pub const SIMILAR_KEEP: usize = 64;
+/// The part of the budget code similar to the cursor's may take first ([`choose`]).
+pub const SIMILAR_SHARE: f32 = 0.5;
 
 /// The languages whose imports are understood.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -695,9 +697,7 @@ pub fn score(chunk: &str, q: &Query) -> f32 {
 
 /// The query: identifiers of the lines around the cursor (byte offset `cursor` in `text`).
 pub fn query_text(text: &str, cursor: usize) -> &str {
-    let cursor = text.floor_char_boundary(cursor.min(text.len()));
-    let before = &text[..cursor];
-    let start = before.rmatch_indices('\n').nth(QUERY_LINES_BEFORE).map(|(i, _)| i + 1).unwrap_or(0);
+    let (start, cursor) = lines_before(text, cursor, QUERY_LINES_BEFORE);
     let after = &text[cursor..];
     let end = after.match_indices('\n').nth(QUERY_LINES_AFTER).map(|(i, _)| cursor + i).unwrap_or(text.len());
     &text[start..end]
@@ -705,10 +705,16 @@ pub fn query_text(text: &str, cursor: usize) -> &str {
 
 /// The [`SIMILAR_QUERY_LINES`] lines before byte offset `cursor` of `text`, up to the cursor.
 pub fn tail_text(text: &str, cursor: usize) -> &str {
+    let (start, cursor) = lines_before(text, cursor, SIMILAR_QUERY_LINES);
+    &text[start..cursor]
+}
+
+/// Where the `n` lines before byte offset `cursor` of `text` start (the
+/// cursor's own line besides), and the cursor on a character boundary.
+fn lines_before(text: &str, cursor: usize, n: usize) -> (usize, usize) {
     let cursor = text.floor_char_boundary(cursor.min(text.len()));
-    let before = &text[..cursor];
-    let start = before.rmatch_indices('\n').nth(SIMILAR_QUERY_LINES).map(|(i, _)| i + 1).unwrap_or(0);
-    &before[start..]
+    let start = text[..cursor].rmatch_indices('\n').nth(n).map(|(i, _)| i + 1).unwrap_or(0);
+    (start, cursor)
 }
 
 /// Code like the code just before the cursor (the retrieval of RepoCoder
@@ -744,8 +750,12 @@ pub fn similar(candidates: &[Candidate], q: &Query) -> Vec<(f32, Chunk)> {
         }
     }
     // Ties: an imported file's window first (the same code in an open copy goes in once).
-    let rank = |c: &Chunk| (c.source != Source::Import, c.path.clone(), c.line);
-    out.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| rank(&a.1).cmp(&rank(&b.1))));
+    out.sort_by(|(x, a), (y, b)| {
+        y.total_cmp(x)
+            .then((a.source != Source::Import).cmp(&(b.source != Source::Import)))
+            .then_with(|| a.path.cmp(&b.path))
+            .then(a.line.cmp(&b.line))
+    });
     // A budget of hundreds of tokens takes a few windows; the rest need not be counted.
     out.truncate(SIMILAR_KEEP);
     out
@@ -812,9 +822,6 @@ pub fn choose(candidates: &[Candidate], q: &Query, budget: usize, count: &dyn Fn
     ContextSet { chunks: grouped }
 }
 
-/// The part of the budget code similar to the cursor's may take first.
-pub const SIMILAR_SHARE: f32 = 0.5;
-
 /// Add chunks of `list` (best first) to `chosen` while they fit `cap` tokens
 /// and what is `left` of the budget; skip one whose text is already in or
 /// whose lines overlap a chosen chunk of the same file (or that holds or is
@@ -828,9 +835,10 @@ fn fill(list: &[(f32, Chunk)], cap: usize, left: &mut usize, chosen: &mut Vec<Ch
         }
         let s = span(chunk);
         let clash = chosen.iter().any(|c| {
+            let t = span(c);
             c.text.contains(chunk.text.trim())
                 || chunk.text.contains(c.text.trim())
-                || c.path == chunk.path && span(c).start < s.end && s.start < span(c).end
+                || c.path == chunk.path && t.start < s.end && s.start < t.end
         });
         if clash {
             continue;
