@@ -511,7 +511,9 @@ fn shorten(lines: &[&str]) -> String {
     s
 }
 
-fn is_signature(l: &str) -> bool {
+/// Whether line `l` starts a definition (`def`, `class`, `fn`, `struct`, …;
+/// nested ones too).
+pub fn is_signature(l: &str) -> bool {
     let t = l.trim_start();
     let t = t.strip_prefix("pub ").or_else(|| t.strip_prefix("export ")).unwrap_or(t);
     let t = t.strip_prefix("async ").unwrap_or(t);

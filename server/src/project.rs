@@ -4,10 +4,11 @@
 //!
 //! Choosing the context is [`context::gather`]; this module decides *when*
 //! and *from what*. A document's context is chosen again only when the inputs
-//! that matter change — its import lines, the set of open documents, the
-//! workspace roots or the budget — never on an ordinary keystroke: a new
-//! context changes the prompt's lead, so the document's cache fills again
-//! (the worker does that in idle time, during warm-up).
+//! that matter change — its import lines, the definition the cursor is in
+//! ([`place`]), the set of open documents, the workspace roots or the budget
+//! — never on an ordinary keystroke: a new context changes the prompt's lead,
+//! so the document's cache fills again (the worker chooses and fills it in
+//! idle time, after a pause in typing).
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};
@@ -28,6 +29,8 @@ const ROOT_MARKERS: [&str; 7] =
     [".git", "Cargo.toml", "pyproject.toml", "setup.py", "package.json", "go.mod", "tsconfig.json"];
 /// How far up from a document a root marker is looked for.
 const ROOT_SEARCH_DEPTH: usize = 12;
+/// Lines above the cursor searched for the definition it is in ([`place`]).
+const PLACE_SEARCH_LINES: usize = 400;
 
 /// What [`Project::choose`] chose for a document.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -79,9 +82,10 @@ impl Project {
         self.chosen_from.clear();
     }
 
-    /// Whether `uri`'s context should be chosen (again) for `rope` under `budget`.
-    pub fn stale(&self, uri: &str, rope: &Rope, budget: usize) -> bool {
-        self.chosen_from.get(uri) != Some(&self.key(uri, rope, budget))
+    /// Whether `uri`'s context should be chosen (again) for the cursor at
+    /// `cursor` in `rope` under `budget`.
+    pub fn stale(&self, uri: &str, rope: &Rope, cursor: usize, budget: usize) -> bool {
+        self.chosen_from.get(uri) != Some(&self.key(uri, rope, cursor, budget))
     }
 
     /// Choose `uri`'s context for the cursor at `cursor` in `rope` within
@@ -95,7 +99,7 @@ impl Project {
         budget: usize,
         count: &dyn Fn(&Chunk) -> usize,
     ) -> Chosen {
-        self.chosen_from.insert(uri.to_string(), self.key(uri, rope, budget));
+        self.chosen_from.insert(uri.to_string(), self.key(uri, rope, cursor, budget));
         let Some(file) = file_path(uri) else { return Chosen::default() };
         let root = self.root_of(&file);
         let open: HashMap<PathBuf, String> = self
@@ -136,11 +140,12 @@ impl Project {
             .map(Path::to_path_buf)
     }
 
-    /// What a document's context depends on: its import lines, the other
-    /// open documents, the roots and the budget.
-    fn key(&self, uri: &str, rope: &Rope, budget: usize) -> u64 {
+    /// What a document's context depends on: its import lines, the place of
+    /// the cursor, the other open documents, the roots and the budget.
+    fn key(&self, uri: &str, rope: &Rope, cursor: usize, budget: usize) -> u64 {
         let mut h = DefaultHasher::new();
         budget.hash(&mut h);
+        place(rope, cursor).hash(&mut h);
         self.roots.hash(&mut h);
         let mut others: Vec<&String> = self.open.keys().filter(|u| u.as_str() != uri).collect();
         others.sort();
@@ -190,6 +195,28 @@ fn chosen(r: &context::Request, count: &dyn Fn(&Chunk) -> usize) -> Chosen {
     })
     .filter(|p| !p.is_empty());
     Chosen { set, shown_path }
+}
+
+/// Where the cursor is, as far as its context cares: the nearest line above
+/// the cursor's that starts a definition ([`context::is_signature`]) or a
+/// top-level statement, up to the name it defines (`def parse`, `class Config`,
+/// `pub fn main`). Typing in a function body keeps it, and so does typing a
+/// new `def` line (the line being typed is not looked at); moving to another
+/// function changes it. `None` at the top of a document.
+fn place(rope: &Rope, cursor: usize) -> Option<String> {
+    let line = rope.byte_to_line(cursor.min(rope.len_bytes()));
+    (line.saturating_sub(PLACE_SEARCH_LINES)..line).rev().find_map(|n| {
+        let l: std::borrow::Cow<str> = rope.line(n).into();
+        let t = l.trim();
+        let top = !l.starts_with([' ', '\t']) && !t.is_empty();
+        let closing = matches!(t.chars().next(), Some('}' | ')' | ']'));
+        let comment = ["#", "//", "/*", "*", "@"].iter().any(|c| t.starts_with(c));
+        if closing || comment || !(top || context::is_signature(t)) {
+            return None;
+        }
+        let end = t.find(['(', ':', '{', '<', '=']).unwrap_or(t.len());
+        Some(t[..end].trim_end().chars().take(80).collect())
+    })
 }
 
 /// A line that may import another file (in any language the context knows):
@@ -249,6 +276,20 @@ mod tests {
     }
 
     #[test]
+    fn the_place_is_the_definition_above_the_cursors_line() {
+        let text = "import os\n\nclass Config:\n    # A comment.\n    def load(self, path):\n        x = 1\n        y\n\n@cache\ndef top():\n    pass\n}\n";
+        let rope = Rope::from_str(text);
+        let at = |s: &str| place(&rope, text.find(s).unwrap());
+        assert_eq!(at("import"), None, "nothing above the first line");
+        assert_eq!(at("class"), Some("import os".into()), "a top-level statement counts");
+        assert_eq!(at("    def load"), Some("class Config".into()), "comments are skipped");
+        assert_eq!(at("        y"), Some("def load".into()), "nested definitions count");
+        assert_eq!(at("def top"), Some("def load".into()), "decorators and the line typed are not looked at");
+        assert_eq!(at("    pass"), Some("def top".into()));
+        assert_eq!(place(&rope, text.len()), Some("def top".into()), "closing lines are skipped");
+    }
+
+    #[test]
     fn the_context_comes_from_imports_under_the_root_and_is_chosen_again_only_when_its_inputs_change() {
         let dir = std::env::temp_dir().join(format!("anchorcoder-project-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -265,27 +306,31 @@ mod tests {
         let mut p = Project::default();
         p.saw(&uri, &rope, text.len());
         assert_eq!(p.root_of(&dir.join("pkg/main.py")), Some(dir.clone()), "found by its pyproject.toml");
-        assert!(p.stale(&uri, &rope, 512));
+        assert!(p.stale(&uri, &rope, text.len(), 512));
         let chosen = p.choose(&uri, &rope, text.len(), 512, &count);
         assert_eq!(chosen.shown_path.as_deref(), Some("pkg/main.py"));
         let files = chosen.set.files();
         assert_eq!(files.first().map(|(f, _)| f.as_str()), Some("pkg/util.py"), "{files:?}");
         assert!(chosen.set.chunks.iter().any(|c| c.text.contains("def parse_header")), "{:?}", chosen.set);
-        assert!(!p.stale(&uri, &rope, 512), "chosen for these inputs");
+        assert!(!p.stale(&uri, &rope, text.len(), 512), "chosen for these inputs");
 
         // Typing in the body changes nothing the context depends on.
         let typed = Rope::from_str(&format!("{text}line)\n"));
         p.saw(&uri, &typed, typed.len_bytes());
-        assert!(!p.stale(&uri, &typed, 512));
+        assert!(!p.stale(&uri, &typed, typed.len_bytes(), 512));
+        // Moving to another function does (its context is chosen for it).
+        let two = Rope::from_str(&format!("{text}line)\n\n\ndef other(x):\n    return x\n"));
+        assert!(!p.stale(&uri, &two, typed.len_bytes(), 512), "still in handle");
+        assert!(p.stale(&uri, &two, two.len_bytes() - 2, 512), "in other");
         // A new import, another open document, or a new budget does.
         let imports = Rope::from_str(&format!("import os\n{text}"));
-        assert!(p.stale(&uri, &imports, 512));
-        assert!(p.stale(&uri, &typed, 256));
+        assert!(p.stale(&uri, &imports, imports.len_bytes(), 512));
+        assert!(p.stale(&uri, &typed, typed.len_bytes(), 256));
         let other = format!("file://{}/pkg/other.py", dir.display());
         p.saw(&other, &Rope::from_str("x = 1\n"), 0);
-        assert!(p.stale(&uri, &typed, 512));
+        assert!(p.stale(&uri, &typed, typed.len_bytes(), 512));
         p.close(&other);
-        assert!(!p.stale(&uri, &typed, 512), "back to the inputs it was chosen from");
+        assert!(!p.stale(&uri, &typed, typed.len_bytes(), 512), "back to the inputs it was chosen from");
 
         // The editor's workspace folder wins over markers; non-file documents get nothing.
         p.set_roots(vec![dir.join("pkg")]);

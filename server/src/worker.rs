@@ -5,7 +5,8 @@
 //!
 //! Scheduling: completions first, in arrival order, a newer one for a
 //! document cancelling the older; cache warm-up (prefill of a document's
-//! window) in chunks when nothing else waits. A panic in a job is caught and
+//! window) in chunks when nothing else waits; choosing a new project context
+//! and filling a cache under it only once typing pauses ([`QUIET`]). A panic in a job is caught and
 //! reported; that document's cache is dropped and the worker goes on. If the
 //! thread dies anyway, [`WorkerHandle::send`] starts a new one.
 //!
@@ -22,9 +23,9 @@ use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ropey::Rope;
 use serde_json::json;
@@ -65,6 +66,11 @@ const WARM_CHUNK: usize = 64;
 const EVICTION_SLACK_LINES: u32 = 8;
 /// Latencies remembered for status.
 const LATENCY_HISTORY: usize = 32;
+/// A pause in typing this long lets warm-up choose a document's project
+/// context again and fill a cache under it: work a keystroke arriving
+/// meanwhile could wait for, one [`WARM_CHUNK`] at a time. Typing runs at a
+/// keystroke every 100–300 ms; the editors report a resting cursor after 250 ms.
+const QUIET: Duration = Duration::from_millis(500);
 
 /// A completion request.
 pub struct CompleteJob {
@@ -461,6 +467,17 @@ impl DocState {
     }
 }
 
+/// What a warm-up step leaves to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Warmed {
+    /// Nothing: the document is warm.
+    Done,
+    /// Another step.
+    More,
+    /// Project-context work, once typing pauses ([`QUIET`]).
+    AfterPause,
+}
+
 /// A document's cache under a newly chosen project context. A new context
 /// changes the prompt's lead, so nothing of the cache can be reused: rather
 /// than make the next keystroke pay for it, warm-up fills this second cache
@@ -485,6 +502,10 @@ struct Worker {
     shared: Shared,
     completions: VecDeque<CompleteJob>,
     warm: VecDeque<(String, Rope, usize)>,
+    /// Warm-ups left with project-context work only, until typing pauses.
+    after_pause: VecDeque<(String, Rope, usize)>,
+    /// When the user last typed (a completion request or an edit).
+    last_typed: Option<Instant>,
     /// The document whose cursor the editor reported last: warmed first.
     focused: Option<String>,
     /// A completion or warm-up step is running (it counts in the queue depth).
@@ -507,6 +528,8 @@ impl Worker {
             shared,
             completions: VecDeque::new(),
             warm: VecDeque::new(),
+            after_pause: VecDeque::new(),
+            last_typed: None,
             focused: None,
             busy: false,
             project: Project::default(),
@@ -522,15 +545,38 @@ impl Worker {
         loop {
             self.publish();
             if self.completions.is_empty() && self.warm.is_empty() {
-                match self.rx.recv() {
+                let job = match self.until_quiet() {
+                    None => self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                    Some(wait) => self.rx.recv_timeout(wait),
+                };
+                match job {
                     Ok(job) => self.accept(job),
-                    Err(_) => return,
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return,
                 }
             }
             while let Ok(job) = self.rx.try_recv() {
                 self.accept(job);
             }
+            self.resume_after_pause();
             self.step();
+        }
+    }
+
+    /// How long until typing has paused for [`QUIET`], when warm-ups wait
+    /// for it (`None`: none waits).
+    fn until_quiet(&self) -> Option<Duration> {
+        if self.after_pause.is_empty() {
+            return None;
+        }
+        Some(self.last_typed.map_or(Duration::ZERO, |t| QUIET.saturating_sub(t.elapsed())))
+    }
+
+    /// Typing paused: the warm-ups that waited for it go on.
+    fn resume_after_pause(&mut self) {
+        if self.until_quiet() == Some(Duration::ZERO) {
+            let waited = std::mem::take(&mut self.after_pause);
+            self.warm.extend(waited);
         }
     }
 
@@ -545,9 +591,10 @@ impl Worker {
         } else if let Some((uri, rope, cursor)) = self.next_warm() {
             self.busy = true;
             self.publish();
-            let more = self.guarded(&uri, |w| w.warm_step(&uri, &rope, cursor)).unwrap_or(false);
-            if more {
-                self.warm.push_back((uri, rope, cursor));
+            match self.guarded(&uri, |w| w.warm_step(&uri, &rope, cursor)) {
+                Some(Warmed::More) => self.warm.push_back((uri, rope, cursor)),
+                Some(Warmed::AfterPause) => self.after_pause.push_back((uri, rope, cursor)),
+                Some(Warmed::Done) | None => {}
             }
         }
         self.busy = false;
@@ -584,19 +631,24 @@ impl Worker {
                     let _ = j.reply.send(Err(CompletionError::Superseded));
                 }
                 self.project.saw(&job.uri, &job.rope, job.cursor);
+                self.last_typed = Some(job.received);
                 self.completions.push_back(job);
             }
             Job::Warm { uri, rope, cursor, focus } => {
                 self.project.saw(&uri, &rope, cursor);
-                self.warm.retain(|(u, _, _)| *u != uri);
+                self.forget_warm(&uri);
                 if focus {
+                    // The editor reports a cursor at rest.
                     self.focused = Some(uri.clone());
+                } else {
+                    // An edit (or an open).
+                    self.last_typed = Some(Instant::now());
                 }
                 self.warm.push_back((uri, rope, cursor));
             }
             Job::Close { uri } => {
                 self.project.close(&uri);
-                self.warm.retain(|(u, _, _)| *u != uri);
+                self.forget_warm(&uri);
                 if self.focused.as_deref() == Some(uri.as_str()) {
                     self.focused = None;
                 }
@@ -607,6 +659,12 @@ impl Worker {
             Job::Configure(config) => self.configure(*config),
             Job::Workspace { roots } => self.project.set_roots(roots),
         }
+    }
+
+    /// Drop the warm-ups queued for `uri` (a newer one replaces them).
+    fn forget_warm(&mut self, uri: &str) {
+        self.warm.retain(|(u, _, _)| u != uri);
+        self.after_pause.retain(|(u, _, _)| u != uri);
     }
 
     fn configure(&mut self, config: Config) {
@@ -791,49 +849,69 @@ impl Worker {
         self.warm.remove(at)
     }
 
-    /// One chunk of warm-up; returns whether more remains. The cache
-    /// completions use fills first, then a staged one (a new project
-    /// context), which replaces it once warm.
-    fn warm_step(&mut self, uri: &str, rope: &Rope, cursor: usize) -> bool {
+    /// One step of warm-up, and what remains. The cache completions use
+    /// fills first, a chunk a step. Then, once typing pauses, the project
+    /// context is chosen again if its inputs changed; a different one fills a
+    /// staged cache, a chunk a step, which replaces the cache in use once
+    /// warm. A document without a warm cache takes its context at once.
+    fn warm_step(&mut self, uri: &str, rope: &Rope, cursor: usize) -> Warmed {
         let cursor = cursor.min(rope.len_bytes());
-        self.refresh_context(uri, rope, cursor);
+        let budget = self.config.completion.context_tokens;
+        let settled = self.config.cache.enabled
+            && self.docs.get(uri).is_some_and(|d| d.context_chosen && !d.cache.kv().is_empty());
+        if !settled {
+            self.refresh_context(uri, rope, cursor);
+        }
         if !self.config.cache.enabled || self.engine.is_none() {
-            return false;
+            return Warmed::Done;
         }
+        let stale = settled && self.project.stale(uri, rope, cursor, budget);
+        let quiet = self.last_typed.is_none_or(|t| t.elapsed() >= QUIET);
         let settings = self.settings();
-        let Ok((engine, doc)) = self.doc(uri) else { return false };
+        let Ok((engine, doc)) = self.doc(uri) else { return Warmed::Done };
         if doc.session.prepare_local(engine, &mut doc.cache, rope, cursor, &settings).is_err() {
-            return false;
+            return Warmed::Done;
         }
-        let staging = doc.cache.pending() == 0 && doc.staged.is_some();
-        let (cache, session) = match doc.staged.as_mut().filter(|_| staging) {
-            Some(s) => (&mut s.cache, &mut s.session),
-            None => (&mut doc.cache, &mut doc.session),
-        };
-        if staging && session.prepare_local(engine, cache, rope, cursor, &settings).is_err() {
-            doc.staged = None;
-            return false;
+        if doc.cache.pending() > 0 {
+            return match doc.cache.prefill(&engine.model, WARM_CHUNK) {
+                Ok(_) => Warmed::More,
+                Err(e) => self.warm_failed(uri, e),
+            };
         }
-        match cache.prefill(&engine.model, WARM_CHUNK) {
-            Ok(_) if cache.pending() > 0 => true,
-            Ok(_) => {
-                // Warm and idle: keep only what the policy keeps.
-                let before = doc.allocated_bytes();
-                if staging {
-                    doc.promote();
-                }
-                doc.cache.settle();
-                if before.saturating_sub(doc.allocated_bytes()) >= RELEASE_MIN_BYTES {
-                    release_free_memory();
-                }
-                // A staged context still has to fill.
-                doc.staged.is_some()
+        let context_work = stale || doc.staged.is_some();
+        if context_work && !quiet {
+            return Warmed::AfterPause;
+        }
+        if stale {
+            self.refresh_context(uri, rope, cursor);
+            return Warmed::More;
+        }
+        let before = doc.allocated_bytes();
+        if let Some(staged) = doc.staged.as_mut() {
+            if staged.session.prepare_local(engine, &mut staged.cache, rope, cursor, &settings).is_err() {
+                doc.staged = None;
+                return Warmed::Done;
             }
-            Err(e) => {
-                let _ = self.events.send(Event::Log(format!("warm-up of {uri} failed: {e:#}")));
-                false
+            if let Err(e) = staged.cache.prefill(&engine.model, WARM_CHUNK) {
+                doc.staged = None;
+                return self.warm_failed(uri, e);
             }
+            if staged.cache.pending() > 0 {
+                return Warmed::More;
+            }
+            doc.promote();
         }
+        // Warm and idle: keep only what the policy keeps.
+        doc.cache.settle();
+        if before.saturating_sub(doc.allocated_bytes()) >= RELEASE_MIN_BYTES {
+            release_free_memory();
+        }
+        Warmed::Done
+    }
+
+    fn warm_failed(&self, uri: &str, e: anyhow::Error) -> Warmed {
+        let _ = self.events.send(Event::Log(format!("warm-up of {uri} failed: {e:#}")));
+        Warmed::Done
     }
 
     /// Choose the document's project context again if what it depends on
@@ -844,7 +922,7 @@ impl Worker {
         let budget = self.config.completion.context_tokens;
         let Some(engine) = &self.engine else { return };
         let chosen_here = self.docs.get(uri).is_some_and(|d| d.context_chosen);
-        if chosen_here && !self.project.stale(uri, rope, budget) {
+        if chosen_here && !self.project.stale(uri, rope, cursor, budget) {
             return;
         }
         let started = Instant::now();
@@ -944,7 +1022,7 @@ impl Worker {
             policy: self.policy().to_json(),
             cache_bytes: self.docs.values().map(DocState::allocated_bytes).sum(),
             cache_budget_bytes: self.config.cache.memory_budget_bytes() as usize,
-            queue_depth: self.completions.len() + self.warm.len() + usize::from(self.busy),
+            queue_depth: self.completions.len() + self.warm.len() + self.after_pause.len() + usize::from(self.busy),
             last_latencies_ms: lock(&self.shared.latencies).iter().copied().collect(),
             backend: self.shared.route().map_or_else(|| json!({ "kind": "local" }), |r| r.status()),
             documents,
@@ -1029,6 +1107,21 @@ mod tests {
             w.accept(job);
         }
 
+        /// Run warm-up steps until none is left to run now.
+        fn warm_up(w: &mut Worker) {
+            while !w.warm.is_empty() {
+                w.step();
+            }
+        }
+
+        /// The user stops typing: warm-up runs to the end, project context included.
+        fn pause(w: &mut Worker) {
+            w.last_typed = None;
+            w.resume_after_pause();
+            warm_up(w);
+            assert!(w.after_pause.is_empty());
+        }
+
         #[test]
         fn the_newest_request_per_document_wins_and_others_keep_their_turn() {
             let mut h = harness();
@@ -1066,9 +1159,7 @@ mod tests {
             w.step();
             assert!(answer.try_recv().unwrap().is_ok(), "the completion ran in the next step");
             assert_eq!(w.docs["file:///long.py"].cache.pending(), pending, "the warm-up waited");
-            while !w.warm.is_empty() {
-                w.step();
-            }
+            warm_up(w);
             assert_eq!(w.docs["file:///long.py"].cache.pending(), 0, "and then finished");
         }
 
@@ -1094,9 +1185,7 @@ mod tests {
                 doc.staged.is_none() && !doc.cache.context().is_empty(),
                 "a new document takes its context at once"
             );
-            while !w.warm.is_empty() {
-                w.step();
-            }
+            warm_up(w);
             let doc = &w.status().documents[0];
             let definition = "def parse_header(line):\n    return line.split(':', 1)\n";
             assert_eq!(doc.context_files, [("helpers.py".to_string(), definition.len())]);
@@ -1114,12 +1203,14 @@ mod tests {
             assert!(done.reused_tokens >= lead.len(), "{done:?}");
             assert_eq!(w.docs[&uri].cache.lead(), lead.as_slice());
 
-            // contextTokens = 0 turns it off at the next warm-up.
+            // contextTokens = 0 turns it off at the next pause.
             let mut config = w.config.clone();
             config.completion.context_tokens = 0;
             accept(w, Job::Configure(Box::new(config)));
             accept(w, warm(text));
-            w.step();
+            warm_up(w);
+            assert!(w.status().documents[0].context_tokens > 0, "not while typing");
+            pause(w);
             assert_eq!(w.status().documents[0].context_tokens, 0);
             let _ = std::fs::remove_dir_all(&dir);
         }
@@ -1135,36 +1226,51 @@ mod tests {
             let w = &mut h.worker;
             accept(w, Job::Workspace { roots: vec![dir.clone()] });
             let uri = format!("file://{}/main.py", dir.display());
-            // The document is open and warming without an import; then the user adds one.
+            // The document is open and warm without an import; then the user types one.
             let body = format!("{}def handle(line):\n    return helper_3(", text(1, 12));
             let rope = Rope::from_str(&body);
             accept(w, Job::Warm { uri: uri.clone(), cursor: rope.len_bytes(), rope, focus: true });
-            w.step();
-            assert!(w.docs[&uri].cache.context().is_empty() && !w.docs[&uri].cache.kv().is_empty());
+            pause(w);
+            assert!(w.docs[&uri].cache.context().is_empty() && w.docs[&uri].cache.pending() == 0);
             let text = format!("from helpers import helper_3\n\n{body}");
-            let rope = Rope::from_str(&text);
-            accept(w, Job::Warm { uri: uri.clone(), cursor: rope.len_bytes(), rope, focus: true });
+            let typed = |w: &mut Worker, t: &str| {
+                let rope = Rope::from_str(t);
+                accept(w, Job::Warm { uri: uri.clone(), cursor: rope.len_bytes(), rope, focus: false });
+                warm_up(w);
+            };
+            typed(w, &text);
+            let doc = &w.docs[&uri];
+            assert!(doc.staged.is_none() && doc.cache.pending() == 0, "while typing, only the cache in use warms");
+            assert_eq!(w.after_pause.len(), 1, "choosing waits for a pause");
+            assert_eq!(w.status().queue_depth, 1, "and counts as queued work");
+
+            // A pause: the new context is chosen and staged, one step after another.
+            w.last_typed = None;
+            w.resume_after_pause();
             w.step();
             let doc = &w.docs[&uri];
             let staged = doc.staged.as_ref().expect("the chosen context is staged");
             assert!(!staged.cache.context().is_empty());
             assert!(doc.cache.context().is_empty(), "the cache in use keeps its (empty) context");
-            assert_eq!(staged.cache.kv().len(), 0, "the cache in use warms first");
-            assert!(doc.cache.pending() > 0 && !doc.cache.kv().is_empty(), "{:?}", doc.cache.stats());
+            assert_eq!(staged.cache.kv().len(), 0, "chosen in one step, filled in the next ones");
+            w.step();
+            let filled = w.docs[&uri].staged.as_ref().unwrap().cache.kv().len();
+            assert!(filled > 0 && w.docs[&uri].staged.as_ref().unwrap().cache.pending() > 0);
 
-            // A keystroke now: the cache in use needs less work, so it serves.
+            // A keystroke now: the cache in use needs less work, so it serves,
+            // and the staged one waits for the next pause.
             let (job, mut answer) = complete(&uri, &format!("{text}l"));
             accept(w, job);
             w.step();
             assert!(answer.try_recv().unwrap().is_ok());
+            typed(w, &format!("{text}l"));
             let doc = &w.docs[&uri];
             assert!(doc.cache.context().is_empty() && doc.staged.is_some(), "the keystroke took no new context");
             assert_eq!(doc.cache.pending(), 0);
+            assert_eq!(doc.staged.as_ref().unwrap().cache.kv().len(), filled, "no staged work while typing");
 
             // Idle: the staged cache fills and replaces it.
-            while !w.warm.is_empty() {
-                w.step();
-            }
+            pause(w);
             let doc = &w.docs[&uri];
             assert!(doc.staged.is_none() && !doc.cache.context().is_empty(), "promoted once warm");
             assert_eq!(doc.context_files[0].0, "helpers.py");

@@ -224,6 +224,50 @@ fn definitions_from_imported_files_of_the_workspace_lead_the_prompt() {
 }
 
 #[test]
+fn the_context_follows_the_cursor_to_another_function_once_typing_pauses() {
+    let _ = default_model();
+    let root = workspace(
+        "anchorcoder-e2e-ctx-place",
+        &[
+            ("geometry/__init__.py", ""),
+            ("geometry/shapes.py", "import math\n\n\ndef area_of_circle(radius):\n    return math.pi * radius ** 2\n"),
+            ("billing/__init__.py", ""),
+            ("billing/money.py", "def format_price(cents):\n    return f\"${cents / 100:.2f}\"\n"),
+        ],
+    );
+    let mut s = Server::start(&[]);
+    let root_uri = format!("file://{}", root.display());
+    // A budget that holds one of the two definitions.
+    s.initialize_at(Some(&root_uri), json!({"completion": {"contextTokens": 40}}), json!({}));
+    let uri = format!("{root_uri}/app.py");
+    let filler: String = (0..60).map(|i| format!("STEP_{i} = {i}\n")).collect();
+    let report = "def report(r):\n    return geometry.shapes.area_of_circle(r)\n";
+    let bill = "def bill(amount):\n    return billing.money.format_price(amount)\n";
+    let text = format!("import geometry.shapes\nimport billing.money\n\n\n{report}\n\n{filler}\n\n{bill}");
+    // Opened, the server warms the last line: in `bill`.
+    s.open(&uri, "python", &text);
+    wait_idle(&mut s);
+    let files = |s: &mut Server| {
+        let st = s.status();
+        st["documents"][0]["contextFiles"].as_array().unwrap().iter().map(|f| f["path"].clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(files(&mut s), ["billing/money.py"]);
+    // The cursor rests in `report`: after the pause, its context is chosen there and filled.
+    let line = text[..text.find("    return geometry").unwrap()].lines().count();
+    s.notify(
+        "anchorcoder/didMoveCursor",
+        json!({"textDocument": {"uri": uri}, "position": {"line": line, "character": 4}}),
+    );
+    wait_idle(&mut s);
+    assert_eq!(files(&mut s), ["geometry/shapes.py"]);
+    let st = s.status();
+    assert_eq!(st["documents"][0]["pendingTokens"], 0, "filled before it replaced the cache in use: {st}");
+    assert!(s.alive());
+    s.shutdown();
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
 fn cancel_request_stops_a_completion() {
     let _ = default_model();
     let mut s = started();

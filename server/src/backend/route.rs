@@ -115,7 +115,7 @@ impl RemoteRoute {
         let mut project = lock(&self.project);
         project.saw(uri, rope, cursor);
         let chosen_here = lock(&self.docs).get(uri).is_some_and(|d| d.context_chosen);
-        if chosen_here && !project.stale(uri, rope, budget) {
+        if chosen_here && !project.stale(uri, rope, cursor, budget) {
             return;
         }
         let chosen = project.choose(uri, rope, cursor, budget, &chunk_tokens);
