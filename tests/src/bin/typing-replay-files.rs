@@ -6,7 +6,9 @@
 //! file (removed from the document beforehand) a character at a time, with an
 //! inline-completion request after each keystroke, `--pause-ms` between
 //! keystrokes and a longer pause (30 × `--pause-ms`) when moving to another
-//! file. When the user arrives in a file, both sides get the same head start
+//! file. With `--rest-every N`, the user also rests that long after every N
+//! keystrokes of a line (thinking), and the editor reports the resting cursor
+//! as it does on arrival. When the user arrives in a file, both sides get the same head start
 //! (unless `--no-visit-warm`): ours is told the resting cursor
 //! (`anchorcoder/didMoveCursor`, as the editors send it), llama-server gets
 //! the window up to that cursor with `n_predict` 0 in the background (as
@@ -32,7 +34,7 @@
 //! off; `--context-tokens N` sets ours' budget) and prints the latency ratios and the
 //! K/V bytes per document of both.
 //!
-//! `typing-replay-files --llama-server BIN --model GGUF [--rounds 2] [--policy window|anchor|full] [--pause-ms 30] [--only ours|llama] [--no-visit-warm] [--context-tokens N] [--context-compare]`
+//! `typing-replay-files --llama-server BIN --model GGUF [--rounds 2] [--policy window|anchor|full] [--pause-ms 30] [--rest-every N] [--only ours|llama] [--no-visit-warm] [--context-tokens N] [--context-compare]`
 //! (ANCHORCODER_BIN picks our binary; tests/bench/typing-files.sh runs it).
 
 use std::path::Path;
@@ -93,20 +95,31 @@ struct Sample {
     first: bool,
 }
 
+/// When the user types and rests.
+struct Schedule {
+    /// Visits to each file.
+    rounds: usize,
+    /// Between keystrokes; 30 times as long on arrival in a file and at a rest.
+    pause: Duration,
+    /// A rest after every this many keystrokes of a line (0: none).
+    rest_every: usize,
+}
+
 /// Replay against one of the two: `on_visit(doc, text, cursor, line, col)`
 /// tells that the user moved to a document and rests the cursor at the end of
-/// the line above the one about to be opened (before the pause),
+/// the line above the one about to be opened (before the pause), or rests
+/// while typing (`Schedule::rest_every`),
 /// `on_change(doc, line, col, char)` tells of an inserted character,
 /// `complete(doc, text, cursor, line, col)` returns the suggestion shown after
 /// a keystroke.
 fn replay(
     docs: &[Doc],
-    rounds: usize,
-    pause: Duration,
+    sched: &Schedule,
     mut on_visit: impl FnMut(usize, &str, usize, u32, u32),
     mut on_change: impl FnMut(usize, u32, u32, char),
     mut complete: impl FnMut(usize, &str, usize, u32, u32) -> String,
 ) -> Vec<Sample> {
+    let (rounds, pause) = (sched.rounds, sched.pause);
     let mut texts: Vec<String> = docs.iter().map(|d| d.initial_text(rounds)).collect();
     let mut samples = Vec::new();
     for k in 0..rounds {
@@ -137,6 +150,11 @@ fn replay(
                 let _ = complete(i, &texts[i], cursor, line, col);
                 samples.push(Sample { ms: t.elapsed().as_secs_f64() * 1000.0, first: n == indent });
                 std::thread::sleep(pause);
+                let typed_here = n + 1 - indent;
+                if sched.rest_every > 0 && typed_here % sched.rest_every == 0 && n + 1 < typed.chars().count() {
+                    on_visit(i, &texts[i], cursor, line, col);
+                    std::thread::sleep(pause * 30);
+                }
             }
             let visit: Vec<f64> = samples.iter().rev().take(typed.trim_start().chars().count()).map(|s| s.ms).collect();
             eprintln!(
@@ -179,7 +197,8 @@ struct Ours<'a> {
 
 /// Our server's keystroke samples, and its memory per document at the end
 /// (K/V bytes and context tokens from `anchorcoder/status`).
-fn ours(docs: &[Doc], rounds: usize, pause: Duration, o: &Ours) -> (Vec<Sample>, Value) {
+fn ours(docs: &[Doc], sched: &Schedule, o: &Ours) -> (Vec<Sample>, Value) {
+    let rounds = sched.rounds;
     let (policy, visit_warm) = (o.policy, o.visit_warm);
     let mut completion = json!({"maxLines": 1, "maxTokens": 24});
     if let Some(n) = o.context_tokens {
@@ -213,8 +232,7 @@ fn ours(docs: &[Doc], rounds: usize, pause: Duration, o: &Ours) -> (Vec<Sample>,
         let s = std::cell::RefCell::new(&mut s);
         replay(
             docs,
-            rounds,
-            pause,
+            sched,
             |i, _text, _cursor, line, col| {
                 // What the editors do (anchorcoder/didMoveCursor, after the cursor rests).
                 if visit_warm {
@@ -259,7 +277,7 @@ fn ours(docs: &[Doc], rounds: usize, pause: Duration, o: &Ours) -> (Vec<Sample>,
     (samples, memory)
 }
 
-fn llama(docs: &[Doc], rounds: usize, pause: Duration, bin: &str, model: &str, visit_warm: bool) -> Vec<Sample> {
+fn llama(docs: &[Doc], sched: &Schedule, bin: &str, model: &str, visit_warm: bool) -> Vec<Sample> {
     let threads = "2";
     let server = LlamaServer::launch(
         Path::new(bin),
@@ -274,8 +292,7 @@ fn llama(docs: &[Doc], rounds: usize, pause: Duration, bin: &str, model: &str, v
     let mut shown: Option<(usize, String)> = None;
     replay(
         docs,
-        rounds,
-        pause,
+        sched,
         |i, text, cursor, _line, _col| {
             // The same head start as ours: the window up to the cursor is sent
             // with n_predict 0 (as llama.vim warms the server in idle time), in
@@ -320,6 +337,8 @@ fn main() {
     let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
     let rounds: usize = flag("--rounds").and_then(|v| v.parse().ok()).unwrap_or(2);
     let pause = Duration::from_millis(flag("--pause-ms").and_then(|v| v.parse().ok()).unwrap_or(30));
+    let rest_every: usize = flag("--rest-every").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let sched = Schedule { rounds, pause, rest_every };
     // null: the server's default policy.
     let policy = flag("--policy");
     let only = flag("--only");
@@ -359,7 +378,7 @@ fn main() {
     let context_tokens: Option<u64> = flag("--context-tokens").and_then(|v| v.parse().ok());
     let o = Ours { policy: policy.as_deref(), visit_warm, context_tokens };
     if only.as_deref() != Some("llama") {
-        let (samples, memory) = ours(&docs, rounds, pause, &o);
+        let (samples, memory) = ours(&docs, &sched, &o);
         let mut s = stats(&samples);
         s["memory"] = memory;
         println!("ours ({}):   {s}", policy.as_deref().unwrap_or("default policy"));
@@ -367,7 +386,7 @@ fn main() {
     }
     if args.iter().any(|a| a == "--context-compare") {
         // The same session with project context off: the latency and memory it costs.
-        let (samples, memory) = ours(&docs, rounds, pause, &Ours { context_tokens: Some(0), ..o });
+        let (samples, memory) = ours(&docs, &sched, &Ours { context_tokens: Some(0), ..o });
         let mut s = stats(&samples);
         s["memory"] = memory;
         println!("ours, context off: {s}");
@@ -383,7 +402,7 @@ fn main() {
     if only.as_deref() != Some("ours") {
         let bin = flag("--llama-server").expect("--llama-server BIN");
         let model = flag("--model").expect("--model GGUF");
-        let s = stats(&llama(&docs, rounds, pause, &bin, &model, visit_warm));
+        let s = stats(&llama(&docs, &sched, &bin, &model, visit_warm));
         println!("llama.cpp: {s}");
         report.insert("llama_cpp".into(), s);
     }
@@ -396,6 +415,7 @@ fn main() {
     }
     report.insert("policy".into(), json!(policy));
     report.insert("rounds".into(), json!(rounds));
+    report.insert("rest_every".into(), json!(rest_every));
     println!("{}", Value::Object(report));
 }
 
