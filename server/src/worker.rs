@@ -570,10 +570,12 @@ impl Worker {
     /// How long until typing has paused for [`QUIET`], when warm-ups wait
     /// for it (`None`: none waits).
     fn until_quiet(&self) -> Option<Duration> {
-        if self.after_pause.is_empty() {
-            return None;
-        }
-        Some(self.last_typed.map_or(Duration::ZERO, |t| QUIET.saturating_sub(t.elapsed())))
+        (!self.after_pause.is_empty()).then(|| self.pause_left())
+    }
+
+    /// How much longer typing must pause to last [`QUIET`] (zero: it has).
+    fn pause_left(&self) -> Duration {
+        self.last_typed.map_or(Duration::ZERO, |t| QUIET.saturating_sub(t.elapsed()))
     }
 
     /// Typing paused: the warm-ups that waited for it go on.
@@ -870,7 +872,7 @@ impl Worker {
             return Warmed::Done;
         }
         let stale = settled && self.project.stale(uri, rope, cursor, budget);
-        let quiet = self.last_typed.is_none_or(|t| t.elapsed() >= QUIET);
+        let quiet = self.pause_left().is_zero();
         let settings = self.settings();
         let Ok((engine, doc)) = self.doc(uri) else { return Warmed::Done };
         if doc.session.prepare_local(engine, &mut doc.cache, rope, cursor, &settings).is_err() {
