@@ -38,6 +38,7 @@ use crate::config::{BackendConfig, Config};
 use crate::engine::adapter::Adapter;
 use crate::engine::document::DocumentCache;
 use crate::engine::generate::StopReason;
+use crate::engine::llama::Interrupted;
 use crate::engine::policy::AttentionPolicy;
 use crate::engine::Engine;
 use crate::models;
@@ -66,9 +67,10 @@ const WARM_CHUNK: usize = 64;
 const EVICTION_SLACK_LINES: u32 = 8;
 /// Latencies remembered for status.
 const LATENCY_HISTORY: usize = 32;
-/// Tokens prefilled per step of a staged cache ([`Staged`]): it fills only
-/// in pauses, and the first keystroke after one waits for the step under way
-/// (64 tokens at a 2,400-token window took ~80 ms on 2 cores; 16 ~20 ms).
+/// Tokens prefilled per step of a staged cache ([`Staged`]). It fills only
+/// in pauses, and a job arriving interrupts the step under way between two
+/// layers (the chunk's work is lost: 16 tokens at a 2,400-token window take
+/// ~20 ms on 2 cores, 64 ~80 ms).
 const STAGED_CHUNK: usize = 16;
 /// A pause in typing this long lets warm-up choose a document's project
 /// context again and fill a cache under it: work a keystroke arriving
@@ -873,6 +875,10 @@ impl Worker {
         }
         let stale = settled && self.project.stale(uri, rope, cursor, budget);
         let quiet = self.pause_left().is_zero();
+        // A staged fill gives way to any job that arrives (a keystroke's
+        // edit comes just before its completion request).
+        let waiting = self.shared.queue_depth.clone();
+        let job_waits = move || waiting.load(Ordering::SeqCst) > 0;
         let settings = self.settings();
         let Ok((engine, doc)) = self.doc(uri) else { return Warmed::Done };
         if doc.session.prepare_local(engine, &mut doc.cache, rope, cursor, &settings).is_err() {
@@ -898,9 +904,14 @@ impl Worker {
                 doc.staged = None;
                 return Warmed::Done;
             }
-            if let Err(e) = staged.cache.prefill(&engine.model, STAGED_CHUNK) {
-                doc.staged = None;
-                return self.warm_failed(uri, e);
+            match staged.cache.prefill_until(&engine.model, STAGED_CHUNK, &job_waits) {
+                Ok(_) => {}
+                // Taken up again after the job (when typing pauses again).
+                Err(e) if e.is::<Interrupted>() => return Warmed::More,
+                Err(e) => {
+                    doc.staged = None;
+                    return self.warm_failed(uri, e);
+                }
             }
             if staged.cache.pending() > 0 {
                 return Warmed::More;
@@ -1262,6 +1273,13 @@ mod tests {
             w.step();
             let filled = w.docs[&uri].staged.as_ref().unwrap().cache.kv().len();
             assert!(filled > 0 && w.docs[&uri].staged.as_ref().unwrap().cache.pending() > 0);
+            // A job sent and not yet taken up interrupts a staged step, which
+            // keeps nothing of it and is taken up again later.
+            w.shared.queue_depth.fetch_add(1, Ordering::SeqCst);
+            w.step();
+            assert_eq!(w.docs[&uri].staged.as_ref().unwrap().cache.kv().len(), filled, "the step gave way");
+            assert_eq!(w.warm.len(), 1, "and waits its turn");
+            w.shared.queue_depth.fetch_sub(1, Ordering::SeqCst);
 
             // A keystroke now: the cache in use needs less work, so it serves,
             // and the staged one waits for the next pause.

@@ -188,13 +188,22 @@ impl DocumentCache {
     /// Run up to `max_tokens` pending tokens through the model; returns how
     /// many ran.
     pub fn prefill(&mut self, model: &Llama, max_tokens: usize) -> Result<usize> {
+        self.prefill_until(model, max_tokens, &|| false)
+    }
+
+    /// [`DocumentCache::prefill`] that gives up as soon as `stop` answers
+    /// `true` (polled before each layer), with an
+    /// [`Interrupted`](super::llama::Interrupted) error and nothing of the
+    /// chunk kept.
+    pub fn prefill_until(&mut self, model: &Llama, max_tokens: usize, stop: &dyn Fn() -> bool) -> Result<usize> {
         let start = self.kv.len();
         let end = self.tokens.len().min(start + max_tokens.max(1));
         if start == end {
             return Ok(0);
         }
         let want = if end == self.tokens.len() { Logits::Last } else { Logits::None };
-        let logits = model.forward(&self.tokens[start..end], &self.anchors[start..end], &mut self.kv, want)?;
+        let logits =
+            model.forward_until(&self.tokens[start..end], &self.anchors[start..end], &mut self.kv, want, stop)?;
         if want == Logits::Last {
             self.last_logits = Some((end, logits));
         }
@@ -335,7 +344,9 @@ pub(crate) mod tests {
     use crate::engine::generate::{generate, GenerateParams};
     use crate::engine::kv_cache::KvPrecision;
     use crate::engine::llama::tests::tiny_config;
+    use crate::engine::llama::Interrupted;
     use crate::engine::policy::PolicyKind;
+    use std::cell::Cell;
 
     /// GPT-2's byte → printable-char map used by byte-level BPE vocabularies.
     fn byte_char(b: u8) -> char {
@@ -510,8 +521,7 @@ pub(crate) mod tests {
         let tok = test_tokenizer();
         let mut model = Llama::random(tiny_config(tok.vocab_size()), 11).unwrap();
         model.set_kv_precision(precision);
-        let mut full_recomputes = 0;
-        let mut local_updates = 0;
+        let (mut full_recomputes, mut local_updates, mut interrupted) = (0, 0, 0);
         for seed in 0..60u64 {
             let mut rng = Rng::new(seed);
             let policy = policies()[seed as usize % 5];
@@ -540,11 +550,26 @@ pub(crate) mod tests {
                         local_updates += 1
                     }
                 }
-                // Random chunking: sometimes nothing, sometimes a bit, sometimes all.
-                match rng.below(3) {
+                // Random chunking: sometimes nothing, sometimes a bit, sometimes
+                // a pass interrupted after a few layers, sometimes all.
+                match rng.below(4) {
                     0 => {}
                     1 => {
                         doc.prefill(&model, 1 + rng.below(9)).unwrap();
+                    }
+                    2 => {
+                        let (before, pending) = (doc.kv().len(), doc.pending());
+                        let (polls, layers) = (Cell::new(0), rng.below(model.config().n_layers));
+                        let stop = || {
+                            polls.set(polls.get() + 1);
+                            polls.get() > layers
+                        };
+                        match doc.prefill_until(&model, 1 + rng.below(30), &stop) {
+                            Err(e) => assert!(e.is::<Interrupted>() && pending > 0, "seed {seed}: {e:#}"),
+                            Ok(ran) => assert_eq!((ran, pending), (0, 0), "seed {seed}: only nothing to run runs"),
+                        }
+                        assert_eq!((doc.kv().len(), doc.pending()), (before, pending), "seed {seed}: nothing kept");
+                        interrupted += usize::from(pending > 0);
                     }
                     _ => while doc.prefill(&model, 1 + rng.below(30)).unwrap() > 0 {},
                 }
@@ -567,6 +592,7 @@ pub(crate) mod tests {
         }
         // Both update paths were exercised.
         assert!(full_recomputes > 0 && local_updates > 0, "{full_recomputes} {local_updates}");
+        assert!(interrupted > 0, "and interrupted passes");
     }
 
     #[test]

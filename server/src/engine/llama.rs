@@ -337,6 +337,19 @@ struct Block {
     down: Linear,
 }
 
+/// A forward pass stopped early by its caller ([`Llama::forward_until`]);
+/// `anyhow::Error::is::<Interrupted>()` tells it from a failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the forward pass was interrupted")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
 /// Which logits a forward pass returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
@@ -740,19 +753,40 @@ impl Llama {
     /// `cache` already holds, appending their K/V to it. On error the cache is
     /// left as it was.
     pub fn forward(&self, tokens: &[u32], anchors: &[bool], cache: &mut KvCache, want: Logits) -> Result<Vec<f32>> {
+        self.forward_until(tokens, anchors, cache, want, &|| false)
+    }
+
+    /// [`Llama::forward`], polling `stop` before each layer: when it answers
+    /// `true` the pass ends with an [`Interrupted`] error and the cache is
+    /// left as it was, so work nobody waits for yields within a layer's time.
+    pub fn forward_until(
+        &self,
+        tokens: &[u32],
+        anchors: &[bool],
+        cache: &mut KvCache,
+        want: Logits,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Vec<f32>> {
         assert_eq!(tokens.len(), anchors.len(), "one anchor flag per token");
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab) {
             bail!("token id {bad} is outside the vocabulary ({})", self.cfg.vocab);
         }
         let start = cache.len();
-        let result = self.forward_inner(tokens, anchors, cache, want);
+        let result = self.forward_inner(tokens, anchors, cache, want, stop);
         if result.is_err() {
             cache.truncate(start);
         }
         result
     }
 
-    fn forward_inner(&self, tokens: &[u32], anchors: &[bool], cache: &mut KvCache, want: Logits) -> Result<Vec<f32>> {
+    fn forward_inner(
+        &self,
+        tokens: &[u32],
+        anchors: &[bool],
+        cache: &mut KvCache,
+        want: Logits,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Vec<f32>> {
         let cfg = &self.cfg;
         let n = tokens.len();
         if n == 0 {
@@ -766,6 +800,9 @@ impl Llama {
 
         let mut x = self.embed_rows(tokens)?;
         for (l, b) in self.blocks.iter().enumerate() {
+            if stop() {
+                return Err(Interrupted.into());
+            }
             let hn = b.attn_norm.apply(&x, cfg.rms_eps);
             let [mut q, mut k, v] = three(Linear::forward_many(&[&b.wq, &b.wk, &b.wv], &hn, n)?);
             self.rope(&mut q, cfg.n_heads, &cos, &sin);
