@@ -27,8 +27,9 @@
 //!   keystroke that types the next character of the shown suggestion shows
 //!   the rest without a request (our server does the same, server-side).
 //!
-//! Prints p50/p95 of both (all keystrokes, and the first keystroke of each
-//! visit) and, last, one JSON object with the ratios (llama.cpp over ours).
+//! Prints p50/p95 of both (all keystrokes, the first keystroke of each
+//! visit, and the keystrokes that ran the model rather than typing through
+//! the suggestion shown) and, last, one JSON object with the ratios (llama.cpp over ours).
 //!
 //! `--context-compare` also runs ours with `completion.contextTokens` 0 (project context
 //! off; `--context-tokens N` sets ours' budget) and prints the latency ratios and the
@@ -89,10 +90,26 @@ fn window_start(text: &str, cursor: usize, previous: Option<usize>) -> usize {
     text[from..line_begin].find('\n').map_or(line_begin, |i| from + i + 1)
 }
 
-/// A keystroke's latency and whether it was the first of a visit.
+/// A keystroke's latency, whether it was the first of a visit, and whether
+/// it ran the model (it did not type through the suggestion shown).
 struct Sample {
     ms: f64,
     first: bool,
+    model: bool,
+}
+
+/// Whether typing `before` (all text before the cursor) answers from the
+/// suggestion `shown` (shown after `shown.0`) without the model: the server's
+/// rule (`completion::session::type_through`; the line after the cursor is
+/// empty here).
+fn types_through(shown: &Option<(String, String)>, before: &str) -> bool {
+    shown.as_ref().is_some_and(|(at, suggestion)| {
+        before
+            .strip_prefix(at.as_str())
+            .filter(|t| !t.is_empty())
+            .and_then(|t| suggestion.strip_prefix(t))
+            .is_some_and(|rest| !rest.trim().is_empty())
+    })
 }
 
 /// When the user types and rests.
@@ -122,6 +139,8 @@ fn replay(
     let (rounds, pause) = (sched.rounds, sched.pause);
     let mut texts: Vec<String> = docs.iter().map(|d| d.initial_text(rounds)).collect();
     let mut samples = Vec::new();
+    // The suggestion last shown after running the model, per document.
+    let mut shown: Vec<Option<(String, String)>> = vec![None; docs.len()];
     for k in 0..rounds {
         for (i, d) in docs.iter().enumerate() {
             // Moving to the file: a longer pause, then a new line opened where
@@ -147,8 +166,13 @@ fn replay(
                     continue;
                 }
                 let t = Instant::now();
-                let _ = complete(i, &texts[i], cursor, line, col);
-                samples.push(Sample { ms: t.elapsed().as_secs_f64() * 1000.0, first: n == indent });
+                let suggestion = complete(i, &texts[i], cursor, line, col);
+                let ms = t.elapsed().as_secs_f64() * 1000.0;
+                let model = !types_through(&shown[i], &texts[i][..cursor]);
+                if model {
+                    shown[i] = (!suggestion.is_empty()).then(|| (texts[i][..cursor].to_string(), suggestion));
+                }
+                samples.push(Sample { ms, first: n == indent, model });
                 std::thread::sleep(pause);
                 let typed_here = n + 1 - indent;
                 if sched.rest_every > 0 && typed_here % sched.rest_every == 0 && n + 1 < typed.chars().count() {
@@ -181,8 +205,11 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
 fn stats(samples: &[Sample]) -> Value {
     let all: Vec<f64> = samples.iter().map(|s| s.ms).collect();
     let first: Vec<f64> = samples.iter().filter(|s| s.first).map(|s| s.ms).collect();
+    let model: Vec<f64> = samples.iter().filter(|s| s.model).map(|s| s.ms).collect();
     json!({
         "requests": all.len(), "p50_ms": percentile(all.clone(), 0.5), "p95_ms": percentile(all, 0.95),
+        "model_requests": model.len(), "model_p50_ms": percentile(model.clone(), 0.5),
+        "model_p95_ms": percentile(model, 0.95),
         "first_keystroke_p50_ms": percentile(first.clone(), 0.5), "first_keystroke_max_ms": percentile(first, 1.0),
     })
 }
@@ -391,7 +418,7 @@ fn main() {
         s["memory"] = memory;
         println!("ours, context off: {s}");
         if let Some(on) = report.get("ours").cloned() {
-            for k in ["p50_ms", "p95_ms"] {
+            for k in ["p50_ms", "p95_ms", "model_p50_ms", "model_p95_ms"] {
                 let ratio = on[k].as_f64().unwrap() / s[k].as_f64().unwrap();
                 println!("{k}: context on / off = {ratio:.2}x");
                 report.insert(format!("{k}_ratio_context_on_over_off"), json!(ratio));
@@ -422,6 +449,17 @@ fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn typing_the_shown_suggestion_needs_no_model() {
+        let shown = Some(("x = ".to_string(), "foo(1)".to_string()));
+        assert!(types_through(&shown, "x = f"));
+        assert!(types_through(&shown, "x = foo("));
+        assert!(!types_through(&shown, "x = "), "nothing typed");
+        assert!(!types_through(&shown, "x = g"), "typed something else");
+        assert!(!types_through(&shown, "x = foo(1)"), "nothing left to show");
+        assert!(!types_through(&None, "x = f"));
+    }
 
     #[test]
     fn window_start_mirrors_the_server_plan() {
