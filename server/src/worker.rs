@@ -510,7 +510,8 @@ struct Worker {
     warm: VecDeque<(String, Rope, usize)>,
     /// Warm-ups left with project-context work only, until typing pauses.
     after_pause: VecDeque<(String, Rope, usize)>,
-    /// When the user last typed (a completion request or an edit).
+    /// When the user last typed (a completion request or an edit), or a
+    /// suggestion was last answered: a pause counts from the later.
     last_typed: Option<Instant>,
     /// The document whose cursor the editor reported last: warmed first.
     focused: Option<String>,
@@ -804,6 +805,9 @@ impl Worker {
         }
         let cursor = job.cursor.min(job.rope.len_bytes());
         let result = self.complete_inner(&job.uri, &job.rope, cursor, &job.cancel, job.received);
+        // A slow answer is no pause: the user waited for it, and types on
+        // once it shows.
+        self.last_typed = Some(Instant::now());
         if let Ok(c) = &result {
             self.shared.record_latency(c.latency_ms);
         }
@@ -1178,6 +1182,21 @@ mod tests {
             assert_eq!(w.docs["file:///long.py"].cache.pending(), pending, "the warm-up waited");
             warm_up(w);
             assert_eq!(w.docs["file:///long.py"].cache.pending(), 0, "and then finished");
+        }
+
+        #[test]
+        fn a_pause_counts_from_the_answer_not_from_a_slow_request() {
+            let mut h = harness();
+            let w = &mut h.worker;
+            let (job, mut answer) = complete("file:///a.py", &text(1, 5));
+            let Job::Complete(mut job) = job else { unreachable!() };
+            // Sent long ago: the model was busy, or the prompt long.
+            job.received = Instant::now().checked_sub(QUIET * 4).unwrap();
+            accept(w, Job::Complete(job));
+            assert!(w.pause_left().is_zero(), "the request alone is long past");
+            w.step();
+            assert!(answer.try_recv().unwrap().is_ok());
+            assert!(!w.pause_left().is_zero(), "the user saw the answer just now and types on");
         }
 
         #[test]
