@@ -8,6 +8,10 @@
 #
 # Builds both release binaries and llama.cpp (tests/bench/build-llamacpp.sh)
 # if missing; RT=1 runs everything under `chrt -r 1` as run-bench.sh does.
+# Under RT=1 the servers' threads are SCHED_RR too: while the model threads
+# work in a pause (our staged project context), the LSP thread that reads the
+# next keystroke waits for their round-robin quantum (100 ms), which a plain
+# run does not. Compare context on and off (`--context-compare`) without RT.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"

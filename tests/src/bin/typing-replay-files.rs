@@ -33,9 +33,10 @@
 //!
 //! `--context-compare` also runs ours with `completion.contextTokens` 0 (project context
 //! off; `--context-tokens N` sets ours' budget) and prints the latency ratios and the
-//! K/V bytes per document of both.
+//! K/V bytes per document of both. `--samples DIR` writes each run's keystrokes
+//! (`ms first model`, one per line) to `DIR/ours.txt`, `DIR/ours-context-off.txt` and `DIR/llama-cpp.txt`.
 //!
-//! `typing-replay-files --llama-server BIN --model GGUF [--rounds 2] [--policy window|anchor|full] [--pause-ms 30] [--rest-every N] [--only ours|llama] [--no-visit-warm] [--context-tokens N] [--context-compare]`
+//! `typing-replay-files --llama-server BIN --model GGUF [--rounds 2] [--policy window|anchor|full] [--pause-ms 30] [--rest-every N] [--only ours|llama] [--no-visit-warm] [--context-tokens N] [--context-compare] [--samples DIR]`
 //! (ANCHORCODER_BIN picks our binary; tests/bench/typing-files.sh runs it).
 
 use std::path::Path;
@@ -200,6 +201,15 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     }
     v.sort_by(f64::total_cmp);
     v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Write one line per keystroke (`ms first model`) to `dir/name.txt`, for
+/// reading beside the server log's completion lines (same order).
+fn save_samples(dir: Option<&str>, name: &str, samples: &[Sample]) {
+    let Some(dir) = dir else { return };
+    let lines: String = samples.iter().map(|s| format!("{:.1} {} {}\n", s.ms, s.first, s.model)).collect();
+    let path = Path::new(dir).join(format!("{name}.txt"));
+    std::fs::create_dir_all(dir).and_then(|_| std::fs::write(&path, lines)).expect("cannot write the samples");
 }
 
 fn stats(samples: &[Sample]) -> Value {
@@ -403,9 +413,11 @@ fn main() {
 
     let mut report = serde_json::Map::new();
     let context_tokens: Option<u64> = flag("--context-tokens").and_then(|v| v.parse().ok());
+    let samples_dir = flag("--samples");
     let o = Ours { policy: policy.as_deref(), visit_warm, context_tokens };
     if only.as_deref() != Some("llama") {
         let (samples, memory) = ours(&docs, &sched, &o);
+        save_samples(samples_dir.as_deref(), "ours", &samples);
         let mut s = stats(&samples);
         s["memory"] = memory;
         println!("ours ({}):   {s}", policy.as_deref().unwrap_or("default policy"));
@@ -414,6 +426,7 @@ fn main() {
     if args.iter().any(|a| a == "--context-compare") {
         // The same session with project context off: the latency and memory it costs.
         let (samples, memory) = ours(&docs, &sched, &Ours { context_tokens: Some(0), ..o });
+        save_samples(samples_dir.as_deref(), "ours-context-off", &samples);
         let mut s = stats(&samples);
         s["memory"] = memory;
         println!("ours, context off: {s}");
@@ -429,7 +442,9 @@ fn main() {
     if only.as_deref() != Some("ours") {
         let bin = flag("--llama-server").expect("--llama-server BIN");
         let model = flag("--model").expect("--model GGUF");
-        let s = stats(&llama(&docs, &sched, &bin, &model, visit_warm));
+        let samples = llama(&docs, &sched, &bin, &model, visit_warm);
+        save_samples(samples_dir.as_deref(), "llama-cpp", &samples);
+        let s = stats(&samples);
         println!("llama.cpp: {s}");
         report.insert("llama_cpp".into(), s);
     }
