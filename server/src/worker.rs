@@ -76,7 +76,7 @@ const STAGED_CHUNK: usize = 16;
 /// context again and fill a cache under it: work a keystroke arriving
 /// meanwhile could wait for, one [`STAGED_CHUNK`] at a time. Typing runs at a
 /// keystroke every 100–300 ms; the editors report a resting cursor after 250 ms.
-const QUIET: Duration = Duration::from_millis(500);
+pub(crate) const QUIET: Duration = Duration::from_millis(500);
 
 /// A completion request.
 pub struct CompleteJob {
@@ -330,10 +330,10 @@ impl WorkerHandle {
             // The remote engine caches its own prompts; warming there is
             // choosing the document's project context (it reads files: off
             // this thread).
-            Job::Warm { uri, rope, cursor, .. } if self.shared.route().is_some() => {
+            Job::Warm { uri, rope, cursor, focus } if self.shared.route().is_some() => {
                 if let Some(route) = self.shared.route() {
                     let budget = lock(&self.config).completion.context_tokens;
-                    self.rt.spawn_blocking(move || route.warm(&uri, &rope, cursor, budget));
+                    route.warm(&self.rt, (uri, rope, cursor), focus, budget);
                 }
                 return;
             }

@@ -15,9 +15,11 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ropey::Rope;
 use serde_json::{json, Value};
+use tokio::runtime::Handle;
 use tokio::sync::Notify;
 
 use super::{Reachability, Remote, RemoteError, RemoteRequest};
@@ -26,7 +28,7 @@ use crate::config::Config;
 use crate::context::Chunk;
 use crate::engine::document::line_start;
 use crate::project::Project;
-use crate::worker::{CompleteJob, Completed, CompletionError, Job, WorkerHandle};
+use crate::worker::{CompleteJob, Completed, CompletionError, Job, WorkerHandle, QUIET};
 
 /// The remote engine of the `backend` settings, and the documents it serves.
 pub(crate) struct RemoteRoute {
@@ -36,6 +38,9 @@ pub(crate) struct RemoteRoute {
     /// Open documents, roots and recent lines: what project context is
     /// chosen from (the same rules as the local model's, in the worker).
     project: Mutex<Project>,
+    /// When the user last typed (an edit or a completion request): a
+    /// document's context is chosen again only once typing has paused.
+    last_typed: Mutex<Option<Instant>>,
 }
 
 #[derive(Default)]
@@ -49,6 +54,8 @@ struct RemoteDoc {
     /// Whether `context` was chosen here (the project's record may be the
     /// local model's, for the same document).
     context_chosen: bool,
+    /// Counts warm-ups: only the newest one waiting for a pause chooses.
+    warm_turn: u64,
 }
 
 /// A document's project context, ready for requests.
@@ -98,6 +105,7 @@ impl RemoteRoute {
             docs: Mutex::default(),
             counts: Mutex::default(),
             project: Mutex::new(project),
+            last_typed: Mutex::default(),
         }
     }
 
@@ -106,14 +114,60 @@ impl RemoteRoute {
         lock(&self.project).set_roots(roots);
     }
 
-    /// The user opened, edited or rests in `uri` (text `rope`, at byte
-    /// `cursor`): remember it, and choose the document's project context
-    /// again if what it depends on changed (`budget` tokens; 0: none). Called
-    /// in idle time, never on a completion request: a request uses the
-    /// context chosen last. Reads imported files: run it off the LSP thread.
-    pub(crate) fn warm(&self, uri: &str, rope: &Rope, cursor: usize, budget: usize) {
+    /// The user opened or edited `uri` (text `rope`, at byte `cursor`), or
+    /// rests there (`focus`): remember it, and choose the document's project
+    /// context (`budget` tokens; 0: none) on `rt`, off the LSP thread (it
+    /// reads imported files). A document without one chooses at once; one
+    /// with a context chooses again, if what it depends on changed, only once
+    /// typing has paused for [`QUIET`], as the local worker does: a new
+    /// context changes the prompt's first tokens, so the engine's prompt cache
+    /// misses once, which the user should not pay for while typing. A request
+    /// always uses the context chosen last.
+    pub(crate) fn warm(self: &Arc<Self>, rt: &Handle, job: (String, Rope, usize), focus: bool, budget: usize) {
+        let (uri, rope, cursor) = job;
+        lock(&self.project).saw(&uri, &rope, cursor);
+        if !focus {
+            self.typed();
+        }
+        let turn = {
+            let mut docs = lock(&self.docs);
+            let doc = docs.entry(uri.clone()).or_default();
+            doc.warm_turn += 1;
+            doc.warm_turn
+        };
+        let route = self.clone();
+        rt.spawn(async move {
+            loop {
+                let left = route.pause_left(&uri);
+                if left.is_zero() {
+                    break;
+                }
+                tokio::time::sleep(left).await;
+            }
+            // A newer warm-up of the document, with newer text, chooses instead.
+            if lock(&route.docs).get(&uri).is_some_and(|d| d.warm_turn == turn) {
+                let _ = tokio::task::spawn_blocking(move || route.choose(&uri, &rope, cursor, budget)).await;
+            }
+        });
+    }
+
+    /// The user typed: a pause starts now.
+    fn typed(&self) {
+        *lock(&self.last_typed) = Some(Instant::now());
+    }
+
+    /// How much longer typing must pause before `uri` may choose its context
+    /// again (zero: it may; at once for a document without one).
+    fn pause_left(&self, uri: &str) -> Duration {
+        if !lock(&self.docs).get(uri).is_some_and(|d| d.context_chosen) {
+            return Duration::ZERO;
+        }
+        lock(&self.last_typed).map_or(Duration::ZERO, |t| QUIET.saturating_sub(t.elapsed()))
+    }
+
+    /// Choose `uri`'s project context again if what it depends on changed.
+    fn choose(&self, uri: &str, rope: &Rope, cursor: usize, budget: usize) {
         let mut project = lock(&self.project);
-        project.saw(uri, rope, cursor);
         let chosen_here = lock(&self.docs).get(uri).is_some_and(|d| d.context_chosen);
         if chosen_here && !project.stale(uri, rope, cursor, budget) {
             return;
@@ -147,6 +201,7 @@ impl RemoteRoute {
     /// Start serving `job` on the runtime; stops the document's older request.
     pub(crate) fn complete(self: Arc<Self>, job: CompleteJob, worker: WorkerHandle) {
         let stop = Arc::new(Notify::new());
+        self.typed();
         lock(&self.project).saw(&job.uri, &job.rope, job.cursor);
         let (session, context) = {
             let mut docs = lock(&self.docs);
@@ -357,6 +412,67 @@ fn remote_request(region: &str, at: usize, p: &Prompt, s: &Settings, heal: Optio
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{BackendConfig, BackendKind};
+
+    /// The files of `uri`'s context, as the status shows them.
+    fn context_files(route: &RemoteRoute, uri: &str) -> Vec<String> {
+        lock(&route.docs).get(uri).map(|d| d.context.files.iter().map(|(p, _)| p.clone()).collect()).unwrap_or_default()
+    }
+
+    /// Wait (up to 5 s) until `uri`'s context files are `want`; what they were last.
+    async fn settles_on(route: &RemoteRoute, uri: &str, want: &[&str]) -> Vec<String> {
+        for _ in 0..100 {
+            if context_files(route, uri) == want {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        context_files(route, uri)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_remote_document_chooses_its_context_again_only_once_typing_pauses() {
+        let dir = std::env::temp_dir().join(format!("anchorcoder-route-ctx-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (path, text) in [
+            ("geometry/__init__.py", ""),
+            ("geometry/shapes.py", "import math\n\n\ndef area_of_circle(radius):\n    return math.pi * radius ** 2\n"),
+            ("billing/__init__.py", ""),
+            ("billing/money.py", "def format_price(cents):\n    return f\"${cents / 100:.2f}\"\n"),
+        ] {
+            std::fs::create_dir_all(dir.join(path).parent().unwrap()).unwrap();
+            std::fs::write(dir.join(path), text).unwrap();
+        }
+        let config = BackendConfig {
+            kind: BackendKind::LlamaCpp,
+            url: Some("http://127.0.0.1:9".into()),
+            ..BackendConfig::default()
+        };
+        let route = Arc::new(RemoteRoute::new(Remote::new(&config, Arc::new(|_| {})), vec![dir.clone()]));
+        let rt = Handle::current();
+        let uri = format!("file://{}/app.py", dir.display());
+        // Each function far from the other: the text near the cursor names one.
+        let filler: String = (0..60).map(|i| format!("STEP_{i} = {i}\n")).collect();
+        let report = "def report(r):\n    return geometry.shapes.area_of_circle(r)\n";
+        let bill = "def bill(amount):\n    return billing.money.format_price(amount)\n";
+        let text = format!("import geometry.shapes\nimport billing.money\n\n\n{report}\n\n{filler}\n\n{bill}");
+        let rope = Rope::from_str(&text);
+        let in_bill = text.len();
+        let in_report = text.find("    return geometry").unwrap();
+        // Opened: the first context is chosen at once (the budget, 40 tokens, holds one file).
+        route.warm(&rt, (uri.clone(), rope.clone(), in_bill), false, 40);
+        assert_eq!(settles_on(&route, &uri, &["billing/money.py"]).await, ["billing/money.py"]);
+        // Typing in the other function: the context stays while the user types…
+        for _ in 0..4 {
+            route.warm(&rt, (uri.clone(), rope.clone(), in_report), false, 40);
+            tokio::time::sleep(QUIET / 5).await;
+            assert_eq!(context_files(&route, &uri), ["billing/money.py"], "chosen again while typing");
+        }
+        // …and follows the cursor once typing pauses.
+        assert_eq!(settles_on(&route, &uri, &["geometry/shapes.py"]).await, ["geometry/shapes.py"]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn remote_prompts_put_the_typed_line_last_and_heal_only_whitespace() {
