@@ -19,7 +19,9 @@
 //! engine; the thread then loads the local model only when `fallbackToLocal`
 //! needs it.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -35,6 +37,7 @@ use crate::backend::route::RemoteRoute;
 use crate::backend::{Notice, Remote};
 use crate::completion::{self, Session, Settings};
 use crate::config::{BackendConfig, Config};
+use crate::context::Chunk;
 use crate::engine::adapter::Adapter;
 use crate::engine::document::DocumentCache;
 use crate::engine::generate::StopReason;
@@ -519,6 +522,41 @@ struct Worker {
     busy: bool,
     /// Open documents, roots and recent lines: what project context is chosen from.
     project: Project,
+    /// Token counts of the chunks choices considered, for the loaded model.
+    chunk_tokens: ChunkTokens,
+}
+
+/// Token counts of project-context chunks, kept between choices: one
+/// document's choices consider mostly the same chunks, and tokenizing them
+/// was about half of a choice's 10–20 ms, run in one step a keystroke may
+/// wait for. Valid for one model's tokenizer (cleared when one loads).
+#[derive(Default)]
+struct ChunkTokens(RefCell<HashMap<u64, usize>>);
+
+impl ChunkTokens {
+    /// Counts kept at most (a few hundred KiB); all are dropped beyond.
+    const MAX: usize = 1 << 14;
+
+    /// [`completion::chunk_tokens`], remembered by the chunk's path and text.
+    fn count(&self, engine: &Engine, c: &Chunk) -> usize {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (&c.path, &c.text).hash(&mut h);
+        let key = h.finish();
+        if let Some(&n) = self.0.borrow().get(&key) {
+            return n;
+        }
+        let n = completion::chunk_tokens(engine, c);
+        let mut counts = self.0.borrow_mut();
+        if counts.len() >= Self::MAX {
+            counts.clear();
+        }
+        counts.insert(key, n);
+        n
+    }
+
+    fn clear(&self) {
+        self.0.borrow_mut().clear();
+    }
 }
 
 impl Worker {
@@ -540,6 +578,7 @@ impl Worker {
             focused: None,
             busy: false,
             project: Project::default(),
+            chunk_tokens: ChunkTokens::default(),
         }
     }
 
@@ -750,6 +789,7 @@ impl Worker {
         match loaded {
             Ok(engine) => {
                 self.engine = Some(engine);
+                self.chunk_tokens.clear();
                 self.model_state = ModelState::Ready;
                 self.model_error = None;
                 self.progress(format!("model ready ({:.1}s)", t0.elapsed().as_secs_f64()), Some(100), true);
@@ -947,7 +987,8 @@ impl Worker {
             return;
         }
         let started = Instant::now();
-        let chosen = self.project.choose(uri, rope, cursor, budget, &|c| completion::chunk_tokens(engine, c));
+        let counts = &self.chunk_tokens;
+        let chosen = self.project.choose(uri, rope, cursor, budget, &|c| counts.count(engine, c));
         let tokens = match completion::context_tokens(engine, &chosen.set, chosen.shown_path.as_deref()) {
             Ok(tokens) => tokens,
             Err(e) => {
@@ -1182,6 +1223,28 @@ mod tests {
             assert_eq!(w.docs["file:///long.py"].cache.pending(), pending, "the warm-up waited");
             warm_up(w);
             assert_eq!(w.docs["file:///long.py"].cache.pending(), 0, "and then finished");
+        }
+
+        #[test]
+        fn chunk_token_counts_are_the_tokenizers_and_remembered() {
+            let h = harness();
+            let engine = h.worker.engine.as_ref().unwrap();
+            let counts = ChunkTokens::default();
+            let chunk = |path: &str, text: &str| Chunk {
+                path: path.into(),
+                line: 0,
+                text: text.into(),
+                source: crate::context::Source::Import,
+            };
+            let a = chunk("pkg/a.py", "def area(r):\n    return r * r\n");
+            let b = chunk("pkg/b.py", "def area(r):\n    return r * r\n");
+            let c = chunk("pkg/a.py", "def area_of_circle(radius):\n    return 3.14 * radius * radius\n");
+            for x in [&a, &b, &c, &a, &c] {
+                assert_eq!(counts.count(engine, x), completion::chunk_tokens(engine, x), "{x:?}");
+            }
+            assert_eq!(counts.0.borrow().len(), 3, "each chunk (path and text) counted once");
+            counts.clear();
+            assert!(counts.0.borrow().is_empty());
         }
 
         #[test]
