@@ -258,7 +258,12 @@ fn the_context_follows_the_cursor_to_another_function_once_typing_pauses() {
         "anchorcoder/didMoveCursor",
         json!({"textDocument": {"uri": uri}, "position": {"line": line, "character": 4}}),
     );
-    wait_idle(&mut s);
+    // Polled, not one wait for an idle worker: a status taken between the
+    // worker taking up the job and publishing its next snapshot reads idle.
+    let deadline = std::time::Instant::now() + LONG;
+    while files(&mut s) != ["geometry/shapes.py"] && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert_eq!(files(&mut s), ["geometry/shapes.py"]);
     let st = s.status();
     assert_eq!(st["documents"][0]["pendingTokens"], 0, "filled before it replaced the cache in use: {st}");
