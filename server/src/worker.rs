@@ -81,6 +81,13 @@ const STAGED_CHUNK: usize = 16;
 /// keystroke every 100–300 ms; the editors report a resting cursor after 250 ms.
 pub(crate) const QUIET: Duration = Duration::from_millis(500);
 
+/// How much longer typing must pause, after it last happened at
+/// `last_typed`, to last [`QUIET`] (zero: it has). The one rule of a pause,
+/// for the worker and the remote route.
+pub(crate) fn pause_left(last_typed: Option<Instant>) -> Duration {
+    last_typed.map_or(Duration::ZERO, |t| QUIET.saturating_sub(t.elapsed()))
+}
+
 /// A completion request.
 pub struct CompleteJob {
     /// The document.
@@ -617,7 +624,7 @@ impl Worker {
 
     /// How much longer typing must pause to last [`QUIET`] (zero: it has).
     fn pause_left(&self) -> Duration {
-        self.last_typed.map_or(Duration::ZERO, |t| QUIET.saturating_sub(t.elapsed()))
+        pause_left(self.last_typed)
     }
 
     /// Typing paused: the warm-ups that waited for it go on.

@@ -28,7 +28,7 @@ use crate::config::Config;
 use crate::context::Chunk;
 use crate::engine::document::line_start;
 use crate::project::Project;
-use crate::worker::{CompleteJob, Completed, CompletionError, Job, WorkerHandle, QUIET};
+use crate::worker::{pause_left, CompleteJob, Completed, CompletionError, Job, WorkerHandle};
 
 /// The remote engine of the `backend` settings, and the documents it serves.
 pub(crate) struct RemoteRoute {
@@ -119,7 +119,7 @@ impl RemoteRoute {
     /// context (`budget` tokens; 0: none) on `rt`, off the LSP thread (it
     /// reads imported files). A document without one chooses at once; one
     /// with a context chooses again, if what it depends on changed, only once
-    /// typing has paused for [`QUIET`], as the local worker does: a new
+    /// typing has paused for [`QUIET`](crate::worker::QUIET), as the local worker does: a new
     /// context changes the prompt's first tokens, so the engine's prompt cache
     /// misses once, which the user should not pay for while typing. A request
     /// always uses the context chosen last.
@@ -162,7 +162,7 @@ impl RemoteRoute {
         if !lock(&self.docs).get(uri).is_some_and(|d| d.context_chosen) {
             return Duration::ZERO;
         }
-        lock(&self.last_typed).map_or(Duration::ZERO, |t| QUIET.saturating_sub(t.elapsed()))
+        pause_left(*lock(&self.last_typed))
     }
 
     /// Choose `uri`'s project context again if what it depends on changed.
@@ -413,6 +413,7 @@ fn remote_request(region: &str, at: usize, p: &Prompt, s: &Settings, heal: Optio
 mod tests {
     use super::*;
     use crate::config::{BackendConfig, BackendKind};
+    use crate::worker::QUIET;
 
     /// The files of `uri`'s context, as the status shows them.
     fn context_files(route: &RemoteRoute, uri: &str) -> Vec<String> {
