@@ -474,51 +474,157 @@ mod f16k {
         }
     }
 
-    // SAFETY (all four kernels): the caller checked the bounds above, so
+    // SAFETY (all the kernels below): the caller checked the bounds above, so
     // every load and store stays inside `k`/`v`, `qs`, `s` and `p`.
 
+    /// Four rows at a time where their `4·G` sums fit in registers (`G` ≤ 4),
+    /// so that four sums are reduced together ([`sum4_512`]); the rest one
+    /// row at a time. Masked rows get −∞ (read with the others unless all
+    /// four are masked).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn scores_512<const G: usize>(k: &[f16], r: Rows, qs: &[f32], scale: f32, bias: &[f32], s: &mut [f32]) {
-        use std::arch::x86_64::*;
-        for (i, row) in (r.a..r.b).enumerate() {
-            let b = bias[row];
-            if b == f32::NEG_INFINITY {
-                (0..G).for_each(|g| s[g * r.stride + i] = f32::NEG_INFINITY);
-                continue;
+        let mut row = r.a;
+        if G <= 4 {
+            while row + 4 <= r.b {
+                row = scores_rows_512::<G, 4>(k, r, qs, scale, bias, s, row);
             }
-            let kp = k.as_ptr().add(row * r.kv_dim + r.off) as *const __m256i;
-            let mut acc = [_mm512_setzero_ps(); G];
-            for c in 0..r.hd / 16 {
-                let x = _mm512_cvtph_ps(_mm256_loadu_si256(kp.add(c)));
-                for (g, acc) in acc.iter_mut().enumerate() {
-                    *acc = _mm512_fmadd_ps(_mm512_loadu_ps(qs.as_ptr().add(g * r.hd + c * 16)), x, *acc);
-                }
-            }
-            for (g, acc) in acc.iter().enumerate() {
-                s[g * r.stride + i] = _mm512_reduce_add_ps(*acc) * scale + b;
-            }
+        }
+        while row < r.b {
+            row = scores_rows_512::<G, 1>(k, r, qs, scale, bias, s, row);
         }
     }
 
+    /// [`scores_512`] for rows `row..row + R` (`R` is 1 or 4); returns `row + R`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn scores_rows_512<const G: usize, const R: usize>(
+        k: &[f16],
+        r: Rows,
+        qs: &[f32],
+        scale: f32,
+        bias: &[f32],
+        s: &mut [f32],
+        row: usize,
+    ) -> usize {
+        use std::arch::x86_64::*;
+        assert!(row >= r.a && row + R <= r.b && (R == 1 || R == 4));
+        // Evicted rows wait for compaction masked, in runs: not read.
+        if bias[row..row + R].iter().all(|&b| b == f32::NEG_INFINITY) {
+            for g in 0..G {
+                s[g * r.stride + row - r.a..][..R].fill(f32::NEG_INFINITY);
+            }
+            return row + R;
+        }
+        let kp: [*const __m256i; R] =
+            std::array::from_fn(|j| k.as_ptr().add((row + j) * r.kv_dim + r.off) as *const __m256i);
+        let mut acc = [[_mm512_setzero_ps(); R]; G];
+        for c in 0..r.hd / 16 {
+            let x: [__m512; R] = std::array::from_fn(|j| _mm512_cvtph_ps(_mm256_loadu_si256(kp[j].add(c))));
+            for (g, acc) in acc.iter_mut().enumerate() {
+                let q = _mm512_loadu_ps(qs.as_ptr().add(g * r.hd + c * 16));
+                for (acc, x) in acc.iter_mut().zip(&x) {
+                    *acc = _mm512_fmadd_ps(q, *x, *acc);
+                }
+            }
+        }
+        for (g, acc) in acc.iter().enumerate() {
+            let sums: [f32; R] = if R == 4 {
+                let mut four = [0f32; 4];
+                _mm_storeu_ps(four.as_mut_ptr(), sum4_512(std::array::from_fn(|j| acc[j % R])));
+                std::array::from_fn(|j| four[j])
+            } else {
+                std::array::from_fn(|j| _mm512_reduce_add_ps(acc[j]))
+            };
+            for (j, sum) in sums.into_iter().enumerate() {
+                let (b, i) = (bias[row + j], row + j - r.a);
+                s[g * r.stride + i] = if b == f32::NEG_INFINITY { f32::NEG_INFINITY } else { sum * scale + b };
+            }
+        }
+        row + R
+    }
+
+    /// The sums of four registers' 16 floats each, as the four lanes of one
+    /// (about a third of the shuffles and adds of four separate reductions).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn sum4_512(a: [std::arch::x86_64::__m512; 4]) -> std::arch::x86_64::__m128 {
+        use std::arch::x86_64::*;
+        // Per 128-bit lane `[x0 x1 x2 x3]` of each register:
+        // t0 = [a02 b02 a13 b13] (a = a[0], b = a[1], a02 = x0 + x2 of a), t1 likewise
+        // for a[2], a[3]; pairs of them then give [a, b, c, d] partial sums.
+        let t0 = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
+        let t1 = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
+        let (t0, t1) = (_mm512_castps_pd(t0), _mm512_castps_pd(t1));
+        let u =
+            _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(t0, t1)), _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t1)));
+        // Then the four 128-bit lanes are added.
+        let h = _mm256_add_ps(
+            _mm512_castps512_ps256(u),
+            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(u))),
+        );
+        _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h))
+    }
+
+    /// Like [`values_256`]: the output is summed in passes of `N` runs of 16
+    /// columns (`N·G` sums of at most 24 of AVX-512's 32 registers) kept in
+    /// registers over all the rows and added to `p` once. Adding each row's
+    /// share to `p` in memory instead chains every row's loads and stores
+    /// (and `p`'s sums start 8 bytes into a line, so each store splits two).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn values_512<const G: usize>(v: &[f16], r: Rows, s: &[f32], p: &mut [f32]) {
+        let runs = r.hd / 16;
+        // Runs per pass: the most of 8, 4, 2 whose sums fit, then one at a time.
+        let n = [8, 4, 2].into_iter().find(|&n| n <= runs && G * n <= 24).unwrap_or(1);
+        let mut c0 = 0;
+        while c0 + n <= runs && n > 1 {
+            c0 = match n {
+                8 => values_pass_512::<G, 8>(v, r, s, p, c0),
+                4 => values_pass_512::<G, 4>(v, r, s, p, c0),
+                _ => values_pass_512::<G, 2>(v, r, s, p, c0),
+            };
+        }
+        while c0 < runs {
+            c0 = values_pass_512::<G, 1>(v, r, s, p, c0);
+        }
+    }
+
+    /// One pass of [`values_512`]: runs `c0..c0 + N`; returns `c0 + N`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::needless_range_loop)] // [head][run] indices read as the layout
+    unsafe fn values_pass_512<const G: usize, const N: usize>(
+        v: &[f16],
+        r: Rows,
+        s: &[f32],
+        p: &mut [f32],
+        c0: usize,
+    ) -> usize {
         use std::arch::x86_64::*;
+        assert!((c0 + N) * 16 <= r.hd);
+        let mut acc = [[_mm512_setzero_ps(); N]; G];
         for (i, row) in (r.a..r.b).enumerate() {
             let w: [f32; G] = std::array::from_fn(|g| s[g * r.stride + i]);
             if w.iter().all(|&w| w == 0.0) {
                 continue;
             }
-            let vp = v.as_ptr().add(row * r.kv_dim + r.off) as *const __m256i;
-            for c in 0..r.hd / 16 {
+            let vp = (v.as_ptr().add(row * r.kv_dim + r.off) as *const __m256i).add(c0);
+            for c in 0..N {
                 let x = _mm512_cvtph_ps(_mm256_loadu_si256(vp.add(c)));
-                for (g, &w) in w.iter().enumerate() {
-                    let o = p.as_mut_ptr().add(g * (r.hd + 2) + 2 + c * 16);
-                    _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_set1_ps(w), x, _mm512_loadu_ps(o)));
+                for g in 0..G {
+                    acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(w[g]), x, acc[g][c]);
                 }
             }
         }
+        for (g, acc) in acc.iter().enumerate() {
+            for (c, acc) in acc.iter().enumerate() {
+                let o = p.as_mut_ptr().add(g * (r.hd + 2) + 2 + (c0 + c) * 16);
+                _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), *acc));
+            }
+        }
+        c0 + N
     }
 
     /// Sum of a register's 8 floats.
@@ -904,7 +1010,17 @@ mod tests {
         // the naive reference on the rounded rows.
         let f = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
         let mut ran = 0;
-        for (group, n_kv_heads, hd, n_kv) in [(1, 2, 16, 300), (3, 3, 64, 1100), (4, 1, 8, 90), (8, 2, 32, 257)] {
+        // The last three take the AVX-512 values kernel's other pass widths
+        // (8 runs, 4 runs twice, 2 runs then 1).
+        for (group, n_kv_heads, hd, n_kv) in [
+            (1, 2, 16, 300),
+            (3, 3, 64, 1100),
+            (4, 1, 8, 90),
+            (8, 2, 32, 257),
+            (2, 2, 128, 200),
+            (6, 1, 128, 150),
+            (5, 1, 48, 77),
+        ] {
             let h = Heads { n_heads: group * n_kv_heads, n_kv_heads, head_dim: hd };
             let (qd, kd) = (h.n_heads * hd, n_kv_heads * hd);
             let q: Vec<f32> = (0..qd).map(|i| 3.0 * f(i)).collect();
