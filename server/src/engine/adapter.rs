@@ -348,6 +348,7 @@ mod tests {
         assert!(ad.merge_into("blk.0.attn_q", &mut w, n_in, n_out).is_err());
         std::fs::write(&path, b"not an adapter").unwrap();
         assert!(Adapter::load(&path).is_err());
+        std::fs::remove_file(&path).unwrap();
     }
 }
 
