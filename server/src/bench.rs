@@ -1140,7 +1140,7 @@ struct KvFigures {
 /// float per entry, and scale the byte figures to the model's `kv_dim`.
 fn replay_kv(policy: AttentionPolicy, n_layers: usize, kv_dim: usize, anchors: &[bool], chunk: usize) -> KvFigures {
     // In the process's K/V precision, as the engine's caches.
-    let mut cache = KvCache::new(policy, n_layers, 1);
+    let mut cache = KvCache::new(policy, n_layers, 1, 1);
     let zeros = vec![0f32; chunk];
     let mut peak = 0;
     for ch in anchors.chunks(chunk) {

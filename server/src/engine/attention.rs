@@ -1,7 +1,8 @@
 //! Masked multi-head attention over a layer's kept K/V.
 //!
 //! K/V rows come in the cache's precision ([`KvRows`]: `f16` by default,
-//! widened to `f32` as they are read; `f32` as the exact reference).
+//! widened to `f32` as they are read; `f32` as the exact reference), and
+//! head-major: each KV head's rows one after another.
 //!
 //! - Prefill (several query rows): the layer's K/V are widened once, then
 //!   every (query head, block of [`ROW_BLOCK`] query rows) is two `gemm`
@@ -40,26 +41,27 @@ pub struct Heads {
 /// Attention of `n_q` query rows over `n_kv` kept entries.
 ///
 /// - `q`: `n_q × (n_heads·head_dim)`, row-major;
-/// - `k`, `v`: `n_kv × (n_kv_heads·head_dim)`, row-major;
+/// - `k`, `v`: per KV head, `n_kv × head_dim` (head-major);
 /// - `bias`: `n_q × n_kv` additive mask (0 or −∞); every row allows at least
 ///   one entry;
 /// - `out`: `n_q × (n_heads·head_dim)`.
 pub fn attend(h: Heads, q: &[f32], k: KvRows, v: KvRows, bias: &[f32], out: &mut [f32]) {
-    let q_dim = h.n_heads * h.head_dim;
-    let kv_dim = h.n_kv_heads * h.head_dim;
+    let (q_dim, hd) = (h.n_heads * h.head_dim, h.head_dim);
     let n_q = q.len() / q_dim;
-    let n_kv = k.len() / kv_dim;
+    assert!(k.heads() == h.n_kv_heads && v.heads() == h.n_kv_heads);
+    let n_kv = k.head(0).len() / hd;
+    assert!((0..h.n_kv_heads).all(|i| k.head(i).len() == n_kv * hd && v.head(i).len() == n_kv * hd));
     assert_eq!(bias.len(), n_q * n_kv);
     assert_eq!(out.len(), n_q * q_dim);
-    assert_eq!(v.len(), k.len());
     let scale = 1.0 / (h.head_dim as f32).sqrt();
     if n_q == 1 {
         let kernels = f16k::Isa::best(h.head_dim, h.n_heads / h.n_kv_heads);
         return attend_one(h, q, k, v, bias, out, scale, kernels);
     }
     let group = h.n_heads / h.n_kv_heads;
-    let (k, v) = (k.to_f32(), v.to_f32());
-    let (k, v) = (&k[..], &v[..]);
+    // Widened once per call, a buffer per KV head.
+    let k: Vec<_> = (0..h.n_kv_heads).map(|i| k.head(i).to_f32()).collect();
+    let v: Vec<_> = (0..h.n_kv_heads).map(|i| v.head(i).to_f32()).collect();
     let blocks = n_q.div_ceil(ROW_BLOCK);
     // Per block of query rows, the runs of columns any of its rows may see.
     let runs: Vec<Vec<(usize, usize)>> =
@@ -80,9 +82,9 @@ pub fn attend(h: Heads, q: &[f32], k: KvRows, v: KvRows, bias: &[f32], out: &mut
             let mut at = 0;
             for &(c0, c1) in runs {
                 // SAFETY: all pointers and strides stay inside the slices checked
-                // above: q rows are q_dim apart, k rows kv_dim apart, head offsets
-                // < row width, rows r0..r1 < n_q, columns c0..c1 ≤ n_kv and
-                // at + (c1 − c0) ≤ width.
+                // above: q rows are q_dim apart with head offsets < q_dim, a KV
+                // head's rows hd apart, rows r0..r1 < n_q, columns c0..c1 ≤ n_kv
+                // and at + (c1 − c0) ≤ width.
                 unsafe {
                     gemm::gemm(
                         rows,
@@ -95,8 +97,8 @@ pub fn attend(h: Heads, q: &[f32], k: KvRows, v: KvRows, bias: &[f32], out: &mut
                         q.as_ptr().add(r0 * q_dim + head * h.head_dim),
                         1,
                         q_dim as isize,
-                        k.as_ptr().add(c0 * kv_dim + kvh * h.head_dim),
-                        kv_dim as isize,
+                        k[kvh].as_ptr().add(c0 * hd),
+                        hd as isize,
                         1,
                         0.0,
                         scale,
@@ -143,9 +145,9 @@ pub fn attend(h: Heads, q: &[f32], k: KvRows, v: KvRows, bias: &[f32], out: &mut
                         scores.as_ptr().add(at),
                         1,
                         width as isize,
-                        v.as_ptr().add(c0 * kv_dim + kvh * h.head_dim),
+                        v[kvh].as_ptr().add(c0 * hd),
                         1,
-                        kv_dim as isize,
+                        hd as isize,
                         if i > 0 { 1.0 } else { 0.0 },
                         1.0,
                         false,
@@ -218,10 +220,11 @@ fn attend_one(
     scale: f32,
     kernels: Option<f16k::Isa>,
 ) {
-    let (hd, kv_dim) = (h.head_dim, h.n_kv_heads * h.head_dim);
+    let hd = h.head_dim;
     let group = h.n_heads / h.n_kv_heads;
     let n_kv = bias.len();
     assert_eq!(out.len(), h.n_heads * hd);
+    assert!(k.heads() == h.n_kv_heads && v.heads() == h.n_kv_heads);
     // Slices of at least 128 rows, at most 16 of them per KV head.
     let slice_rows = 128.max(n_kv.div_ceil(16));
     let n_slices = n_kv.div_ceil(slice_rows).max(1);
@@ -247,18 +250,19 @@ fn attend_one(
                     let (a, b) = (sl * slice_rows, ((sl + 1) * slice_rows).min(n_kv));
                     let m = b - a;
                     let qs = &q[kvh * group * hd..(kvh + 1) * group * hd];
-                    let rows = f16k::Rows { a, b, kv_dim, off: kvh * hd, hd, stride: slice_rows };
+                    let rows = f16k::Rows { a, b, hd, stride: slice_rows };
+                    let (kh, vh) = (k.head(kvh), v.head(kvh));
                     if let Some((isa, k16, _)) = fast {
                         // SAFETY: `Isa::best` (or the test) checked the CPU has `isa`;
                         // the kernel checks its bounds.
-                        unsafe { f16k::scores(isa, group, k16, rows, qs, scale, bias, &mut s) };
+                        unsafe { f16k::scores(isa, group, &k16[kvh], rows, qs, scale, bias, &mut s) };
                     } else {
                         for (i, &bias_r) in bias[a..b].iter().enumerate() {
                             if bias_r == f32::NEG_INFINITY {
                                 (0..group).for_each(|g| s[g * slice_rows + i] = f32::NEG_INFINITY);
                                 continue;
                             }
-                            let kr = k.row((a + i) * kv_dim + kvh * hd, &mut buf);
+                            let kr = kh.row((a + i) * hd, &mut buf);
                             for (g, qh) in qs.chunks_exact(hd).enumerate() {
                                 s[g * slice_rows + i] = dot(qh, kr) * scale + bias_r;
                             }
@@ -284,14 +288,14 @@ fn attend_one(
                     }
                     if let Some((isa, _, v16)) = fast {
                         // SAFETY: as for the scores.
-                        unsafe { f16k::values(isa, group, v16, rows, &s, p) };
+                        unsafe { f16k::values(isa, group, &v16[kvh], rows, &s, p) };
                         continue;
                     }
                     for i in 0..m {
                         if (0..group).all(|g| s[g * slice_rows + i] == 0.0) {
                             continue;
                         }
-                        let vr = v.row((a + i) * kv_dim + kvh * hd, &mut buf);
+                        let vr = vh.row((a + i) * hd, &mut buf);
                         for g in 0..group {
                             let w = s[g * slice_rows + i];
                             if w != 0.0 {
@@ -333,15 +337,13 @@ fn attend_one(
 mod f16k {
     use half::f16;
 
-    /// Rows `a..b` of a KV head at column `off` (rows `kv_dim` apart, `hd`
-    /// wide); the score rows of the group's heads are `stride` apart.
+    /// Rows `a..b` of a KV head's buffer (rows `hd` wide, one after another);
+    /// the score rows of the group's heads are `stride` apart.
     #[derive(Clone, Copy)]
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub struct Rows {
         pub a: usize,
         pub b: usize,
-        pub kv_dim: usize,
-        pub off: usize,
         pub hd: usize,
         pub stride: usize,
     }
@@ -423,12 +425,12 @@ mod f16k {
         };
     }
 
-    /// The bounds both kernels need: `kv` holds rows `a..b` of width `hd` at
-    /// `off`, and `s` the group's score rows for them.
+    /// The bounds both kernels need: `kv` holds rows `a..b` of width `hd`,
+    /// and `s` the group's score rows for them.
     #[cfg(target_arch = "x86_64")]
     fn check_rows(lanes: usize, group: usize, kv: &[f16], r: Rows, s: &[f32]) {
         assert!((1..=8).contains(&group) && r.a <= r.b);
-        assert!(r.hd.is_multiple_of(lanes) && r.off + r.hd <= r.kv_dim && r.b * r.kv_dim <= kv.len());
+        assert!(r.hd.is_multiple_of(lanes) && r.b * r.hd <= kv.len());
         assert!(s.len() >= (group - 1) * r.stride + (r.b - r.a));
     }
 
@@ -517,8 +519,7 @@ mod f16k {
             }
             return row + R;
         }
-        let kp: [*const __m256i; R] =
-            std::array::from_fn(|j| k.as_ptr().add((row + j) * r.kv_dim + r.off) as *const __m256i);
+        let kp: [*const __m256i; R] = std::array::from_fn(|j| k.as_ptr().add((row + j) * r.hd) as *const __m256i);
         let mut acc = [[_mm512_setzero_ps(); R]; G];
         for c in 0..r.hd / 16 {
             let x: [__m512; R] = std::array::from_fn(|j| _mm512_cvtph_ps(_mm256_loadu_si256(kp[j].add(c))));
@@ -610,7 +611,7 @@ mod f16k {
             if w.iter().all(|&w| w == 0.0) {
                 continue;
             }
-            let vp = (v.as_ptr().add(row * r.kv_dim + r.off) as *const __m256i).add(c0);
+            let vp = (v.as_ptr().add(row * r.hd) as *const __m256i).add(c0);
             for c in 0..N {
                 let x = _mm512_cvtph_ps(_mm256_loadu_si256(vp.add(c)));
                 for g in 0..G {
@@ -685,8 +686,7 @@ mod f16k {
             }
             return row + R;
         }
-        let kp: [*const __m128i; R] =
-            std::array::from_fn(|j| k.as_ptr().add((row + j) * r.kv_dim + r.off) as *const __m128i);
+        let kp: [*const __m128i; R] = std::array::from_fn(|j| k.as_ptr().add((row + j) * r.hd) as *const __m128i);
         let mut acc = [[_mm256_setzero_ps(); R]; G];
         for c in 0..r.hd / 8 {
             let x: [__m256; R] = std::array::from_fn(|j| _mm256_cvtph_ps(_mm_loadu_si128(kp[j].add(c))));
@@ -759,7 +759,7 @@ mod f16k {
             if w.iter().all(|&w| w == 0.0) {
                 continue;
             }
-            let vp = (v.as_ptr().add(row * r.kv_dim + r.off) as *const __m128i).add(c0);
+            let vp = (v.as_ptr().add(row * r.hd) as *const __m128i).add(c0);
             for c in 0..N {
                 let x = _mm256_cvtph_ps(_mm_loadu_si128(vp.add(c)));
                 for g in 0..G {
@@ -914,6 +914,17 @@ mod tests {
         }
     }
 
+    /// Row-major K or V rows (`n_kv_heads · head_dim` a row) as the cache
+    /// keeps them: a buffer per KV head.
+    fn head_major<T: Copy>(x: &[T], h: Heads) -> Vec<Vec<T>> {
+        let kv_dim = h.n_kv_heads * h.head_dim;
+        (0..h.n_kv_heads)
+            .map(|i| {
+                x.chunks_exact(kv_dim).flat_map(|row| &row[i * h.head_dim..(i + 1) * h.head_dim]).copied().collect()
+            })
+            .collect()
+    }
+
     fn inputs(n_q: usize, n_kv: usize, head_dim: usize, causal: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
         let (qd, kd) = (6 * head_dim, 2 * head_dim);
         let f = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
@@ -939,7 +950,8 @@ mod tests {
         let h = Heads { n_heads: 6, n_kv_heads: 2, head_dim };
         let (q, k, v, bias) = inputs(n_q, n_kv, head_dim, causal);
         let mut out = vec![f32::NAN; n_q * 6 * head_dim];
-        attend(h, &q, KvRows::F32(&k), KvRows::F32(&v), &bias, &mut out);
+        let kv = |x: &[f32]| head_major(x, h);
+        attend(h, &q, KvRows::F32(&kv(&k)), KvRows::F32(&kv(&v)), &bias, &mut out);
         let want = naive(h, &q, &k, &v, &bias);
         for (a, b) in out.iter().zip(&want) {
             assert!((a - b).abs() < 1e-5, "{n_q}x{n_kv}: {a} vs {b}");
@@ -949,7 +961,7 @@ mod tests {
         let (k16, v16): (Vec<half::f16>, Vec<half::f16>) =
             (k.iter().map(|&x| half::f16::from_f32(x)).collect(), v.iter().map(|&x| half::f16::from_f32(x)).collect());
         let widen = |x: &[half::f16]| x.iter().map(|h| h.to_f32()).collect::<Vec<f32>>();
-        attend(h, &q, KvRows::F16(&k16), KvRows::F16(&v16), &bias, &mut out);
+        attend(h, &q, KvRows::F16(&head_major(&k16, h)), KvRows::F16(&head_major(&v16, h)), &bias, &mut out);
         let rounded = naive(h, &q, &widen(&k16), &widen(&v16), &bias);
         for ((a, b), c) in out.iter().zip(&rounded).zip(&want) {
             assert!((a - b).abs() < 1e-5, "{n_q}x{n_kv} f16: {a} vs {b}");
@@ -977,7 +989,7 @@ mod tests {
             .collect();
         assert_eq!(visible_runs(&bias, n_kv, 64, 128), vec![(0, 3), (first + 64 - 39, first + 128)]);
         let mut out = vec![f32::NAN; n_q * 6 * 8];
-        attend(h, &q, KvRows::F32(&k), KvRows::F32(&v), &bias, &mut out);
+        attend(h, &q, KvRows::F32(&head_major(&k, h)), KvRows::F32(&head_major(&v, h)), &bias, &mut out);
         for (a, b) in out.iter().zip(&naive(h, &q, &k, &v, &bias)) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
@@ -1030,9 +1042,10 @@ mod tests {
                 .map(|c| if c % 5 == 2 || (140..290).contains(&c) { f32::NEG_INFINITY } else { 0.0 })
                 .collect();
             let scale = 1.0 / (hd as f32).sqrt();
+            let (kh, vh) = (head_major(&k, h), head_major(&v, h));
             let run = |isa| {
                 let mut out = vec![f32::NAN; qd];
-                attend_one(h, &q, KvRows::F16(&k), KvRows::F16(&v), &bias, &mut out, scale, isa);
+                attend_one(h, &q, KvRows::F16(&kh), KvRows::F16(&vh), &bias, &mut out, scale, isa);
                 out
             };
             let generic = run(None);

@@ -6,7 +6,8 @@
 //! concatenation); sparse groups drop what no later token can attend to in an
 //! amortized compaction pass ([`KvCache::compact`]). Attention itself always
 //! applies the policy's mask, so *when* entries are dropped never changes a
-//! result: only memory.
+//! result: only memory. Rows are kept head-major (a buffer per KV head), the
+//! order in which attention reads them.
 
 use half::f16;
 
@@ -63,28 +64,200 @@ impl KvPrecision {
     }
 }
 
-/// One buffer of K or V rows in the cache's precision.
-#[derive(Clone, Debug)]
-enum Rows {
-    F32(Vec<f32>),
-    F16(Vec<f16>),
+/// A stored K/V value type: `f32`, or `f16` (rounded to nearest).
+trait Stored: Copy + Default + std::fmt::Debug {
+    /// `dst[i] = src[i]`, rounded to `Self`.
+    fn put(dst: &mut [Self], src: &[f32]);
 }
 
-/// Read-only K or V rows of one layer, in the cache's precision.
+impl Stored for f32 {
+    fn put(dst: &mut [f32], src: &[f32]) {
+        dst.copy_from_slice(src);
+    }
+}
+
+impl Stored for f16 {
+    fn put(dst: &mut [f16], src: &[f32]) {
+        half::slice::HalfFloatSliceExt::convert_from_f32_slice(dst, src);
+    }
+}
+
+/// One layer's K or V, *head-major*: a buffer per KV head, `head_dim` values
+/// per row, so that attention reads each head's rows as one sequential stream
+/// (row-major, a head's run of a row is a strided slice that the hardware
+/// prefetchers follow badly once the weights have evicted it).
+#[derive(Clone, Debug)]
+struct HeadBufs<T> {
+    heads: Vec<Vec<T>>,
+    head_dim: usize,
+}
+
+impl<T: Stored> HeadBufs<T> {
+    fn new(n_heads: usize, head_dim: usize) -> Self {
+        HeadBufs { heads: vec![Vec::new(); n_heads], head_dim }
+    }
+
+    /// Values held, over all heads.
+    fn len(&self) -> usize {
+        self.heads.iter().map(Vec::len).sum()
+    }
+
+    /// Values allocated, over all heads.
+    fn capacity(&self) -> usize {
+        self.heads.iter().map(Vec::capacity).sum()
+    }
+
+    /// Append rows given row-major (`n_heads · head_dim` values each).
+    fn extend(&mut self, x: &[f32]) {
+        let (hd, n_heads) = (self.head_dim, self.heads.len());
+        let rows = x.len() / (hd * n_heads);
+        debug_assert_eq!(x.len(), rows * hd * n_heads);
+        for (h, buf) in self.heads.iter_mut().enumerate() {
+            grow(buf, rows * hd);
+            let at = buf.len();
+            buf.resize(at + rows * hd, T::default());
+            for (r, dst) in buf[at..].chunks_exact_mut(hd).enumerate() {
+                let src = (r * n_heads + h) * hd;
+                T::put(dst, &x[src..src + hd]);
+            }
+        }
+    }
+
+    /// Keep the first `rows` rows.
+    fn truncate(&mut self, rows: usize) {
+        self.heads.iter_mut().for_each(|b| b.truncate(rows * self.head_dim));
+    }
+
+    /// Keep the rows whose flag is set, in order, in place; then give back
+    /// capacity a long prefill left ([`trim`]).
+    fn retain_rows(&mut self, keep: &[bool]) {
+        for b in &mut self.heads {
+            retain_rows(b, self.head_dim, keep);
+            trim(b);
+        }
+    }
+
+    /// Shrink each head's spare capacity to `rows` rows if it exceeds twice that.
+    fn shrink_spare(&mut self, rows: usize) {
+        let headroom = rows * self.head_dim;
+        for b in &mut self.heads {
+            if b.capacity() > b.len() + 2 * headroom {
+                b.shrink_to(b.len() + headroom);
+            }
+        }
+    }
+}
+
+/// One buffer set of K or V rows in the cache's precision.
+#[derive(Clone, Debug)]
+enum Rows {
+    F32(HeadBufs<f32>),
+    F16(HeadBufs<f16>),
+}
+
+/// `$body` with `$b` bound to the [`HeadBufs`] inside a [`Rows`].
+macro_rules! each {
+    ($rows:expr, $b:ident => $body:expr) => {
+        match $rows {
+            Rows::F32($b) => $body,
+            Rows::F16($b) => $body,
+        }
+    };
+}
+
+impl Rows {
+    fn new(p: KvPrecision, n_heads: usize, head_dim: usize) -> Rows {
+        match p {
+            KvPrecision::F16 => Rows::F16(HeadBufs::new(n_heads, head_dim)),
+            KvPrecision::F32 => Rows::F32(HeadBufs::new(n_heads, head_dim)),
+        }
+    }
+
+    fn view(&self) -> KvRows<'_> {
+        match self {
+            Rows::F32(b) => KvRows::F32(&b.heads),
+            Rows::F16(b) => KvRows::F16(&b.heads),
+        }
+    }
+
+    fn len(&self) -> usize {
+        each!(self, b => b.len())
+    }
+
+    fn capacity(&self) -> usize {
+        each!(self, b => b.capacity())
+    }
+
+    fn extend(&mut self, x: &[f32]) {
+        each!(self, b => b.extend(x))
+    }
+
+    fn truncate(&mut self, rows: usize) {
+        each!(self, b => b.truncate(rows))
+    }
+
+    fn retain_rows(&mut self, keep: &[bool]) {
+        each!(self, b => b.retain_rows(keep))
+    }
+
+    fn shrink_spare(&mut self, rows: usize) {
+        each!(self, b => b.shrink_spare(rows))
+    }
+}
+
+/// Read-only K or V rows of one layer, in the cache's precision: a buffer
+/// per KV head ([`KvRows::head`]).
 #[derive(Clone, Copy, Debug)]
 pub enum KvRows<'a> {
+    /// Stored as `f32`.
+    F32(&'a [Vec<f32>]),
+    /// Stored as `f16`.
+    F16(&'a [Vec<f16>]),
+}
+
+impl<'a> KvRows<'a> {
+    /// Number of KV heads.
+    pub fn heads(&self) -> usize {
+        match self {
+            KvRows::F32(h) => h.len(),
+            KvRows::F16(h) => h.len(),
+        }
+    }
+
+    /// Values held over all heads (rows × kv_dim).
+    pub fn len(&self) -> usize {
+        (0..self.heads()).map(|h| self.head(h).len()).sum()
+    }
+
+    /// Whether no row is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The rows of KV head `h`, `head_dim` values each, one after another.
+    pub fn head(&self, h: usize) -> KvHead<'a> {
+        match *self {
+            KvRows::F32(b) => KvHead::F32(&b[h]),
+            KvRows::F16(b) => KvHead::F16(&b[h]),
+        }
+    }
+}
+
+/// The rows of one KV head, in the cache's precision.
+#[derive(Clone, Copy, Debug)]
+pub enum KvHead<'a> {
     /// Stored as `f32`.
     F32(&'a [f32]),
     /// Stored as `f16`.
     F16(&'a [f16]),
 }
 
-impl KvRows<'_> {
-    /// Values held (rows × kv_dim).
+impl<'a> KvHead<'a> {
+    /// Values held (rows × head_dim).
     pub fn len(&self) -> usize {
         match self {
-            KvRows::F32(v) => v.len(),
-            KvRows::F16(v) => v.len(),
+            KvHead::F32(v) => v.len(),
+            KvHead::F16(v) => v.len(),
         }
     }
 
@@ -93,22 +266,13 @@ impl KvRows<'_> {
         self.len() == 0
     }
 
-    /// Values `at..at + out.len()` widened to `f32` into `out`.
-    #[inline]
-    pub fn read(&self, at: usize, out: &mut [f32]) {
-        match self {
-            KvRows::F32(v) => out.copy_from_slice(&v[at..at + out.len()]),
-            KvRows::F16(v) => half::slice::HalfFloatSliceExt::convert_to_f32_slice(&v[at..at + out.len()], out),
-        }
-    }
-
     /// The `buf.len()` values from `at` as `f32`: borrowed when stored so,
     /// else widened into `buf`.
     #[inline]
     pub fn row<'s>(&'s self, at: usize, buf: &'s mut [f32]) -> &'s [f32] {
         match self {
-            KvRows::F32(v) => &v[at..at + buf.len()],
-            KvRows::F16(v) => {
+            KvHead::F32(v) => &v[at..at + buf.len()],
+            KvHead::F16(v) => {
                 half::slice::HalfFloatSliceExt::convert_to_f32_slice(&v[at..at + buf.len()], buf);
                 buf
             }
@@ -116,91 +280,14 @@ impl KvRows<'_> {
     }
 
     /// Every value as `f32` (borrowed when stored so).
-    pub fn to_f32(&self) -> std::borrow::Cow<'_, [f32]> {
+    pub fn to_f32(self) -> std::borrow::Cow<'a, [f32]> {
         match self {
-            KvRows::F32(v) => std::borrow::Cow::Borrowed(v),
-            KvRows::F16(v) => {
+            KvHead::F32(v) => std::borrow::Cow::Borrowed(v),
+            KvHead::F16(v) => {
                 let mut out = vec![0f32; v.len()];
-                self.read(0, &mut out);
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(v, &mut out);
                 std::borrow::Cow::Owned(out)
             }
-        }
-    }
-}
-
-impl Rows {
-    fn new(p: KvPrecision) -> Rows {
-        match p {
-            KvPrecision::F16 => Rows::F16(Vec::new()),
-            KvPrecision::F32 => Rows::F32(Vec::new()),
-        }
-    }
-
-    fn view(&self) -> KvRows<'_> {
-        match self {
-            Rows::F32(v) => KvRows::F32(v),
-            Rows::F16(v) => KvRows::F16(v),
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.view().len()
-    }
-
-    fn capacity(&self) -> usize {
-        match self {
-            Rows::F32(v) => v.capacity(),
-            Rows::F16(v) => v.capacity(),
-        }
-    }
-
-    /// Append `x`, rounded to the buffer's precision.
-    fn extend(&mut self, x: &[f32]) {
-        match self {
-            Rows::F32(v) => {
-                grow(v, x.len());
-                v.extend_from_slice(x);
-            }
-            Rows::F16(v) => {
-                grow(v, x.len());
-                let at = v.len();
-                v.resize(at + x.len(), f16::ZERO);
-                half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut v[at..], x);
-            }
-        }
-    }
-
-    fn truncate(&mut self, len: usize) {
-        match self {
-            Rows::F32(v) => v.truncate(len),
-            Rows::F16(v) => v.truncate(len),
-        }
-    }
-
-    fn retain_rows(&mut self, dim: usize, keep: &[bool]) {
-        match self {
-            Rows::F32(v) => retain_rows(v, dim, keep),
-            Rows::F16(v) => retain_rows(v, dim, keep),
-        }
-    }
-
-    fn trim(&mut self) {
-        match self {
-            Rows::F32(v) => trim(v),
-            Rows::F16(v) => trim(v),
-        }
-    }
-
-    /// Shrink spare capacity to `headroom` values if it exceeds twice that.
-    fn shrink_spare(&mut self, headroom: usize) {
-        fn go<T>(buf: &mut Vec<T>, headroom: usize) {
-            if buf.capacity() > buf.len() + 2 * headroom {
-                buf.shrink_to(buf.len() + headroom);
-            }
-        }
-        match self {
-            Rows::F32(v) => go(v, headroom),
-            Rows::F16(v) => go(v, headroom),
         }
     }
 }
@@ -215,7 +302,7 @@ struct Group {
     evicted_upto: usize,
 }
 
-/// One layer's kept keys and values, `kv_dim` values per entry.
+/// One layer's kept keys and values, `kv_heads × head_dim` values per entry.
 #[derive(Clone, Debug)]
 struct LayerKv {
     group: usize,
@@ -225,7 +312,7 @@ struct LayerKv {
 
 /// A read-only view of one layer's cache, for attention.
 pub struct LayerView<'a> {
-    /// Keys, `positions.len() × kv_dim`, row-major.
+    /// Keys, head-major: per KV head, `positions.len() × head_dim`.
     pub k: KvRows<'a>,
     /// Values, same layout as `k`.
     pub v: KvRows<'a>,
@@ -263,14 +350,21 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// An empty cache for `n_layers` layers of `kv_dim` values per token, in
-    /// the process-wide precision ([`KvPrecision::from_env`]).
-    pub fn new(policy: AttentionPolicy, n_layers: usize, kv_dim: usize) -> Self {
-        KvCache::with_precision(policy, n_layers, kv_dim, KvPrecision::from_env())
+    /// An empty cache for `n_layers` layers of `kv_heads` heads of `head_dim`
+    /// values per token, in the process-wide precision
+    /// ([`KvPrecision::from_env`]).
+    pub fn new(policy: AttentionPolicy, n_layers: usize, kv_heads: usize, head_dim: usize) -> Self {
+        KvCache::with_precision(policy, n_layers, kv_heads, head_dim, KvPrecision::from_env())
     }
 
     /// An empty cache storing K/V rows in `precision`.
-    pub fn with_precision(policy: AttentionPolicy, n_layers: usize, kv_dim: usize, precision: KvPrecision) -> Self {
+    pub fn with_precision(
+        policy: AttentionPolicy,
+        n_layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        precision: KvPrecision,
+    ) -> Self {
         let mut groups: Vec<Group> = Vec::new();
         let layers = (0..n_layers)
             .map(|l| {
@@ -282,10 +376,11 @@ impl KvCache {
                         groups.len() - 1
                     }
                 };
-                LayerKv { group, k: Rows::new(precision), v: Rows::new(precision) }
+                let rows = || Rows::new(precision, kv_heads, head_dim);
+                LayerKv { group, k: rows(), v: rows() }
             })
             .collect();
-        KvCache { policy, kv_dim, precision, lines: Vec::new(), groups, layers, slack_lines: 0 }
+        KvCache { policy, kv_dim: kv_heads * head_dim, precision, lines: Vec::new(), groups, layers, slack_lines: 0 }
     }
 
     /// How this cache stores K/V rows.
@@ -354,7 +449,8 @@ impl KvCache {
         start
     }
 
-    /// Append the K/V rows of the current chunk to layer `layer`.
+    /// Append the K/V rows of the current chunk to layer `layer` (row-major:
+    /// `kv_heads × head_dim` values a token, as the projections give them).
     pub fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) {
         let l = &mut self.layers[layer];
         l.k.extend(k);
@@ -400,7 +496,7 @@ impl KvCache {
             g.evicted_upto = g.evicted_upto.min(len);
         }
         for l in &mut self.layers {
-            let keep = self.groups[l.group].positions.len() * self.kv_dim;
+            let keep = self.groups[l.group].positions.len();
             l.k.truncate(keep);
             l.v.truncate(keep);
         }
@@ -444,10 +540,9 @@ impl KvCache {
     /// capacity (room to type into), not the growth headroom of a prefill.
     pub fn compact_idle(&mut self) {
         self.compact_when(|_| 64);
-        let headroom = IDLE_HEADROOM_ROWS * self.kv_dim;
         for l in &mut self.layers {
-            l.k.shrink_spare(headroom);
-            l.v.shrink_spare(headroom);
+            l.k.shrink_spare(IDLE_HEADROOM_ROWS);
+            l.v.shrink_spare(IDLE_HEADROOM_ROWS);
         }
     }
 
@@ -474,10 +569,8 @@ impl KvCache {
             // Positions ascend, so the last dead one is the highest.
             let max_dead = g.positions.iter().zip(&keep).filter(|(_, &k)| !k).map(|(&p, _)| p).next_back();
             for l in self.layers.iter_mut().filter(|l| l.group == gi) {
-                l.k.retain_rows(self.kv_dim, &keep);
-                l.v.retain_rows(self.kv_dim, &keep);
-                l.k.trim();
-                l.v.trim();
+                l.k.retain_rows(&keep);
+                l.v.retain_rows(&keep);
             }
             let mut flags = keep.iter();
             g.positions.retain(|_| *flags.next().expect("one flag per position"));
@@ -501,7 +594,7 @@ impl KvCache {
     }
 }
 
-/// Spare rows an idle cache keeps per buffer ([`KvCache::compact_idle`]).
+/// Spare rows an idle cache keeps per head buffer ([`KvCache::compact_idle`]).
 const IDLE_HEADROOM_ROWS: usize = 64;
 
 /// Make room for `extra` more values, growing by a quarter rather than Vec's
@@ -541,6 +634,7 @@ mod tests {
     use super::*;
     use crate::engine::policy::PolicyKind;
 
+    /// Rows of two values, `[position, layer]`.
     fn fill(cache: &mut KvCache, anchors: &[bool], n_layers: usize) {
         let start = cache.begin_chunk(anchors);
         for l in 0..n_layers {
@@ -553,17 +647,19 @@ mod tests {
     fn compaction_keeps_rows_aligned_with_positions() {
         let policy = AttentionPolicy { kind: PolicyKind::Anchor { recent_lines: 0, dense_every: 2 }, sink_tokens: 1 };
         for precision in [KvPrecision::F16, KvPrecision::F32] {
-            let mut c = KvCache::with_precision(policy, 4, 2, precision);
+            // Two KV heads of one value: head 0 keeps positions, head 1 layers.
+            let mut c = KvCache::with_precision(policy, 4, 2, 1, precision);
             let anchors: Vec<bool> = (0..200).map(|i| i % 5 == 4).collect();
             fill(&mut c, &anchors, 4);
             c.compact(true);
             for l in 0..4 {
                 let v = c.layer(l);
-                assert_eq!(v.k.len(), v.positions.len() * 2);
+                assert_eq!((v.k.len(), v.k.heads()), (v.positions.len() * 2, 2));
                 // Integers below 2,048 are exact in f16.
-                for (row, &p) in v.k.to_f32().chunks(2).zip(v.positions) {
-                    assert_eq!(row, &[p as f32, l as f32]);
-                }
+                let want: Vec<f32> = v.positions.iter().map(|&p| p as f32).collect();
+                assert_eq!(v.k.head(0).to_f32().as_ref(), &want[..]);
+                assert_eq!(v.v.head(0).to_f32().as_ref(), &want[..]);
+                assert!(v.k.head(1).to_f32().iter().all(|&x| x == l as f32));
             }
             // Dense layers keep all; sparse ones keep sink, anchors and the open line.
             assert_eq!(c.layer(0).positions.len(), 200);
@@ -576,15 +672,15 @@ mod tests {
 
     #[test]
     fn f16_rows_round_to_nearest_and_halve_the_bytes() {
-        let mut h = KvCache::with_precision(AttentionPolicy::full(), 1, 4, KvPrecision::F16);
-        let mut f = KvCache::with_precision(AttentionPolicy::full(), 1, 4, KvPrecision::F32);
+        let mut h = KvCache::with_precision(AttentionPolicy::full(), 1, 1, 4, KvPrecision::F16);
+        let mut f = KvCache::with_precision(AttentionPolicy::full(), 1, 1, 4, KvPrecision::F32);
         let row = [1.0f32 / 3.0, -1234.567, 6.1e-5, 65504.0];
         for c in [&mut h, &mut f] {
             c.begin_chunk(&[false]);
             c.append(0, &row, &row);
         }
-        assert_eq!(f.layer(0).k.to_f32().as_ref(), &row);
-        for (got, want) in h.layer(0).v.to_f32().iter().zip(row) {
+        assert_eq!(f.layer(0).k.head(0).to_f32().as_ref(), &row);
+        for (got, want) in h.layer(0).v.head(0).to_f32().iter().zip(row) {
             assert!((got - want).abs() <= want.abs() * 2f32.powi(-11), "{got} vs {want}");
         }
         assert_eq!(h.stats().kv_bytes * 2, f.stats().kv_bytes);
@@ -595,7 +691,7 @@ mod tests {
     #[test]
     fn spare_capacity_stays_bounded_through_prefill_and_compaction() {
         let policy = AttentionPolicy { kind: PolicyKind::Anchor { recent_lines: 0, dense_every: 0 }, sink_tokens: 4 };
-        let mut c = KvCache::new(policy, 2, 2);
+        let mut c = KvCache::new(policy, 2, 1, 2);
         let anchors: Vec<bool> = (0..4000).map(|i| i % 16 == 15).collect();
         for chunk in anchors.chunks(256) {
             fill(&mut c, chunk, 2);
@@ -607,7 +703,7 @@ mod tests {
         assert_eq!(s.kept_entries, 2 * (4 + 250));
         assert!(s.allocated_bytes <= s.kv_bytes * 2, "{s:?}");
         // Growth by appends is geometric but gentle: at most 1.25x + one chunk.
-        let mut d = KvCache::new(AttentionPolicy::full(), 1, 2);
+        let mut d = KvCache::new(AttentionPolicy::full(), 1, 2, 1);
         for chunk in anchors.chunks(100) {
             fill(&mut d, chunk, 1);
             let s = d.stats();
@@ -618,7 +714,7 @@ mod tests {
     #[test]
     fn an_idle_window_cache_holds_its_window_not_the_lazy_surplus() {
         let policy = AttentionPolicy { kind: PolicyKind::Window { window_tokens: 500 }, sink_tokens: 4 };
-        let mut c = KvCache::new(policy, 2, 2);
+        let mut c = KvCache::new(policy, 2, 1, 2);
         let anchors: Vec<bool> = (0..1200).map(|i| i % 16 == 15).collect();
         let mut filled = 0;
         for chunk in anchors.chunks(64) {
@@ -648,7 +744,7 @@ mod tests {
         // window: the dead rows allowed before compacting are a quarter of
         // the window's entries (~170), not of all of them (~320).
         let policy = AttentionPolicy { kind: PolicyKind::Window { window_tokens: 500 }, sink_tokens: 460 };
-        let mut c = KvCache::new(policy, 1, 2);
+        let mut c = KvCache::new(policy, 1, 1, 2);
         let anchors: Vec<bool> = (0..2000).map(|i| i % 16 == 15).collect();
         let mut most = 0;
         for chunk in anchors.chunks(16) {
@@ -663,7 +759,7 @@ mod tests {
     #[test]
     fn truncate_and_reusable_prefix() {
         let policy = AttentionPolicy { kind: PolicyKind::Anchor { recent_lines: 1, dense_every: 0 }, sink_tokens: 1 };
-        let mut c = KvCache::new(policy, 2, 2);
+        let mut c = KvCache::new(policy, 2, 1, 2);
         let anchors: Vec<bool> = (0..100).map(|i| i % 10 == 9).collect();
         fill(&mut c, &anchors, 2);
         let mut slack = c.clone();

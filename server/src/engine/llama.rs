@@ -416,7 +416,7 @@ impl Llama {
 
     /// A fresh KV cache for this model under `policy`.
     pub fn new_cache(&self, policy: super::policy::AttentionPolicy) -> KvCache {
-        KvCache::with_precision(policy, self.cfg.n_layers, self.cfg.kv_dim(), self.kv_precision)
+        KvCache::with_precision(policy, self.cfg.n_layers, self.cfg.n_kv_heads, self.cfg.head_dim, self.kv_precision)
     }
 
     /// Store the K/V of caches made from now on in `p` (f32: the exact reference).
