@@ -303,16 +303,39 @@ impl Remote {
     }
 
     /// Send, until the headers arrive or `deadline` passes.
+    ///
+    /// A request that fails in sending, after a connection but before any
+    /// answer, is sent once more: that is how a pooled keep-alive connection
+    /// fails when the engine closed it just as it was reused ("connection
+    /// closed before message completed"), and the engine never saw the
+    /// request. The second try opens a new connection.
     async fn send(
         &self,
         rb: reqwest::RequestBuilder,
         path: &str,
         deadline: tokio::time::Instant,
     ) -> Result<reqwest::Response, RemoteError> {
-        match tokio::time::timeout_at(deadline, rb.send()).await {
-            Ok(r) => r.map_err(|e| self.transport(e, path)),
-            Err(_) => Err(self.timed_out()),
-        }
+        let again = rb.try_clone();
+        let first = match tokio::time::timeout_at(deadline, rb.send()).await {
+            Ok(r) => r,
+            Err(_) => return Err(self.timed_out()),
+        };
+        let result = match (first, again) {
+            (Ok(resp), _) => return Ok(resp),
+            (Err(e), Some(rb)) if e.is_request() && !e.is_connect() && !e.is_timeout() => {
+                (self.notify)(Notice::Log(format!(
+                    "the connection to {} closed before an answer to {path} ({}); sending it again",
+                    self.base(),
+                    root_cause(&e)
+                )));
+                match tokio::time::timeout_at(deadline, rb.send()).await {
+                    Ok(r) => r,
+                    Err(_) => return Err(self.timed_out()),
+                }
+            }
+            (Err(e), _) => Err(e),
+        };
+        result.map_err(|e| self.transport(e, path))
     }
 
     /// At most `cap` bytes of the body, before `deadline`.
@@ -720,6 +743,46 @@ mod tests {
             assert!(e.message.contains("an event line longer than 8 MiB"), "{kind:?}: {e:?}");
             assert!(t0.elapsed() < Duration::from_secs(10), "{kind:?}: {:?}", t0.elapsed());
         }
+    }
+
+    static HUNG_UP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    static ALWAYS_HUNG_UP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    /// Hangs up on the first POST without an answer (a keep-alive connection
+    /// the engine closed as it was reused); answers later ones with "ok".
+    fn hangs_up_once(head: &str, c: &mut std::net::TcpStream) {
+        use std::io::Write;
+        if head.starts_with("POST ") && HUNG_UP.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+        let _ = c.write_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n\
+              data: {\"content\":\"ok\",\"stop\":false}\n\ndata: {\"content\":\"\",\"stop\":true}\n\n",
+        );
+    }
+
+    /// Hangs up on every POST without an answer.
+    fn hangs_up_always(head: &str, c: &mut std::net::TcpStream) {
+        if head.starts_with("POST ") {
+            ALWAYS_HUNG_UP.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        let _ = c.shutdown(std::net::Shutdown::Both);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_closed_before_any_answer_is_retried_once() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (r, seen) = remote(BackendKind::LlamaCpp, &fake_engine(hangs_up_once), None);
+        let text = r.generate(&request(), &mut |_| false).await.unwrap();
+        assert_eq!((text.as_str(), HUNG_UP.load(SeqCst)), ("ok", 2));
+        let said = format!("{:?}", seen.lock().unwrap());
+        assert!(said.contains("closed before an answer to /completion") && said.contains("sending it again"), "{said}");
+        // Once only: an engine that always hangs up is reported, not retried forever.
+        let (r, _) = remote(BackendKind::LlamaCpp, &fake_engine(hangs_up_always), None);
+        let e = r.generate(&request(), &mut |_| false).await.unwrap_err();
+        assert!(e.down && e.message.contains("broke during /completion"), "{e:?}");
+        assert_eq!(ALWAYS_HUNG_UP.load(SeqCst), 2);
     }
 
     #[tokio::test]
