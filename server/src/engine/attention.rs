@@ -11,7 +11,8 @@
 //!   columns some of its rows may see (causality: the first chunk of a prompt
 //!   does about half the work of the full square; a window cache's evicted
 //!   rows, masked until compaction, are skipped).
-//! - Decode (one query row): each K and V row is read (and widened) once for
+//! - Decode (one query row, and passes of up to [`SMALL_PASS`] rows, row by
+//!   row): each K and V row is read (and widened) once for
 //!   all the query heads that share it (grouped-query attention), over
 //!   (KV head, slice of rows) items on candle's pool; the slices' partial
 //!   softmaxes are merged exactly (max, sum and output rescaled).
@@ -26,6 +27,11 @@ use super::simd;
 
 /// Query rows per prefill work item.
 const ROW_BLOCK: usize = 64;
+
+/// Passes of at most this many query rows (a keystroke's retokenized tail)
+/// go row by row through the decode path, which reads the stored rows in
+/// place, rather than widening the layer's whole K/V for a small product.
+const SMALL_PASS: usize = 8;
 
 /// Shapes of one attention call.
 #[derive(Clone, Copy, Debug)]
@@ -54,9 +60,13 @@ pub fn attend(h: Heads, q: &[f32], k: KvRows, v: KvRows, bias: &[f32], out: &mut
     assert_eq!(bias.len(), n_q * n_kv);
     assert_eq!(out.len(), n_q * q_dim);
     let scale = 1.0 / (h.head_dim as f32).sqrt();
-    if n_q == 1 {
+    if n_q <= SMALL_PASS {
         let kernels = f16k::Isa::best(h.head_dim, h.n_heads / h.n_kv_heads);
-        return attend_one(h, q, k, v, bias, out, scale, kernels);
+        let rows = q.chunks_exact(q_dim).zip(bias.chunks_exact(n_kv.max(1))).zip(out.chunks_exact_mut(q_dim));
+        for ((q, bias), out) in rows {
+            attend_one(h, q, k, v, bias, out, scale, kernels);
+        }
+        return;
     }
     let group = h.n_heads / h.n_kv_heads;
     // Widened once per call, a buffer per KV head.
@@ -903,6 +913,10 @@ mod tests {
             (5, 11, 8, false),
             (70, 90, 8, true),
             (3, 40, 16, true),
+            // Small passes, row by row through the decode path, and one row past them.
+            (3, 700, 16, true),
+            (SMALL_PASS, 90, 8, true),
+            (SMALL_PASS + 1, 90, 8, true),
             (1, 11, 8, false),
             (1, 37, 24, false),
             (1, 700, 8, false),
