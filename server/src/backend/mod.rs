@@ -315,26 +315,21 @@ impl Remote {
         path: &str,
         deadline: tokio::time::Instant,
     ) -> Result<reqwest::Response, RemoteError> {
-        let again = rb.try_clone();
-        let first = match tokio::time::timeout_at(deadline, rb.send()).await {
-            Ok(r) => r,
-            Err(_) => return Err(self.timed_out()),
+        let attempt = |rb: reqwest::RequestBuilder| async move {
+            tokio::time::timeout_at(deadline, rb.send()).await.map_err(|_| self.timed_out())
         };
-        let result = match (first, again) {
-            (Ok(resp), _) => return Ok(resp),
-            (Err(e), Some(rb)) if e.is_request() && !e.is_connect() && !e.is_timeout() => {
+        let again = rb.try_clone();
+        let mut result = attempt(rb).await?;
+        if let (Err(e), Some(rb)) = (&result, again) {
+            if e.is_request() && !e.is_connect() && !e.is_timeout() {
                 (self.notify)(Notice::Log(format!(
                     "the connection to {} closed before an answer to {path} ({}); sending it again",
                     self.base(),
-                    root_cause(&e)
+                    root_cause(e)
                 )));
-                match tokio::time::timeout_at(deadline, rb.send()).await {
-                    Ok(r) => r,
-                    Err(_) => return Err(self.timed_out()),
-                }
+                result = attempt(rb).await?;
             }
-            (Err(e), _) => Err(e),
-        };
+        }
         result.map_err(|e| self.transport(e, path))
     }
 

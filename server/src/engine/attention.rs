@@ -22,7 +22,7 @@
 
 use rayon::prelude::*;
 
-use super::kv_cache::KvRows;
+use super::kv_cache::{KvHead, KvRows};
 use super::simd;
 
 /// Query rows per prefill work item.
@@ -243,11 +243,6 @@ fn attend_one(
     let stride = group * (hd + 2);
     let mut part = vec![0f32; n_items * stride];
     let part_ptr = part.as_mut_ptr() as usize;
-    // f16 rows: SIMD kernels widen each run of values in registers.
-    let fast = match (k, v, kernels) {
-        (KvRows::F16(k), KvRows::F16(v), Some(isa)) => Some((isa, k, v)),
-        _ => None,
-    };
     candle_core::utils::barrier_pool().execute_chunked(n_items, |items| {
         let mut s = vec![0f32; group * slice_rows];
         let mut buf = vec![0f32; hd];
@@ -262,10 +257,15 @@ fn attend_one(
                     let qs = &q[kvh * group * hd..(kvh + 1) * group * hd];
                     let rows = f16k::Rows { a, b, hd, stride: slice_rows };
                     let (kh, vh) = (k.head(kvh), v.head(kvh));
+                    // f16 rows: SIMD kernels widen each run of values in registers.
+                    let fast = match (kh, vh, kernels) {
+                        (KvHead::F16(k16), KvHead::F16(v16), Some(isa)) => Some((isa, k16, v16)),
+                        _ => None,
+                    };
                     if let Some((isa, k16, _)) = fast {
                         // SAFETY: `Isa::best` (or the test) checked the CPU has `isa`;
                         // the kernel checks its bounds.
-                        unsafe { f16k::scores(isa, group, &k16[kvh], rows, qs, scale, bias, &mut s) };
+                        unsafe { f16k::scores(isa, group, k16, rows, qs, scale, bias, &mut s) };
                     } else {
                         for (i, &bias_r) in bias[a..b].iter().enumerate() {
                             if bias_r == f32::NEG_INFINITY {
@@ -298,7 +298,7 @@ fn attend_one(
                     }
                     if let Some((isa, _, v16)) = fast {
                         // SAFETY: as for the scores.
-                        unsafe { f16k::values(isa, group, &v16[kvh], rows, &s, p) };
+                        unsafe { f16k::values(isa, group, v16, rows, &s, p) };
                         continue;
                     }
                     for i in 0..m {
