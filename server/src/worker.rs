@@ -118,6 +118,10 @@ pub struct Completed {
     pub reused_tokens: usize,
     /// Prompt tokens that had to be run.
     pub prefilled_tokens: usize,
+    /// Tokens the model generated for this answer (0 when typed through).
+    pub generated_tokens: usize,
+    /// Time spent generating them, in milliseconds.
+    pub decode_ms: f64,
 }
 
 /// Why a completion has no suggestion: what crosses the worker/LSP seam
@@ -897,6 +901,8 @@ impl Worker {
             typed_through: s.typed_through,
             reused_tokens: s.reused,
             prefilled_tokens: s.prefilled,
+            generated_tokens: s.tokens,
+            decode_ms: s.decode_time.as_secs_f64() * 1000.0,
         })
     }
 

@@ -265,6 +265,8 @@ impl RemoteRoute {
                 typed_through: s.typed_through,
                 reused_tokens: 0,
                 prefilled_tokens: 0,
+                generated_tokens: s.tokens,
+                decode_ms: s.decode_time.as_secs_f64() * 1000.0,
             })),
             Err(e) if e.down && gen.fallback => Outcome::Local,
             Err(e) => Outcome::Reply(Err(CompletionError::Failed(e.message))),

@@ -221,8 +221,13 @@ impl Backend {
         match answer.await {
             Ok(Ok(done)) => {
                 self.log_line(&format!(
-                    "completion {uri} {:.0} ms (reused {}, prefilled {}, typed-through {})",
-                    done.latency_ms, done.reused_tokens, done.prefilled_tokens, done.typed_through
+                    "completion {uri} {:.0} ms (reused {}, prefilled {}, generated {} in {:.0} ms, typed-through {})",
+                    done.latency_ms,
+                    done.reused_tokens,
+                    done.prefilled_tokens,
+                    done.generated_tokens,
+                    done.decode_ms,
+                    done.typed_through
                 ));
                 Ok(done)
             }
