@@ -33,10 +33,16 @@
 //!
 //! `--context-compare` also runs ours with `completion.contextTokens` 0 (project context
 //! off; `--context-tokens N` sets ours' budget) and prints the latency ratios and the
-//! K/V bytes per document of both. `--samples DIR` writes each run's keystrokes
-//! (`ms first model`, one per line) to `DIR/ours.txt`, `DIR/ours-context-off.txt` and `DIR/llama-cpp.txt`.
+//! K/V bytes per document of both, and the ratio of the time per generated token
+//! (`decode_ms_per_token`, from the server log: the two runs' suggestions differ in
+//! length, so their slowest keystrokes differ in what they generate). One pair's
+//! p95 swings with which dozen keystrokes run the model: `--compare-pairs N` runs
+//! N pairs, alternating which of the two goes first, and reports each ratio's median
+//! (`…_ratio_context_on_over_off`) and all of them (`…_ratios_context_on_over_off`). `--samples DIR` writes each run's keystrokes
+//! (`ms first model`, one per line) to `DIR/ours.txt`, `DIR/ours-context-off.txt` (`-2`, `-3`, …
+//! after them for later pairs) and `DIR/llama-cpp.txt`.
 //!
-//! `typing-replay-files --llama-server BIN --model GGUF [--rounds 2] [--policy window|anchor|full] [--pause-ms 30] [--rest-every N] [--only ours|llama] [--no-visit-warm] [--context-tokens N] [--context-compare] [--samples DIR]`
+//! `typing-replay-files --llama-server BIN --model GGUF [--rounds 2] [--policy window|anchor|full] [--pause-ms 30] [--rest-every N] [--only ours|llama] [--no-visit-warm] [--context-tokens N] [--context-compare [--compare-pairs N]] [--samples DIR]`
 //! (ANCHORCODER_BIN picks our binary; tests/bench/typing-files.sh runs it).
 
 use std::path::Path;
@@ -195,6 +201,17 @@ fn replay(
     samples
 }
 
+/// The middle value (the mean of the two middle ones for an even count).
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -232,8 +249,9 @@ struct Ours<'a> {
     context_tokens: Option<u64>,
 }
 
-/// Our server's keystroke samples, and its memory per document at the end
-/// (K/V bytes and context tokens from `anchorcoder/status`).
+/// Our server's keystroke samples, its memory per document at the end (K/V
+/// bytes and context tokens from `anchorcoder/status`, as `memory`) and what
+/// its completions generated (`decode`, [`decode_cost`]).
 fn ours(docs: &[Doc], sched: &Schedule, o: &Ours) -> (Vec<Sample>, Value) {
     let rounds = sched.rounds;
     let (policy, visit_warm) = (o.policy, o.visit_warm);
@@ -241,9 +259,12 @@ fn ours(docs: &[Doc], sched: &Schedule, o: &Ours) -> (Vec<Sample>, Value) {
     if let Some(n) = o.context_tokens {
         completion["contextTokens"] = json!(n);
     }
+    // The server's log, for what each model run generated (`decode_ms_per_token`).
+    let log = std::env::temp_dir().join(format!("anchorcoder-replay-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
     let mut s = Server::start(&[]);
     s.initialize(
-        json!({"attention": {"policy": policy}, "threads": 2, "completion": completion}),
+        json!({"attention": {"policy": policy}, "threads": 2, "completion": completion, "logFile": log}),
         json!({"general": {"positionEncodings": ["utf-8"]}}),
     );
     for d in docs {
@@ -311,7 +332,29 @@ fn ours(docs: &[Doc], sched: &Schedule, o: &Ours) -> (Vec<Sample>, Value) {
     let memory =
         json!({"kv_bytes_per_document_mean": kv.iter().sum::<f64>() / kv.len().max(1) as f64, "documents": per_doc});
     s.shutdown();
-    (samples, memory)
+    let decode = decode_cost(&std::fs::read_to_string(&log).unwrap_or_default());
+    let _ = std::fs::remove_file(&log);
+    (samples, json!({"memory": memory, "decode": decode}))
+}
+
+/// Tokens generated and time spent generating them, summed over the
+/// completions of a server log (`completion … generated N in M ms …`), and
+/// their ratio: the cost of a generated token whatever the suggestions' lengths
+/// (context on and off make the model say different things, so the slowest
+/// keystrokes differ in what they generate, not only in what a token costs).
+fn decode_cost(log: &str) -> Value {
+    let (mut tokens, mut ms) = (0u64, 0f64);
+    for line in log.lines().filter(|l| l.contains(" completion ")) {
+        let Some(rest) = line.split("generated ").nth(1) else { continue };
+        let mut words = rest.split_whitespace();
+        let n = words.next().and_then(|w| w.parse::<u64>().ok());
+        let t = words.nth(1).and_then(|w| w.parse::<f64>().ok());
+        if let (Some(n), Some(t)) = (n, t) {
+            tokens += n;
+            ms += t;
+        }
+    }
+    json!({"generated_tokens": tokens, "decode_ms": ms, "decode_ms_per_token": if tokens > 0 { ms / tokens as f64 } else { f64::NAN }})
 }
 
 fn llama(docs: &[Doc], sched: &Schedule, bin: &str, model: &str, visit_warm: bool) -> Vec<Sample> {
@@ -415,29 +458,56 @@ fn main() {
     let context_tokens: Option<u64> = flag("--context-tokens").and_then(|v| v.parse().ok());
     let samples_dir = flag("--samples");
     let o = Ours { policy: policy.as_deref(), visit_warm, context_tokens };
+    let compare = args.iter().any(|a| a == "--context-compare");
+    let pairs: usize = flag("--compare-pairs").and_then(|v| v.parse().ok()).unwrap_or(1).max(1);
+    let run = |o: &Ours, name: &str| {
+        let (samples, server) = ours(&docs, &sched, o);
+        save_samples(samples_dir.as_deref(), name, &samples);
+        let mut s = stats(&samples);
+        s["memory"] = server["memory"].clone();
+        s["decode_ms_per_token"] = server["decode"]["decode_ms_per_token"].clone();
+        s["generated_tokens"] = server["decode"]["generated_tokens"].clone();
+        s
+    };
+    let off = Ours { context_tokens: Some(0), ..o };
     if only.as_deref() != Some("llama") {
-        let (samples, memory) = ours(&docs, &sched, &o);
-        save_samples(samples_dir.as_deref(), "ours", &samples);
-        let mut s = stats(&samples);
-        s["memory"] = memory;
-        println!("ours ({}):   {s}", policy.as_deref().unwrap_or("default policy"));
-        report.insert("ours".into(), s);
-    }
-    if args.iter().any(|a| a == "--context-compare") {
-        // The same session with project context off: the latency and memory it costs.
-        let (samples, memory) = ours(&docs, &sched, &Ours { context_tokens: Some(0), ..o });
-        save_samples(samples_dir.as_deref(), "ours-context-off", &samples);
-        let mut s = stats(&samples);
-        s["memory"] = memory;
-        println!("ours, context off: {s}");
-        if let Some(on) = report.get("ours").cloned() {
-            for k in ["p50_ms", "p95_ms", "model_p50_ms", "model_p95_ms"] {
-                let ratio = on[k].as_f64().unwrap() / s[k].as_f64().unwrap();
-                println!("{k}: context on / off = {ratio:.2}x");
-                report.insert(format!("{k}_ratio_context_on_over_off"), json!(ratio));
+        // The same session with project context off (`--context-compare`):
+        // the latency and memory context costs. Several pairs alternate which
+        // runs first, and the ratios' median is reported.
+        let mut ratios: Vec<serde_json::Map<String, Value>> = Vec::new();
+        for pair in 0..if compare { pairs } else { 1 } {
+            let tag = if pair == 0 { String::new() } else { format!("-{}", pair + 1) };
+            let (on, off) = if pair % 2 == 0 || !compare {
+                let on = run(&o, &format!("ours{tag}"));
+                (on, compare.then(|| run(&off, &format!("ours-context-off{tag}"))))
+            } else {
+                let off = run(&off, &format!("ours-context-off{tag}"));
+                (run(&o, &format!("ours{tag}")), Some(off))
+            };
+            println!("ours ({}):   {on}", policy.as_deref().unwrap_or("default policy"));
+            if let Some(off) = off {
+                println!("ours, context off: {off}");
+                let mut r = serde_json::Map::new();
+                for k in ["p50_ms", "p95_ms", "model_p50_ms", "model_p95_ms", "decode_ms_per_token"] {
+                    let ratio = on[k].as_f64().unwrap_or(f64::NAN) / off[k].as_f64().unwrap_or(f64::NAN);
+                    println!("{k}: context on / off = {ratio:.2}x");
+                    r.insert(k.to_string(), json!(ratio));
+                }
+                ratios.push(r);
+                report.entry("ours_context_off").or_insert(off);
+            }
+            report.entry("ours").or_insert(on);
+        }
+        if !ratios.is_empty() {
+            for k in ["p50_ms", "p95_ms", "model_p50_ms", "model_p95_ms", "decode_ms_per_token"] {
+                let all: Vec<f64> = ratios.iter().map(|r| r[k].as_f64().unwrap_or(f64::NAN)).collect();
+                if all.len() > 1 {
+                    println!("{k}: context on / off, median of {} pairs = {:.2}x {all:.2?}", all.len(), median(&all));
+                    report.insert(format!("{k}_ratios_context_on_over_off"), json!(all));
+                }
+                report.insert(format!("{k}_ratio_context_on_over_off"), json!(median(&all)));
             }
         }
-        report.insert("ours_context_off".into(), s);
     }
     if only.as_deref() != Some("ours") {
         let bin = flag("--llama-server").expect("--llama-server BIN");
@@ -464,6 +534,26 @@ fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&[1.2, 0.9, 1.0]), 1.0);
+        assert_eq!(median(&[1.3, 0.9, 1.1, 1.0]), 1.05);
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn decode_cost_sums_the_log_lines_that_generated() {
+        let log = "1796545370 loaded m.gguf in 483ms\n\
+                   1796545371 completion file:///a.py 61 ms (reused 9, prefilled 1, generated 8 in 50 ms, typed-through false)\n\
+                   1796545372 completion file:///a.py 0 ms (reused 9, prefilled 0, generated 0 in 0 ms, typed-through true)\n\
+                   1796545373 completion file:///b.py 30 ms (reused 4, prefilled 0, generated 4 in 25 ms, typed-through false)\n";
+        let d = decode_cost(log);
+        assert_eq!(d["generated_tokens"], 12);
+        assert_eq!(d["decode_ms"], 75.0);
+        assert_eq!(d["decode_ms_per_token"], 6.25);
+        assert!(decode_cost("no completions here").get("decode_ms_per_token").unwrap().is_null());
+    }
 
     #[test]
     fn typing_the_shown_suggestion_needs_no_model() {
