@@ -5,6 +5,7 @@
 # same GGUF, 2 threads each. Prints p50/p95 of both and the ratios last.
 #
 #   tests/bench/typing-files.sh [--rounds 2] [--policy window|anchor|full] [--pause-ms 30] [--no-visit-warm]
+#                               [--only ours|llama] [--rest-every N] [--context-compare [--compare-pairs N]]
 #
 # Builds both release binaries and llama.cpp (tests/bench/build-llamacpp.sh)
 # if missing; RT=1 runs everything under `chrt -r 1` as run-bench.sh does.
