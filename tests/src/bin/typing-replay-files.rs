@@ -37,10 +37,13 @@
 //! (`decode_ms_per_token`, from the server log: the two runs' suggestions differ in
 //! length, so their slowest keystrokes differ in what they generate). One pair's
 //! p95 swings with which dozen keystrokes run the model: `--compare-pairs N` runs
-//! N pairs, alternating which of the two goes first, and reports each ratio's median
-//! (`…_ratio_context_on_over_off`) and all of them (`…_ratios_context_on_over_off`). `--samples DIR` writes each run's keystrokes
-//! (`ms first model`, one per line) to `DIR/ours.txt`, `DIR/ours-context-off.txt` (`-2`, `-3`, …
-//! after them for later pairs) and `DIR/llama-cpp.txt`.
+//! N pairs, alternating which of the two goes first, and reports each ratio's
+//! median (`…_ratio_context_on_over_off`) and all of them
+//! (`…_ratios_context_on_over_off`).
+//!
+//! `--samples DIR` writes each run's keystrokes (`ms first model`, one per line)
+//! to `DIR/ours.txt`, `DIR/ours-context-off.txt` (`-2`, `-3`, … after them for
+//! later pairs) and `DIR/llama-cpp.txt`.
 //!
 //! `typing-replay-files --llama-server BIN --model GGUF [--rounds 2] [--policy window|anchor|full] [--pause-ms 30] [--rest-every N] [--only ours|llama] [--no-visit-warm] [--context-tokens N] [--context-compare [--compare-pairs N]] [--samples DIR]`
 //! (ANCHORCODER_BIN picks our binary; tests/bench/typing-files.sh runs it).
