@@ -118,10 +118,10 @@ pub struct Completed {
     pub reused_tokens: usize,
     /// Prompt tokens that had to be run.
     pub prefilled_tokens: usize,
-    /// Tokens the model generated for this answer (0 when typed through).
-    pub generated_tokens: usize,
-    /// Time spent generating them, in milliseconds.
-    pub decode_ms: f64,
+    /// Tokens the model generated for this answer and the milliseconds that
+    /// took (0 when typed through); `None` from a remote engine, which does
+    /// not say.
+    pub generated: Option<(usize, f64)>,
 }
 
 /// Why a completion has no suggestion: what crosses the worker/LSP seam
@@ -901,8 +901,7 @@ impl Worker {
             typed_through: s.typed_through,
             reused_tokens: s.reused,
             prefilled_tokens: s.prefilled,
-            generated_tokens: s.tokens,
-            decode_ms: s.decode_time.as_secs_f64() * 1000.0,
+            generated: Some((s.tokens, s.decode_time.as_secs_f64() * 1000.0)),
         })
     }
 

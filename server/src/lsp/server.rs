@@ -220,14 +220,11 @@ impl Backend {
         }));
         match answer.await {
             Ok(Ok(done)) => {
+                let generated =
+                    done.generated.map(|(n, ms)| format!(", generated {n} in {ms:.0} ms")).unwrap_or_default();
                 self.log_line(&format!(
-                    "completion {uri} {:.0} ms (reused {}, prefilled {}, generated {} in {:.0} ms, typed-through {})",
-                    done.latency_ms,
-                    done.reused_tokens,
-                    done.prefilled_tokens,
-                    done.generated_tokens,
-                    done.decode_ms,
-                    done.typed_through
+                    "completion {uri} {:.0} ms (reused {}, prefilled {}{generated}, typed-through {})",
+                    done.latency_ms, done.reused_tokens, done.prefilled_tokens, done.typed_through
                 ));
                 Ok(done)
             }
