@@ -204,6 +204,13 @@ fn replay(
     samples
 }
 
+/// What `--context-compare` reports as ratios, context on over off: the
+/// latency figures, the first keystroke at each new place (which prefills a
+/// new window that also attends to the context) and the time per generated
+/// token.
+const COMPARED: [&str; 6] =
+    ["p50_ms", "p95_ms", "model_p50_ms", "model_p95_ms", "first_keystroke_p50_ms", "decode_ms_per_token"];
+
 /// The middle value (the mean of the two middle ones for an even count).
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
@@ -491,7 +498,7 @@ fn main() {
             if let Some(off) = off {
                 println!("ours, context off: {off}");
                 let mut r = serde_json::Map::new();
-                for k in ["p50_ms", "p95_ms", "model_p50_ms", "model_p95_ms", "decode_ms_per_token"] {
+                for k in COMPARED {
                     let ratio = on[k].as_f64().unwrap_or(f64::NAN) / off[k].as_f64().unwrap_or(f64::NAN);
                     println!("{k}: context on / off = {ratio:.2}x");
                     r.insert(k.to_string(), json!(ratio));
@@ -502,7 +509,7 @@ fn main() {
             report.entry("ours").or_insert(on);
         }
         if !ratios.is_empty() {
-            for k in ["p50_ms", "p95_ms", "model_p50_ms", "model_p95_ms", "decode_ms_per_token"] {
+            for k in COMPARED {
                 let all: Vec<f64> = ratios.iter().map(|r| r[k].as_f64().unwrap_or(f64::NAN)).collect();
                 if all.len() > 1 {
                     println!("{k}: context on / off, median of {} pairs = {:.2}x {all:.2?}", all.len(), median(&all));
