@@ -487,7 +487,7 @@ fn main() {
         let mut ratios: Vec<serde_json::Map<String, Value>> = Vec::new();
         for pair in 0..if compare { pairs } else { 1 } {
             let tag = if pair == 0 { String::new() } else { format!("-{}", pair + 1) };
-            let (on, off) = if pair % 2 == 0 || !compare {
+            let (on, off) = if pair % 2 == 0 {
                 let on = run(&o, &format!("ours{tag}"));
                 (on, compare.then(|| run(&off, &format!("ours-context-off{tag}"))))
             } else {
