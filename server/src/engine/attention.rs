@@ -20,8 +20,6 @@
 //! Softmax uses a vectorizable `exp` ([`exp_neg`], Cephes' polynomial,
 //! ~1 ulp); masked entries become exactly 0.
 
-use rayon::prelude::*;
-
 use super::kv_cache::{KvHead, KvRows};
 use super::simd;
 
@@ -77,9 +75,11 @@ pub fn attend(h: Heads, q: &[f32], k: KvRows, v: KvRows, bias: &[f32], out: &mut
     let runs: Vec<Vec<(usize, usize)>> =
         (0..blocks).map(|blk| visible_runs(bias, n_kv, blk * ROW_BLOCK, ((blk + 1) * ROW_BLOCK).min(n_q))).collect();
     let out_ptr = out.as_mut_ptr() as usize;
-    (0..h.n_heads * blocks).into_par_iter().for_each_init(
-        || (Vec::new(), Vec::new()),
-        |(scores, row_bias): &mut (Vec<f32>, Vec<f32>), item| {
+    // On candle's pool, as the matmuls and decode are: a second pool's threads
+    // would compete with its workers, which spin a while after each matmul.
+    candle_core::utils::barrier_pool().execute_chunked(h.n_heads * blocks, |items| {
+        let (mut scores, mut row_bias) = (Vec::new(), Vec::new());
+        for item in items {
             let (head, blk) = (item / blocks, item % blocks);
             let kvh = head / group;
             let (r0, r1) = (blk * ROW_BLOCK, ((blk + 1) * ROW_BLOCK).min(n_q));
@@ -131,7 +131,7 @@ pub fn attend(h: Heads, q: &[f32], k: KvRows, v: KvRows, bias: &[f32], out: &mut
                             _ => {
                                 row_bias.clear();
                                 runs.iter().for_each(|&(c0, c1)| row_bias.extend_from_slice(&full[c0..c1]));
-                                row_bias
+                                &row_bias
                             }
                         };
                         softmax_masked(row, packed);
@@ -168,8 +168,8 @@ pub fn attend(h: Heads, q: &[f32], k: KvRows, v: KvRows, bias: &[f32], out: &mut
                 }
                 at += c1 - c0;
             }
-        },
-    );
+        }
+    });
 }
 
 /// Columns a gap must span to be skipped (shorter ones cost less to multiply
