@@ -825,7 +825,11 @@ pub(crate) fn exp_neg(x: f32) -> f32 {
         * r
         + 0.5;
     let e = p * (r * r) + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n from bits: adding 1.5·2^23 leaves the integer n + 127 (1..=127
+    // here) in the low bits of the mantissa. A float-to-int cast would not
+    // vectorize as well (Rust's saturating `as`).
+    let biased = (n + (127.0 + 12_582_912.0)).to_bits().wrapping_sub(0x4B40_0000);
+    let scale = f32::from_bits(biased << 23);
     if x >= -87.0 {
         e * scale
     } else {
@@ -858,12 +862,16 @@ fn exp_sum(x: &mut [f32], max: f32) -> f32 {
             acc[i] += ch[i];
         }
     }
-    let mut tail = 0f32;
-    for v in c.into_remainder() {
-        *v = exp_neg(*v - max);
-        tail += *v;
+    // The last few values through one padded register's worth, not one by one.
+    let rest = c.into_remainder();
+    let mut pad = [f32::NEG_INFINITY; 16];
+    pad[..rest.len()].copy_from_slice(rest);
+    for (p, a) in pad.iter_mut().zip(&mut acc) {
+        *p = exp_neg(*p - max);
+        *a += *p;
     }
-    acc.iter().sum::<f32>() + tail
+    rest.copy_from_slice(&pad[..rest.len()]);
+    acc.iter().sum::<f32>()
 }
 
 /// In-place softmax of `row + bias`; masked entries become exactly 0.
@@ -1096,5 +1104,28 @@ mod tests {
         assert_eq!(exp_neg(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp_neg(-100.0), 0.0);
         assert_eq!(exp_neg(0.0), 1.0);
+    }
+
+    #[test]
+    fn exp_sum_treats_every_length_alike() {
+        // Lengths around the 16-lane blocks: the last few values go through
+        // a padded block, masked ones give exactly 0.
+        for n in 0..50 {
+            let x: Vec<f32> =
+                (0..n).map(|i| if i % 7 == 3 { f32::NEG_INFINITY } else { -((i * 37 % 23) as f32) / 3.0 }).collect();
+            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut got = x.clone();
+            let sum = if n > 0 { exp_sum(&mut got, max) } else { 0.0 };
+            let mut want_sum = 0f64;
+            for (g, &v) in got.iter().zip(&x) {
+                let want = ((v - max) as f64).exp();
+                want_sum += want;
+                assert!((*g as f64 - want).abs() <= 1e-6 * want.max(1e-30), "{g} vs {want} (n {n})");
+                if v == f32::NEG_INFINITY {
+                    assert_eq!(*g, 0.0);
+                }
+            }
+            assert!((sum as f64 - want_sum).abs() <= 1e-5 * want_sum.max(1.0), "sum {sum} vs {want_sum} (n {n})");
+        }
     }
 }
