@@ -43,7 +43,9 @@
 //!
 //! `--samples DIR` writes each run's keystrokes (`ms first model`, one per line)
 //! to `DIR/ours.txt`, `DIR/ours-context-off.txt` (`-2`, `-3`, … after them for
-//! later pairs) and `DIR/llama-cpp.txt`.
+//! later pairs) and `DIR/llama-cpp.txt`, and our server's log beside each
+//! (`DIR/ours.log`, …: its `completion …` lines say what each keystroke reused,
+//! prefilled and generated).
 //!
 //! `typing-replay-files --llama-server BIN --model GGUF [--rounds 2] [--policy window|anchor|full] [--pause-ms 30] [--rest-every N] [--only ours|llama] [--no-visit-warm] [--context-tokens N] [--context-compare [--compare-pairs N]] [--samples DIR]`
 //! (ANCHORCODER_BIN picks our binary; tests/bench/typing-files.sh runs it).
@@ -261,8 +263,9 @@ struct Ours<'a> {
 
 /// Our server's keystroke samples, its memory per document at the end (K/V
 /// bytes and context tokens from `anchorcoder/status`, as `memory`) and what
-/// its completions generated (`decode`, [`decode_cost`]).
-fn ours(docs: &[Doc], sched: &Schedule, o: &Ours) -> (Vec<Sample>, Value) {
+/// its completions generated (`decode`, [`decode_cost`]). The server's log
+/// is copied to `keep_log` where given.
+fn ours(docs: &[Doc], sched: &Schedule, o: &Ours, keep_log: Option<&Path>) -> (Vec<Sample>, Value) {
     let rounds = sched.rounds;
     let (policy, visit_warm) = (o.policy, o.visit_warm);
     let mut completion = json!({"maxLines": 1, "maxTokens": 24});
@@ -342,7 +345,11 @@ fn ours(docs: &[Doc], sched: &Schedule, o: &Ours) -> (Vec<Sample>, Value) {
     let memory =
         json!({"kv_bytes_per_document_mean": kv.iter().sum::<f64>() / kv.len().max(1) as f64, "documents": per_doc});
     s.shutdown();
-    let decode = decode_cost(&std::fs::read_to_string(&log).unwrap_or_default());
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    if let Some(to) = keep_log {
+        std::fs::write(to, &text).expect("cannot copy the server log");
+    }
+    let decode = decode_cost(&text);
     let _ = std::fs::remove_file(&log);
     (samples, json!({"memory": memory, "decode": decode}))
 }
@@ -471,7 +478,11 @@ fn main() {
     let compare = args.iter().any(|a| a == "--context-compare");
     let pairs: usize = flag("--compare-pairs").and_then(|v| v.parse().ok()).unwrap_or(1).max(1);
     let run = |o: &Ours, name: &str| {
-        let (samples, server) = ours(&docs, &sched, o);
+        let log = samples_dir.as_deref().map(|d| {
+            std::fs::create_dir_all(d).expect("cannot create the samples folder");
+            Path::new(d).join(format!("{name}.log"))
+        });
+        let (samples, server) = ours(&docs, &sched, o, log.as_deref());
         save_samples(samples_dir.as_deref(), name, &samples);
         let mut s = stats(&samples);
         s["memory"] = server["memory"].clone();
