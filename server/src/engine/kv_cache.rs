@@ -14,7 +14,8 @@ use half::f16;
 use super::policy::{AttentionPolicy, LayerAttention, TokenLine};
 
 /// How K/V rows are stored: `f16` (the default: half the memory; attention
-/// widens rows to `f32` as it reads them) or `f32` (exact, the reference).
+/// widens rows to `f32` as it reads them), `q8` (a byte a value and a scale a
+/// row: about a quarter of `f32`) or `f32` (exact, the reference).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KvPrecision {
     /// IEEE half precision (11-bit significand: relative rounding ≤ 2⁻¹¹).
@@ -22,15 +23,27 @@ pub enum KvPrecision {
     F16,
     /// Single precision, as computed.
     F32,
+    /// Each row of a head (`head_dim` values) as signed bytes times one `f32`
+    /// scale (its largest magnitude / 127): rounding ≤ 1/254 of that
+    /// magnitude. Decode at depth reads the K/V of every kept row for each
+    /// token, so bytes a row are time a token.
+    Q8,
 }
 
 impl KvPrecision {
-    /// Bytes per stored value.
+    /// Bytes per stored value (a `q8` row also stores its 4-byte scale:
+    /// [`KvPrecision::row_bytes`]).
     pub fn bytes(self) -> usize {
         match self {
             KvPrecision::F16 => 2,
             KvPrecision::F32 => 4,
+            KvPrecision::Q8 => 1,
         }
+    }
+
+    /// Bytes one head's row of `head_dim` values takes.
+    pub fn row_bytes(self, head_dim: usize) -> usize {
+        head_dim * self.bytes() + if self == KvPrecision::Q8 { Q8_SCALE_BYTES } else { 0 }
     }
 
     /// The name `ANCHORCODER_KV` takes.
@@ -38,19 +51,21 @@ impl KvPrecision {
         match self {
             KvPrecision::F16 => "f16",
             KvPrecision::F32 => "f32",
+            KvPrecision::Q8 => "q8",
         }
     }
 
-    /// `f16` or `f32`.
+    /// `f16`, `f32` or `q8`.
     pub fn parse(s: &str) -> Result<Self, String> {
         match s.trim().to_ascii_lowercase().as_str() {
             "f16" => Ok(KvPrecision::F16),
             "f32" => Ok(KvPrecision::F32),
-            other => Err(format!("unknown K/V precision {other:?} (expected f16 or f32)")),
+            "q8" => Ok(KvPrecision::Q8),
+            other => Err(format!("unknown K/V precision {other:?} (expected f16, f32 or q8)")),
         }
     }
 
-    /// The process-wide choice: `ANCHORCODER_KV=f16|f32` (default f16), read
+    /// The process-wide choice: `ANCHORCODER_KV=f16|f32|q8` (default f16), read
     /// once. An unknown value is reported on stderr and the default kept.
     pub fn from_env() -> Self {
         static CHOICE: std::sync::OnceLock<KvPrecision> = std::sync::OnceLock::new();
@@ -64,9 +79,15 @@ impl KvPrecision {
     }
 }
 
-/// A stored K/V value type: `f32`, or `f16` (rounded to nearest).
+/// Bytes of a `q8` row's scale, stored little-endian before its values.
+pub const Q8_SCALE_BYTES: usize = 4;
+
+/// A stored K/V value type: `f32`, or `f16` (rounded to nearest), or `i8`
+/// (a `q8` row: [`Q8_SCALE_BYTES`] of scale, then the values).
 trait Stored: Copy + Default + std::fmt::Debug {
-    /// `dst[i] = src[i]`, rounded to `Self`.
+    /// Elements a row of `head_dim` values takes beyond `head_dim`.
+    const EXTRA: usize = 0;
+    /// Store one row: `dst` (`src.len() + EXTRA` elements) ← `src`.
     fn put(dst: &mut [Self], src: &[f32]);
 }
 
@@ -82,6 +103,29 @@ impl Stored for f16 {
     }
 }
 
+impl Stored for i8 {
+    const EXTRA: usize = Q8_SCALE_BYTES;
+    fn put(dst: &mut [i8], src: &[f32]) {
+        let max = src.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let scale = max / 127.0;
+        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        let (head, values) = dst.split_at_mut(Q8_SCALE_BYTES);
+        for (d, b) in head.iter_mut().zip(scale.to_le_bytes()) {
+            *d = b as i8;
+        }
+        for (d, x) in values.iter_mut().zip(src) {
+            // |x · inv| ≤ 127 (up to rounding of inv: clamped).
+            *d = (x * inv).round().clamp(-127.0, 127.0) as i8;
+        }
+    }
+}
+
+/// The scale of the `q8` row that starts at `row[0]`.
+#[inline(always)]
+pub fn q8_scale(row: &[i8]) -> f32 {
+    f32::from_le_bytes([row[0] as u8, row[1] as u8, row[2] as u8, row[3] as u8])
+}
+
 /// One layer's K or V, *head-major*: a buffer per KV head, `head_dim` values
 /// per row, so that attention reads each head's rows as one sequential stream
 /// (row-major, a head's run of a row is a strided slice that the hardware
@@ -89,34 +133,36 @@ impl Stored for f16 {
 #[derive(Clone, Debug)]
 struct HeadBufs<T> {
     heads: Vec<Vec<T>>,
+    /// Elements a row takes (`head_dim + T::EXTRA`).
     head_dim: usize,
 }
 
 impl<T: Stored> HeadBufs<T> {
     fn new(n_heads: usize, head_dim: usize) -> Self {
-        HeadBufs { heads: vec![Vec::new(); n_heads], head_dim }
+        HeadBufs { heads: vec![Vec::new(); n_heads], head_dim: head_dim + T::EXTRA }
     }
 
-    /// Values held, over all heads.
+    /// Elements held, over all heads.
     fn len(&self) -> usize {
         self.heads.iter().map(Vec::len).sum()
     }
 
-    /// Values allocated, over all heads.
+    /// Elements allocated, over all heads.
     fn capacity(&self) -> usize {
         self.heads.iter().map(Vec::capacity).sum()
     }
 
     /// Append rows given row-major (`n_heads · head_dim` values each).
     fn extend(&mut self, x: &[f32]) {
-        let (hd, n_heads) = (self.head_dim, self.heads.len());
+        let (width, n_heads) = (self.head_dim, self.heads.len());
+        let hd = width - T::EXTRA;
         let rows = x.len() / (hd * n_heads);
         debug_assert_eq!(x.len(), rows * hd * n_heads);
         for (h, buf) in self.heads.iter_mut().enumerate() {
-            grow(buf, rows * hd);
+            grow(buf, rows * width);
             let at = buf.len();
-            buf.resize(at + rows * hd, T::default());
-            for (r, dst) in buf[at..].chunks_exact_mut(hd).enumerate() {
+            buf.resize(at + rows * width, T::default());
+            for (r, dst) in buf[at..].chunks_exact_mut(width).enumerate() {
                 let src = (r * n_heads + h) * hd;
                 T::put(dst, &x[src..src + hd]);
             }
@@ -153,6 +199,7 @@ impl<T: Stored> HeadBufs<T> {
 enum Rows {
     F32(HeadBufs<f32>),
     F16(HeadBufs<f16>),
+    Q8(HeadBufs<i8>),
 }
 
 /// `$body` with `$b` bound to the [`HeadBufs`] inside a [`Rows`].
@@ -161,6 +208,7 @@ macro_rules! each {
         match $rows {
             Rows::F32($b) => $body,
             Rows::F16($b) => $body,
+            Rows::Q8($b) => $body,
         }
     };
 }
@@ -170,6 +218,7 @@ impl Rows {
         match p {
             KvPrecision::F16 => Rows::F16(HeadBufs::new(n_heads, head_dim)),
             KvPrecision::F32 => Rows::F32(HeadBufs::new(n_heads, head_dim)),
+            KvPrecision::Q8 => Rows::Q8(HeadBufs::new(n_heads, head_dim)),
         }
     }
 
@@ -177,6 +226,7 @@ impl Rows {
         match self {
             Rows::F32(b) => KvRows::F32(&b.heads),
             Rows::F16(b) => KvRows::F16(&b.heads),
+            Rows::Q8(b) => KvRows::Q8(&b.heads, b.head_dim - Q8_SCALE_BYTES),
         }
     }
 
@@ -213,6 +263,8 @@ pub enum KvRows<'a> {
     F32(&'a [Vec<f32>]),
     /// Stored as `f16`.
     F16(&'a [Vec<f16>]),
+    /// Stored as `q8` rows of `head_dim` (the second field) values.
+    Q8(&'a [Vec<i8>], usize),
 }
 
 impl<'a> KvRows<'a> {
@@ -221,6 +273,7 @@ impl<'a> KvRows<'a> {
         match self {
             KvRows::F32(h) => h.len(),
             KvRows::F16(h) => h.len(),
+            KvRows::Q8(h, _) => h.len(),
         }
     }
 
@@ -239,6 +292,7 @@ impl<'a> KvRows<'a> {
         match *self {
             KvRows::F32(b) => KvHead::F32(&b[h]),
             KvRows::F16(b) => KvHead::F16(&b[h]),
+            KvRows::Q8(b, hd) => KvHead::Q8(&b[h], hd),
         }
     }
 }
@@ -250,6 +304,9 @@ pub enum KvHead<'a> {
     F32(&'a [f32]),
     /// Stored as `f16`.
     F16(&'a [f16]),
+    /// Stored as `q8` rows ([`Q8_SCALE_BYTES`] of scale, then `head_dim`
+    /// values; the second field is `head_dim`).
+    Q8(&'a [i8], usize),
 }
 
 impl<'a> KvHead<'a> {
@@ -258,6 +315,7 @@ impl<'a> KvHead<'a> {
         match self {
             KvHead::F32(v) => v.len(),
             KvHead::F16(v) => v.len(),
+            KvHead::Q8(v, hd) => v.len() / (hd + Q8_SCALE_BYTES) * hd,
         }
     }
 
@@ -267,13 +325,22 @@ impl<'a> KvHead<'a> {
     }
 
     /// The `buf.len()` values from `at` as `f32`: borrowed when stored so,
-    /// else widened into `buf`.
+    /// else widened into `buf`. For `q8`, `at` must start a row and `buf`
+    /// hold one row.
     #[inline]
     pub fn row<'s>(&'s self, at: usize, buf: &'s mut [f32]) -> &'s [f32] {
-        match self {
+        match *self {
             KvHead::F32(v) => &v[at..at + buf.len()],
             KvHead::F16(v) => {
                 half::slice::HalfFloatSliceExt::convert_to_f32_slice(&v[at..at + buf.len()], buf);
+                buf
+            }
+            KvHead::Q8(v, hd) => {
+                debug_assert!(at.is_multiple_of(hd) && buf.len() == hd);
+                let w = hd + Q8_SCALE_BYTES;
+                let row = &v[at / hd * w..][..w];
+                let scale = q8_scale(row);
+                buf.iter_mut().zip(&row[Q8_SCALE_BYTES..]).for_each(|(o, &q)| *o = q as f32 * scale);
                 buf
             }
         }
@@ -286,6 +353,14 @@ impl<'a> KvHead<'a> {
             KvHead::F16(v) => {
                 let mut out = vec![0f32; v.len()];
                 half::slice::HalfFloatSliceExt::convert_to_f32_slice(v, &mut out);
+                std::borrow::Cow::Owned(out)
+            }
+            KvHead::Q8(v, hd) => {
+                let mut out = vec![0f32; self.len()];
+                for (o, row) in out.chunks_exact_mut(hd).zip(v.chunks_exact(hd + Q8_SCALE_BYTES)) {
+                    let scale = q8_scale(row);
+                    o.iter_mut().zip(&row[Q8_SCALE_BYTES..]).for_each(|(o, &q)| *o = q as f32 * scale);
+                }
                 std::borrow::Cow::Owned(out)
             }
         }
@@ -588,7 +663,7 @@ impl KvCache {
             tokens: self.lines.len(),
             anchors: self.lines.iter().filter(|t| t.anchor).count(),
             kept_entries,
-            kv_bytes: kept_entries * self.kv_dim * 2 * f,
+            kv_bytes: self.layers.iter().map(|l| (l.k.len() + l.v.len()) * f).sum(),
             allocated_bytes: self.layers.iter().map(|l| (l.k.capacity() + l.v.capacity()) * f).sum(),
         }
     }
@@ -686,6 +761,44 @@ mod tests {
         assert_eq!(h.stats().kv_bytes * 2, f.stats().kv_bytes);
         assert_eq!(KvPrecision::parse(" F32 "), Ok(KvPrecision::F32));
         assert!(KvPrecision::parse("bf16").is_err());
+    }
+
+    #[test]
+    fn q8_rows_keep_a_scale_each_and_survive_compaction() {
+        // Two heads of 8 values, three rows of different magnitudes.
+        let (heads, hd) = (2, 8);
+        let rows: Vec<f32> =
+            (0..3 * heads * hd).map(|i| ((i * 37 % 19) as f32 - 9.0) * [0.01, 1.0, 300.0][i / 16]).collect();
+        let policy = AttentionPolicy { kind: PolicyKind::Window { window_tokens: 2 }, sink_tokens: 0 };
+        let mut c = KvCache::with_precision(policy, 1, heads, hd, KvPrecision::Q8);
+        c.begin_chunk(&[false; 3]);
+        c.append(0, &rows, &rows);
+        let check = |c: &KvCache, kept: &[usize]| {
+            let view = c.layer(0);
+            for h in 0..heads {
+                let got = view.k.head(h).to_f32();
+                assert_eq!(got.len(), kept.len() * hd);
+                for (i, &r) in kept.iter().enumerate() {
+                    let want = &rows[(r * heads + h) * hd..][..hd];
+                    let max = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+                    let mut buf = vec![0f32; hd];
+                    let row = view.v.head(h).row(i * hd, &mut buf).to_vec();
+                    for ((g, w), g2) in got[i * hd..][..hd].iter().zip(want).zip(&row) {
+                        assert!((g - w).abs() <= max / 254.0 * 1.001, "row {r} head {h}: {g} vs {w}");
+                        assert_eq!(g, g2, "row() and to_f32() agree");
+                    }
+                }
+            }
+        };
+        check(&c, &[0, 1, 2]);
+        // A byte a value plus a 4-byte scale a row, K and V.
+        assert_eq!(c.stats().kv_bytes, 2 * 3 * heads * KvPrecision::Q8.row_bytes(hd));
+        assert_eq!(KvPrecision::Q8.row_bytes(hd), hd + Q8_SCALE_BYTES);
+        // A window of two keeps the last row (the next token sees it): compaction moves whole rows, scales with them.
+        c.compact(true);
+        check(&c, &[2]);
+        assert_eq!(c.stats().kv_bytes, 2 * heads * KvPrecision::Q8.row_bytes(hd));
+        assert_eq!(KvPrecision::parse("q8"), Ok(KvPrecision::Q8));
     }
 
     #[test]
