@@ -134,12 +134,12 @@ pub fn q8_scale(row: &[i8]) -> f32 {
 struct HeadBufs<T> {
     heads: Vec<Vec<T>>,
     /// Elements a row takes (`head_dim + T::EXTRA`).
-    head_dim: usize,
+    width: usize,
 }
 
 impl<T: Stored> HeadBufs<T> {
     fn new(n_heads: usize, head_dim: usize) -> Self {
-        HeadBufs { heads: vec![Vec::new(); n_heads], head_dim: head_dim + T::EXTRA }
+        HeadBufs { heads: vec![Vec::new(); n_heads], width: head_dim + T::EXTRA }
     }
 
     /// Elements held, over all heads.
@@ -154,7 +154,7 @@ impl<T: Stored> HeadBufs<T> {
 
     /// Append rows given row-major (`n_heads · head_dim` values each).
     fn extend(&mut self, x: &[f32]) {
-        let (width, n_heads) = (self.head_dim, self.heads.len());
+        let (width, n_heads) = (self.width, self.heads.len());
         let hd = width - T::EXTRA;
         let rows = x.len() / (hd * n_heads);
         debug_assert_eq!(x.len(), rows * hd * n_heads);
@@ -171,21 +171,21 @@ impl<T: Stored> HeadBufs<T> {
 
     /// Keep the first `rows` rows.
     fn truncate(&mut self, rows: usize) {
-        self.heads.iter_mut().for_each(|b| b.truncate(rows * self.head_dim));
+        self.heads.iter_mut().for_each(|b| b.truncate(rows * self.width));
     }
 
     /// Keep the rows whose flag is set, in order, in place; then give back
     /// capacity a long prefill left ([`trim`]).
     fn retain_rows(&mut self, keep: &[bool]) {
         for b in &mut self.heads {
-            retain_rows(b, self.head_dim, keep);
+            retain_rows(b, self.width, keep);
             trim(b);
         }
     }
 
     /// Shrink each head's spare capacity to `rows` rows if it exceeds twice that.
     fn shrink_spare(&mut self, rows: usize) {
-        let headroom = rows * self.head_dim;
+        let headroom = rows * self.width;
         for b in &mut self.heads {
             if b.capacity() > b.len() + 2 * headroom {
                 b.shrink_to(b.len() + headroom);
@@ -226,7 +226,7 @@ impl Rows {
         match self {
             Rows::F32(b) => KvRows::F32(&b.heads),
             Rows::F16(b) => KvRows::F16(&b.heads),
-            Rows::Q8(b) => KvRows::Q8(&b.heads, b.head_dim - Q8_SCALE_BYTES),
+            Rows::Q8(b) => KvRows::Q8(&b.heads, b.width - Q8_SCALE_BYTES),
         }
     }
 
@@ -530,7 +530,7 @@ impl KvCache {
         let l = &mut self.layers[layer];
         l.k.extend(k);
         l.v.extend(v);
-        debug_assert_eq!(l.k.len(), self.groups[l.group].positions.len() * self.kv_dim);
+        debug_assert_eq!(l.k.view().len(), self.groups[l.group].positions.len() * self.kv_dim);
     }
 
     /// The kept K/V of `layer`.
