@@ -386,12 +386,11 @@ mod kvk {
         }
     }
 
-    /// The scale of the row at `row` (`q8`; the caller skips it for `f16`).
-    /// Stored little-endian, as x86 reads it.
+    /// The scale of the `q8` row at `row` (the caller skips it for `f16`).
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn row_scale(row: *const u8) -> f32 {
-        (row as *const f32).read_unaligned()
+        crate::engine::kv_cache::q8_scale(std::slice::from_raw_parts(row as *const i8, Q8_SCALE_BYTES))
     }
 
     /// Values `16·c..16·c + 16` of the row at `row`, as floats.

@@ -126,6 +126,12 @@ pub fn q8_scale(row: &[i8]) -> f32 {
     f32::from_le_bytes([row[0] as u8, row[1] as u8, row[2] as u8, row[3] as u8])
 }
 
+/// One `q8` row (scale, then values) widened into `out` (its values).
+fn widen_q8(row: &[i8], out: &mut [f32]) {
+    let scale = q8_scale(row);
+    out.iter_mut().zip(&row[Q8_SCALE_BYTES..]).for_each(|(o, &q)| *o = q as f32 * scale);
+}
+
 /// One layer's K or V, *head-major*: a buffer per KV head, `head_dim` values
 /// per row, so that attention reads each head's rows as one sequential stream
 /// (row-major, a head's run of a row is a strided slice that the hardware
@@ -338,9 +344,7 @@ impl<'a> KvHead<'a> {
             KvHead::Q8(v, hd) => {
                 debug_assert!(at.is_multiple_of(hd) && buf.len() == hd);
                 let w = hd + Q8_SCALE_BYTES;
-                let row = &v[at / hd * w..][..w];
-                let scale = q8_scale(row);
-                buf.iter_mut().zip(&row[Q8_SCALE_BYTES..]).for_each(|(o, &q)| *o = q as f32 * scale);
+                widen_q8(&v[at / hd * w..][..w], buf);
                 buf
             }
         }
@@ -358,8 +362,7 @@ impl<'a> KvHead<'a> {
             KvHead::Q8(v, hd) => {
                 let mut out = vec![0f32; self.len()];
                 for (o, row) in out.chunks_exact_mut(hd).zip(v.chunks_exact(hd + Q8_SCALE_BYTES)) {
-                    let scale = q8_scale(row);
-                    o.iter_mut().zip(&row[Q8_SCALE_BYTES..]).for_each(|(o, &q)| *o = q as f32 * scale);
+                    widen_q8(row, o);
                 }
                 std::borrow::Cow::Owned(out)
             }

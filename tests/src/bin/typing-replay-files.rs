@@ -238,7 +238,7 @@ fn save_samples(dir: Option<&str>, name: &str, samples: &[Sample]) {
     let Some(dir) = dir else { return };
     let lines: String = samples.iter().map(|s| format!("{:.1} {} {}\n", s.ms, s.first, s.model)).collect();
     let path = Path::new(dir).join(format!("{name}.txt"));
-    std::fs::create_dir_all(dir).and_then(|_| std::fs::write(&path, lines)).expect("cannot write the samples");
+    std::fs::write(&path, lines).expect("cannot write the samples");
 }
 
 fn stats(samples: &[Sample]) -> Value {
@@ -474,14 +474,14 @@ fn main() {
     let mut report = serde_json::Map::new();
     let context_tokens: Option<u64> = flag("--context-tokens").and_then(|v| v.parse().ok());
     let samples_dir = flag("--samples");
+    if let Some(d) = &samples_dir {
+        std::fs::create_dir_all(d).expect("cannot create the samples folder");
+    }
     let o = Ours { policy: policy.as_deref(), visit_warm, context_tokens };
     let compare = args.iter().any(|a| a == "--context-compare");
     let pairs: usize = flag("--compare-pairs").and_then(|v| v.parse().ok()).unwrap_or(1).max(1);
     let run = |o: &Ours, name: &str| {
-        let log = samples_dir.as_deref().map(|d| {
-            std::fs::create_dir_all(d).expect("cannot create the samples folder");
-            Path::new(d).join(format!("{name}.log"))
-        });
+        let log = samples_dir.as_deref().map(|d| Path::new(d).join(format!("{name}.log")));
         let (samples, server) = ours(&docs, &sched, o, log.as_deref());
         save_samples(samples_dir.as_deref(), name, &samples);
         let mut s = stats(&samples);
