@@ -10,7 +10,7 @@
 //! KV bytes depend only on the token/anchor structure and the policy, not on
 //! the K/V values, so they are computed by replaying the cache's bookkeeping
 //! ([`KvCache::begin_chunk`] plus zero [`KvCache::append`]s, one float per
-//! entry, scaled by the model's KV width) instead of running the model over the
+//! entry, scaled by the bytes of the model's K/V rows) instead of running the model over the
 //! ~20k-token file seven times; a real forward pass over a prefix checks that
 //! the replay gives the same figure.
 
@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 
 use crate::engine::document::is_anchor;
 use crate::engine::generate::argmax;
-use crate::engine::kv_cache::KvCache;
+use crate::engine::kv_cache::{KvCache, KvPrecision};
 use crate::engine::llama::Logits;
 use crate::engine::policy::{AttentionPolicy, PolicyKind, PolicySpec};
 use crate::engine::Engine;
@@ -202,7 +202,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     // --- KV bytes ---------------------------------------------------------
     let n_layers = cfg.n_layers;
-    let kv_dim = cfg.kv_dim();
+    let row_bytes = kv_row_bytes(&engine);
     let mut kv_policies: Vec<(String, AttentionPolicy)> = vec![
         ("full".into(), AttentionPolicy::full()),
         ("anchor".into(), anchor_default),
@@ -221,7 +221,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut kv: Vec<(String, AttentionPolicy, KvFigures)> = kv_policies
         .drain(..)
         .map(|(name, p)| {
-            let f = replay_kv(p, n_layers, kv_dim, &anchors, args.chunk);
+            let f = replay_kv(p, n_layers, row_bytes, &anchors, args.chunk);
             (name, p, f)
         })
         .collect();
@@ -229,9 +229,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let anchor_kept_per_layer = kv[1].2.kept_entries / n_layers;
     let w_match = (anchor_kept_per_layer as u32).saturating_sub(anchor_default.sink_tokens).max(1);
     let wm = window(w_match, anchor_default.sink_tokens);
-    kv.push((format!("window_W{w_match}"), wm, replay_kv(wm, n_layers, kv_dim, &anchors, args.chunk)));
+    kv.push((format!("window_W{w_match}"), wm, replay_kv(wm, n_layers, row_bytes, &anchors, args.chunk)));
     if !kv.iter().any(|(_, p, _)| *p == speed_policy) {
-        let f = replay_kv(speed_policy, n_layers, kv_dim, &anchors, args.chunk);
+        let f = replay_kv(speed_policy, n_layers, row_bytes, &anchors, args.chunk);
         kv.push(("speed_policy".into(), speed_policy, f));
     }
     note(&format!("kv replay of {} policies: {:.2} s", kv.len(), t.elapsed().as_secs_f64()));
@@ -1135,12 +1135,19 @@ struct KvFigures {
     peak_bytes: usize,
 }
 
+/// Bytes one token's K (or V) takes in one layer of `engine`'s caches: every
+/// KV head's row in the precision new caches store (a `q8` row's scale included).
+fn kv_row_bytes(engine: &Engine) -> usize {
+    let cfg = engine.model.config();
+    cfg.n_kv_heads * engine.model.new_cache(AttentionPolicy::full()).precision().row_bytes(cfg.head_dim)
+}
+
 /// Replay the cache's bookkeeping for `anchors` (chunks of `chunk`, the
 /// server's `compact(false)` after each, `compact(true)` at the end) with one
-/// float per entry, and scale the byte figures to the model's `kv_dim`.
-fn replay_kv(policy: AttentionPolicy, n_layers: usize, kv_dim: usize, anchors: &[bool], chunk: usize) -> KvFigures {
-    // In the process's K/V precision, as the engine's caches.
-    let mut cache = KvCache::new(policy, n_layers, 1, 1);
+/// `f32` per entry, and scale the byte figures to `row_bytes` (see
+/// [`kv_row_bytes`]) per kept K or V entry.
+fn replay_kv(policy: AttentionPolicy, n_layers: usize, row_bytes: usize, anchors: &[bool], chunk: usize) -> KvFigures {
+    let mut cache = KvCache::with_precision(policy, n_layers, 1, 1, KvPrecision::F32);
     let zeros = vec![0f32; chunk];
     let mut peak = 0;
     for ch in anchors.chunks(chunk) {
@@ -1153,7 +1160,9 @@ fn replay_kv(policy: AttentionPolicy, n_layers: usize, kv_dim: usize, anchors: &
     }
     cache.compact(true);
     let s = cache.stats();
-    KvFigures { kept_entries: s.kept_entries, kv_bytes: s.kv_bytes * kv_dim, peak_bytes: peak * kv_dim }
+    // An f32 entry is 4 bytes of K or V.
+    let scale = |bytes: usize| bytes / 4 * row_bytes;
+    KvFigures { kept_entries: s.kept_entries, kv_bytes: scale(s.kv_bytes), peak_bytes: scale(peak) }
 }
 
 struct KvCheck {
@@ -1174,8 +1183,7 @@ fn check_kv(
     let mut cache = engine.model.new_cache(policy);
     prefill(engine, &mut cache, tokens, anchors, chunk)?;
     cache.compact(true);
-    let cfg = engine.model.config();
-    let replay = replay_kv(policy, cfg.n_layers, cfg.kv_dim(), anchors, chunk);
+    let replay = replay_kv(policy, engine.model.config().n_layers, kv_row_bytes(engine), anchors, chunk);
     Ok(KvCheck { tokens: tokens.len(), policy, forward_bytes: cache.stats().kv_bytes, replay_bytes: replay.kv_bytes })
 }
 
@@ -1764,10 +1772,11 @@ mod tests {
     fn replay_matches_the_policy_arithmetic() {
         // 100 lines of 10 tokens, the last of each an anchor.
         let anchors: Vec<bool> = (0..1000).map(|i| i % 10 == 9).collect();
-        let full = replay_kv(AttentionPolicy::full(), 4, 8, &anchors, 128);
+        // Rows of 16 bytes (8 f16 values, say).
+        let full = replay_kv(AttentionPolicy::full(), 4, 16, &anchors, 128);
         assert_eq!(full.kept_entries, 4 * 1000);
-        // K and V, in the cache's precision (f16 unless ANCHORCODER_KV says otherwise).
-        assert_eq!(full.kv_bytes, 4 * 1000 * 8 * 2 * crate::engine::kv_cache::KvPrecision::from_env().bytes());
+        // K and V.
+        assert_eq!(full.kv_bytes, 4 * 1000 * 16 * 2);
         // R=0: sinks (4), the 100 anchors, none of the open line (the last
         // token is an anchor, so the next line is empty).
         let a = replay_kv(anchor(0, 4, 0), 4, 8, &anchors, 128);
@@ -1777,6 +1786,7 @@ mod tests {
         let w = replay_kv(window(50, 4), 4, 8, &anchors, 128);
         assert_eq!(w.kept_entries, 4 * (4 + 49));
         assert!(w.peak_bytes >= w.kv_bytes);
+        assert_eq!(w.kv_bytes, 4 * (4 + 49) * 8 * 2);
     }
 
     #[test]

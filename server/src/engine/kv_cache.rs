@@ -13,13 +13,14 @@ use half::f16;
 
 use super::policy::{AttentionPolicy, LayerAttention, TokenLine};
 
-/// How K/V rows are stored: `f16` (the default: half the memory; attention
-/// widens rows to `f32` as it reads them), `q8` (a byte a value and a scale a
-/// row: about a quarter of `f32`) or `f32` (exact, the reference).
+/// How K/V rows are stored: `q8` (the default: a byte a value and a scale a
+/// row, about a quarter of `f32`), `f16` (half of `f32`, what llama.cpp
+/// keeps) or `f32` (exact, the reference). Attention widens rows to `f32` as
+/// it reads them. Why `q8` is the default: docs/benchmarks.md, "q8 K/V by
+/// default".
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KvPrecision {
     /// IEEE half precision (11-bit significand: relative rounding ≤ 2⁻¹¹).
-    #[default]
     F16,
     /// Single precision, as computed.
     F32,
@@ -27,6 +28,7 @@ pub enum KvPrecision {
     /// scale (its largest magnitude / 127): rounding ≤ 1/254 of that
     /// magnitude. Decode at depth reads the K/V of every kept row for each
     /// token, so bytes a row are time a token.
+    #[default]
     Q8,
 }
 
@@ -65,16 +67,17 @@ impl KvPrecision {
         }
     }
 
-    /// The process-wide choice: `ANCHORCODER_KV=f16|f32|q8` (default f16), read
+    /// The process-wide choice: `ANCHORCODER_KV=q8|f16|f32` (default q8), read
     /// once. An unknown value is reported on stderr and the default kept.
     pub fn from_env() -> Self {
         static CHOICE: std::sync::OnceLock<KvPrecision> = std::sync::OnceLock::new();
         *CHOICE.get_or_init(|| match std::env::var("ANCHORCODER_KV") {
             Ok(v) if !v.trim().is_empty() => KvPrecision::parse(&v).unwrap_or_else(|e| {
-                eprintln!("anchorcoder: ANCHORCODER_KV: {e}; using f16");
-                KvPrecision::F16
+                let d = KvPrecision::default();
+                eprintln!("anchorcoder: ANCHORCODER_KV: {e}; using {}", d.name());
+                d
             }),
-            _ => KvPrecision::F16,
+            _ => KvPrecision::default(),
         })
     }
 }
@@ -823,7 +826,7 @@ mod tests {
         for chunk in anchors.chunks(100) {
             fill(&mut d, chunk, 1);
             let s = d.stats();
-            assert!(s.allocated_bytes <= s.kv_bytes * 5 / 4 + 100 * 2 * 2 * d.precision().bytes(), "{s:?}");
+            assert!(s.allocated_bytes <= s.kv_bytes * 5 / 4 + 100 * 2 * 2 * d.precision().row_bytes(1), "{s:?}");
         }
     }
 
@@ -845,9 +848,9 @@ mod tests {
         c.compact_idle();
         // Sinks + the window (the next token itself is its last position).
         assert_eq!(c.stats().kept_entries / 2, 4 + 499, "sinks + window once idle");
-        // At rest, little spare capacity is left (2 layers, K and V, dim 2).
+        // At rest, little spare capacity is left (2 layers, K and V, rows of dim 2, twice over).
         let s = c.stats();
-        assert!(s.allocated_bytes <= s.kv_bytes + 2 * 2 * 2 * 2 * c.precision().bytes() * IDLE_HEADROOM_ROWS, "{s:?}");
+        assert!(s.allocated_bytes <= s.kv_bytes + 2 * 2 * 2 * c.precision().row_bytes(2) * IDLE_HEADROOM_ROWS, "{s:?}");
         // A few dead entries are not worth a copy.
         fill(&mut c, &[false; 10], 2);
         c.compact_idle();

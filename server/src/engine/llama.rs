@@ -370,7 +370,7 @@ pub struct Llama {
     norm: Norm,
     output: Option<Linear>,
     inv_freq: Vec<f32>,
-    /// How new caches store K/V (`ANCHORCODER_KV`, default f16).
+    /// How new caches store K/V (`ANCHORCODER_KV`, default q8).
     kv_precision: KvPrecision,
 }
 
