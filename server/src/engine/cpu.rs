@@ -15,6 +15,7 @@
 
 use std::fmt;
 
+use super::kv_cache::KvPrecision;
 use super::quant::Kernel;
 
 /// The AMX state of this machine, as far as can be known without using it.
@@ -156,11 +157,13 @@ pub fn report() -> String {
     let amx = Amx::detect();
     format!(
         "arch: {}\nsimd: {}\nquantized kernel: {:?} (ANCHORCODER_KERNEL=scalar|avx2|neon forces a lower one, for attention too)\n\
-         amx: {amx}\namx use: none (the engine has no AMX kernel and executes no AMX instruction{})\n",
+         amx: {amx}\namx use: none (the engine has no AMX kernel and executes no AMX instruction{})\n\
+         k/v rows: {} (ANCHORCODER_KV=q8|f16|f32 chooses)\n",
         std::env::consts::ARCH,
         features.join(" "),
         Kernel::best(),
         if amx.usable() { "; this machine could grant it" } else { "" },
+        KvPrecision::from_env().name(),
     )
 }
 
@@ -172,6 +175,8 @@ mod tests {
     fn the_report_names_the_kernel_in_use_and_agrees_with_run_time_detection() {
         let r = report();
         assert!(r.contains(&format!("quantized kernel: {:?}", Kernel::best())), "{r}");
+        let kv = KvPrecision::from_env();
+        assert!(r.contains(&format!("k/v rows: {} (", kv.name())), "{r}");
         // The kernel the engine picks needs exactly the features the report shows as present.
         let has = |f: &str| simd_features().iter().any(|(n, on)| *n == f && *on);
         match Kernel::best() {
