@@ -158,13 +158,24 @@ pub fn report() -> String {
     format!(
         "arch: {}\nsimd: {}\nquantized kernel: {:?} (ANCHORCODER_KERNEL=scalar|avx2|neon forces a lower one, for attention too)\n\
          amx: {amx}\namx use: none (the engine has no AMX kernel and executes no AMX instruction{})\n\
-         k/v rows: {} (ANCHORCODER_KV=q8|f16|f32 chooses)\n",
+         k/v rows: {}\n",
         std::env::consts::ARCH,
         features.join(" "),
         Kernel::best(),
         if amx.usable() { "; this machine could grant it" } else { "" },
-        KvPrecision::from_env().name(),
+        kv_rows(),
     )
+}
+
+/// How caches store K/V rows, and what chose it.
+fn kv_rows() -> String {
+    match KvPrecision::explicit() {
+        Some(p) => format!("{} (ANCHORCODER_KV)", p.name()),
+        None => format!(
+            "{} (f16 for a model with key biases; ANCHORCODER_KV=q8|f16|f32 sets it)",
+            KvPrecision::default().name()
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -175,8 +186,7 @@ mod tests {
     fn the_report_names_the_kernel_in_use_and_agrees_with_run_time_detection() {
         let r = report();
         assert!(r.contains(&format!("quantized kernel: {:?}", Kernel::best())), "{r}");
-        let kv = KvPrecision::from_env();
-        assert!(r.contains(&format!("k/v rows: {} (", kv.name())), "{r}");
+        assert!(r.contains(&format!("k/v rows: {} (", KvPrecision::from_env().name())), "{r}");
         // The kernel the engine picks needs exactly the features the report shows as present.
         let has = |f: &str| simd_features().iter().any(|(n, on)| *n == f && *on);
         match Kernel::best() {

@@ -370,7 +370,7 @@ pub struct Llama {
     norm: Norm,
     output: Option<Linear>,
     inv_freq: Vec<f32>,
-    /// How new caches store K/V (`ANCHORCODER_KV`, default q8).
+    /// How new caches store K/V ([`KvPrecision::for_model`]).
     kv_precision: KvPrecision,
 }
 
@@ -422,6 +422,11 @@ impl Llama {
     /// Store the K/V of caches made from now on in `p` (f32: the exact reference).
     pub fn set_kv_precision(&mut self, p: KvPrecision) {
         self.kv_precision = p;
+    }
+
+    /// How caches made from now on store K/V.
+    pub fn kv_precision(&self) -> KvPrecision {
+        self.kv_precision
     }
 
     /// Load a GGUF file; returns the model and the file's metadata (which also
@@ -746,7 +751,8 @@ impl Llama {
                 f / factor / cfg.rope_linear_scale
             })
             .collect();
-        Ok(Llama { cfg, embed, blocks, norm, output, inv_freq, kv_precision: KvPrecision::from_env() })
+        let kv_precision = KvPrecision::for_model(blocks.iter().any(|b| b.wk.bias.is_some()));
+        Ok(Llama { cfg, embed, blocks, norm, output, inv_freq, kv_precision })
     }
 
     /// Run `tokens` (with their anchor flags) through the model after what
@@ -1222,6 +1228,23 @@ pub(crate) mod tests {
         let logits =
             |m: &Llama| m.forward(&tokens, &anchors, &mut m.new_cache(AttentionPolicy::full()), Logits::Last).unwrap();
         assert_eq!(logits(&loaded), logits(&want));
+    }
+
+    /// Caches store q8 rows, except for a model with key biases (f16, what
+    /// llama.cpp keeps), unless `ANCHORCODER_KV` names a precision.
+    #[test]
+    fn a_model_with_key_biases_keeps_f16_rows() {
+        let mut cfg = tiny_config(40);
+        let plain = Llama::random(cfg.clone(), 3).unwrap();
+        cfg.architecture = Architecture::Qwen2;
+        let biased = Llama::random(cfg, 3).unwrap();
+        assert!(biased.blocks[0].wk.bias.is_some() && plain.blocks[0].wk.bias.is_none());
+        let (want_plain, want_biased) = match KvPrecision::explicit() {
+            Some(p) => (p, p),
+            None => (KvPrecision::Q8, KvPrecision::F16),
+        };
+        assert_eq!(plain.new_cache(AttentionPolicy::full()).precision(), want_plain);
+        assert_eq!(biased.new_cache(AttentionPolicy::full()).precision(), want_biased);
     }
 
     /// StarCoder2's block (LayerNorm with bias, GELU MLP, biases on every
