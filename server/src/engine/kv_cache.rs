@@ -15,9 +15,9 @@ use super::policy::{AttentionPolicy, LayerAttention, TokenLine};
 
 /// How K/V rows are stored: `q8` (the default: a byte a value and a scale a
 /// row, about a quarter of `f32`), `f16` (half of `f32`, what llama.cpp
-/// keeps) or `f32` (exact, the reference). Attention widens rows to `f32` as
-/// it reads them. Why `q8` is the default: docs/benchmarks.md, "q8 K/V by
-/// default".
+/// keeps; the default for models with key biases, [`KvPrecision::for_model`])
+/// or `f32` (exact, the reference). Attention widens rows to `f32` as it reads
+/// them. Why: docs/benchmarks.md, "q8 K/V by default".
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KvPrecision {
     /// IEEE half precision (11-bit significand: relative rounding ≤ 2⁻¹¹).
