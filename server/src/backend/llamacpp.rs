@@ -6,7 +6,7 @@
 //! Token healing is exact here: a grammar makes the first tokens spell the
 //! bytes cut from the prompt, as the local engine's forced prefix does.
 //!
-//! `/infill` lays the prompt out as [extra] FIM_PRE prefix FIM_SUF suffix
+//! `/infill` lays the prompt out as `[extra]` FIM_PRE prefix FIM_SUF suffix
 //! FIM_MID line: the lines above and the text after the cursor stay put while
 //! the user types, and only the cursor's line (`prompt`) changes.
 
