@@ -10,9 +10,9 @@
 //! KV bytes depend only on the token/anchor structure and the policy, not on
 //! the K/V values, so they are computed by replaying the cache's bookkeeping
 //! ([`KvCache::begin_chunk`] plus zero [`KvCache::append`]s, one float per
-//! entry, scaled by the bytes of the model's K/V rows) instead of running the model over the
-//! ~20k-token file seven times; a real forward pass over a prefix checks that
-//! the replay gives the same figure.
+//! entry, scaled by the bytes of the model's K/V rows) instead of running the
+//! model over the ~20k-token file seven times; a real forward pass over a
+//! prefix checks that the replay gives the same figure.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -550,7 +550,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             })
         })
         .collect();
-    let kv_precision = engine.model.new_cache(AttentionPolicy::full()).precision();
+    let kv_precision = engine.model.kv_precision();
     let kv_bytes_per_token = (!tokens.is_empty()).then(|| full_bytes / tokens.len());
     // Two halves: one json! of every key exceeds the macro's recursion limit.
     let mut report = json!({
@@ -1139,7 +1139,7 @@ struct KvFigures {
 /// KV head's row in the precision new caches store (a `q8` row's scale included).
 fn kv_row_bytes(engine: &Engine) -> usize {
     let cfg = engine.model.config();
-    cfg.n_kv_heads * engine.model.new_cache(AttentionPolicy::full()).precision().row_bytes(cfg.head_dim)
+    cfg.n_kv_heads * engine.model.kv_precision().row_bytes(cfg.head_dim)
 }
 
 /// Replay the cache's bookkeeping for `anchors` (chunks of `chunk`, the

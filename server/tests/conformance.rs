@@ -321,6 +321,13 @@ fn measure_all<'a>(
     Some(all)
 }
 
+/// Our and llama.cpp's mean error against the exact result (quantized formats), when ours
+/// exceeds llama.cpp's by more than [`EXACT_RATIO`] and [`EXACT_SLACK`] allow.
+fn beyond_exact_bound(m: &Measured) -> Option<(f64, f64)> {
+    let (ours, theirs) = (m.ours_exact_sum / m.positions as f64, m.theirs_exact_sum / m.positions as f64);
+    (ours > EXACT_RATIO * theirs + EXACT_SLACK).then_some((ours, theirs))
+}
+
 #[test]
 fn next_token_logprobs_match_llama_cpp() {
     let Some(results) = results() else { return };
@@ -341,8 +348,7 @@ fn next_token_logprobs_match_llama_cpp() {
         if format != "F32" {
             // Quantized: no further from the exact result than llama.cpp is.
             assert!(m.exact_positions == m.positions, "{model} {format}: no exact reference (run.sh makes one)");
-            let (ours, theirs) = (m.ours_exact_sum / m.positions as f64, m.theirs_exact_sum / m.positions as f64);
-            if ours > EXACT_RATIO * theirs + EXACT_SLACK {
+            if let Some((ours, theirs)) = beyond_exact_bound(m) {
                 failures.push(format!(
                     "{model} {format}: mean error against the exact result {ours:.4}, llama.cpp's {theirs:.4}"
                 ));
@@ -394,8 +400,7 @@ fn server_kv_rows_agree_with_llama_cpp_nearly_as_f16_rows_do() {
             ));
         }
         if format != "F32" {
-            let (ours, theirs) = (m.ours_exact_sum / m.positions as f64, m.theirs_exact_sum / m.positions as f64);
-            if ours > EXACT_RATIO * theirs + EXACT_SLACK {
+            if let Some((ours, theirs)) = beyond_exact_bound(m) {
                 failures.push(format!(
                     "{model} {format}: mean error against the exact result {ours:.4} with the server's K/V rows, llama.cpp's {theirs:.4}"
                 ));
